@@ -1,0 +1,33 @@
+"""The Tornado application: the URL table and its settings."""
+
+from __future__ import annotations
+
+import tornado.web
+
+from .context import AppContext
+from .completions import ChatCompletionsHandler, TextCompletionsHandler
+from .handlers import HealthHandler, ModelsHandler, NotFoundHandler, ReadyHandler, log_request
+
+
+def make_app(ctx: AppContext) -> tornado.web.Application:
+    """The proxy's application, every handler sharing `ctx`."""
+    args = {"ctx": ctx}
+    return tornado.web.Application(
+        [
+            (r"/v1/chat/completions", ChatCompletionsHandler, args),
+            (r"/v1/completions", TextCompletionsHandler, args),
+            (r"/v1/models", ModelsHandler, args),
+            (r"/v1/models/(.+)", ModelsHandler, args),
+            (r"/health", HealthHandler, args),
+            (r"/health/ready", ReadyHandler, args),
+            # Clients configured with a base URL without /v1 still work.
+            (r"/chat/completions", ChatCompletionsHandler, args),
+            (r"/completions", TextCompletionsHandler, args),
+            (r"/models", ModelsHandler, args),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=args,
+        log_function=log_request if ctx.settings.access_log else (lambda handler: None),
+        compress_response=False,
+        xheaders=False,
+    )

@@ -1,0 +1,272 @@
+"""POST /v1/chat/completions and /v1/completions: validate, render, call llama.cpp, answer.
+
+A request becomes one llama.cpp generation per choice (n per prompt). Non-streamed, they run
+concurrently and are gathered; streamed, each one's events are written as OpenAI chunks the
+moment a read brings them, with one flush per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+from .errors import PayloadTooLarge, ProxyError
+from .handlers import BaseHandler
+from .llamacpp import ClientGone, UpstreamCall
+from .openai_request import (
+    CompletionRequest,
+    parse_chat_request,
+    parse_json_body,
+    parse_text_request,
+)
+from .openai_response import (
+    Choice,
+    ChunkEncoder,
+    Usage,
+    chat_logprobs,
+    chat_response,
+    error_event,
+    finish_reason,
+    new_id,
+    text_logprobs,
+    text_response,
+)
+from .sse import DONE
+
+
+def _ignore_closed(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a closed client is handled by on_connection_close
+
+
+class Generation:
+    """One choice: its prompt, its llama.cpp body and call, and what it produced so far."""
+
+    __slots__ = ("body", "call", "choice", "counts_prompt", "prompt", "text_offset")
+
+    def __init__(self, choice: Choice, prompt: str, body: dict[str, Any], call: UpstreamCall,
+                 counts_prompt: bool) -> None:
+        self.choice = choice
+        self.prompt = prompt
+        self.body = body
+        self.call = call
+        self.counts_prompt = counts_prompt  # n choices of one prompt count its tokens once
+        self.text_offset = 0
+
+
+@tornado.web.stream_request_body
+class CompletionsHandler(BaseHandler):
+    """Shared flow of both completion endpoints; subclasses say chat or text."""
+
+    chat = True
+    rate_limited = True
+
+    def initialize(self, ctx: Any) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self._generations: list[Generation] = []
+        self._client_gone = False
+        self._streaming = False
+
+    async def prepare(self) -> None:
+        limit = self.ctx.settings.max_body_size
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.",
+                                  headers={"Connection": "close"})
+        # A chunked body over the limit makes Tornado drop the connection.
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+        self.request.connection.set_body_timeout(  # type: ignore[union-attr]
+            self.ctx.settings.client_body_timeout)
+        await super().prepare()
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_parts.append(chunk)
+
+    async def post(self) -> None:
+        body = parse_json_body(b"".join(self._body_parts))
+        self._body_parts = []
+        request = parse_chat_request(body) if self.chat else parse_text_request(body)
+        prompts = await self._prompts(request)
+        model = request.model or await self._served_model()
+        self._generations = self._plan(request, prompts)
+        response_id, created = new_id(self.chat), int(time.time())
+        if request.stream:
+            await self._stream(request, ChunkEncoder(self.chat, response_id, created, model))
+        else:
+            await self._complete(request, response_id, created, model)
+
+    async def _prompts(self, request: CompletionRequest) -> list[str]:
+        if not self.chat:
+            return request.prompts
+        props = await self.ctx.upstream.props()
+        template = self.ctx.template or self.ctx.model_template(props)
+        tools = request.tools if request.tool_choice != "none" else None
+        prompt = template.render(
+            request.messages,
+            bos_token=str(props.get("bos_token") or ""),
+            eos_token=str(props.get("eos_token") or ""),
+            tools=tools,
+        )
+        return [prompt]
+
+    async def _served_model(self) -> str:
+        props = await self.ctx.upstream.props()
+        path = str(props.get("model_path") or "llama.cpp")
+        return path.rsplit("/", 1)[-1]
+
+    def _plan(self, request: CompletionRequest, prompts: list[str]) -> list[Generation]:
+        upstream = self.ctx.upstream
+        generations = []
+        for p, prompt in enumerate(prompts):
+            for j in range(request.n):
+                index = p * request.n + j
+                choice = Choice(index=index, prompt_text=prompt if request.echo else "")
+                body = upstream.completion_body(request, prompt, j)
+                generations.append(Generation(choice, prompt, body, upstream.new_call(), j == 0))
+        return generations
+
+    def _charge(self, generation: Generation, result: dict[str, Any]) -> None:
+        if generation.counts_prompt:
+            self.prompt_tokens += int(result.get("tokens_evaluated") or 0)
+        self.completion_tokens += int(result.get("tokens_predicted") or 0)
+
+    def _usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens)
+
+    # -- non-streamed ---------------------------------------------------------------------
+
+    async def _complete(
+        self, request: CompletionRequest, response_id: str, created: int, model: str
+    ) -> None:
+        results = await self._gather(
+            [self.ctx.upstream.complete(g.body, g.call) for g in self._generations]
+        )
+        for generation, result in zip(self._generations, results, strict=True):
+            choice = generation.choice
+            choice.text = str(result.get("content") or "")
+            choice.finish_reason = finish_reason(result.get("stop_type"))
+            if request.logprobs is not None:
+                entries = result.get("completion_probabilities") or []
+                choice.logprobs = (chat_logprobs(entries, request.logprobs) if self.chat else
+                                   text_logprobs(entries, request.logprobs,
+                                                 len(choice.prompt_text)))
+            self._charge(generation, result)
+        choices = [g.choice for g in self._generations]
+        build = chat_response if self.chat else text_response
+        self.write_json(build(response_id, created, model, choices, self._usage()))
+
+    async def _gather(self, calls: list[Any]) -> list[Any]:
+        """Run the generations together; the first failure aborts the rest."""
+        if len(calls) == 1:
+            return [await calls[0]]
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for generation in self._generations:
+                generation.call.abort(ClientGone())
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    # -- streamed -------------------------------------------------------------------------
+
+    async def _stream(self, request: CompletionRequest, encoder: ChunkEncoder) -> None:
+        coroutines = [self._stream_one(request, encoder, g) for g in self._generations]
+        try:
+            await self._gather(coroutines)
+        except ProxyError as error:
+            if not self._streaming:
+                raise  # nothing sent yet: a plain error response with its status
+            self._write(error_event(error))
+            self.finish()
+            return
+        except ClientGone:
+            return
+        if request.include_usage:
+            self.write(encoder.usage(self._usage()))
+        self.write(DONE)
+        self.finish()
+
+    def _start_stream(self) -> None:
+        if self._streaming:
+            return
+        self._streaming = True
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+
+    def _write(self, data: bytes) -> None:
+        if self._client_gone:
+            return
+        self.write(data)
+        self.flush().add_done_callback(_ignore_closed)
+
+    async def _stream_one(
+        self, request: CompletionRequest, encoder: ChunkEncoder, generation: Generation
+    ) -> None:
+        index = generation.choice.index
+        chat = self.chat
+        top = request.logprobs
+        write = self.write
+
+        def on_open() -> None:
+            self._start_stream()
+            if chat:
+                self._write(encoder.role(index))
+            elif generation.choice.prompt_text:
+                self._write(encoder.content(index, generation.choice.prompt_text))
+
+        def on_events(events: list[dict[str, Any]]) -> None:
+            if self._client_gone:
+                return
+            for event in events:
+                text = event.get("content") or ""
+                logprobs = None
+                if top is not None:
+                    entries = event.get("completion_probabilities") or []
+                    if entries:
+                        if chat:
+                            logprobs = chat_logprobs(entries, top)
+                        else:
+                            logprobs = text_logprobs(entries, top, generation.text_offset)
+                if text or logprobs is not None:
+                    write(encoder.content(index, text, logprobs))
+                    generation.text_offset += len(text)
+                if event.get("stop"):
+                    self._charge(generation, event)
+                    write(encoder.finish(index, finish_reason(event.get("stop_type"))))
+            self.flush().add_done_callback(_ignore_closed)
+
+        await self.ctx.upstream.stream(generation.body, generation.call, on_open, on_events)
+
+    def on_connection_close(self) -> None:
+        self._client_gone = True
+        for generation in self._generations:
+            generation.call.abort(ClientGone())
+        super().on_connection_close()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if self._client_gone:
+            return
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, StreamClosedError | ClientGone):
+            return
+        super().write_error(status_code, **kwargs)
+
+
+class ChatCompletionsHandler(CompletionsHandler):
+    """POST /v1/chat/completions."""
+
+    chat = True
+
+
+class TextCompletionsHandler(CompletionsHandler):
+    """POST /v1/completions."""
+
+    chat = False

@@ -1,0 +1,182 @@
+"""Settings: the command line and environment, parsed and checked once at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import __version__
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to run, read once at start-up."""
+
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = 8000
+    """Port to listen on (0 picks a free one)."""
+    llamacpp_server: str = "http://localhost:8080"
+    """Base URL of llama.cpp's server."""
+    chat_template: str | None = None
+    """Built-in template name or template file path; None uses the model's own (/props)."""
+    rate_limit_window: float = 60.0
+    """Length of the limited key's sliding window, in seconds."""
+    rate_limit_max_requests: int = 10
+    """Requests the limited key may make in any window."""
+    unlimited_api_key: str | None = field(default=None, repr=False)
+    """UNLIMITED_API_KEY: never rate limited."""
+    limited_api_key: str | None = field(default=None, repr=False)
+    """LIMITED_API_KEY: limited by the sliding window."""
+    api_keys_file: Path | None = None
+    """TOML file of named keys with their own limits; reloaded on SIGHUP."""
+    max_body_size: int = 4 * 1024 * 1024
+    """Largest request body accepted, in bytes (413 beyond)."""
+    upstream_connect_timeout: float = 5.0
+    """Seconds to connect to llama.cpp."""
+    upstream_first_byte_timeout: float = 600.0
+    """Seconds until llama.cpp starts answering (covers prompt processing)."""
+    upstream_idle_timeout: float = 60.0
+    """Seconds a stream may go without a token before it is ended with an error."""
+    upstream_max_connections: int = 1024
+    """Requests to llama.cpp in flight at once; more wait in a queue."""
+    client_idle_timeout: float = 75.0
+    """Seconds an idle keep-alive client connection is kept open."""
+    client_body_timeout: float = 30.0
+    """Seconds a client may take to send its request body."""
+    shutdown_timeout: float = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM/SIGINT."""
+    access_log: bool = True
+    """One log line per request."""
+    log_json: bool = False
+    """Access log lines as JSON objects."""
+    log_level: str = "info"
+    """Logging level."""
+
+    @property
+    def upstream_url(self) -> str:
+        """llama.cpp's base URL without a trailing slash."""
+        return self.llamacpp_server.rstrip("/")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (shared by `--help`, main and the systemd unit check)."""
+    d = Settings()
+    p = argparse.ArgumentParser(
+        prog="llamacpp-proxy-server",
+        description=(
+            "OpenAI-compatible API gateway for llama.cpp's server. API keys come from the "
+            "environment: UNLIMITED_API_KEY (never rate limited) and LIMITED_API_KEY (rate "
+            "limited); set at least one, or name a key file with --api-keys-file."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--host", default=d.host, help="address to listen on")
+    p.add_argument("--port", type=_port, default=d.port, help="port to listen on")
+    p.add_argument("--llamacpp-server", default=d.llamacpp_server,
+                   help="base URL of the llama.cpp server")
+    p.add_argument("--chat-template-jinja", dest="chat_template", metavar="NAME_OR_PATH",
+                   help="chat template: a built-in name (gemma3, chatml, llama3, mistral, "
+                        "qwen2.5) or a Jinja file; default: the model's own from llama.cpp")
+    p.add_argument("--rate-limit-window", type=_positive_float, default=d.rate_limit_window,
+                   metavar="SECONDS", help="sliding window length for LIMITED_API_KEY")
+    p.add_argument("--rate-limit-max-requests", type=_positive_int,
+                   default=d.rate_limit_max_requests, metavar="N",
+                   help="requests LIMITED_API_KEY may make in any window")
+    p.add_argument("--api-keys-file", type=Path, metavar="PATH",
+                   help="TOML file of named keys with their own limits (reloaded on SIGHUP)")
+    p.add_argument("--max-body-size", type=_positive_int, default=d.max_body_size,
+                   metavar="BYTES", help="largest request body accepted")
+    p.add_argument("--upstream-connect-timeout", type=_positive_float,
+                   default=d.upstream_connect_timeout, metavar="SECONDS",
+                   help="time to connect to llama.cpp")
+    p.add_argument("--upstream-first-byte-timeout", type=_positive_float,
+                   default=d.upstream_first_byte_timeout, metavar="SECONDS",
+                   help="time until llama.cpp starts answering (whole answer when not streamed)")
+    p.add_argument("--upstream-idle-timeout", type=_positive_float,
+                   default=d.upstream_idle_timeout, metavar="SECONDS",
+                   help="longest pause between two streamed tokens")
+    p.add_argument("--upstream-max-connections", type=_positive_int,
+                   default=d.upstream_max_connections, metavar="N",
+                   help="requests to llama.cpp in flight at once")
+    p.add_argument("--client-idle-timeout", type=_positive_float, default=d.client_idle_timeout,
+                   metavar="SECONDS", help="idle keep-alive client connections are closed after")
+    p.add_argument("--client-body-timeout", type=_positive_float, default=d.client_body_timeout,
+                   metavar="SECONDS", help="time a client may take to send its request body")
+    p.add_argument("--shutdown-timeout", type=_positive_float, default=d.shutdown_timeout,
+                   metavar="SECONDS", help="time in-flight requests get after SIGTERM/SIGINT")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="do not log one line per request")
+    p.add_argument("--log-json", action="store_true", help="access log lines as JSON")
+    p.add_argument("--log-level", default=d.log_level,
+                   choices=["debug", "info", "warning", "error"], help="logging level")
+    return p
+
+
+def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    """Parse argv and the environment; argparse exits on bad flags, ConfigError on the rest."""
+    args = build_parser().parse_args(list(argv))
+    url = urlsplit(args.llamacpp_server)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"--llamacpp-server must be an http:// or https:// URL, not {args.llamacpp_server!r}"
+        )
+    unlimited = environ.get("UNLIMITED_API_KEY") or None
+    limited = environ.get("LIMITED_API_KEY") or None
+    if not unlimited and not limited and args.api_keys_file is None:
+        raise ConfigError(
+            "no API key is configured: set UNLIMITED_API_KEY and/or LIMITED_API_KEY in the "
+            "environment (or pass --api-keys-file); refusing to start an open proxy"
+        )
+    return Settings(
+        host=args.host,
+        port=args.port,
+        llamacpp_server=args.llamacpp_server,
+        chat_template=args.chat_template,
+        rate_limit_window=args.rate_limit_window,
+        rate_limit_max_requests=args.rate_limit_max_requests,
+        unlimited_api_key=unlimited,
+        limited_api_key=limited,
+        api_keys_file=args.api_keys_file,
+        max_body_size=args.max_body_size,
+        upstream_connect_timeout=args.upstream_connect_timeout,
+        upstream_first_byte_timeout=args.upstream_first_byte_timeout,
+        upstream_idle_timeout=args.upstream_idle_timeout,
+        upstream_max_connections=args.upstream_max_connections,
+        client_idle_timeout=args.client_idle_timeout,
+        client_body_timeout=args.client_body_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        access_log=args.access_log,
+        log_json=args.log_json,
+        log_level=args.log_level,
+    )

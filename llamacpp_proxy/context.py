@@ -1,0 +1,54 @@
+"""The objects every handler shares, built once in main/app and passed via initialize()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .auth import KeyStore
+from .config import Settings
+from .errors import ProxyError
+from .llamacpp import LlamaCppClient
+from .ratelimit import Limiter
+from .templates import ChatTemplate, TemplateLoadError
+
+
+class ServerMisconfigured(ProxyError):
+    """The operator's setup cannot serve this request (500, says what to fix)."""
+
+    status = 500
+    error_type = "server_error"
+    code = "server_misconfigured"
+
+
+@dataclass
+class AppContext:
+    """Shared state of one running proxy."""
+
+    settings: Settings
+    keys: KeyStore
+    limiter: Limiter
+    upstream: LlamaCppClient
+    template: ChatTemplate | None = None
+    """The operator's template; None means the model's own, from /props."""
+    draining: bool = False
+    """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
+    in_flight: int = 0
+    _model_templates: dict[str, ChatTemplate] = field(default_factory=dict)
+
+    def model_template(self, props: dict[str, Any]) -> ChatTemplate:
+        """The model's own chat template from /props, compiled once per distinct source."""
+        source = props.get("chat_template")
+        if not isinstance(source, str) or not source.strip():
+            raise ServerMisconfigured(
+                "llama.cpp reports no chat template for its model; start the proxy with "
+                "--chat-template-jinja NAME_OR_PATH"
+            )
+        template = self._model_templates.get(source)
+        if template is None:
+            try:
+                template = ChatTemplate(source, "from llama.cpp /props")
+            except TemplateLoadError as exc:
+                raise ServerMisconfigured(str(exc)) from exc
+            self._model_templates = {source: template}  # the model changed: drop the old one
+        return template

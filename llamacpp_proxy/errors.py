@@ -1,0 +1,128 @@
+"""The ProxyError hierarchy: every failure a client can see, with its HTTP status and OpenAI body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProxyError(Exception):
+    """An error rendered to the client as `{"error": {"message", "type", "param", "code"}}`."""
+
+    status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error object for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(ProxyError):
+    """The request body or its parameters are wrong (400)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt does not fit the model's context (400, as OpenAI reports it)."""
+
+    code = "context_length_exceeded"
+
+
+class AuthenticationFailed(ProxyError):
+    """Missing or unknown API key (401)."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    """Unknown path or model (404)."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    """A known path called with the wrong HTTP method (405)."""
+
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ProxyError):
+    """The request body is over --max-body-size (413)."""
+
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(ProxyError):
+    """The key is over one of its limits (429)."""
+
+    status = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(ProxyError):
+    """llama.cpp failed in a way that is not the client's fault (502)."""
+
+    status = 502
+    error_type = "api_error"
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """llama.cpp cannot be reached at all (502)."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamLoading(UpstreamError):
+    """llama.cpp answered 503: it is still loading the model (503, retry later)."""
+
+    status = 503
+    code = "upstream_loading"
+
+
+class UpstreamTimeout(UpstreamError):
+    """llama.cpp did not connect, answer or produce the next token in time (504)."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class ServiceShuttingDown(ProxyError):
+    """The proxy is draining for shutdown and takes no new requests (503)."""
+
+    status = 503
+    error_type = "server_error"
+    code = "shutting_down"

@@ -1,0 +1,223 @@
+"""Request handlers: BaseHandler (request id, auth, limits, OpenAI error bodies, access log)
+and the small endpoints (models, health, unknown URLs). Completions are in completions.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+from typing import Any
+
+import tornado.web
+from tornado.httputil import responses
+
+from .auth import Principal
+from .context import AppContext
+from .errors import (
+    AuthenticationFailed,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    ServiceShuttingDown,
+)
+from .ratelimit import Admission
+
+log = logging.getLogger("llamacpp_proxy")
+access_log = logging.getLogger("llamacpp_proxy.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Shared behaviour of every endpoint."""
+
+    requires_key = True
+    rate_limited = False
+
+    def initialize(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.principal: Principal | None = None
+        self.admission: Admission | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.request_id = ""
+        self._counted = False
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+        self.set_header("Content-Type", "application/json")
+
+    async def prepare(self) -> None:
+        incoming = self.request.headers.get("X-Request-Id", "")
+        self.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else (
+            "req_" + secrets.token_hex(12))
+        self.set_header("X-Request-Id", self.request_id)
+        if self.ctx.draining:
+            raise ServiceShuttingDown("The server is shutting down; retry on another instance.",
+                                      headers={"Retry-After": "1", "Connection": "close"})
+        self.ctx.in_flight += 1
+        self._counted = True
+        if self.requires_key:
+            self.principal = self._authenticate()
+            if self.rate_limited:
+                self.admission = await self.ctx.limiter.admit(self.principal)
+                for name, value in self.admission.headers.items():
+                    self.set_header(name, value)
+
+    def _authenticate(self) -> Principal:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if not header:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it in the Authorization header: "
+                "'Authorization: Bearer YOUR_KEY'."
+            )
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthenticationFailed(
+                "The Authorization header must be 'Bearer YOUR_KEY'."
+            )
+        principal = self.ctx.keys.authenticate(key.strip())
+        if principal is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return principal
+
+    def write_json(self, value: Any, status: int = 200) -> None:
+        """Send a JSON body."""
+        self.set_status(status)
+        self.finish(_json(value))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error, ours or Tornado's, as an OpenAI error body."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ProxyError):
+            error = exc
+        elif isinstance(exc, tornado.web.HTTPError):
+            error = _from_http_error(exc, self.request.method or "", self.request.path)
+        else:
+            error = ProxyError("The server had an error while processing your request. "
+                               f"Request id: {self.request_id}.")
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.set_status(error.status)
+        self.finish(_json(error.body()))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, ProxyError):
+            if value.status >= 500:
+                log.warning("request %s failed: %s %s", self.request_id, value.status,
+                            value.message)
+            return
+        if isinstance(value, tornado.web.HTTPError):
+            return
+        log.error("request %s: unexpected error", self.request_id, exc_info=(typ, value, tb))
+
+    def on_connection_close(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Return the key's concurrent slot and charge its tokens; safe to call twice."""
+        if self._counted:
+            self._counted = False
+            self.ctx.in_flight -= 1
+        admission = self.admission
+        if admission is not None and not admission.finished:
+            result = self.ctx.limiter.finish(admission, self.prompt_tokens + self.completion_tokens)
+            asyncio.ensure_future(result)
+
+    def on_finish(self) -> None:
+        self.release()
+
+    def access_fields(self) -> dict[str, Any]:
+        """What the access log line says about this request."""
+        return {
+            "request_id": self.request_id,
+            "key": self.principal.log_name if self.principal else None,
+            "method": self.request.method,
+            "path": self.request.path,
+            "status": self.get_status(),
+            "latency_ms": round(self.request.request_time() * 1000, 2),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+def _from_http_error(exc: tornado.web.HTTPError, method: str, path: str) -> ProxyError:
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"Method {method} is not allowed on {path}.")
+    if exc.status_code == 404:
+        return NotFound(f"Unknown request URL: {method} {path}.", code="unknown_url")
+    error = ProxyError(exc.log_message or responses.get(exc.status_code, "Error"))
+    error.status = exc.status_code
+    error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error
+
+
+class NotFoundHandler(BaseHandler):
+    """Unknown URLs: OpenAI's 404 body, whatever the method."""
+
+    requires_key = False
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        raise NotFound(f"Unknown request URL: {self.request.method} {self.request.path}. "
+                       "Please check the URL for typos.", code="unknown_url")
+
+
+class ModelsHandler(BaseHandler):
+    """GET /v1/models and /v1/models/{id}: what llama.cpp serves, in OpenAI's shape."""
+
+    async def get(self, model_id: str | None = None) -> None:
+        models = await self.ctx.upstream.models()
+        if model_id is None:
+            self.write_json({"object": "list", "data": models})
+            return
+        for model in models:
+            if model["id"] == model_id:
+                self.write_json(model)
+                return
+        raise NotFound(f"The model '{model_id}' does not exist.", param="model",
+                       code="model_not_found")
+
+
+class HealthHandler(BaseHandler):
+    """GET /health: liveness of the proxy itself (no key needed)."""
+
+    requires_key = False
+
+    def get(self) -> None:
+        self.write_json({"status": "ok"})
+
+
+class ReadyHandler(BaseHandler):
+    """GET /health/ready: 200 when llama.cpp is reachable and loaded, else 503."""
+
+    requires_key = False
+
+    async def get(self) -> None:
+        if self.ctx.draining:
+            self.write_json({"status": "draining"}, 503)
+            return
+        ready, why = await self.ctx.upstream.health()
+        self.write_json({"status": "ready" if ready else "unavailable", "upstream": why},
+                        200 if ready else 503)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The Application's log_function: one access log line per request."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    if isinstance(handler, BaseHandler):
+        fields = handler.access_fields()
+    else:
+        fields = {"method": handler.request.method, "path": handler.request.path,
+                  "status": handler.get_status(),
+                  "latency_ms": round(handler.request.request_time() * 1000, 2)}
+    access_log.info("%s", fields["status"], extra={"access": fields})

@@ -1,0 +1,438 @@
+"""Validation of OpenAI request bodies into typed requests (pure: no I/O).
+
+Every known field is checked for type and range, and a bad one becomes a 400 naming the
+`param`. Unknown fields are ignored: clients send vendor extras. What each field maps to in
+llama.cpp is in llamacpp.py and docs/compatibility.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidRequest
+
+MAX_N = 16  # choices per request: each is a full generation on the GPU
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 64
+
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+# llama.cpp sampling extensions passed through to /completion when present, by expected type.
+_EXT_FLOAT = ("top_k", "min_p", "typical_p", "repeat_penalty", "mirostat_tau", "mirostat_eta",
+              "dynatemp_range", "dynatemp_exponent", "xtc_probability", "xtc_threshold",
+              "dry_multiplier", "dry_base", "top_n_sigma")
+_EXT_INT = ("repeat_last_n", "mirostat", "n_keep", "dry_allowed_length", "dry_penalty_last_n",
+            "id_slot", "t_max_predict_ms", "n_indent", "min_keep", "n_cmpl")
+_EXT_BOOL = ("cache_prompt", "ignore_eos", "penalize_nl", "return_tokens", "timings_per_token")
+_EXT_STR_LIST = ("samplers", "dry_sequence_breakers")
+EXTENSION_FIELDS = (*_EXT_FLOAT, *_EXT_INT, *_EXT_BOOL, *_EXT_STR_LIST, "grammar", "json_schema")
+
+
+@dataclass
+class CompletionRequest:
+    """A validated /v1/completions or /v1/chat/completions request, in OpenAI's terms."""
+
+    chat: bool
+    model: str | None
+    prompts: list[str] = field(default_factory=list)
+    """Text completions: one or more prompts (one choice each, times n)."""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    """Chat: messages normalised for the template (content always a string or None)."""
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    stream: bool = False
+    include_usage: bool = False
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
+    """None: no logprobs; k: logprobs with k alternatives per token (0 = chosen token only)."""
+    echo: bool = False
+    user: str | None = None
+    json_schema: dict[str, Any] | None = None
+    """From response_format: the schema the output must follow ({} = any JSON object)."""
+    extensions: dict[str, Any] = field(default_factory=dict)
+    """llama.cpp sampling fields passed through as sent (grammar, top_k, min_p, ...)."""
+
+    @property
+    def choice_count(self) -> int:
+        """Choices in the response: n per prompt (chat has one prompt)."""
+        return self.n * (len(self.prompts) if not self.chat else 1)
+
+
+def _bad(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_number(value):
+        raise _bad(name, f"'{name}' must be a number, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise _bad(name, f"'{name}' must be between {lo:g} and {hi:g}, not {value}")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise _bad(name, f"'{name}' must be an integer, not {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise _bad(name, f"'{name}' must be {bound}, not {value}")
+    return value
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise _bad(name, f"'{name}' must be a boolean, not {type(value).__name__}")
+    return value
+
+
+def _string(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _bad(name, f"'{name}' must be a string, not {type(value).__name__}")
+    return value
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.",
+                             code="invalid_json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"The request body is not UTF-8 (byte {exc.start}).",
+                             code="invalid_json") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}",
+                             code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not {type(body).__name__}.",
+            code="invalid_json",
+        )
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_chat_request(body: dict[str, Any]) -> CompletionRequest:
+    """Validate a chat completion request."""
+    request = CompletionRequest(chat=True, model=_model(body))
+    request.messages = _messages(body.get("messages"))
+    max_tokens = _integer(body, "max_tokens", 1)
+    max_completion = _integer(body, "max_completion_tokens", 1)
+    request.max_tokens = max_completion if max_completion is not None else max_tokens
+    if _boolean(body, "logprobs"):
+        request.logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+    elif body.get("top_logprobs") is not None:
+        _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    request.tools, request.tool_choice = _tools(body)
+    request.json_schema = _response_format(body.get("response_format"))
+    _common(body, request)
+    return request
+
+
+def parse_text_request(body: dict[str, Any]) -> CompletionRequest:
+    """Validate a (legacy) text completion request."""
+    request = CompletionRequest(chat=False, model=_model(body))
+    request.prompts = _prompts(body.get("prompt"))
+    request.max_tokens = _integer(body, "max_tokens", 0)
+    request.logprobs = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    request.echo = bool(_boolean(body, "echo"))
+    if body.get("suffix") not in (None, ""):
+        _string(body, "suffix")
+        raise _bad("suffix", "'suffix' (fill-in-the-middle) is not supported by this endpoint; "
+                             "use llama.cpp's /infill")
+    _common(body, request)
+    best_of = _integer(body, "best_of", 1, MAX_N)
+    if best_of is not None and best_of != request.n:
+        raise _bad("best_of", "'best_of' other than 'n' is not supported: llama.cpp returns no "
+                              "sequence score to rank candidates by")
+    if request.max_tokens == 0 and not request.echo:
+        raise _bad("max_tokens", "'max_tokens': 0 needs 'echo': true")
+    return request
+
+
+def _model(body: dict[str, Any]) -> str | None:
+    model = _string(body, "model")
+    if model is not None and len(model) > 256:
+        raise _bad("model", "'model' must be at most 256 characters")
+    return model
+
+
+def _common(body: dict[str, Any], request: CompletionRequest) -> None:
+    request.stream = bool(_boolean(body, "stream"))
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _bad("stream_options", "'stream_options' must be an object")
+        if not request.stream:
+            raise _bad("stream_options", "'stream_options' is only allowed with 'stream': true")
+        request.include_usage = bool(_boolean(options, "include_usage"))
+    request.n = _integer(body, "n", 1, MAX_N) or 1
+    request.temperature = _number(body, "temperature", 0, 2)
+    request.top_p = _number(body, "top_p", 0, 1)
+    request.presence_penalty = _number(body, "presence_penalty", -2, 2)
+    request.frequency_penalty = _number(body, "frequency_penalty", -2, 2)
+    request.seed = _integer(body, "seed", -(2**63), 2**64 - 1)
+    request.stop = _stop(body.get("stop"))
+    request.logit_bias = _logit_bias(body.get("logit_bias"))
+    user = _string(body, "user")
+    request.user = user
+    request.extensions = _extensions(body)
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        raise InvalidRequest("'messages' is required.", param="messages", code="missing_required")
+    if not isinstance(value, list):
+        raise _bad("messages", "'messages' must be an array of message objects")
+    if not value:
+        raise _bad("messages", "'messages' must contain at least one message")
+    messages = []
+    for i, message in enumerate(value):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(param, f"'{param}' must be an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _bad(f"{param}.role", f"'{param}.role' must be one of "
+                       f"{', '.join(sorted(ROLES))}, not {role!r}")
+        normalized: dict[str, Any] = {
+            "role": "system" if role == "developer" else role,
+            "content": _content(message.get("content"), f"{param}.content",
+                                optional=role == "assistant"),
+        }
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise _bad(f"{param}.name", f"'{param}.name' must be a string")
+            normalized["name"] = name
+        if role == "assistant" and message.get("tool_calls") is not None:
+            normalized["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
+        elif role == "assistant" and normalized["content"] is None:
+            raise _bad(f"{param}.content", f"'{param}.content' is required unless "
+                                           "'tool_calls' is given")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise _bad(f"{param}.tool_call_id", f"'{param}.tool_call_id' must be a string")
+            normalized["tool_call_id"] = call_id
+        messages.append(normalized)
+    return messages
+
+
+def _content(value: Any, param: str, *, optional: bool) -> str | None:
+    if value is None:
+        if optional:
+            return None
+        raise InvalidRequest(f"'{param}' is required.", param=param, code="missing_required")
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _bad(param, f"'{param}' must be a string or an array of content parts")
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict):
+            raise _bad(f"{param}[{j}]", f"'{param}[{j}]' must be a content part object")
+        kind = part.get("type")
+        if kind in ("text", "input_text"):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"{param}[{j}].text", f"'{param}[{j}].text' must be a string")
+            texts.append(text)
+        elif kind in ("image_url", "input_audio", "file", "input_image"):
+            raise _bad(f"{param}[{j}].type",
+                       f"content parts of type '{kind}' are not supported: this model takes text")
+        else:
+            raise _bad(f"{param}[{j}].type", f"unknown content part type {kind!r}")
+    return "\n".join(texts)
+
+
+def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _bad(param, f"'{param}' must be an array")
+    calls = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad(f"{param}[{j}]", f"'{param}[{j}]' must have a function with a name")
+        arguments = fn.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise _bad(f"{param}[{j}].function.arguments",
+                           "tool call arguments must be a JSON object encoded as a string") from None
+        # Templates (HF convention) expect the arguments as a mapping, not a JSON string.
+        calls.append({
+            "id": call.get("id") if isinstance(call.get("id"), str) else f"call_{j}",
+            "type": "function",
+            "function": {"name": fn["name"], "arguments": arguments},
+        })
+    return calls
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise _bad("tool_choice", "'tool_choice' needs 'tools'")
+        return None, None
+    if not isinstance(tools, list):
+        raise _bad("tools", "'tools' must be an array")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise _bad(f"tools[{i}]", f"'tools[{i}]' must be {{\"type\": \"function\", "
+                                      "\"function\": {...}}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _bad(f"tools[{i}].function.name", f"'tools[{i}].function.name' is required")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise _bad(f"tools[{i}].function.parameters",
+                       f"'tools[{i}].function.parameters' must be a JSON Schema object")
+    if choice is not None and choice not in ("none", "auto", "required"):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
+            raise _bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
+                                      "name one of the tools")
+    return (tools or None), choice
+
+
+def _prompts(value: Any) -> list[str]:
+    if value is None:
+        raise InvalidRequest("'prompt' is required.", param="prompt", code="missing_required")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        if len(value) > MAX_PROMPTS:
+            raise _bad("prompt", f"at most {MAX_PROMPTS} prompts per request")
+        return list(value)
+    if isinstance(value, list) and value and all(_is_int(t) for t in value):
+        raise _bad("prompt", "token-id prompts are not supported; send the prompt as text")
+    raise _bad("prompt", "'prompt' must be a string or a non-empty array of strings")
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "'stop' must be a string or an array of strings")
+    if len(stops) > MAX_STOP:
+        raise _bad("stop", f"'stop' may hold at most {MAX_STOP} sequences")
+    if any(s == "" for s in stops):
+        raise _bad("stop", "'stop' sequences must not be empty")
+    return list(stops)
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad("logit_bias", "'logit_bias' must map token ids to numbers")
+    bias = {}
+    for token, weight in value.items():
+        try:
+            token_id = int(token)
+        except ValueError:
+            raise _bad("logit_bias", f"'logit_bias' key {token!r} is not a token id") from None
+        if token_id < 0:
+            raise _bad("logit_bias", f"'logit_bias' key {token!r} is not a token id")
+        if not _is_number(weight) or not -100 <= weight <= 100:
+            raise _bad("logit_bias", f"'logit_bias' values must be between -100 and 100, "
+                                     f"not {weight!r}")
+        bias[token_id] = float(weight)
+    return bias
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise _bad("response_format.json_schema",
+                       "'response_format.json_schema' needs a 'name' and a 'schema'")
+        if schema is None:
+            return {"type": "object"}
+        if not isinstance(schema, dict):
+            raise _bad("response_format.json_schema.schema", "the schema must be an object")
+        return schema
+    raise _bad("response_format.type",
+               "'response_format.type' must be 'text', 'json_object' or 'json_schema'")
+
+
+def _extensions(body: dict[str, Any]) -> dict[str, Any]:
+    ext: dict[str, Any] = {}
+    for name in _EXT_FLOAT:
+        if body.get(name) is not None:
+            ext[name] = _number(body, name, -1e9, 1e9)
+    for name in _EXT_INT:
+        if body.get(name) is not None:
+            ext[name] = _integer(body, name, -1)
+    for name in _EXT_BOOL:
+        if body.get(name) is not None:
+            ext[name] = _boolean(body, name)
+    for name in _EXT_STR_LIST:
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise _bad(name, f"'{name}' must be an array of strings")
+            ext[name] = value
+    grammar = _string(body, "grammar")
+    if grammar:
+        ext["grammar"] = grammar
+    schema = body.get("json_schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise _bad("json_schema", "'json_schema' must be a JSON Schema object")
+        ext["json_schema"] = schema
+    if "grammar" in ext and ("json_schema" in ext or body.get("response_format") not in
+                             (None, {"type": "text"})):
+        raise _bad("grammar", "'grammar' cannot be combined with a JSON schema constraint")
+    return ext

@@ -1,0 +1,281 @@
+"""A fake llama.cpp server that speaks the real /completion protocol (b11434), for tests,
+the soak script and the benchmark.
+
+It generates from a fixed token script, honours n_predict (stop_type "limit"), stop words
+("word", the stop word cut from the text as llama.cpp does), n_probs, grammar and context
+errors, and records every body it receives. Faults are switched on per test through
+`FakeLlamaCpp.script`: split or merge events across TCP writes, stall, fail with a status,
+drop the connection mid-stream, or send malformed events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
+from tornado.netutil import bind_sockets
+
+DEFAULT_TOKENS = ["Hello", ",", " world", "!", " How", " can", " I", " help", " you", "?"]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def count_prompt_tokens(prompt: str) -> int:
+    """The fake's tokenizer: one token per 4 UTF-8 bytes, plus BOS."""
+    return math.ceil(len(prompt.encode()) / 4) + 1
+
+
+@dataclass
+class Script:
+    """How the fake behaves; tests change fields between requests."""
+
+    tokens: list[str] = field(default_factory=lambda: list(DEFAULT_TOKENS))
+    n_ctx: int = 4096
+    mode: str = "normal"  # normal | split | merge
+    stall_before: float = 0.0  # seconds before the response starts
+    stall_after_tokens: int | None = None  # stall mid-stream after this many tokens...
+    stall_seconds: float = 0.0  # ...for this long
+    fail_status: int | None = None  # answer /completion with this status
+    fail_body: Any = None
+    drop_after_tokens: int | None = None  # close the connection after this many tokens
+    malformed_after_tokens: int | None = None  # then send a broken event
+    stream_error_after_tokens: int | None = None  # then send llama.cpp's `error:` event
+    health_status: int = 200
+    chat_template: str | None = CHATML
+    token_delay: float = 0.0  # seconds between streamed tokens
+
+
+class _Base(tornado.web.RequestHandler):
+    def initialize(self, fake: FakeLlamaCpp) -> None:
+        self.fake = fake
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+
+    def send_json(self, value: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(value))
+
+
+class _Completion(_Base):
+    async def post(self) -> None:
+        fake = self.fake
+        script = fake.script
+        body = json.loads(self.request.body)
+        fake.requests.append(body)
+        if script.stall_before:
+            await asyncio.sleep(script.stall_before)
+        if script.fail_status is not None:
+            payload = script.fail_body if script.fail_body is not None else {
+                "error": {"code": script.fail_status, "message": "fake failure",
+                          "type": "server_error"}}
+            self.set_status(script.fail_status)
+            self.finish(payload if isinstance(payload, bytes | str) else json.dumps(payload))
+            return
+        grammar = body.get("grammar")
+        if grammar is not None and "::=" not in grammar:
+            self.send_json({"error": {"code": 400, "message": "Failed to parse grammar",
+                                      "type": "invalid_request_error"}}, 400)
+            return
+        prompt = body.get("prompt", "")
+        n_prompt = count_prompt_tokens(prompt)
+        if n_prompt > script.n_ctx:
+            self.send_json({"error": {
+                "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": n_prompt,
+                "n_ctx": script.n_ctx,
+                "message": f"request ({n_prompt} tokens) exceeds the available context size "
+                           f"({script.n_ctx} tokens), try increasing it"}}, 400)
+            return
+        pieces, stop_type, stopping_word = self._generate(body, script)
+        final = {
+            "content": "", "stop": True, "stop_type": stop_type, "stopping_word": stopping_word,
+            "tokens_predicted": len(pieces), "tokens_evaluated": n_prompt, "truncated": False,
+            "model": "fake-model.gguf", "timings": {"predicted_n": len(pieces)},
+        }
+        if not body.get("stream"):
+            result = dict(final, content="".join(pieces))
+            if body.get("n_probs"):
+                result["completion_probabilities"] = [self._probs(p, body) for p in pieces]
+            self.send_json(result)
+            return
+        await self._stream(body, script, pieces, final, n_prompt)
+
+    def _generate(self, body: dict[str, Any], script: Script) -> tuple[list[str], str, str]:
+        n_predict = body.get("n_predict", -1)
+        stops = body.get("stop") or []
+        pieces: list[str] = []
+        text = ""
+        for token in script.tokens:
+            if n_predict is not None and 0 <= n_predict <= len(pieces):
+                return pieces, "limit", ""
+            candidate = text + token
+            for stop in stops:
+                at = candidate.find(stop)
+                if at >= 0:
+                    kept = candidate[len(text):at]
+                    if kept:
+                        pieces.append(kept)
+                    return pieces, "word", stop
+            pieces.append(token)
+            text = candidate
+        return pieces, "eos", ""
+
+    def _probs(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        k = int(body["n_probs"])
+        alts = [{"id": i, "token": token if i == 0 else f"alt{i}",
+                 "bytes": list((token if i == 0 else f"alt{i}").encode()),
+                 "logprob": -0.1 * (i + 1)} for i in range(k)]
+        return {"id": 0, "token": token, "bytes": list(token.encode()), "logprob": -0.1,
+                "top_logprobs": alts}
+
+    async def _stream(self, body: dict[str, Any], script: Script, pieces: list[str],
+                      final: dict[str, Any], n_prompt: int) -> None:
+        self.set_header("Content-Type", "text/event-stream")
+        frames: list[bytes] = []
+        for i, piece in enumerate(pieces):
+            event: dict[str, Any] = {"content": piece, "tokens": [i], "stop": False,
+                                     "id_slot": 0, "tokens_predicted": i + 1,
+                                     "tokens_evaluated": n_prompt}
+            if body.get("n_probs"):
+                event["completion_probabilities"] = [self._probs(piece, body)]
+            frames.append(b"data: " + json.dumps(event).encode() + b"\n\n")
+        frames.append(b"data: " + json.dumps(final).encode() + b"\n\n")
+        try:
+            if script.mode == "merge":
+                self.write(b"".join(frames))
+                await self.flush()
+                self.finish()
+                return
+            for i, frame in enumerate(frames):
+                if script.drop_after_tokens is not None and i == script.drop_after_tokens:
+                    await self.flush()
+                    self.request.connection.stream.close()  # type: ignore[attr-defined]
+                    return
+                if script.malformed_after_tokens is not None and i == script.malformed_after_tokens:
+                    self.write(b'data: {"content": "broken\n\n')
+                    await self.flush()
+                    self.finish()
+                    return
+                if script.stream_error_after_tokens == i:
+                    self.write(b'error: {"error": {"code": 500, "message": "fake stream error", '
+                               b'"type": "server_error"}}\n\n')
+                    await self.flush()
+                    self.finish()
+                    return
+                if script.stall_after_tokens is not None and i == script.stall_after_tokens:
+                    await asyncio.sleep(script.stall_seconds)
+                if script.mode == "split":
+                    cut = len(frame) // 2
+                    self.write(frame[:cut])
+                    await self.flush()
+                    await asyncio.sleep(0.002)
+                    self.write(frame[cut:])
+                else:
+                    self.write(frame)
+                await self.flush()
+                if script.token_delay:
+                    await asyncio.sleep(script.token_delay)
+            self.finish()
+        except StreamClosedError:
+            self.fake.client_disconnects += 1
+            self.fake.disconnected.set()
+
+    def on_connection_close(self) -> None:
+        self.fake.client_disconnects += 1
+        self.fake.disconnected.set()
+
+
+class _Props(_Base):
+    def get(self) -> None:
+        props: dict[str, Any] = {
+            "bos_token": "<s>", "eos_token": "</s>", "total_slots": 4,
+            "model_path": "/models/fake-model.gguf",
+            "default_generation_settings": {"n_ctx": self.fake.script.n_ctx},
+        }
+        if self.fake.script.chat_template is not None:
+            props["chat_template"] = self.fake.script.chat_template
+        self.send_json(props)
+
+
+class _Health(_Base):
+    def get(self) -> None:
+        status = self.fake.script.health_status
+        if status == 200:
+            self.send_json({"status": "ok"})
+        else:
+            self.send_json({"error": {"code": status, "message": "Loading model",
+                                      "type": "unavailable_error"}}, status)
+
+
+class _Models(_Base):
+    def get(self) -> None:
+        self.send_json({"object": "list", "data": [
+            {"id": "fake-model.gguf", "object": "model", "created": 1700000000,
+             "owned_by": "llamacpp"}]})
+
+
+class FakeLlamaCpp:
+    """The fake server; start() on the running loop, `url` once started."""
+
+    def __init__(self) -> None:
+        self.script = Script()
+        self.requests: list[dict[str, Any]] = []
+        self.client_disconnects = 0
+        self.disconnected = asyncio.Event()
+        self.port = 0
+        self._server: HTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, port: int = 0) -> None:
+        """Listen on a free loopback port (or the one given)."""
+        app = tornado.web.Application([
+            (r"/completion", _Completion, {"fake": self}),
+            (r"/completions", _Completion, {"fake": self}),
+            (r"/props", _Props, {"fake": self}),
+            (r"/health", _Health, {"fake": self}),
+            (r"/v1/models", _Models, {"fake": self}),
+        ])
+        sockets = bind_sockets(port, "127.0.0.1")
+        self.port = sockets[0].getsockname()[1]
+        self._server = HTTPServer(app)
+        self._server.add_sockets(sockets)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+
+    def reset(self) -> None:
+        """Forget recorded requests and restore the default script."""
+        self.script = Script()
+        self.requests.clear()
+        self.client_disconnects = 0
+        self.disconnected.clear()
+
+
+def main() -> None:
+    """Run the fake on its own (for scripts/soak and manual checks): PORT as first argument."""
+    import sys
+
+    async def run() -> None:
+        fake = FakeLlamaCpp()
+        fake.start(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+        print(fake.url, flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
