@@ -112,8 +112,7 @@ def chat_response(
             message["tool_calls"] = choice.tool_calls
         out.append({"index": choice.index, "message": message,
                     "logprobs": choice.logprobs, "finish_reason": choice.finish_reason})
-    return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": None, "choices": out, "usage": usage.as_dict()}
+    return {"id": response_id, "object": "chat.completion", "created": created, "model": model, "choices": out, "usage": usage.as_dict()}
 
 
 def text_response(
@@ -122,8 +121,7 @@ def text_response(
     """A non-streamed text_completion."""
     out = [{"index": c.index, "text": c.prompt_text + c.text, "logprobs": c.logprobs,
             "finish_reason": c.finish_reason} for c in choices]
-    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": None, "choices": out, "usage": usage.as_dict()}
+    return {"id": response_id, "object": "text_completion", "created": created, "model": model, "choices": out, "usage": usage.as_dict()}
 
 
 class ChunkEncoder:
@@ -133,7 +131,7 @@ class ChunkEncoder:
         self.chat = chat
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = (f'data: {{"id":{_dumps(response_id)},"object":"{obj}","created":{created},'
-                f'"model":{_dumps(model)},"system_fingerprint":null,"choices":[')
+                f'"model":{_dumps(model)},"choices":[')
         self._head = head.encode()
         self._head_text = head
 

@@ -1,0 +1,177 @@
+"""Test fixtures: a fake llama.cpp and the proxy, both on free loopback ports.
+
+They run on an event loop in a background thread, so tests drive the proxy exactly as a
+user would: over HTTP, with the official (synchronous or async) `openai` client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jsonschema
+import openai
+import pytest
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from llamacpp_proxy.app import make_app
+from llamacpp_proxy.config import Settings
+from llamacpp_proxy.context import AppContext
+from llamacpp_proxy.main import build_context
+
+from .fake_llamacpp import FakeLlamaCpp
+
+T = TypeVar("T")
+
+UNLIMITED_KEY = "sk-test-unlimited-0123456789"
+LIMITED_KEY = "sk-test-limited-0123456789"
+
+SCHEMA_DIR = next(
+    p / "shared" / "openai-schemas"
+    for p in Path(__file__).resolve().parents
+    if (p / "shared" / "openai-schemas").is_dir()
+)
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """One of OpenAI's published schemas from ../shared/openai-schemas."""
+    return json.loads((SCHEMA_DIR / f"{name}.json").read_text())
+
+
+_SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def assert_schema(obj: Any, name: str) -> None:
+    """Fail unless obj validates against OpenAI's schema `name`."""
+    schema = _SCHEMAS.get(name)
+    if schema is None:
+        schema = _SCHEMAS[name] = load_schema(name)
+    jsonschema.validate(obj, schema)
+
+
+class LoopThread:
+    """An asyncio loop running in a daemon thread; run(coro) waits for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class Stack:
+    """A fake llama.cpp and a proxy in front of it."""
+
+    def __init__(self, runner: LoopThread, fake: FakeLlamaCpp, ctx: AppContext,
+                 server: HTTPServer, port: int) -> None:
+        self.runner = runner
+        self.fake = fake
+        self.ctx = ctx
+        self.server = server
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, key: str = UNLIMITED_KEY, **kwargs: Any) -> openai.OpenAI:
+        """The official SDK pointed at the proxy."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0,
+                             timeout=kwargs.pop("timeout", 20), **kwargs)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5) -> bool:
+        """Poll `predicate` on the server loop until it holds (or the timeout passes)."""
+        async def poll() -> bool:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not predicate():
+                if asyncio.get_running_loop().time() > deadline:
+                    return False
+                await asyncio.sleep(0.01)
+            return True
+
+        return self.runner.run(poll(), timeout + 5)
+
+
+def default_settings(**overrides: Any) -> Settings:
+    base = Settings(host="127.0.0.1", port=0, unlimited_api_key=UNLIMITED_KEY,
+                    limited_api_key=LIMITED_KEY, rate_limit_max_requests=3,
+                    rate_limit_window=60.0, access_log=False)
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture(scope="session")
+def runner() -> Iterator[LoopThread]:
+    loop_thread = LoopThread()
+    yield loop_thread
+    loop_thread.close()
+
+
+@pytest.fixture(scope="session")
+def fake(runner: LoopThread) -> Iterator[FakeLlamaCpp]:
+    async def start() -> FakeLlamaCpp:
+        server = FakeLlamaCpp()
+        server.start()
+        return server
+
+    server = runner.run(start())
+    yield server
+    runner.call(server.stop)
+
+
+@pytest.fixture
+def make_stack(runner: LoopThread, fake: FakeLlamaCpp) -> Iterator[Callable[..., Stack]]:
+    """Build a proxy with Settings overrides, in front of the (reset) fake llama.cpp."""
+    stacks: list[Stack] = []
+    runner.call(fake.reset)
+
+    def factory(**overrides: Any) -> Stack:
+        settings = default_settings(llamacpp_server=fake.url, **overrides)
+
+        async def start() -> Stack:
+            ctx = build_context(settings)
+            sockets = bind_sockets(0, "127.0.0.1")
+            server = HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
+                                body_timeout=settings.client_body_timeout,
+                                idle_connection_timeout=settings.client_idle_timeout)
+            server.add_sockets(sockets)
+            return Stack(runner, fake, ctx, server, sockets[0].getsockname()[1])
+
+        stack = runner.run(start())
+        stacks.append(stack)
+        return stack
+
+    yield factory
+
+    async def stop_all() -> None:
+        for stack in stacks:
+            stack.server.stop()
+            await stack.server.close_all_connections()
+            stack.ctx.upstream.close()
+
+    runner.run(stop_all())
+
+
+@pytest.fixture
+def stack(make_stack: Callable[..., Stack]) -> Stack:
+    return make_stack()
+
+
+@pytest.fixture
+def client(stack: Stack) -> openai.OpenAI:
+    return stack.client()
