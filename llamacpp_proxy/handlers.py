@@ -51,8 +51,16 @@ class BaseHandler(tornado.web.RequestHandler):
         self._counted = False
 
     def set_default_headers(self) -> None:
+        # Also runs again when send_error clears a response: keep what every answer carries.
         self.clear_header("Server")
         self.set_header("Content-Type", "application/json")
+        request_id = getattr(self, "request_id", "")
+        if request_id:
+            self.set_header("X-Request-Id", request_id)
+        admission = getattr(self, "admission", None)
+        if admission is not None:
+            for name, value in admission.headers.items():
+                self.set_header(name, value)
 
     async def prepare(self) -> None:
         incoming = self.request.headers.get("X-Request-Id", "")
@@ -68,8 +76,7 @@ class BaseHandler(tornado.web.RequestHandler):
             self.principal = self._authenticate()
             if self.rate_limited:
                 self.admission = await self.ctx.limiter.admit(self.principal)
-                for name, value in self.admission.headers.items():
-                    self.set_header(name, value)
+                self.set_default_headers()
 
     def _authenticate(self) -> Principal:
         header = self.request.headers.get("Authorization", "")
@@ -105,7 +112,6 @@ class BaseHandler(tornado.web.RequestHandler):
                                f"Request id: {self.request_id}.")
         for name, value in error.headers.items():
             self.set_header(name, value)
-        self.set_header("Content-Type", "application/json")
         self.set_status(error.status)
         self.finish(_json(error.body()))
 

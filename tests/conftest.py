@@ -141,7 +141,8 @@ def make_stack(runner: LoopThread, fake: FakeLlamaCpp) -> Iterator[Callable[...,
     runner.call(fake.reset)
 
     def factory(**overrides: Any) -> Stack:
-        settings = default_settings(llamacpp_server=fake.url, **overrides)
+        overrides.setdefault("llamacpp_server", fake.url)
+        settings = default_settings(**overrides)
 
         async def start() -> Stack:
             ctx = build_context(settings)
