@@ -71,6 +71,9 @@ class UpstreamCall:
         self.last_activity = self._loop.time()
         if not self.got_first_byte:
             self.got_first_byte = True
+            if self._timer is not None:  # from now on the deadline is the idle timeout
+                self._loop.remove_timeout(self._timer)
+                self._timer = self._loop.call_later(self._idle_timeout, self._check)
 
     def _check(self) -> None:
         self._timer = None

@@ -22,10 +22,10 @@ MAX_PROMPTS = 64
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 # llama.cpp sampling extensions passed through to /completion when present, by expected type.
-_EXT_FLOAT = ("top_k", "min_p", "typical_p", "repeat_penalty", "mirostat_tau", "mirostat_eta",
+_EXT_FLOAT = ("min_p", "typical_p", "repeat_penalty", "mirostat_tau", "mirostat_eta",
               "dynatemp_range", "dynatemp_exponent", "xtc_probability", "xtc_threshold",
               "dry_multiplier", "dry_base", "top_n_sigma")
-_EXT_INT = ("repeat_last_n", "mirostat", "n_keep", "dry_allowed_length", "dry_penalty_last_n",
+_EXT_INT = ("top_k", "repeat_last_n", "mirostat", "n_keep", "dry_allowed_length", "dry_penalty_last_n",
             "id_slot", "t_max_predict_ms", "n_indent", "min_keep", "n_cmpl")
 _EXT_BOOL = ("cache_prompt", "ignore_eos", "penalize_nl", "return_tokens", "timings_per_token")
 _EXT_STR_LIST = ("samplers", "dry_sequence_breakers")

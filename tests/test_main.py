@@ -1,0 +1,172 @@
+"""The server as a process: start-up checks, graceful shutdown, key reload on SIGHUP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llamacpp_proxy.config import ConfigError, Settings, build_parser, load_settings
+
+from .conftest import UNLIMITED_KEY
+from .fake_llamacpp import FakeLlamaCpp
+
+ENV_KEYS = {"UNLIMITED_API_KEY": UNLIMITED_KEY}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_server(args: list[str], env: dict[str, str], timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return subprocess.run([sys.executable, "-m", "llamacpp_proxy.main", *args],
+                          env={**clean, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+def test_defaults_match_the_documented_interface() -> None:
+    s = load_settings([], ENV_KEYS)
+    assert (s.host, s.port, s.llamacpp_server) == ("0.0.0.0", 8000, "http://localhost:8080")
+    assert (s.rate_limit_window, s.rate_limit_max_requests) == (60.0, 10)
+    assert s.chat_template is None
+    help_text = build_parser().format_help()
+    for flag in ("--host", "--port", "--llamacpp-server", "--chat-template-jinja",
+                 "--rate-limit-window", "--rate-limit-max-requests"):
+        assert flag in help_text
+
+
+def test_keys_never_appear_in_settings_repr() -> None:
+    s = load_settings([], {"UNLIMITED_API_KEY": "sk-secret-1", "LIMITED_API_KEY": "sk-secret-2"})
+    assert "sk-secret" not in repr(s)
+
+
+def test_no_key_refuses_to_start_before_binding() -> None:
+    port = free_port()
+    result = run_server(["--port", str(port), "--host", "127.0.0.1"], {})
+    assert result.returncode != 0
+    assert "UNLIMITED_API_KEY" in result.stderr and "LIMITED_API_KEY" in result.stderr
+    with pytest.raises(ConfigError):
+        load_settings([], {})
+
+
+def test_missing_template_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jinja"
+    result = run_server(["--chat-template-jinja", str(missing)], ENV_KEYS)
+    assert result.returncode != 0
+    assert str(missing) in result.stderr and "does not exist" in result.stderr
+
+
+def test_template_that_does_not_parse_is_named_with_the_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n")
+    result = run_server(["--chat-template-jinja", str(broken)], ENV_KEYS)
+    assert result.returncode != 0
+    assert str(broken) in result.stderr and "line 2" in result.stderr
+
+
+def test_bad_upstream_url_and_bad_numbers_are_refused() -> None:
+    assert run_server(["--llamacpp-server", "localhost:8080"], ENV_KEYS).returncode != 0
+    assert run_server(["--rate-limit-window", "0"], ENV_KEYS).returncode != 0
+    assert run_server(["--rate-limit-max-requests", "-1"], ENV_KEYS).returncode != 0
+
+
+@pytest.fixture
+def live_fake(runner: Any, fake: FakeLlamaCpp) -> Iterator[FakeLlamaCpp]:
+    runner.call(fake.reset)
+    yield fake
+
+
+class ProxyProcess:
+    def __init__(self, upstream: str, extra: list[str] = (), env: dict[str, str] | None = None):  # type: ignore[assignment]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llamacpp_proxy.main", "--host", "127.0.0.1",
+             "--port", str(self.port), "--llamacpp-server", upstream, *extra],
+            env={**clean, **(env if env is not None else ENV_KEYS)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        self.proc.kill()
+        raise RuntimeError(self.proc.communicate()[0])
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.communicate(timeout=10)[0]
+
+
+def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(live_fake: FakeLlamaCpp) -> None:
+    live_fake.script.token_delay = 0.1  # ten tokens: about a second of stream
+    proxy = ProxyProcess(live_fake.url, ["--shutdown-timeout", "10"])
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=10,
+                          headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            proxy.proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert "data: [DONE]" in rest  # the accepted stream was not cut
+        assert proxy.proc.wait(timeout=10) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(proxy.url + "/health", timeout=1)
+    finally:
+        log = proxy.stop()
+    assert "shutting down" in log and "stopped" in log
+
+
+def test_sighup_reloads_the_key_file_and_keeps_old_keys_on_error(
+        live_fake: FakeLlamaCpp, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.alice]\nkey = "sk-alice-000001"\n')
+    proxy = ProxyProcess(live_fake.url, ["--api-keys-file", str(keys)], env={})
+
+    def status(key: str) -> int:
+        return httpx.post(proxy.url + "/v1/completions", json={"prompt": "x"}, timeout=5,
+                          headers={"Authorization": f"Bearer {key}"}).status_code
+
+    def wait_for_status(key: str, expected: int) -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if status(key) == expected:
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        assert status("sk-alice-000001") == 200
+        assert status("sk-bob-0000002") == 401
+        keys.write_text('[keys.bob]\nkey = "sk-bob-0000002"\nrequests = 1\n')
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for_status("sk-bob-0000002", 200)
+        assert status("sk-alice-000001") == 401
+        keys.write_text("this is [not toml")
+        proxy.proc.send_signal(signal.SIGHUP)
+        assert wait_for_status("sk-bob-0000002", 429)  # still bob, still his limit
+    finally:
+        log = proxy.stop()
+    assert "key reload failed, keeping the previous keys" in log
+    assert "sk-alice-000001" not in log and "sk-bob-0000002" not in log
+
+
+def test_settings_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Settings().port = 1  # type: ignore[misc]

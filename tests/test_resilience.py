@@ -1,0 +1,187 @@
+"""Failing well: upstream faults, client disconnects, oversized and slow input."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import UNLIMITED_KEY, Stack, assert_schema
+from .fake_llamacpp import count_prompt_tokens
+from .test_api import CHAT, post, sse_events
+
+STREAM_BODY = {"model": "m", "messages": CHAT, "stream": True}
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert_schema(body, "ErrorResponse")
+    return dict(body["error"])
+
+
+def stream_error(events: list[Any]) -> dict[str, Any]:
+    """The final SSE error event of a stream that failed after it started."""
+    assert events and events[-1] != "[DONE]", "a failed stream must not end with [DONE]"
+    last = events[-1]
+    assert_schema(last, "ErrorResponse")
+    return dict(last["error"])
+
+
+@pytest.mark.parametrize(("status", "expected", "code"), [
+    (503, 503, "upstream_loading"),
+    (500, 502, "upstream_error"),
+    (502, 502, "upstream_error"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_error_statuses(stack: Stack, status: int, expected: int, code: str,
+                                 stream: bool) -> None:
+    stack.fake.script.fail_status = status
+    r = post(stack, "/v1/chat/completions", {"messages": CHAT, "stream": stream})
+    assert r.status_code == expected
+    assert error_of(r)["code"] == code
+    if status == 503:
+        assert r.headers["retry-after"] == "5"
+
+
+def test_upstream_error_body_that_is_not_json(stack: Stack) -> None:
+    stack.fake.script.fail_status = 500
+    stack.fake.script.fail_body = "<html>oops</html>"
+    r = post(stack, "/v1/completions", {"prompt": "x"})
+    assert r.status_code == 502
+    assert "oops" in error_of(r)["message"]
+
+
+def test_context_overflow_is_400_context_length_exceeded(stack: Stack) -> None:
+    stack.fake.script.n_ctx = 50
+    r = post(stack, "/v1/chat/completions", {"messages": [{"role": "user",
+                                                           "content": "word " * 100}]})
+    assert r.status_code == 400
+    error = error_of(r)
+    assert error["code"] == "context_length_exceeded"
+    assert "maximum context length is 50 tokens" in error["message"]
+    prompt = stack.fake.requests[-1]["prompt"]
+    assert f"resulted in {count_prompt_tokens(prompt)} tokens" in error["message"]
+
+
+def test_first_byte_timeout_is_504(make_stack: Any) -> None:
+    stack = make_stack(upstream_first_byte_timeout=0.3)
+    stack.fake.script.stall_before = 1.0
+    for stream in (False, True):
+        r = post(stack, "/v1/completions", {"prompt": "x", "stream": stream})
+        assert r.status_code == 504
+        assert error_of(r)["code"] == "upstream_timeout"
+        assert "did not start answering within 0.3s" in error_of(r)["message"]
+
+
+def test_idle_timeout_mid_stream_ends_with_an_error_event(make_stack: Any) -> None:
+    stack = make_stack(upstream_idle_timeout=0.3)
+    stack.fake.script.stall_after_tokens = 3
+    stack.fake.script.stall_seconds = 1.5
+    r = post(stack, "/v1/chat/completions", STREAM_BODY)
+    assert r.status_code == 200
+    events = sse_events(r)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == "Hello, world"
+    error = stream_error(events)
+    assert error["code"] == "upstream_timeout"
+    assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1)  # upstream was cancelled
+
+
+@pytest.mark.parametrize(("fault", "code"), [
+    ("drop_after_tokens", "upstream_error"),
+    ("malformed_after_tokens", "upstream_error"),
+    ("stream_error_after_tokens", "upstream_error"),
+])
+def test_mid_stream_faults_end_with_one_error_event(stack: Stack, fault: str, code: str) -> None:
+    setattr(stack.fake.script, fault, 2)
+    r = post(stack, "/v1/chat/completions", STREAM_BODY)
+    assert r.status_code == 200
+    events = sse_events(r)
+    for chunk in events[:-1]:
+        assert_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert stream_error(events)["code"] == code
+    assert sum(1 for e in events if isinstance(e, dict) and "error" in e) == 1
+    # The proxy keeps serving.
+    stack.fake.reset()
+    assert post(stack, "/v1/chat/completions", {"messages": CHAT}).status_code == 200
+
+
+def test_mid_stream_fault_with_the_sdk_raises(stack: Stack) -> None:
+    import openai
+
+    stack.fake.script.drop_after_tokens = 2
+    stream = stack.client().chat.completions.create(model="m", messages=CHAT, stream=True)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+
+
+def test_non_streamed_dropped_connection_is_502(stack: Stack) -> None:
+    stack.fake.script.fail_status = None
+    stack.fake.script.drop_after_tokens = 2
+    r = post(stack, "/v1/completions", {"prompt": "x", "stream": True})
+    assert r.status_code == 200  # headers went out with the first token
+    assert stream_error(sse_events(r))["code"] == "upstream_error"
+
+
+def test_client_disconnect_mid_stream_cancels_the_upstream_request(stack: Stack) -> None:
+    stack.fake.script.token_delay = 0.05
+    stack.fake.script.tokens = [f" t{i}" for i in range(200)]
+    with httpx.stream("POST", stack.url + "/v1/chat/completions", json=STREAM_BODY,
+                      headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}, timeout=10) as r:
+        lines = r.iter_lines()
+        seen = [next(lines) for _ in range(6)]
+        assert any("t1" in line for line in seen)
+    # The fake sees its connection closed long before its 10 s of tokens are done.
+    assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1, timeout=2)
+    assert stack.wait_for(lambda: stack.ctx.in_flight == 0, timeout=2)
+
+
+def test_body_over_the_limit_is_413(make_stack: Any) -> None:
+    stack = make_stack(max_body_size=1000)
+    r = post(stack, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]})
+    assert r.status_code == 413
+    assert error_of(r)["code"] == "request_too_large"
+    assert stack.fake.requests == []
+    assert post(stack, "/v1/chat/completions", {"messages": CHAT}).status_code == 200
+
+
+def test_slow_body_times_out_and_the_server_keeps_serving(make_stack: Any) -> None:
+    stack = make_stack(client_body_timeout=0.3)
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                     b"Authorization: Bearer " + UNLIMITED_KEY.encode() + b"\r\n\r\n{")
+        sock.settimeout(3)
+        assert sock.recv(100) == b""  # closed by the proxy, not left hanging
+    assert post(stack, "/v1/completions", {"prompt": "x"}).status_code == 200
+
+
+def test_shutdown_draining_refuses_new_requests(stack: Stack) -> None:
+    stack.ctx.draining = True
+    r = post(stack, "/v1/completions", {"prompt": "x"})
+    assert r.status_code == 503
+    assert error_of(r)["code"] == "shutting_down"
+    assert httpx.get(stack.url + "/health/ready").status_code == 503
+    stack.ctx.draining = False
+
+
+def test_in_flight_returns_to_zero_after_every_kind_of_exit(stack: Stack) -> None:
+    post(stack, "/v1/completions", {"prompt": "x"})
+    post(stack, "/v1/completions", {"prompt": "x", "stream": True})
+    post(stack, "/v1/completions", {"nope": 1})
+    post(stack, "/v1/completions", {"prompt": "x"}, key="bad")
+    stack.fake.script.fail_status = 500
+    post(stack, "/v1/completions", {"prompt": "x", "stream": True})
+    assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
+
+
+def test_upstream_json_that_is_malformed_is_502(stack: Stack) -> None:
+    stack.fake.script.fail_status = 200
+    stack.fake.script.fail_body = "{not json"
+    r = post(stack, "/v1/completions", {"prompt": "x"})
+    assert r.status_code == 502
+    assert "malformed" in error_of(r)["message"]
+    json.dumps(r.json())
