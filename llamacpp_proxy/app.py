@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import tornado.web
 
-from .context import AppContext
 from .completions import ChatCompletionsHandler, TextCompletionsHandler
-from .handlers import HealthHandler, ModelsHandler, NotFoundHandler, ReadyHandler, log_request
+from .context import AppContext
+from .handlers import (
+    HealthHandler,
+    ModelsHandler,
+    NotFoundHandler,
+    OpenAPIHandler,
+    ReadyHandler,
+    log_request,
+)
 
 
 def make_app(ctx: AppContext) -> tornado.web.Application:
@@ -20,6 +27,7 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
             (r"/v1/models/(.+)", ModelsHandler, args),
             (r"/health", HealthHandler, args),
             (r"/health/ready", ReadyHandler, args),
+            (r"/openapi.json", OpenAPIHandler, args),
             # Clients configured with a base URL without /v1 still work.
             (r"/chat/completions", ChatCompletionsHandler, args),
             (r"/completions", TextCompletionsHandler, args),

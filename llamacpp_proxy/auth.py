@@ -137,7 +137,9 @@ _ENTRY_FIELDS = {"key", "key_sha256", "requests", "window", "tokens_per_minute",
 def _entry_digest(path: Path, name: str, spec: dict[str, Any]) -> bytes:
     unknown = set(spec) - _ENTRY_FIELDS
     if unknown:
-        raise KeyFileError(f"{path}: [keys.{name}] has unknown fields: {', '.join(sorted(unknown))}")
+        raise KeyFileError(
+            f"{path}: [keys.{name}] has unknown fields: {', '.join(sorted(unknown))}"
+        )
     key, hashed = spec.get("key"), spec.get("key_sha256")
     if (key is None) == (hashed is None):
         raise KeyFileError(f"{path}: [keys.{name}] needs exactly one of 'key' or 'key_sha256'")

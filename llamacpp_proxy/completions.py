@@ -48,8 +48,14 @@ class Generation:
 
     __slots__ = ("body", "call", "choice", "counts_prompt", "prompt", "text_offset")
 
-    def __init__(self, choice: Choice, prompt: str, body: dict[str, Any], call: UpstreamCall,
-                 counts_prompt: bool) -> None:
+    def __init__(
+        self,
+        choice: Choice,
+        prompt: str,
+        body: dict[str, Any],
+        call: UpstreamCall,
+        counts_prompt: bool,
+    ) -> None:
         self.choice = choice
         self.prompt = prompt
         self.body = body
@@ -65,7 +71,7 @@ class CompletionsHandler(BaseHandler):
     chat = True
     rate_limited = True
 
-    def initialize(self, ctx: Any) -> None:  # type: ignore[override]
+    def initialize(self, ctx: Any) -> None:
         super().initialize(ctx)
         self._body_parts: list[bytes] = []
         self._body_size = 0
@@ -77,12 +83,15 @@ class CompletionsHandler(BaseHandler):
         limit = self.ctx.settings.max_body_size
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.",
-                                  headers={"Connection": "close"})
+            raise PayloadTooLarge(
+                f"The request body is {length} bytes; the limit is {limit}.",
+                headers={"Connection": "close"},
+            )
         # A chunked body over the limit makes Tornado drop the connection.
         self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
         self.request.connection.set_body_timeout(  # type: ignore[union-attr]
-            self.ctx.settings.client_body_timeout)
+            self.ctx.settings.client_body_timeout
+        )
         await super().prepare()
 
     def data_received(self, chunk: bytes) -> None:
@@ -153,9 +162,11 @@ class CompletionsHandler(BaseHandler):
             choice.finish_reason = finish_reason(result.get("stop_type"))
             if request.logprobs is not None:
                 entries = result.get("completion_probabilities") or []
-                choice.logprobs = (chat_logprobs(entries, request.logprobs) if self.chat else
-                                   text_logprobs(entries, request.logprobs,
-                                                 len(choice.prompt_text)))
+                choice.logprobs = (
+                    chat_logprobs(entries, request.logprobs)
+                    if self.chat
+                    else text_logprobs(entries, request.logprobs, len(choice.prompt_text))
+                )
             self._charge(generation, result)
         choices = [g.choice for g in self._generations]
         build = chat_response if self.chat else text_response

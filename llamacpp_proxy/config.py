@@ -103,43 +103,105 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--host", default=d.host, help="address to listen on")
     p.add_argument("--port", type=_port, default=d.port, help="port to listen on")
-    p.add_argument("--llamacpp-server", default=d.llamacpp_server,
-                   help="base URL of the llama.cpp server")
-    p.add_argument("--chat-template-jinja", dest="chat_template", metavar="NAME_OR_PATH",
-                   help="chat template: a built-in name (gemma3, chatml, llama3, mistral, "
-                        "qwen2.5) or a Jinja file; default: the model's own from llama.cpp")
-    p.add_argument("--rate-limit-window", type=_positive_float, default=d.rate_limit_window,
-                   metavar="SECONDS", help="sliding window length for LIMITED_API_KEY")
-    p.add_argument("--rate-limit-max-requests", type=_positive_int,
-                   default=d.rate_limit_max_requests, metavar="N",
-                   help="requests LIMITED_API_KEY may make in any window")
-    p.add_argument("--api-keys-file", type=Path, metavar="PATH",
-                   help="TOML file of named keys with their own limits (reloaded on SIGHUP)")
-    p.add_argument("--max-body-size", type=_positive_int, default=d.max_body_size,
-                   metavar="BYTES", help="largest request body accepted")
-    p.add_argument("--upstream-connect-timeout", type=_positive_float,
-                   default=d.upstream_connect_timeout, metavar="SECONDS",
-                   help="time to connect to llama.cpp")
-    p.add_argument("--upstream-first-byte-timeout", type=_positive_float,
-                   default=d.upstream_first_byte_timeout, metavar="SECONDS",
-                   help="time until llama.cpp starts answering (whole answer when not streamed)")
-    p.add_argument("--upstream-idle-timeout", type=_positive_float,
-                   default=d.upstream_idle_timeout, metavar="SECONDS",
-                   help="longest pause between two streamed tokens")
-    p.add_argument("--upstream-max-connections", type=_positive_int,
-                   default=d.upstream_max_connections, metavar="N",
-                   help="requests to llama.cpp in flight at once")
-    p.add_argument("--client-idle-timeout", type=_positive_float, default=d.client_idle_timeout,
-                   metavar="SECONDS", help="idle keep-alive client connections are closed after")
-    p.add_argument("--client-body-timeout", type=_positive_float, default=d.client_body_timeout,
-                   metavar="SECONDS", help="time a client may take to send its request body")
-    p.add_argument("--shutdown-timeout", type=_positive_float, default=d.shutdown_timeout,
-                   metavar="SECONDS", help="time in-flight requests get after SIGTERM/SIGINT")
-    p.add_argument("--no-access-log", dest="access_log", action="store_false",
-                   help="do not log one line per request")
+    p.add_argument(
+        "--llamacpp-server", default=d.llamacpp_server, help="base URL of the llama.cpp server"
+    )
+    p.add_argument(
+        "--chat-template-jinja",
+        dest="chat_template",
+        metavar="NAME_OR_PATH",
+        help="chat template: a built-in name (gemma3, chatml, llama3, mistral, "
+        "qwen2.5) or a Jinja file; default: the model's own from llama.cpp",
+    )
+    p.add_argument(
+        "--rate-limit-window",
+        type=_positive_float,
+        default=d.rate_limit_window,
+        metavar="SECONDS",
+        help="sliding window length for LIMITED_API_KEY",
+    )
+    p.add_argument(
+        "--rate-limit-max-requests",
+        type=_positive_int,
+        default=d.rate_limit_max_requests,
+        metavar="N",
+        help="requests LIMITED_API_KEY may make in any window",
+    )
+    p.add_argument(
+        "--api-keys-file",
+        type=Path,
+        metavar="PATH",
+        help="TOML file of named keys with their own limits (reloaded on SIGHUP)",
+    )
+    p.add_argument(
+        "--max-body-size",
+        type=_positive_int,
+        default=d.max_body_size,
+        metavar="BYTES",
+        help="largest request body accepted",
+    )
+    p.add_argument(
+        "--upstream-connect-timeout",
+        type=_positive_float,
+        default=d.upstream_connect_timeout,
+        metavar="SECONDS",
+        help="time to connect to llama.cpp",
+    )
+    p.add_argument(
+        "--upstream-first-byte-timeout",
+        type=_positive_float,
+        default=d.upstream_first_byte_timeout,
+        metavar="SECONDS",
+        help="time until llama.cpp starts answering (whole answer when not streamed)",
+    )
+    p.add_argument(
+        "--upstream-idle-timeout",
+        type=_positive_float,
+        default=d.upstream_idle_timeout,
+        metavar="SECONDS",
+        help="longest pause between two streamed tokens",
+    )
+    p.add_argument(
+        "--upstream-max-connections",
+        type=_positive_int,
+        default=d.upstream_max_connections,
+        metavar="N",
+        help="requests to llama.cpp in flight at once",
+    )
+    p.add_argument(
+        "--client-idle-timeout",
+        type=_positive_float,
+        default=d.client_idle_timeout,
+        metavar="SECONDS",
+        help="idle keep-alive client connections are closed after",
+    )
+    p.add_argument(
+        "--client-body-timeout",
+        type=_positive_float,
+        default=d.client_body_timeout,
+        metavar="SECONDS",
+        help="time a client may take to send its request body",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=_positive_float,
+        default=d.shutdown_timeout,
+        metavar="SECONDS",
+        help="time in-flight requests get after SIGTERM/SIGINT",
+    )
+    p.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="do not log one line per request",
+    )
     p.add_argument("--log-json", action="store_true", help="access log lines as JSON")
-    p.add_argument("--log-level", default=d.log_level,
-                   choices=["debug", "info", "warning", "error"], help="logging level")
+    p.add_argument(
+        "--log-level",
+        default=d.log_level,
+        choices=["debug", "info", "warning", "error"],
+        help="logging level",
+    )
     return p
 
 

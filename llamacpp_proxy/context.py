@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,13 @@ class AppContext:
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0
     _model_templates: dict[str, ChatTemplate] = field(default_factory=dict)
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def run_in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run bookkeeping that must not delay the response (kept referenced until done)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def model_template(self, props: dict[str, Any]) -> ChatTemplate:
         """The model's own chat template from /props, compiled once per distinct source."""

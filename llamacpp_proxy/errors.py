@@ -1,4 +1,4 @@
-"""The ProxyError hierarchy: every failure a client can see, with its HTTP status and OpenAI body."""
+"""The ProxyError hierarchy: every failure a client can see, with its status and OpenAI body."""
 
 from __future__ import annotations
 

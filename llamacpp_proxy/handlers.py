@@ -4,15 +4,15 @@ and the small endpoints (models, health, unknown URLs). Completions are in compl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
 import secrets
+from http.client import responses
+from importlib import resources
 from typing import Any
 
 import tornado.web
-from tornado.httputil import responses
 
 from .auth import Principal
 from .context import AppContext
@@ -64,12 +64,15 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         incoming = self.request.headers.get("X-Request-Id", "")
-        self.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else (
-            "req_" + secrets.token_hex(12))
+        self.request_id = (
+            incoming if _REQUEST_ID.fullmatch(incoming) else ("req_" + secrets.token_hex(12))
+        )
         self.set_header("X-Request-Id", self.request_id)
         if self.ctx.draining:
-            raise ServiceShuttingDown("The server is shutting down; retry on another instance.",
-                                      headers={"Retry-After": "1", "Connection": "close"})
+            raise ServiceShuttingDown(
+                "The server is shutting down; retry on another instance.",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
         self.ctx.in_flight += 1
         self._counted = True
         if self.requires_key:
@@ -87,9 +90,7 @@ class BaseHandler(tornado.web.RequestHandler):
                 "'Authorization: Bearer YOUR_KEY'."
             )
         if scheme.lower() != "bearer" or not key.strip():
-            raise AuthenticationFailed(
-                "The Authorization header must be 'Bearer YOUR_KEY'."
-            )
+            raise AuthenticationFailed("The Authorization header must be 'Bearer YOUR_KEY'.")
         principal = self.ctx.keys.authenticate(key.strip())
         if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
@@ -108,8 +109,10 @@ class BaseHandler(tornado.web.RequestHandler):
         elif isinstance(exc, tornado.web.HTTPError):
             error = _from_http_error(exc, self.request.method or "", self.request.path)
         else:
-            error = ProxyError("The server had an error while processing your request. "
-                               f"Request id: {self.request_id}.")
+            error = ProxyError(
+                "The server had an error while processing your request. "
+                f"Request id: {self.request_id}."
+            )
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_status(error.status)
@@ -118,8 +121,9 @@ class BaseHandler(tornado.web.RequestHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ProxyError):
             if value.status >= 500:
-                log.warning("request %s failed: %s %s", self.request_id, value.status,
-                            value.message)
+                log.warning(
+                    "request %s failed: %s %s", self.request_id, value.status, value.message
+                )
             return
         if isinstance(value, tornado.web.HTTPError):
             return
@@ -135,8 +139,8 @@ class BaseHandler(tornado.web.RequestHandler):
             self.ctx.in_flight -= 1
         admission = self.admission
         if admission is not None and not admission.finished:
-            result = self.ctx.limiter.finish(admission, self.prompt_tokens + self.completion_tokens)
-            asyncio.ensure_future(result)
+            tokens = self.prompt_tokens + self.completion_tokens
+            self.ctx.run_in_background(self.ctx.limiter.finish(admission, tokens))
 
     def on_finish(self) -> None:
         self.release()
@@ -173,8 +177,11 @@ class NotFoundHandler(BaseHandler):
 
     async def prepare(self) -> None:
         await super().prepare()
-        raise NotFound(f"Unknown request URL: {self.request.method} {self.request.path}. "
-                       "Please check the URL for typos.", code="unknown_url")
+        raise NotFound(
+            f"Unknown request URL: {self.request.method} {self.request.path}. "
+            "Please check the URL for typos.",
+            code="unknown_url",
+        )
 
 
 class ModelsHandler(BaseHandler):
@@ -189,8 +196,19 @@ class ModelsHandler(BaseHandler):
             if model["id"] == model_id:
                 self.write_json(model)
                 return
-        raise NotFound(f"The model '{model_id}' does not exist.", param="model",
-                       code="model_not_found")
+        raise NotFound(
+            f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
+        )
+
+
+class OpenAPIHandler(BaseHandler):
+    """GET /openapi.json: the OpenAPI description of this proxy's endpoints (no key needed)."""
+
+    requires_key = False
+
+    def get(self) -> None:
+        spec = resources.files(__package__).joinpath("openapi.json").read_bytes()
+        self.finish(spec)
 
 
 class HealthHandler(BaseHandler):
@@ -212,8 +230,9 @@ class ReadyHandler(BaseHandler):
             self.write_json({"status": "draining"}, 503)
             return
         ready, why = await self.ctx.upstream.health()
-        self.write_json({"status": "ready" if ready else "unavailable", "upstream": why},
-                        200 if ready else 503)
+        self.write_json(
+            {"status": "ready" if ready else "unavailable", "upstream": why}, 200 if ready else 503
+        )
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -223,7 +242,10 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     if isinstance(handler, BaseHandler):
         fields = handler.access_fields()
     else:
-        fields = {"method": handler.request.method, "path": handler.request.path,
-                  "status": handler.get_status(),
-                  "latency_ms": round(handler.request.request_time() * 1000, 2)}
+        fields = {
+            "method": handler.request.method,
+            "path": handler.request.path,
+            "status": handler.get_status(),
+            "latency_ms": round(handler.request.request_time() * 1000, 2),
+        }
     access_log.info("%s", fields["status"], extra={"access": fields})

@@ -53,8 +53,16 @@ class UpstreamCall:
     the per-read hot path, so it only records the time; the timer re-arms itself lazily.
     """
 
-    __slots__ = ("_connection", "_first_byte_timeout", "_idle_timeout", "_loop", "_timer",
-                 "abort_reason", "got_first_byte", "last_activity")
+    __slots__ = (
+        "_connection",
+        "_first_byte_timeout",
+        "_idle_timeout",
+        "_loop",
+        "_timer",
+        "abort_reason",
+        "got_first_byte",
+        "last_activity",
+    )
 
     def __init__(self, first_byte_timeout: float, idle_timeout: float) -> None:
         self._loop = IOLoop.current()
@@ -79,15 +87,21 @@ class UpstreamCall:
         self._timer = None
         now = self._loop.time()
         if not self.got_first_byte:
-            self.abort(UpstreamTimeout(
-                f"llama.cpp did not start answering within {self._first_byte_timeout:g}s"))
+            self.abort(
+                UpstreamTimeout(
+                    f"llama.cpp did not start answering within {self._first_byte_timeout:g}s"
+                )
+            )
             return
         remaining = self.last_activity + self._idle_timeout - now
         if remaining > 0:
             self._timer = self._loop.call_later(remaining, self._check)
         else:
-            self.abort(UpstreamTimeout(
-                f"llama.cpp sent nothing for {self._idle_timeout:g}s in the middle of a response"))
+            self.abort(
+                UpstreamTimeout(
+                    f"llama.cpp sent nothing for {self._idle_timeout:g}s in mid-response"
+                )
+            )
 
     def attach(self, connection: _HTTPConnection) -> None:
         """Called by the HTTP client when the connection object for this call exists."""
@@ -120,7 +134,7 @@ class _AbortableConnection(_HTTPConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        call = getattr(self.request.request, "upstream_call", None)
+        call = getattr(self.request.request, "upstream_call", None)  # type: ignore[attr-defined]
         if call is not None:
             call.attach(self)
 
@@ -175,15 +189,25 @@ class LlamaCppClient:
             data = body.get("data") if isinstance(body, dict) else None
             if isinstance(data, list) and data:
                 return [
-                    {"id": str(m.get("id")), "object": "model",
-                     "created": int(m.get("created") or created),
-                     "owned_by": str(m.get("owned_by") or "llamacpp")}
-                    for m in data if isinstance(m, dict) and m.get("id")
+                    {
+                        "id": str(m.get("id")),
+                        "object": "model",
+                        "created": int(m.get("created") or created),
+                        "owned_by": str(m.get("owned_by") or "llamacpp"),
+                    }
+                    for m in data
+                    if isinstance(m, dict) and m.get("id")
                 ]
         props = await self.props()
         path = str(props.get("model_path") or "llama.cpp")
-        return [{"id": path.rsplit("/", 1)[-1], "object": "model", "created": created,
-                 "owned_by": "llamacpp"}]
+        return [
+            {
+                "id": path.rsplit("/", 1)[-1],
+                "object": "model",
+                "created": created,
+                "owned_by": "llamacpp",
+            }
+        ]
 
     async def health(self) -> tuple[bool, str]:
         """(ready, why): llama.cpp is reachable and has its model loaded."""
@@ -264,11 +288,13 @@ class LlamaCppClient:
 
     def new_call(self) -> UpstreamCall:
         """A handle for one upstream request, armed with the configured timeouts."""
-        return UpstreamCall(self._settings.upstream_first_byte_timeout,
-                            self._settings.upstream_idle_timeout)
+        return UpstreamCall(
+            self._settings.upstream_first_byte_timeout, self._settings.upstream_idle_timeout
+        )
 
     async def complete(self, body: dict[str, Any], call: UpstreamCall) -> dict[str, Any]:
         """A non-streamed /completion: llama.cpp's final result object."""
+
         def on_header(line: str) -> None:
             call.touch()
 
@@ -326,8 +352,9 @@ class LlamaCppClient:
                 except ValueError:
                     call.abort(UpstreamError("llama.cpp sent a malformed stream event"))
                     return
-                if field == "error" or (isinstance(event, dict) and "error" in event
-                                        and "content" not in event):
+                if field == "error" or (
+                    isinstance(event, dict) and "error" in event and "content" not in event
+                ):
                     call.abort(_stream_error(event))
                     return
                 if not isinstance(event, dict):
@@ -422,20 +449,24 @@ def _classify(status: int, message: str, err: dict[str, Any]) -> ProxyError:
     if err.get("type") == "exceed_context_size_error" or "exceeds the available context" in message:
         n_prompt, n_ctx = err.get("n_prompt_tokens"), err.get("n_ctx")
         if isinstance(n_prompt, int) and isinstance(n_ctx, int):
-            message = (f"This model's maximum context length is {n_ctx} tokens. However, your "
-                       f"messages resulted in {n_prompt} tokens. Please reduce the length of "
-                       "the messages or completion.")
+            message = (
+                f"This model's maximum context length is {n_ctx} tokens. However, your "
+                f"messages resulted in {n_prompt} tokens. Please reduce the length of "
+                "the messages or completion."
+            )
         return ContextLengthExceeded(message, param="messages")
     if status == 503:
-        return UpstreamLoading(f"llama.cpp is not ready: {message}",
-                               headers={"Retry-After": "5"})
+        return UpstreamLoading(f"llama.cpp is not ready: {message}", headers={"Retry-After": "5"})
     if status in (401, 403):
-        return UpstreamError("llama.cpp refused the proxy's request (does llama.cpp have "
-                             "--api-key set?)")
+        return UpstreamError(
+            "llama.cpp refused the proxy's request (does llama.cpp have --api-key set?)"
+        )
     if status == 404:
-        return UpstreamError(f"llama.cpp has no such endpoint; is --llamacpp-server right? "
-                             f"({message})")
+        return UpstreamError(
+            f"llama.cpp has no such endpoint; is --llamacpp-server right? ({message})"
+        )
     if 400 <= status < 500:
-        return InvalidRequest(f"llama.cpp rejected the request: {message}",
-                              code="upstream_invalid_request")
+        return InvalidRequest(
+            f"llama.cpp rejected the request: {message}", code="upstream_invalid_request"
+        )
     return UpstreamError(f"llama.cpp failed (HTTP {status}): {message}")

@@ -28,8 +28,11 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": round(record.created, 3), "level": record.levelname.lower(),
-               "logger": record.name}
+        out = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
         fields = getattr(record, "access", None)
         if fields is not None:
             out.update(fields)

@@ -29,8 +29,9 @@ def build_keys(settings: Settings) -> KeyStore:
     return build_key_store(
         unlimited_key=settings.unlimited_api_key,
         limited_key=settings.limited_api_key,
-        limited_limits=Limits(requests=settings.rate_limit_max_requests,
-                              window=settings.rate_limit_window),
+        limited_limits=Limits(
+            requests=settings.rate_limit_max_requests, window=settings.rate_limit_window
+        ),
         key_file=settings.api_keys_file,
     )
 
@@ -65,16 +66,24 @@ async def serve(ctx: AppContext, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_keys, ctx)
     ports = sorted({s.getsockname()[1] for s in server._sockets.values()})
-    log.info("llamacpp-proxy %s listening on %s:%s, llama.cpp at %s, chat template %s, keys: %s",
-             __version__, settings.host, ",".join(map(str, ports)), settings.upstream_url,
-             ctx.template.origin if ctx.template else "from llama.cpp /props",
-             ", ".join(ctx.keys.names))
+    log.info(
+        "llamacpp-proxy %s listening on %s:%s, llama.cpp at %s, chat template %s, keys: %s",
+        __version__,
+        settings.host,
+        ",".join(map(str, ports)),
+        settings.upstream_url,
+        ctx.template.origin if ctx.template else "from llama.cpp /props",
+        ", ".join(ctx.keys.names),
+    )
     if ready is not None:
         ready.set()
     await stop.wait()
 
-    log.info("shutting down: no new connections; %d request(s) in flight get up to %gs",
-             ctx.in_flight, settings.shutdown_timeout)
+    log.info(
+        "shutting down: no new connections; %d request(s) in flight get up to %gs",
+        ctx.in_flight,
+        settings.shutdown_timeout,
+    )
     server.stop()
     ctx.draining = True
     deadline = loop.time() + settings.shutdown_timeout
@@ -111,8 +120,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         asyncio.run(serve(ctx))
     except OSError as exc:  # typically the port is taken
-        print(f"llamacpp-proxy-server: error: cannot listen on {settings.host}:{settings.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"llamacpp-proxy-server: error: cannot listen on {settings.host}:{settings.port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

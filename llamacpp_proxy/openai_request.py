@@ -22,11 +22,33 @@ MAX_PROMPTS = 64
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 # llama.cpp sampling extensions passed through to /completion when present, by expected type.
-_EXT_FLOAT = ("min_p", "typical_p", "repeat_penalty", "mirostat_tau", "mirostat_eta",
-              "dynatemp_range", "dynatemp_exponent", "xtc_probability", "xtc_threshold",
-              "dry_multiplier", "dry_base", "top_n_sigma")
-_EXT_INT = ("top_k", "repeat_last_n", "mirostat", "n_keep", "dry_allowed_length", "dry_penalty_last_n",
-            "id_slot", "t_max_predict_ms", "n_indent", "min_keep", "n_cmpl")
+_EXT_FLOAT = (
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "mirostat_tau",
+    "mirostat_eta",
+    "dynatemp_range",
+    "dynatemp_exponent",
+    "xtc_probability",
+    "xtc_threshold",
+    "dry_multiplier",
+    "dry_base",
+    "top_n_sigma",
+)
+_EXT_INT = (
+    "top_k",
+    "repeat_last_n",
+    "mirostat",
+    "n_keep",
+    "dry_allowed_length",
+    "dry_penalty_last_n",
+    "id_slot",
+    "t_max_predict_ms",
+    "n_indent",
+    "min_keep",
+    "n_cmpl",
+)
 _EXT_BOOL = ("cache_prompt", "ignore_eos", "penalize_nl", "return_tokens", "timings_per_token")
 _EXT_STR_LIST = ("samplers", "dry_sequence_breakers")
 EXTENSION_FIELDS = (*_EXT_FLOAT, *_EXT_INT, *_EXT_BOOL, *_EXT_STR_LIST, "grammar", "json_schema")
@@ -79,8 +101,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
@@ -103,7 +124,7 @@ def _integer(body: dict[str, Any], name: str, lo: int, hi: int | None = None) ->
     if value < lo or (hi is not None and value > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
         raise _bad(name, f"'{name}' must be {bound}, not {value}")
-    return value
+    return int(value)
 
 
 def _boolean(body: dict[str, Any], name: str) -> bool | None:
@@ -127,18 +148,19 @@ def _string(body: dict[str, Any], name: str) -> str | None:
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
     if not raw:
-        raise InvalidRequest("The request body is empty; send a JSON object.",
-                             code="invalid_json")
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"The request body is not UTF-8 (byte {exc.start}).",
-                             code="invalid_json") from None
+        raise InvalidRequest(
+            f"The request body is not UTF-8 (byte {exc.start}).", code="invalid_json"
+        ) from None
     try:
         body = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}",
-                             code="invalid_json") from None
+        raise InvalidRequest(
+            f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise InvalidRequest(
             f"The request body must be a JSON object, not {type(body).__name__}.",
@@ -178,13 +200,19 @@ def parse_text_request(body: dict[str, Any]) -> CompletionRequest:
     request.echo = bool(_boolean(body, "echo"))
     if body.get("suffix") not in (None, ""):
         _string(body, "suffix")
-        raise _bad("suffix", "'suffix' (fill-in-the-middle) is not supported by this endpoint; "
-                             "use llama.cpp's /infill")
+        raise _bad(
+            "suffix",
+            "'suffix' (fill-in-the-middle) is not supported by this endpoint; "
+            "use llama.cpp's /infill",
+        )
     _common(body, request)
     best_of = _integer(body, "best_of", 1, MAX_N)
     if best_of is not None and best_of != request.n:
-        raise _bad("best_of", "'best_of' other than 'n' is not supported: llama.cpp returns no "
-                              "sequence score to rank candidates by")
+        raise _bad(
+            "best_of",
+            "'best_of' other than 'n' is not supported: llama.cpp returns no "
+            "sequence score to rank candidates by",
+        )
     if request.max_tokens == 0 and not request.echo:
         raise _bad("max_tokens", "'max_tokens': 0 needs 'echo': true")
     return request
@@ -233,12 +261,15 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise _bad(param, f"'{param}' must be an object")
         role = message.get("role")
         if role not in ROLES:
-            raise _bad(f"{param}.role", f"'{param}.role' must be one of "
-                       f"{', '.join(sorted(ROLES))}, not {role!r}")
+            raise _bad(
+                f"{param}.role",
+                f"'{param}.role' must be one of {', '.join(sorted(ROLES))}, not {role!r}",
+            )
         normalized: dict[str, Any] = {
             "role": "system" if role == "developer" else role,
-            "content": _content(message.get("content"), f"{param}.content",
-                                optional=role == "assistant"),
+            "content": _content(
+                message.get("content"), f"{param}.content", optional=role == "assistant"
+            ),
         }
         name = message.get("name")
         if name is not None:
@@ -248,8 +279,9 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if role == "assistant" and message.get("tool_calls") is not None:
             normalized["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
         elif role == "assistant" and normalized["content"] is None:
-            raise _bad(f"{param}.content", f"'{param}.content' is required unless "
-                                           "'tool_calls' is given")
+            raise _bad(
+                f"{param}.content", f"'{param}.content' is required unless 'tool_calls' is given"
+            )
         if role == "tool":
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str):
@@ -279,8 +311,10 @@ def _content(value: Any, param: str, *, optional: bool) -> str | None:
                 raise _bad(f"{param}[{j}].text", f"'{param}[{j}].text' must be a string")
             texts.append(text)
         elif kind in ("image_url", "input_audio", "file", "input_image"):
-            raise _bad(f"{param}[{j}].type",
-                       f"content parts of type '{kind}' are not supported: this model takes text")
+            raise _bad(
+                f"{param}[{j}].type",
+                f"content parts of type '{kind}' are not supported: this model takes text",
+            )
         else:
             raise _bad(f"{param}[{j}].type", f"unknown content part type {kind!r}")
     return "\n".join(texts)
@@ -299,14 +333,18 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except ValueError:
-                raise _bad(f"{param}[{j}].function.arguments",
-                           "tool call arguments must be a JSON object encoded as a string") from None
+                raise _bad(
+                    f"{param}[{j}].function.arguments",
+                    "tool call arguments must be a JSON object encoded as a string",
+                ) from None
         # Templates (HF convention) expect the arguments as a mapping, not a JSON string.
-        calls.append({
-            "id": call.get("id") if isinstance(call.get("id"), str) else f"call_{j}",
-            "type": "function",
-            "function": {"name": fn["name"], "arguments": arguments},
-        })
+        calls.append(
+            {
+                "id": call.get("id") if isinstance(call.get("id"), str) else f"call_{j}",
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": arguments},
+            }
+        )
     return calls
 
 
@@ -322,18 +360,23 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
-            raise _bad(f"tools[{i}]", f"'tools[{i}]' must be {{\"type\": \"function\", "
-                                      "\"function\": {...}}")
+            raise _bad(
+                f"tools[{i}]", f'\'tools[{i}]\' must be {{"type": "function", "function": {{...}}}}'
+            )
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise _bad(f"tools[{i}].function.name", f"'tools[{i}].function.name' is required")
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise _bad(f"tools[{i}].function.parameters",
-                       f"'tools[{i}].function.parameters' must be a JSON Schema object")
+            raise _bad(
+                f"tools[{i}].function.parameters",
+                f"'tools[{i}].function.parameters' must be a JSON Schema object",
+            )
     if choice is not None and choice not in ("none", "auto", "required"):
         name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
         if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
-            raise _bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
-                                      "name one of the tools")
+            raise _bad(
+                "tool_choice",
+                "'tool_choice' must be 'none', 'auto', 'required' or name one of the tools",
+            )
     return (tools or None), choice
 
 
@@ -378,8 +421,9 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
         if token_id < 0:
             raise _bad("logit_bias", f"'logit_bias' key {token!r} is not a token id")
         if not _is_number(weight) or not -100 <= weight <= 100:
-            raise _bad("logit_bias", f"'logit_bias' values must be between -100 and 100, "
-                                     f"not {weight!r}")
+            raise _bad(
+                "logit_bias", f"'logit_bias' values must be between -100 and 100, not {weight!r}"
+            )
         bias[token_id] = float(weight)
     return bias
 
@@ -396,15 +440,19 @@ def _response_format(value: Any) -> dict[str, Any] | None:
         spec = value.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise _bad("response_format.json_schema",
-                       "'response_format.json_schema' needs a 'name' and a 'schema'")
+            raise _bad(
+                "response_format.json_schema",
+                "'response_format.json_schema' needs a 'name' and a 'schema'",
+            )
         if schema is None:
             return {"type": "object"}
         if not isinstance(schema, dict):
             raise _bad("response_format.json_schema.schema", "the schema must be an object")
         return schema
-    raise _bad("response_format.type",
-               "'response_format.type' must be 'text', 'json_object' or 'json_schema'")
+    raise _bad(
+        "response_format.type",
+        "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+    )
 
 
 def _extensions(body: dict[str, Any]) -> dict[str, Any]:
@@ -432,7 +480,8 @@ def _extensions(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(schema, dict):
             raise _bad("json_schema", "'json_schema' must be a JSON Schema object")
         ext["json_schema"] = schema
-    if "grammar" in ext and ("json_schema" in ext or body.get("response_format") not in
-                             (None, {"type": "text"})):
+    if "grammar" in ext and (
+        "json_schema" in ext or body.get("response_format") not in (None, {"type": "text"})
+    ):
         raise _bad("grammar", "'grammar' cannot be combined with a JSON schema constraint")
     return ext

@@ -53,7 +53,7 @@ class Choice:
     index: int
     text: str = ""
     finish_reason: str = "stop"
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: dict[str, Any] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     prompt_text: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,16 +70,21 @@ def chat_logprobs(entries: list[dict[str, Any]], top: int) -> dict[str, Any]:
     """llama.cpp's completion_probabilities as a chat choice's `logprobs` object."""
     content = []
     for entry in entries:
-        content.append({
-            "token": entry.get("token", ""),
-            "logprob": entry.get("logprob", 0.0),
-            "bytes": _token_bytes(entry),
-            "top_logprobs": [
-                {"token": alt.get("token", ""), "logprob": alt.get("logprob", 0.0),
-                 "bytes": _token_bytes(alt)}
-                for alt in (entry.get("top_logprobs") or [])[:top]
-            ],
-        })
+        content.append(
+            {
+                "token": entry.get("token", ""),
+                "logprob": entry.get("logprob", 0.0),
+                "bytes": _token_bytes(entry),
+                "top_logprobs": [
+                    {
+                        "token": alt.get("token", ""),
+                        "logprob": alt.get("logprob", 0.0),
+                        "bytes": _token_bytes(alt),
+                    }
+                    for alt in (entry.get("top_logprobs") or [])[:top]
+                ],
+            }
+        )
     return {"content": content, "refusal": None}
 
 
@@ -96,8 +101,12 @@ def text_logprobs(entries: list[dict[str, Any]], top: int, offset: int) -> dict[
         top_logprobs.append(alts)
         text_offset.append(offset)
         offset += len(token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs,
-            "top_logprobs": top_logprobs, "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
 
 
 def chat_response(
@@ -110,18 +119,45 @@ def chat_response(
         if choice.tool_calls:
             message["content"] = choice.text or None
             message["tool_calls"] = choice.tool_calls
-        out.append({"index": choice.index, "message": message,
-                    "logprobs": choice.logprobs, "finish_reason": choice.finish_reason})
-    return {"id": response_id, "object": "chat.completion", "created": created, "model": model, "choices": out, "usage": usage.as_dict()}
+        out.append(
+            {
+                "index": choice.index,
+                "message": message,
+                "logprobs": choice.logprobs,
+                "finish_reason": choice.finish_reason,
+            }
+        )
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": out,
+        "usage": usage.as_dict(),
+    }
 
 
 def text_response(
     response_id: str, created: int, model: str, choices: list[Choice], usage: Usage
 ) -> dict[str, Any]:
     """A non-streamed text_completion."""
-    out = [{"index": c.index, "text": c.prompt_text + c.text, "logprobs": c.logprobs,
-            "finish_reason": c.finish_reason} for c in choices]
-    return {"id": response_id, "object": "text_completion", "created": created, "model": model, "choices": out, "usage": usage.as_dict()}
+    out = [
+        {
+            "index": c.index,
+            "text": c.prompt_text + c.text,
+            "logprobs": c.logprobs,
+            "finish_reason": c.finish_reason,
+        }
+        for c in choices
+    ]
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": out,
+        "usage": usage.as_dict(),
+    }
 
 
 class ChunkEncoder:
@@ -130,8 +166,10 @@ class ChunkEncoder:
     def __init__(self, chat: bool, response_id: str, created: int, model: str) -> None:
         self.chat = chat
         obj = "chat.completion.chunk" if chat else "text_completion"
-        head = (f'data: {{"id":{_dumps(response_id)},"object":"{obj}","created":{created},'
-                f'"model":{_dumps(model)},"choices":[')
+        head = (
+            f'data: {{"id":{_dumps(response_id)},"object":"{obj}","created":{created},'
+            f'"model":{_dumps(model)},"choices":['
+        )
         self._head = head.encode()
         self._head_text = head
 
@@ -140,31 +178,40 @@ class ChunkEncoder:
 
     def role(self, index: int) -> bytes:
         """The first chat chunk of a choice: the assistant role, empty content."""
-        return self._frame(f'{{"index":{index},"delta":{{"role":"assistant","content":"",'
-                           f'"refusal":null}},"logprobs":null,"finish_reason":null}}')
+        return self._frame(
+            f'{{"index":{index},"delta":{{"role":"assistant","content":"",'
+            f'"refusal":null}},"logprobs":null,"finish_reason":null}}'
+        )
 
     def content(self, index: int, text: str, logprobs: dict[str, Any] | None = None) -> bytes:
         """A chunk carrying generated text (and its logprobs when asked for)."""
         lp = "null" if logprobs is None else _dumps(logprobs)
         if self.chat:
-            return self._frame(f'{{"index":{index},"delta":{{"content":{_dumps(text)}}},'
-                               f'"logprobs":{lp},"finish_reason":null}}')
-        return self._frame(f'{{"index":{index},"text":{_dumps(text)},"logprobs":{lp},'
-                           f'"finish_reason":null}}')
+            return self._frame(
+                f'{{"index":{index},"delta":{{"content":{_dumps(text)}}},'
+                f'"logprobs":{lp},"finish_reason":null}}'
+            )
+        return self._frame(
+            f'{{"index":{index},"text":{_dumps(text)},"logprobs":{lp},"finish_reason":null}}'
+        )
 
     def tool_calls(self, index: int, calls: list[dict[str, Any]]) -> bytes:
         """A chat chunk carrying complete tool calls (each with its index)."""
         deltas = [{"index": i, **call} for i, call in enumerate(calls)]
-        return self._frame(f'{{"index":{index},"delta":{{"tool_calls":{_dumps(deltas)}}},'
-                           f'"logprobs":null,"finish_reason":null}}')
+        return self._frame(
+            f'{{"index":{index},"delta":{{"tool_calls":{_dumps(deltas)}}},'
+            f'"logprobs":null,"finish_reason":null}}'
+        )
 
     def finish(self, index: int, reason: str) -> bytes:
         """The last chunk of a choice, with its finish_reason."""
         if self.chat:
-            return self._frame(f'{{"index":{index},"delta":{{}},"logprobs":null,'
-                               f'"finish_reason":"{reason}"}}')
-        return self._frame(f'{{"index":{index},"text":"","logprobs":null,'
-                           f'"finish_reason":"{reason}"}}')
+            return self._frame(
+                f'{{"index":{index},"delta":{{}},"logprobs":null,"finish_reason":"{reason}"}}'
+            )
+        return self._frame(
+            f'{{"index":{index},"text":"","logprobs":null,"finish_reason":"{reason}"}}'
+        )
 
     def usage(self, usage: Usage) -> bytes:
         """The include_usage chunk: no choices, the whole request's usage."""

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.sandbox
+from jinja2.exceptions import SecurityError
 
 from .errors import InvalidRequest
 
@@ -100,20 +101,27 @@ class ChatTemplate:
                 eos_token=eos_token,
                 add_generation_prompt=add_generation_prompt,
             )
-        except jinja2.sandbox.SecurityError as exc:
+        except SecurityError as exc:
             raise ChatTemplateRejected(
                 f"the chat template attempted an unsafe operation: {exc}", param="messages"
             ) from exc
         except jinja2.TemplateError as exc:
-            raise ChatTemplateRejected(str(exc) or "the chat template rejected the messages",
-                                       param="messages") from exc
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError,
-                ArithmeticError) as exc:
+            raise ChatTemplateRejected(
+                str(exc) or "the chat template rejected the messages", param="messages"
+            ) from exc
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            ArithmeticError,
+        ) as exc:
             raise ChatTemplateRejected(
                 f"the chat template could not render these messages: {exc}", param="messages"
             ) from exc
         if bos_token and prompt.startswith(bos_token):
-            prompt = prompt[len(bos_token):]
+            prompt = prompt[len(bos_token) :]
         return prompt
 
 
@@ -130,8 +138,10 @@ def builtin_template_names() -> list[str]:
 def load_chat_template(spec: str) -> ChatTemplate:
     """A built-in template by name (`gemma3`) or a template file by path."""
     if "/" not in spec and not spec.endswith(".jinja") and spec in builtin_template_names():
-        source = resources.files(__package__).joinpath(BUILTIN_DIR, f"{spec}.jinja").read_text(
-            encoding="utf-8"
+        source = (
+            resources.files(__package__)
+            .joinpath(BUILTIN_DIR, f"{spec}.jinja")
+            .read_text(encoding="utf-8")
         )
         return ChatTemplate(source, f"'{spec}' (built in)")
     path = Path(spec)

@@ -81,8 +81,9 @@ class LoopThread:
 class Stack:
     """A fake llama.cpp and a proxy in front of it."""
 
-    def __init__(self, runner: LoopThread, fake: FakeLlamaCpp, ctx: AppContext,
-                 server: HTTPServer, port: int) -> None:
+    def __init__(
+        self, runner: LoopThread, fake: FakeLlamaCpp, ctx: AppContext, server: HTTPServer, port: int
+    ) -> None:
         self.runner = runner
         self.fake = fake
         self.ctx = ctx
@@ -92,11 +93,17 @@ class Stack:
 
     def client(self, key: str = UNLIMITED_KEY, **kwargs: Any) -> openai.OpenAI:
         """The official SDK pointed at the proxy."""
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0,
-                             timeout=kwargs.pop("timeout", 20), **kwargs)
+        return openai.OpenAI(
+            base_url=self.url + "/v1",
+            api_key=key,
+            max_retries=0,
+            timeout=kwargs.pop("timeout", 20),
+            **kwargs,
+        )
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5) -> bool:
         """Poll `predicate` on the server loop until it holds (or the timeout passes)."""
+
         async def poll() -> bool:
             deadline = asyncio.get_running_loop().time() + timeout
             while not predicate():
@@ -109,9 +116,15 @@ class Stack:
 
 
 def default_settings(**overrides: Any) -> Settings:
-    base = Settings(host="127.0.0.1", port=0, unlimited_api_key=UNLIMITED_KEY,
-                    limited_api_key=LIMITED_KEY, rate_limit_max_requests=3,
-                    rate_limit_window=60.0, access_log=False)
+    base = Settings(
+        host="127.0.0.1",
+        port=0,
+        unlimited_api_key=UNLIMITED_KEY,
+        limited_api_key=LIMITED_KEY,
+        rate_limit_max_requests=3,
+        rate_limit_window=60.0,
+        access_log=False,
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -147,9 +160,12 @@ def make_stack(runner: LoopThread, fake: FakeLlamaCpp) -> Iterator[Callable[...,
         async def start() -> Stack:
             ctx = build_context(settings)
             sockets = bind_sockets(0, "127.0.0.1")
-            server = HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
-                                body_timeout=settings.client_body_timeout,
-                                idle_connection_timeout=settings.client_idle_timeout)
+            server = HTTPServer(
+                make_app(ctx),
+                max_body_size=settings.max_body_size,
+                body_timeout=settings.client_body_timeout,
+                idle_connection_timeout=settings.client_idle_timeout,
+            )
             server.add_sockets(sockets)
             return Stack(runner, fake, ctx, server, sockets[0].getsockname()[1])
 

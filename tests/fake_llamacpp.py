@@ -75,31 +75,62 @@ class _Completion(_Base):
         if script.stall_before:
             await asyncio.sleep(script.stall_before)
         if script.fail_status is not None:
-            payload = script.fail_body if script.fail_body is not None else {
-                "error": {"code": script.fail_status, "message": "fake failure",
-                          "type": "server_error"}}
+            payload = (
+                script.fail_body
+                if script.fail_body is not None
+                else {
+                    "error": {
+                        "code": script.fail_status,
+                        "message": "fake failure",
+                        "type": "server_error",
+                    }
+                }
+            )
             self.set_status(script.fail_status)
             self.finish(payload if isinstance(payload, bytes | str) else json.dumps(payload))
             return
         grammar = body.get("grammar")
         if grammar is not None and "::=" not in grammar:
-            self.send_json({"error": {"code": 400, "message": "Failed to parse grammar",
-                                      "type": "invalid_request_error"}}, 400)
+            self.send_json(
+                {
+                    "error": {
+                        "code": 400,
+                        "message": "Failed to parse grammar",
+                        "type": "invalid_request_error",
+                    }
+                },
+                400,
+            )
             return
         prompt = body.get("prompt", "")
         n_prompt = count_prompt_tokens(prompt)
         if n_prompt > script.n_ctx:
-            self.send_json({"error": {
-                "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": n_prompt,
-                "n_ctx": script.n_ctx,
-                "message": f"request ({n_prompt} tokens) exceeds the available context size "
-                           f"({script.n_ctx} tokens), try increasing it"}}, 400)
+            self.send_json(
+                {
+                    "error": {
+                        "code": 400,
+                        "type": "exceed_context_size_error",
+                        "n_prompt_tokens": n_prompt,
+                        "n_ctx": script.n_ctx,
+                        "message": f"request ({n_prompt} tokens) exceeds the available context "
+                        "size "
+                        f"({script.n_ctx} tokens), try increasing it",
+                    }
+                },
+                400,
+            )
             return
         pieces, stop_type, stopping_word = self._generate(body, script)
         final = {
-            "content": "", "stop": True, "stop_type": stop_type, "stopping_word": stopping_word,
-            "tokens_predicted": len(pieces), "tokens_evaluated": n_prompt, "truncated": False,
-            "model": "fake-model.gguf", "timings": {"predicted_n": len(pieces)},
+            "content": "",
+            "stop": True,
+            "stop_type": stop_type,
+            "stopping_word": stopping_word,
+            "tokens_predicted": len(pieces),
+            "tokens_evaluated": n_prompt,
+            "truncated": False,
+            "model": "fake-model.gguf",
+            "timings": {"predicted_n": len(pieces)},
         }
         if not body.get("stream"):
             result = dict(final, content="".join(pieces))
@@ -121,7 +152,7 @@ class _Completion(_Base):
             for stop in stops:
                 at = candidate.find(stop)
                 if at >= 0:
-                    kept = candidate[len(text):at]
+                    kept = candidate[len(text) : at]
                     if kept:
                         pieces.append(kept)
                     return pieces, "word", stop
@@ -131,20 +162,42 @@ class _Completion(_Base):
 
     def _probs(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
         k = int(body["n_probs"])
-        alts = [{"id": i, "token": token if i == 0 else f"alt{i}",
-                 "bytes": list((token if i == 0 else f"alt{i}").encode()),
-                 "logprob": -0.1 * (i + 1)} for i in range(k)]
-        return {"id": 0, "token": token, "bytes": list(token.encode()), "logprob": -0.1,
-                "top_logprobs": alts}
+        alts = [
+            {
+                "id": i,
+                "token": token if i == 0 else f"alt{i}",
+                "bytes": list((token if i == 0 else f"alt{i}").encode()),
+                "logprob": -0.1 * (i + 1),
+            }
+            for i in range(k)
+        ]
+        return {
+            "id": 0,
+            "token": token,
+            "bytes": list(token.encode()),
+            "logprob": -0.1,
+            "top_logprobs": alts,
+        }
 
-    async def _stream(self, body: dict[str, Any], script: Script, pieces: list[str],
-                      final: dict[str, Any], n_prompt: int) -> None:
+    async def _stream(
+        self,
+        body: dict[str, Any],
+        script: Script,
+        pieces: list[str],
+        final: dict[str, Any],
+        n_prompt: int,
+    ) -> None:
         self.set_header("Content-Type", "text/event-stream")
         frames: list[bytes] = []
         for i, piece in enumerate(pieces):
-            event: dict[str, Any] = {"content": piece, "tokens": [i], "stop": False,
-                                     "id_slot": 0, "tokens_predicted": i + 1,
-                                     "tokens_evaluated": n_prompt}
+            event: dict[str, Any] = {
+                "content": piece,
+                "tokens": [i],
+                "stop": False,
+                "id_slot": 0,
+                "tokens_predicted": i + 1,
+                "tokens_evaluated": n_prompt,
+            }
             if body.get("n_probs"):
                 event["completion_probabilities"] = [self._probs(piece, body)]
             frames.append(b"data: " + json.dumps(event).encode() + b"\n\n")
@@ -166,8 +219,10 @@ class _Completion(_Base):
                     self.finish()
                     return
                 if script.stream_error_after_tokens == i:
-                    self.write(b'error: {"error": {"code": 500, "message": "fake stream error", '
-                               b'"type": "server_error"}}\n\n')
+                    self.write(
+                        b'error: {"error": {"code": 500, "message": "fake stream error", '
+                        b'"type": "server_error"}}\n\n'
+                    )
                     await self.flush()
                     self.finish()
                     return
@@ -197,7 +252,9 @@ class _Completion(_Base):
 class _Props(_Base):
     def get(self) -> None:
         props: dict[str, Any] = {
-            "bos_token": "<s>", "eos_token": "</s>", "total_slots": 4,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "total_slots": 4,
             "model_path": "/models/fake-model.gguf",
             "default_generation_settings": {"n_ctx": self.fake.script.n_ctx},
         }
@@ -212,15 +269,33 @@ class _Health(_Base):
         if status == 200:
             self.send_json({"status": "ok"})
         else:
-            self.send_json({"error": {"code": status, "message": "Loading model",
-                                      "type": "unavailable_error"}}, status)
+            self.send_json(
+                {
+                    "error": {
+                        "code": status,
+                        "message": "Loading model",
+                        "type": "unavailable_error",
+                    }
+                },
+                status,
+            )
 
 
 class _Models(_Base):
     def get(self) -> None:
-        self.send_json({"object": "list", "data": [
-            {"id": "fake-model.gguf", "object": "model", "created": 1700000000,
-             "owned_by": "llamacpp"}]})
+        self.send_json(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": "fake-model.gguf",
+                        "object": "model",
+                        "created": 1700000000,
+                        "owned_by": "llamacpp",
+                    }
+                ],
+            }
+        )
 
 
 class FakeLlamaCpp:
@@ -240,13 +315,15 @@ class FakeLlamaCpp:
 
     def start(self, port: int = 0) -> None:
         """Listen on a free loopback port (or the one given)."""
-        app = tornado.web.Application([
-            (r"/completion", _Completion, {"fake": self}),
-            (r"/completions", _Completion, {"fake": self}),
-            (r"/props", _Props, {"fake": self}),
-            (r"/health", _Health, {"fake": self}),
-            (r"/v1/models", _Models, {"fake": self}),
-        ])
+        app = tornado.web.Application(
+            [
+                (r"/completion", _Completion, {"fake": self}),
+                (r"/completions", _Completion, {"fake": self}),
+                (r"/props", _Props, {"fake": self}),
+                (r"/health", _Health, {"fake": self}),
+                (r"/v1/models", _Models, {"fake": self}),
+            ]
+        )
         sockets = bind_sockets(port, "127.0.0.1")
         self.port = sockets[0].getsockname()[1]
         self._server = HTTPServer(app)

@@ -14,8 +14,10 @@ from .fake_llamacpp import DEFAULT_TOKENS, count_prompt_tokens
 
 FULL_TEXT = "".join(DEFAULT_TOKENS)
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-CHATML_PROMPT = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
-                 "<|im_start|>assistant\n")
+CHATML_PROMPT = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 def sse_events(response: httpx.Response) -> list[Any]:
@@ -25,13 +27,14 @@ def sse_events(response: httpx.Response) -> list[Any]:
         if not block.strip():
             continue
         assert block.startswith("data: "), block
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
 
-def post(stack: Stack, path: str, body: Any, key: str | None = UNLIMITED_KEY,
-         **kwargs: Any) -> httpx.Response:
+def post(
+    stack: Stack, path: str, body: Any, key: str | None = UNLIMITED_KEY, **kwargs: Any
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     headers.update(kwargs.pop("headers", {}))
     content = body if isinstance(body, bytes | str) else json.dumps(body)
@@ -43,20 +46,35 @@ def post(stack: Stack, path: str, body: Any, key: str | None = UNLIMITED_KEY,
 
 def test_chat_completion_renders_the_template_and_answers_in_openai_shape(stack: Stack) -> None:
     raw = stack.client().chat.completions.with_raw_response.create(
-        model="my-model", messages=CHAT, max_tokens=50, temperature=0.2, top_p=0.9, seed=7,
-        presence_penalty=0.5, frequency_penalty=-0.5, stop=["\n\n"])
+        model="my-model",
+        messages=CHAT,
+        max_tokens=50,
+        temperature=0.2,
+        top_p=0.9,
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        stop=["\n\n"],
+    )
     body = raw.http_response.json()
     assert_schema(body, "CreateChatCompletionResponse")
     assert body["id"].startswith("chatcmpl-")
     assert body["object"] == "chat.completion"
     assert body["model"] == "my-model"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": FULL_TEXT,
-                                                        "refusal": None},
-                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": FULL_TEXT, "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
     prompt_tokens = count_prompt_tokens(CHATML_PROMPT)
-    assert body["usage"] == {"prompt_tokens": prompt_tokens,
-                             "completion_tokens": len(DEFAULT_TOKENS),
-                             "total_tokens": prompt_tokens + len(DEFAULT_TOKENS)}
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(DEFAULT_TOKENS),
+        "total_tokens": prompt_tokens + len(DEFAULT_TOKENS),
+    }
     sent = stack.fake.requests[-1]
     assert sent["prompt"] == CHATML_PROMPT  # the model's own template from /props
     assert sent["n_predict"] == 50
@@ -71,13 +89,20 @@ def test_operator_template_is_used_and_bos_is_not_doubled(make_stack: Any) -> No
     stack.client().chat.completions.create(model="m", messages=CHAT)
     # gemma3 writes {{ bos_token }} first; llama.cpp adds BOS itself, so the proxy drops it.
     assert stack.fake.requests[-1]["prompt"] == (
-        "<start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n")
+        "<start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
+    )
 
 
 def test_content_as_text_parts(stack: Stack) -> None:
-    stack.client().chat.completions.create(model="m", messages=[
-        {"role": "user", "content": [{"type": "text", "text": "one"},
-                                     {"type": "text", "text": "two"}]}])
+    stack.client().chat.completions.create(
+        model="m",
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
+            }
+        ],
+    )
     assert "<|im_start|>user\none\ntwo<|im_end|>" in stack.fake.requests[-1]["prompt"]
 
 
@@ -97,15 +122,17 @@ def test_stop_sequence_string_is_sent_as_a_list_and_cut(stack: Stack) -> None:
 
 def test_grammar_is_passed_through_untouched(stack: Stack) -> None:
     grammar = 'root ::= "yes" | "no"\n# comment kept\n'
-    stack.client().chat.completions.create(model="m", messages=CHAT,
-                                           extra_body={"grammar": grammar})
+    stack.client().chat.completions.create(
+        model="m", messages=CHAT, extra_body={"grammar": grammar}
+    )
     assert stack.fake.requests[-1]["grammar"] == grammar
 
 
 def test_grammar_llamacpp_rejects_is_a_400_with_its_message(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        stack.client().chat.completions.create(model="m", messages=CHAT,
-                                               extra_body={"grammar": "root = ("})
+        stack.client().chat.completions.create(
+            model="m", messages=CHAT, extra_body={"grammar": "root = ("}
+        )
     assert "Failed to parse grammar" in caught.value.message
     assert_schema(caught.value.response.json(), "ErrorResponse")
     # ...and the proxy keeps serving.
@@ -123,12 +150,14 @@ def test_model_defaults_to_what_llamacpp_serves(stack: Stack) -> None:
 
 def test_text_completion(stack: Stack) -> None:
     raw = stack.client().completions.with_raw_response.create(
-        model="m", prompt="Once upon a time", max_tokens=4, stop=["?"], seed=3)
+        model="m", prompt="Once upon a time", max_tokens=4, stop=["?"], seed=3
+    )
     body = raw.http_response.json()
     assert_schema(body, "CreateCompletionResponse")
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
-    assert body["choices"] == [{"index": 0, "text": "Hello, world!", "logprobs": None,
-                                "finish_reason": "length"}]
+    assert body["choices"] == [
+        {"index": 0, "text": "Hello, world!", "logprobs": None, "finish_reason": "length"}
+    ]
     assert body["usage"]["prompt_tokens"] == count_prompt_tokens("Once upon a time")
     sent = stack.fake.requests[-1]
     assert sent["prompt"] == "Once upon a time"  # straight through, no template
@@ -140,7 +169,8 @@ def test_text_completion(stack: Stack) -> None:
 
 def test_chat_stream_with_the_sdk(stack: Stack) -> None:
     stream = stack.client().chat.completions.create(
-        model="m", messages=CHAT, stream=True, stream_options={"include_usage": True})
+        model="m", messages=CHAT, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -153,8 +183,11 @@ def test_chat_stream_with_the_sdk(stack: Stack) -> None:
 
 
 def test_chat_stream_raw_frames_headers_and_schema(stack: Stack) -> None:
-    r = post(stack, "/v1/chat/completions", {"model": "m", "messages": CHAT, "stream": True,
-                                             "stream_options": {"include_usage": True}})
+    r = post(
+        stack,
+        "/v1/chat/completions",
+        {"model": "m", "messages": CHAT, "stream": True, "stream_options": {"include_usage": True}},
+    )
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["cache-control"] == "no-cache"
@@ -166,8 +199,7 @@ def test_chat_stream_raw_frames_headers_and_schema(stack: Stack) -> None:
         assert_schema(chunk, "CreateChatCompletionStreamResponse")
     ids = {c["id"] for c in chunks}
     assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "",
-                                                "refusal": None}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     # One chunk per llama.cpp token event, then the finish chunk, then usage.
     content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
     assert [c["choices"][0]["delta"]["content"] for c in content] == DEFAULT_TOKENS
@@ -177,16 +209,18 @@ def test_chat_stream_raw_frames_headers_and_schema(stack: Stack) -> None:
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(stack: Stack) -> None:
-    events = sse_events(post(stack, "/v1/chat/completions",
-                             {"model": "m", "messages": CHAT, "stream": True}))
+    events = sse_events(
+        post(stack, "/v1/chat/completions", {"model": "m", "messages": CHAT, "stream": True})
+    )
     assert events[-1] == "[DONE]"
     assert all(e["choices"] for e in events[:-1])
     assert all("usage" not in e for e in events[:-1])
 
 
 def test_text_stream(stack: Stack) -> None:
-    r = post(stack, "/v1/completions", {"model": "m", "prompt": "Say", "stream": True,
-                                        "max_tokens": 2})
+    r = post(
+        stack, "/v1/completions", {"model": "m", "prompt": "Say", "stream": True, "max_tokens": 2}
+    )
     events = sse_events(r)
     assert events[-1] == "[DONE]"
     for chunk in events[:-1]:
@@ -202,8 +236,9 @@ def test_text_stream(stack: Stack) -> None:
 @pytest.mark.parametrize("mode", ["split", "merge"])
 def test_events_split_or_merged_across_reads_are_relayed_exactly(stack: Stack, mode: str) -> None:
     stack.fake.script.mode = mode
-    events = sse_events(post(stack, "/v1/chat/completions",
-                             {"model": "m", "messages": CHAT, "stream": True}))
+    events = sse_events(
+        post(stack, "/v1/chat/completions", {"model": "m", "messages": CHAT, "stream": True})
+    )
     content = [e["choices"][0]["delta"].get("content") for e in events[:-1]]
     assert [c for c in content if c] == DEFAULT_TOKENS
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
@@ -214,11 +249,13 @@ def test_events_split_or_merged_across_reads_are_relayed_exactly(stack: Stack, m
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Basic abc", "Bearer", "sk-x"])
-def test_missing_or_wrong_key_is_401_and_never_reaches_llamacpp(stack: Stack,
-                                                               header: str | None) -> None:
+def test_missing_or_wrong_key_is_401_and_never_reaches_llamacpp(
+    stack: Stack, header: str | None
+) -> None:
     headers = {"Authorization": header} if header is not None else {}
-    r = post(stack, "/v1/chat/completions", {"model": "m", "messages": CHAT}, key=None,
-             headers=headers)
+    r = post(
+        stack, "/v1/chat/completions", {"model": "m", "messages": CHAT}, key=None, headers=headers
+    )
     assert r.status_code == 401
     body = r.json()
     assert_schema(body, "ErrorResponse")
@@ -250,8 +287,12 @@ def test_limited_key_gets_429_after_its_quota_with_headers(make_stack: Any) -> N
     assert first.headers["x-ratelimit-limit-requests"] == "2"
     assert first.headers["x-ratelimit-remaining-requests"] == "1"
     assert first.headers["x-ratelimit-reset-requests"].endswith("s")
-    second = post(stack, "/v1/chat/completions", {"model": "m", "messages": CHAT, "stream": True},
-                  key=LIMITED_KEY)
+    second = post(
+        stack,
+        "/v1/chat/completions",
+        {"model": "m", "messages": CHAT, "stream": True},
+        key=LIMITED_KEY,
+    )
     assert second.headers["x-ratelimit-remaining-requests"] == "0"  # streamed responses too
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model="m", messages=CHAT)
@@ -265,8 +306,9 @@ def test_limited_key_gets_429_after_its_quota_with_headers(make_stack: Any) -> N
     # The unlimited key is never limited.
     for _ in range(5):
         stack.client(UNLIMITED_KEY).completions.create(model="m", prompt="x")
-    assert "x-ratelimit-limit-requests" not in post(
-        stack, "/v1/completions", {"prompt": "x"}).headers
+    assert (
+        "x-ratelimit-limit-requests" not in post(stack, "/v1/completions", {"prompt": "x"}).headers
+    )
 
 
 def test_window_frees_after_its_length(make_stack: Any) -> None:
@@ -284,31 +326,41 @@ def test_window_frees_after_its_length(make_stack: Any) -> None:
 # -- bad input -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/v1/chat/completions", {"model": "m"}, "messages"),
-    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
-    ("/v1/chat/completions", {"messages": []}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]},
-     "messages[0].role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
-     "messages[0].content"),
-    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "10"}, "max_tokens"),
-    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens"),
-    ("/v1/chat/completions", {"messages": CHAT, "temperature": 3}, "temperature"),
-    ("/v1/chat/completions", {"messages": CHAT, "top_p": -0.1}, "top_p"),
-    ("/v1/chat/completions", {"messages": CHAT, "stop": [1, 2]}, "stop"),
-    ("/v1/chat/completions", {"messages": CHAT, "seed": 1.5}, "seed"),
-    ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, "stream"),
-    ("/v1/chat/completions", {"messages": CHAT, "grammar": 7}, "grammar"),
-    ("/v1/chat/completions", {"messages": CHAT, "n": 0}, "n"),
-    ("/v1/chat/completions", {"messages": CHAT, "presence_penalty": 2.5}, "presence_penalty"),
-    ("/v1/completions", {"model": "m"}, "prompt"),
-    ("/v1/completions", {"prompt": {"a": 1}}, "prompt"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": "high"}, "frequency_penalty"),
-])
-def test_bad_parameters_are_400_naming_the_param(stack: Stack, path: str, body: dict[str, Any],
-                                                  param: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"model": "m"}, "messages"),
+        ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "wizard", "content": "x"}]},
+            "messages[0].role",
+        ),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": 5}]},
+            "messages[0].content",
+        ),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "10"}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": CHAT, "temperature": 3}, "temperature"),
+        ("/v1/chat/completions", {"messages": CHAT, "top_p": -0.1}, "top_p"),
+        ("/v1/chat/completions", {"messages": CHAT, "stop": [1, 2]}, "stop"),
+        ("/v1/chat/completions", {"messages": CHAT, "seed": 1.5}, "seed"),
+        ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {"messages": CHAT, "grammar": 7}, "grammar"),
+        ("/v1/chat/completions", {"messages": CHAT, "n": 0}, "n"),
+        ("/v1/chat/completions", {"messages": CHAT, "presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/completions", {"model": "m"}, "prompt"),
+        ("/v1/completions", {"prompt": {"a": 1}}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": "high"}, "frequency_penalty"),
+    ],
+)
+def test_bad_parameters_are_400_naming_the_param(
+    stack: Stack, path: str, body: dict[str, Any], param: str
+) -> None:
     r = post(stack, path, body)
     assert r.status_code == 400, r.text
     error = r.json()
@@ -318,8 +370,10 @@ def test_bad_parameters_are_400_naming_the_param(stack: Stack, path: str, body: 
     assert stack.fake.requests == []
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'{"messages": [', b"\xff\xfe",
-                                 b'{"messages": NaN}', b"null"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b"[1, 2]", b'{"messages": [', b"\xff\xfe", b'{"messages": NaN}', b"null"],
+)
 def test_body_that_is_not_a_json_object_is_400(stack: Stack, raw: bytes) -> None:
     r = post(stack, "/v1/chat/completions", raw)
     assert r.status_code == 400
@@ -336,14 +390,19 @@ def test_sdk_raises_bad_request_error(stack: Stack) -> None:
 
 
 def test_unknown_fields_are_ignored(stack: Stack) -> None:
-    r = post(stack, "/v1/chat/completions", {"messages": CHAT, "vendor_extra": {"x": 1},
-                                             "metadata": {"a": "b"}, "store": False})
+    r = post(
+        stack,
+        "/v1/chat/completions",
+        {"messages": CHAT, "vendor_extra": {"x": 1}, "metadata": {"a": "b"}, "store": False},
+    )
     assert r.status_code == 200
 
 
 def test_template_syntax_in_content_is_literal_text(stack: Stack) -> None:
-    stack.client().chat.completions.create(model="m", messages=[
-        {"role": "user", "content": "{{ 7*7 }} {% for x in range(3) %}x{% endfor %}"}])
+    stack.client().chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "{{ 7*7 }} {% for x in range(3) %}x{% endfor %}"}],
+    )
     prompt = stack.fake.requests[-1]["prompt"]
     assert "{{ 7*7 }} {% for x in range(3) %}x{% endfor %}" in prompt
     assert "49" not in prompt
@@ -412,8 +471,9 @@ def test_unknown_url_and_wrong_method_are_openai_errors(stack: Stack) -> None:
     r = httpx.get(stack.url + "/v1/nope")
     assert r.status_code == 404
     assert_schema(r.json(), "ErrorResponse")
-    r = httpx.get(stack.url + "/v1/chat/completions",
-                  headers={"Authorization": f"Bearer {UNLIMITED_KEY}"})
+    r = httpx.get(
+        stack.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}
+    )
     assert r.status_code == 405
     assert_schema(r.json(), "ErrorResponse")
 
@@ -421,13 +481,20 @@ def test_unknown_url_and_wrong_method_are_openai_errors(stack: Stack) -> None:
 def test_request_id_is_returned_and_taken_from_the_client(stack: Stack) -> None:
     r = post(stack, "/v1/completions", {"prompt": "x"}, headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
-    r = post(stack, "/v1/completions", {"prompt": "x"}, headers={"X-Request-Id": "bad id with spaces"})
+    r = post(
+        stack, "/v1/completions", {"prompt": "x"}, headers={"X-Request-Id": "bad id with spaces"}
+    )
     assert r.headers["x-request-id"].startswith("req_")
 
 
 def test_error_responses_keep_request_id_and_rate_limit_headers(stack: Stack) -> None:
-    r = post(stack, "/v1/chat/completions", {"messages": []}, key=LIMITED_KEY,
-             headers={"X-Request-Id": "err-1"})
+    r = post(
+        stack,
+        "/v1/chat/completions",
+        {"messages": []},
+        key=LIMITED_KEY,
+        headers={"X-Request-Id": "err-1"},
+    )
     assert r.status_code == 400
     assert r.headers["x-request-id"] == "err-1"
     assert r.headers["x-ratelimit-limit-requests"] == "3"

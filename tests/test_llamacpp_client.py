@@ -33,8 +33,12 @@ async def test_stream_calls_back_once_per_read_with_every_event(local_fake: Fake
     client = make_client(local_fake.url)
     reads: list[list[dict[str, Any]]] = []
     opened = []
-    await client.stream({"prompt": "x", "stream": True}, client.new_call(),
-                        lambda: opened.append(True), reads.append)
+    await client.stream(
+        {"prompt": "x", "stream": True},
+        client.new_call(),
+        lambda: opened.append(True),
+        reads.append,
+    )
     events = [e for read in reads for e in read]
     assert opened == [True]
     assert [e["content"] for e in events[:-1]] == DEFAULT_TOKENS
@@ -90,21 +94,47 @@ async def test_llamacpp_400_is_invalid_request(local_fake: FakeLlamaCpp) -> None
 
 def test_completion_body_maps_openai_names_to_llamacpp() -> None:
     client = LlamaCppClient(Settings())
-    request = parse_chat_request({
-        "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9,
-        "temperature": 0.5, "top_p": 0.8, "stop": "END", "seed": 10, "n": 2,
-        "presence_penalty": 1, "frequency_penalty": 1, "logit_bias": {"42": -100},
-        "logprobs": True, "top_logprobs": 3, "grammar": "root ::= \"a\"", "top_k": 5,
-        "min_p": 0.1, "repeat_penalty": 1.1, "cache_prompt": True,
-    })
+    request = parse_chat_request(
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_completion_tokens": 9,
+            "temperature": 0.5,
+            "top_p": 0.8,
+            "stop": "END",
+            "seed": 10,
+            "n": 2,
+            "presence_penalty": 1,
+            "frequency_penalty": 1,
+            "logit_bias": {"42": -100},
+            "logprobs": True,
+            "top_logprobs": 3,
+            "grammar": 'root ::= "a"',
+            "top_k": 5,
+            "min_p": 0.1,
+            "repeat_penalty": 1.1,
+            "cache_prompt": True,
+        }
+    )
     body = client.completion_body(request, "PROMPT", 1)
     assert body == {
-        "prompt": "PROMPT", "stream": False, "n_predict": 9, "temperature": 0.5, "top_p": 0.8,
-        "presence_penalty": 1.0, "frequency_penalty": 1.0, "seed": 11, "stop": ["END"],
-        "logit_bias": [[42, -100.0]], "n_probs": 3, "grammar": "root ::= \"a\"", "top_k": 5,
-        "min_p": 0.1, "repeat_penalty": 1.1, "cache_prompt": True,
+        "prompt": "PROMPT",
+        "stream": False,
+        "n_predict": 9,
+        "temperature": 0.5,
+        "top_p": 0.8,
+        "presence_penalty": 1.0,
+        "frequency_penalty": 1.0,
+        "seed": 11,
+        "stop": ["END"],
+        "logit_bias": [[42, -100.0]],
+        "n_probs": 3,
+        "grammar": 'root ::= "a"',
+        "top_k": 5,
+        "min_p": 0.1,
+        "repeat_penalty": 1.1,
+        "cache_prompt": True,
     }
-    text = parse_text_request({"prompt": "p", "max_tokens": 4,
-                               "response_format": {"type": "json_object"}})
-    assert client.completion_body(text, "p", 0) == {"prompt": "p", "stream": False,
-                                                    "n_predict": 4}
+    text = parse_text_request(
+        {"prompt": "p", "max_tokens": 4, "response_format": {"type": "json_object"}}
+    )
+    assert client.completion_body(text, "p", 0) == {"prompt": "p", "stream": False, "n_predict": 4}

@@ -29,10 +29,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_server(args: list[str], env: dict[str, str], timeout: float = 10) -> subprocess.CompletedProcess[str]:
+def run_server(
+    args: list[str], env: dict[str, str], timeout: float = 10
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    return subprocess.run([sys.executable, "-m", "llamacpp_proxy.main", *args],
-                          env={**clean, **env}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "llamacpp_proxy.main", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_defaults_match_the_documented_interface() -> None:
@@ -41,8 +48,14 @@ def test_defaults_match_the_documented_interface() -> None:
     assert (s.rate_limit_window, s.rate_limit_max_requests) == (60.0, 10)
     assert s.chat_template is None
     help_text = build_parser().format_help()
-    for flag in ("--host", "--port", "--llamacpp-server", "--chat-template-jinja",
-                 "--rate-limit-window", "--rate-limit-max-requests"):
+    for flag in (
+        "--host",
+        "--port",
+        "--llamacpp-server",
+        "--chat-template-jinja",
+        "--rate-limit-window",
+        "--rate-limit-max-requests",
+    ):
         assert flag in help_text
 
 
@@ -93,10 +106,23 @@ class ProxyProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llamacpp_proxy.main", "--host", "127.0.0.1",
-             "--port", str(self.port), "--llamacpp-server", upstream, *extra],
+            [
+                sys.executable,
+                "-m",
+                "llamacpp_proxy.main",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--llamacpp-server",
+                upstream,
+                *extra,
+            ],
             env={**clean, **(env if env is not None else ENV_KEYS)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -118,8 +144,13 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(live_fake: FakeLla
     proxy = ProxyProcess(live_fake.url, ["--shutdown-timeout", "10"])
     try:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=10,
-                          headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}) as r:
+        with httpx.stream(
+            "POST",
+            proxy.url + "/v1/chat/completions",
+            json=body,
+            timeout=10,
+            headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
+        ) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             proxy.proc.send_signal(signal.SIGTERM)
@@ -134,14 +165,19 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(live_fake: FakeLla
 
 
 def test_sighup_reloads_the_key_file_and_keeps_old_keys_on_error(
-        live_fake: FakeLlamaCpp, tmp_path: Path) -> None:
+    live_fake: FakeLlamaCpp, tmp_path: Path
+) -> None:
     keys = tmp_path / "keys.toml"
     keys.write_text('[keys.alice]\nkey = "sk-alice-000001"\n')
     proxy = ProxyProcess(live_fake.url, ["--api-keys-file", str(keys)], env={})
 
     def status(key: str) -> int:
-        return httpx.post(proxy.url + "/v1/completions", json={"prompt": "x"}, timeout=5,
-                          headers={"Authorization": f"Bearer {key}"}).status_code
+        return httpx.post(
+            proxy.url + "/v1/completions",
+            json={"prompt": "x"},
+            timeout=5,
+            headers={"Authorization": f"Bearer {key}"},
+        ).status_code
 
     def wait_for_status(key: str, expected: int) -> bool:
         deadline = time.monotonic() + 5

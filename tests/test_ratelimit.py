@@ -91,8 +91,7 @@ def test_unlimited_principal_is_never_limited_and_keeps_no_state() -> None:
 @given(
     limit=st.integers(min_value=1, max_value=6),
     window=st.floats(min_value=0.5, max_value=20, allow_nan=False),
-    gaps=st.lists(st.floats(min_value=0, max_value=8, allow_nan=False), min_size=1,
-                  max_size=60),
+    gaps=st.lists(st.floats(min_value=0, max_value=8, allow_nan=False), min_size=1, max_size=60),
 )
 def test_no_interval_of_window_length_admits_more_than_the_limit(
     limit: int, window: float, gaps: list[float]
@@ -183,10 +182,22 @@ def test_idle_keys_are_pruned() -> None:
     assert limiter.tracked_keys == 0
 
 
-@pytest.mark.parametrize(("seconds", "text"), [
-    (0, "0s"), (0.02, "20ms"), (0.9994, "1s"), (1, "1s"), (1.5, "1.5s"), (59.9, "59.9s"),
-    (60, "1m0s"), (360, "6m0s"), (61.25, "1m1.25s"), (3600, "1h0m0s"), (3725, "1h2m5s"),
-])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.02, "20ms"),
+        (0.9994, "1s"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (59.9, "59.9s"),
+        (60, "1m0s"),
+        (360, "6m0s"),
+        (61.25, "1m1.25s"),
+        (3600, "1h0m0s"),
+        (3725, "1h2m5s"),
+    ],
+)
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 

@@ -30,14 +30,18 @@ def stream_error(events: list[Any]) -> dict[str, Any]:
     return dict(last["error"])
 
 
-@pytest.mark.parametrize(("status", "expected", "code"), [
-    (503, 503, "upstream_loading"),
-    (500, 502, "upstream_error"),
-    (502, 502, "upstream_error"),
-])
+@pytest.mark.parametrize(
+    ("status", "expected", "code"),
+    [
+        (503, 503, "upstream_loading"),
+        (500, 502, "upstream_error"),
+        (502, 502, "upstream_error"),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
-def test_upstream_error_statuses(stack: Stack, status: int, expected: int, code: str,
-                                 stream: bool) -> None:
+def test_upstream_error_statuses(
+    stack: Stack, status: int, expected: int, code: str, stream: bool
+) -> None:
     stack.fake.script.fail_status = status
     r = post(stack, "/v1/chat/completions", {"messages": CHAT, "stream": stream})
     assert r.status_code == expected
@@ -56,8 +60,9 @@ def test_upstream_error_body_that_is_not_json(stack: Stack) -> None:
 
 def test_context_overflow_is_400_context_length_exceeded(stack: Stack) -> None:
     stack.fake.script.n_ctx = 50
-    r = post(stack, "/v1/chat/completions", {"messages": [{"role": "user",
-                                                           "content": "word " * 100}]})
+    r = post(
+        stack, "/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 100}]}
+    )
     assert r.status_code == 400
     error = error_of(r)
     assert error["code"] == "context_length_exceeded"
@@ -90,11 +95,14 @@ def test_idle_timeout_mid_stream_ends_with_an_error_event(make_stack: Any) -> No
     assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1)  # upstream was cancelled
 
 
-@pytest.mark.parametrize(("fault", "code"), [
-    ("drop_after_tokens", "upstream_error"),
-    ("malformed_after_tokens", "upstream_error"),
-    ("stream_error_after_tokens", "upstream_error"),
-])
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        ("drop_after_tokens", "upstream_error"),
+        ("malformed_after_tokens", "upstream_error"),
+        ("stream_error_after_tokens", "upstream_error"),
+    ],
+)
 def test_mid_stream_faults_end_with_one_error_event(stack: Stack, fault: str, code: str) -> None:
     setattr(stack.fake.script, fault, 2)
     r = post(stack, "/v1/chat/completions", STREAM_BODY)
@@ -130,8 +138,13 @@ def test_non_streamed_dropped_connection_is_502(stack: Stack) -> None:
 def test_client_disconnect_mid_stream_cancels_the_upstream_request(stack: Stack) -> None:
     stack.fake.script.token_delay = 0.05
     stack.fake.script.tokens = [f" t{i}" for i in range(200)]
-    with httpx.stream("POST", stack.url + "/v1/chat/completions", json=STREAM_BODY,
-                      headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}, timeout=10) as r:
+    with httpx.stream(
+        "POST",
+        stack.url + "/v1/chat/completions",
+        json=STREAM_BODY,
+        headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
+        timeout=10,
+    ) as r:
         lines = r.iter_lines()
         seen = [next(lines) for _ in range(6)]
         assert any("t1" in line for line in seen)
@@ -152,8 +165,10 @@ def test_body_over_the_limit_is_413(make_stack: Any) -> None:
 def test_slow_body_times_out_and_the_server_keeps_serving(make_stack: Any) -> None:
     stack = make_stack(client_body_timeout=0.3)
     with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
-                     b"Authorization: Bearer " + UNLIMITED_KEY.encode() + b"\r\n\r\n{")
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Authorization: Bearer " + UNLIMITED_KEY.encode() + b"\r\n\r\n{"
+        )
         sock.settimeout(3)
         assert sock.recv(100) == b""  # closed by the proxy, not left hanging
     assert post(stack, "/v1/completions", {"prompt": "x"}).status_code == 200

@@ -9,8 +9,11 @@ from hypothesis import strategies as st
 
 from llamacpp_proxy.sse import DONE, SSEDecoder, encode
 
-EVENTS = [{"content": "Hel", "stop": False}, {"content": "lo\n\nworld", "stop": False},
-          {"content": "", "stop": True, "stop_type": "eos"}]
+EVENTS = [
+    {"content": "Hel", "stop": False},
+    {"content": "lo\n\nworld", "stop": False},
+    {"content": "", "stop": True, "stop_type": "eos"},
+]
 STREAM = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in EVENTS)
 
 
@@ -31,7 +34,7 @@ def test_every_split_point_yields_the_same_events() -> None:
 
 def test_byte_by_byte_and_all_at_once() -> None:
     expected = [("data", json.dumps(e).encode()) for e in EVENTS]
-    assert decode_all([STREAM[i:i + 1] for i in range(len(STREAM))]) == expected
+    assert decode_all([STREAM[i : i + 1] for i in range(len(STREAM))]) == expected
     assert decode_all([STREAM]) == expected
 
 
@@ -43,14 +46,16 @@ def test_arbitrary_cuts(cuts: list[int]) -> None:
 
 
 def test_crlf_comments_and_multiline_data() -> None:
-    raw = b": keep-alive\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\nevent: x\ndata: 2\n\n"
+    raw = b': keep-alive\r\ndata: {"a":\r\ndata: 1}\r\n\r\nevent: x\ndata: 2\n\n'
     assert decode_all([raw]) == [("data", b'{"a":\n1}'), ("data", b"2")]
 
 
 def test_llamacpp_error_lines_are_reported_as_errors() -> None:
     raw = b'data: {"content":"a"}\n\nerror: {"error":{"message":"boom"}}\n\n'
-    assert decode_all([raw]) == [("data", b'{"content":"a"}'),
-                                 ("error", b'{"error":{"message":"boom"}}')]
+    assert decode_all([raw]) == [
+        ("data", b'{"content":"a"}'),
+        ("error", b'{"error":{"message":"boom"}}'),
+    ]
 
 
 def test_unterminated_last_event_is_flushed_on_close() -> None:
