@@ -38,6 +38,14 @@ class Settings:
     """LIMITED_API_KEY: limited by the sliding window."""
     api_keys_file: Path | None = None
     """TOML file of named keys with their own limits; reloaded on SIGHUP."""
+    redis_url: str | None = field(default=None, repr=False)
+    """Share limits between proxy processes through this Redis (may hold a password)."""
+    redis_failure_mode: str = "closed"
+    """When Redis is unreachable: "closed" answers 503, "open" admits without limits."""
+    auth_failure_limit: int = 20
+    """Failed authentications one client address may make per auth_failure_window."""
+    auth_failure_window: float = 60.0
+    """Seconds over which failed authentications are counted."""
     max_body_size: int = 4 * 1024 * 1024
     """Largest request body accepted, in bytes (413 beyond)."""
     upstream_connect_timeout: float = 5.0
@@ -134,6 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML file of named keys with their own limits (reloaded on SIGHUP)",
     )
     p.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="share rate limits between proxy processes through Redis "
+        "(redis://host:6379/0); default: limits in this process's memory",
+    )
+    p.add_argument(
+        "--redis-failure-mode",
+        choices=["closed", "open"],
+        default=d.redis_failure_mode,
+        help="when Redis is unreachable: 'closed' refuses limited keys with 503, "
+        "'open' admits them unlimited",
+    )
+    p.add_argument(
+        "--auth-failure-limit",
+        type=_positive_int,
+        default=d.auth_failure_limit,
+        metavar="N",
+        help="failed key checks a client address may make per window before its failures get 429",
+    )
+    p.add_argument(
+        "--auth-failure-window",
+        type=_positive_float,
+        default=d.auth_failure_window,
+        metavar="SECONDS",
+        help="window for --auth-failure-limit",
+    )
+    p.add_argument(
         "--max-body-size",
         type=_positive_int,
         default=d.max_body_size,
@@ -213,6 +248,10 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         raise ConfigError(
             f"--llamacpp-server must be an http:// or https:// URL, not {args.llamacpp_server!r}"
         )
+    if args.redis_url is not None and not args.redis_url.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        raise ConfigError("--redis-url must start with redis://, rediss:// or unix://")
     unlimited = environ.get("UNLIMITED_API_KEY") or None
     limited = environ.get("LIMITED_API_KEY") or None
     if not unlimited and not limited and args.api_keys_file is None:
@@ -230,6 +269,10 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         unlimited_api_key=unlimited,
         limited_api_key=limited,
         api_keys_file=args.api_keys_file,
+        redis_url=args.redis_url,
+        redis_failure_mode=args.redis_failure_mode,
+        auth_failure_limit=args.auth_failure_limit,
+        auth_failure_window=args.auth_failure_window,
         max_body_size=args.max_body_size,
         upstream_connect_timeout=args.upstream_connect_timeout,
         upstream_first_byte_timeout=args.upstream_first_byte_timeout,

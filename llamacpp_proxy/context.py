@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .auth import KeyStore
+from .auth_throttle import AuthFailureThrottle
 from .config import Settings
 from .errors import ProxyError
 from .llamacpp import LlamaCppClient
@@ -31,6 +32,8 @@ class AppContext:
     keys: KeyStore
     limiter: Limiter
     upstream: LlamaCppClient
+    auth_throttle: AuthFailureThrottle | None = None
+    """Refuses addresses that keep presenting wrong keys."""
     template: ChatTemplate | None = None
     """The operator's template; None means the model's own, from /props."""
     draining: bool = False

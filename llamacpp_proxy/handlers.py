@@ -84,17 +84,23 @@ class BaseHandler(tornado.web.RequestHandler):
     def _authenticate(self) -> Principal:
         header = self.request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
+        key = key.strip()
+        principal = self.ctx.keys.authenticate(key) if scheme.lower() == "bearer" else None
+        if principal is not None:
+            return principal
+        throttle = self.ctx.auth_throttle
+        address = self.request.remote_ip or "unknown"
+        if throttle is not None:
+            throttle.check(address)
+            throttle.record_failure(address)
         if not header:
             raise AuthenticationFailed(
                 "You didn't provide an API key. Send it in the Authorization header: "
                 "'Authorization: Bearer YOUR_KEY'."
             )
-        if scheme.lower() != "bearer" or not key.strip():
+        if scheme.lower() != "bearer" or not key:
             raise AuthenticationFailed("The Authorization header must be 'Bearer YOUR_KEY'.")
-        principal = self.ctx.keys.authenticate(key.strip())
-        if principal is None:
-            raise AuthenticationFailed("Incorrect API key provided.")
-        return principal
+        raise AuthenticationFailed("Incorrect API key provided.")
 
     def write_json(self, value: Any, status: int = 200) -> None:
         """Send a JSON body."""

@@ -14,11 +14,12 @@ from tornado.httpserver import HTTPServer
 from . import __version__
 from .app import make_app
 from .auth import KeyFileError, KeyStore, Limits, build_key_store
+from .auth_throttle import AuthFailureThrottle
 from .config import ConfigError, Settings, load_settings
 from .context import AppContext
 from .llamacpp import LlamaCppClient
 from .logs import configure_logging
-from .ratelimit import InMemoryLimiter
+from .ratelimit import InMemoryLimiter, Limiter
 from .templates import TemplateLoadError, load_chat_template
 
 log = logging.getLogger("llamacpp_proxy")
@@ -40,10 +41,20 @@ def build_context(settings: Settings) -> AppContext:
     """Everything the handlers share; raises the start-up errors main reports."""
     keys = build_keys(settings)
     template = load_chat_template(settings.chat_template) if settings.chat_template else None
+    limiter: Limiter
+    if settings.redis_url:
+        from .ratelimit_redis import RedisLimiter  # needs the optional `redis` package
+
+        limiter = RedisLimiter.from_url(settings.redis_url, settings.redis_failure_mode)
+    else:
+        limiter = InMemoryLimiter()
     return AppContext(
         settings=settings,
         keys=keys,
-        limiter=InMemoryLimiter(),
+        limiter=limiter,
+        auth_throttle=AuthFailureThrottle(
+            settings.auth_failure_limit, settings.auth_failure_window
+        ),
         upstream=LlamaCppClient(settings),
         template=template,
     )
@@ -93,6 +104,9 @@ async def serve(ctx: AppContext, ready: asyncio.Event | None = None) -> None:
         log.warning("shutdown timeout: closing %d request(s) still in flight", ctx.in_flight)
     await asyncio.wait_for(server.close_all_connections(), timeout=5)
     ctx.upstream.close()
+    close_limiter = getattr(ctx.limiter, "close", None)
+    if close_limiter is not None:
+        await close_limiter()
     log.info("stopped")
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .auth import Principal
-from .errors import ProxyError, RateLimited
+from .auth import Limits, Principal
+from .errors import RateLimited
 
 TOKEN_WINDOW = 60.0  # token budgets are per minute, as OpenAI's TPM
 
@@ -100,6 +100,82 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     holds_slot: bool = False
     finished: bool = False
+    lease_id: str | None = None
+    """The shared limiter's name for this admission's slot and token record."""
+
+
+@dataclass
+class KeyUsage:
+    """What a limiter knows of one key just before deciding on a request (times in seconds)."""
+
+    requests_used: int = 0
+    requests_wait: float = 0.0
+    """Until fewer than the limit are counted."""
+    requests_reset: float = 0.0
+    """Until the window is empty."""
+    tokens_used: int = 0
+    tokens_wait: float = 0.0
+    tokens_reset: float = 0.0
+    in_flight: int = 0
+
+
+def refusal_kind(limits: Limits, usage: KeyUsage) -> str | None:
+    """Which limit refuses the request (tokens, requests, concurrency), or None to admit.
+
+    The Redis limiter's Lua script applies the same rule, atomically, in the same order.
+    """
+    if limits.tokens_per_minute and usage.tokens_used >= limits.tokens_per_minute:
+        return "tokens"
+    if limits.requests and usage.requests_used >= limits.requests:
+        return "requests"
+    if limits.max_concurrent and usage.in_flight >= limits.max_concurrent:
+        return "concurrency"
+    return None
+
+
+def conclude(principal: Principal, refused: str | None, usage: KeyUsage) -> Admission:
+    """The admission with its rate-limit headers; raises RateLimited when `refused`."""
+    limits = principal.limits
+    assert limits is not None
+    admitted = refused is None
+    headers: dict[str, str] = {}
+    if limits.requests:
+        used = usage.requests_used + (1 if admitted else 0)
+        reset = limits.window if admitted else usage.requests_reset
+        headers["x-ratelimit-limit-requests"] = str(limits.requests)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, limits.requests - used))
+        headers["x-ratelimit-reset-requests"] = format_duration(reset)
+    if limits.tokens_per_minute:
+        budget = limits.tokens_per_minute
+        headers["x-ratelimit-limit-tokens"] = str(budget)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, budget - usage.tokens_used))
+        headers["x-ratelimit-reset-tokens"] = format_duration(usage.tokens_reset)
+    if admitted:
+        return Admission(principal, headers)
+    name = principal.name
+    error: RateLimited
+    if refused == "tokens":
+        wait = usage.tokens_wait
+        error = RateLimited(
+            f"Rate limit reached for key '{name}': {limits.tokens_per_minute} tokens per "
+            f"minute. Retry in {wait:.1f}s.",
+            code="tokens_rate_limit_exceeded",
+        )
+        error.error_type = "tokens"
+    elif refused == "requests":
+        wait = usage.requests_wait
+        error = RateLimited(
+            f"Rate limit reached for key '{name}': {limits.requests} requests per "
+            f"{limits.window:g}s. Retry in {wait:.1f}s."
+        )
+    else:
+        wait = 1.0
+        error = ConcurrencyLimited(
+            f"Key '{name}' already has {limits.max_concurrent} requests in progress; "
+            "wait for one to finish."
+        )
+    error.headers = {**headers, "Retry-After": retry_after_header(wait)}
+    raise error
 
 
 class Limiter(Protocol):
@@ -156,62 +232,26 @@ class InMemoryLimiter:
             return Admission(principal)
         now = self._now()
         state = self._state(principal, now)
-        headers: dict[str, str] = {}
-        refusal: ProxyError | None = None
-        wait = 0.0
-
-        if limits.tokens_per_minute and state.tokens is not None:
-            tokens = state.tokens
-            budget = limits.tokens_per_minute
-            headers["x-ratelimit-limit-tokens"] = str(budget)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, budget - tokens.total))
-            headers["x-ratelimit-reset-tokens"] = format_duration(tokens.reset_after(now))
-            if tokens.total >= budget:
-                wait = tokens.wait_until_below(budget, now)
-                refusal = RateLimited(
-                    f"Rate limit reached for key '{principal.name}': {budget} tokens per "
-                    f"minute. Retry in {wait:.1f}s.",
-                    code="tokens_rate_limit_exceeded",
-                )
-                refusal.error_type = "tokens"
-
-        if limits.requests and state.requests is not None:
-            window = state.requests
-            admit = refusal is None and window.total < limits.requests
-            if admit:
-                window.add(now)
-            headers["x-ratelimit-limit-requests"] = str(limits.requests)
-            headers["x-ratelimit-remaining-requests"] = str(max(0, limits.requests - window.total))
-            headers["x-ratelimit-reset-requests"] = format_duration(window.reset_after(now))
-            if refusal is None and not admit:
-                wait = window.wait_until_below(limits.requests, now)
-                refusal = RateLimited(
-                    f"Rate limit reached for key '{principal.name}': {limits.requests} requests "
-                    f"per {limits.window:g}s. Retry in {wait:.1f}s."
-                )
-
-        if refusal is None and limits.max_concurrent and state.in_flight >= limits.max_concurrent:
-            if state.requests is not None:  # the refused request must not use up the window
-                state.requests.events.pop()
-                state.requests.total -= 1
-                headers["x-ratelimit-remaining-requests"] = str(
-                    max(0, (limits.requests or 0) - state.requests.total)
-                )
-            wait = 1.0
-            refusal = ConcurrencyLimited(
-                f"Key '{principal.name}' already has {limits.max_concurrent} requests in "
-                "progress; wait for one to finish."
-            )
-
-        if refusal is not None:
+        requests, tokens = state.requests, state.tokens
+        usage = KeyUsage(in_flight=state.in_flight)
+        if requests is not None and limits.requests:
+            usage.requests_used = requests.total
+            usage.requests_wait = requests.wait_until_below(limits.requests, now)
+            usage.requests_reset = requests.reset_after(now)
+        if tokens is not None and limits.tokens_per_minute:
+            usage.tokens_used = tokens.total
+            usage.tokens_wait = tokens.wait_until_below(limits.tokens_per_minute, now)
+            usage.tokens_reset = tokens.reset_after(now)
+        refused = refusal_kind(limits, usage)
+        if refused is None:
+            if requests is not None:
+                requests.add(now)
+            if limits.max_concurrent:
+                state.in_flight += 1
+        else:
             self._forget_if_idle(principal.name, state)
-            refusal.headers = {**headers, "Retry-After": retry_after_header(wait)}
-            raise refusal
-
-        admission = Admission(principal, headers)
-        if limits.max_concurrent:
-            state.in_flight += 1
-            admission.holds_slot = True
+        admission = conclude(principal, refused, usage)
+        admission.holds_slot = bool(limits.max_concurrent)
         self._admissions += 1
         if self._admissions % 1024 == 0:
             self.prune()

@@ -1,0 +1,80 @@
+"""Brute-force protection: client addresses that keep failing authentication are refused
+for a while. Valid keys are never affected: the throttle only answers for failures.
+
+Memory is bounded: at most `max_clients` addresses are tracked (the least recently failing
+are forgotten first), and an address's record goes once its window is empty.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from .errors import RateLimited
+from .ratelimit import SlidingWindow, retry_after_header
+
+
+class TooManyAuthFailures(RateLimited):
+    """This address failed authentication too often (429)."""
+
+    code = "too_many_authentication_failures"
+    error_type = "invalid_request_error"
+
+
+class AuthFailureThrottle:
+    """Counts failed authentications per client address in a sliding window."""
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        max_clients: int = 10_000,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._now = now
+        self._failures: OrderedDict[str, SlidingWindow] = OrderedDict()
+
+    def check(self, address: str) -> None:
+        """Raise TooManyAuthFailures if this address is over its limit (call on failure)."""
+        failures = self._failures.get(address)
+        if failures is None:
+            return
+        now = self._now()
+        failures.expire(now)
+        if failures.total >= self.limit:
+            wait = failures.wait_until_below(self.limit, now)
+            raise TooManyAuthFailures(
+                f"Too many requests with invalid API keys from this address; retry in {wait:.0f}s.",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
+
+    def record_failure(self, address: str) -> None:
+        """Count one failed authentication."""
+        now = self._now()
+        failures = self._failures.get(address)
+        if failures is None:
+            failures = self._failures[address] = SlidingWindow(self.window)
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+        else:
+            self._failures.move_to_end(address)
+            failures.expire(now)
+        failures.add(now)
+
+    def prune(self) -> None:
+        """Forget addresses with no failure left in the window."""
+        now = self._now()
+        for address in list(self._failures):
+            failures = self._failures[address]
+            failures.expire(now)
+            if not failures.events:
+                del self._failures[address]
+
+    @property
+    def tracked_addresses(self) -> int:
+        """How many addresses hold state."""
+        return len(self._failures)
