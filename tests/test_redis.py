@@ -1,0 +1,230 @@
+"""Limits shared through a real redis-server: exact across processes, failure modes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from llamacpp_proxy.auth import Limits, Principal
+from llamacpp_proxy.errors import RateLimited
+from llamacpp_proxy.ratelimit import ConcurrencyLimited
+from llamacpp_proxy.ratelimit_redis import RateLimiterUnavailable, RedisLimiter
+
+from .conftest import LIMITED_KEY, UNLIMITED_KEY
+from .test_main import ProxyProcess, free_port
+
+pytestmark = pytest.mark.redis
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="llp-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("LLAMACPP_PROXY_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+def principal(name: str, **limits: Any) -> Principal:
+    return Principal(name, Limits(**limits))
+
+
+async def admitted(limiter: RedisLimiter, p: Principal) -> bool:
+    try:
+        await limiter.admit(p)
+    except RateLimited:
+        return False
+    return True
+
+
+def test_three_limiters_together_admit_exactly_the_limit(redis_server: RedisServer) -> None:
+    async def scenario() -> list[bool]:
+        limiters = [RedisLimiter.from_url(redis_server.url) for _ in range(3)]
+        p = principal("shared-a", requests=7, window=60)
+        results = await asyncio.gather(*(admitted(limiters[i % 3], p) for i in range(60)))
+        for limiter in limiters:
+            await limiter.close()
+        return list(results)
+
+    assert sum(asyncio.run(scenario())) == 7
+
+
+def test_window_slides_with_redis_time(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        limiter = RedisLimiter.from_url(redis_server.url)
+        p = principal("shared-b", requests=2, window=0.4)
+        assert await admitted(limiter, p) and await admitted(limiter, p)
+        with pytest.raises(RateLimited) as caught:
+            await limiter.admit(p)
+        assert caught.value.headers["x-ratelimit-remaining-requests"] == "0"
+        assert caught.value.headers["Retry-After"] == "1"
+        deadline = time.monotonic() + 3
+        while not await admitted(limiter, p):  # poll until the window frees a slot
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await limiter.close()
+
+    asyncio.run(scenario())
+
+
+def test_tokens_and_concurrency_through_redis(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        a, b = RedisLimiter.from_url(redis_server.url), RedisLimiter.from_url(redis_server.url)
+        p = principal("shared-c", tokens_per_minute=100, max_concurrent=1)
+        first = await a.admit(p)
+        with pytest.raises(ConcurrencyLimited):
+            await b.admit(p)  # the other process sees the slot taken
+        await a.finish(first, 150)
+        await a.finish(first, 150)  # released and charged once
+        with pytest.raises(RateLimited) as caught:
+            await b.admit(p)
+        assert caught.value.code == "tokens_rate_limit_exceeded"
+        assert caught.value.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert 59 <= int(caught.value.headers["Retry-After"]) <= 61
+        await a.close()
+        await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_failure_modes_and_recovery() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer()
+    server.start()
+
+    async def scenario() -> None:
+        closed = RedisLimiter.from_url(server.url, "closed", timeout=0.3)
+        opened = RedisLimiter.from_url(server.url, "open", timeout=0.3)
+        p = principal("shared-d", requests=1, window=60)
+        assert await admitted(closed, p)
+        server.stop()
+        with pytest.raises(RateLimiterUnavailable) as caught:
+            await closed.admit(p)
+        assert caught.value.status == 503
+        assert (await opened.admit(p)).headers == {}  # open: admitted, unlimited
+        server.start()  # same port, empty data: limits apply again
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                await closed.admit(p)
+                break
+            except RateLimiterUnavailable:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        with pytest.raises(RateLimited):
+            await closed.admit(p)
+        await closed.close()
+        await opened.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
+def test_three_proxy_processes_admit_exactly_one_quota(
+    redis_server: RedisServer, runner: Any, fake: Any
+) -> None:
+    runner.call(fake.reset)
+    args = [
+        "--redis-url",
+        redis_server.url,
+        "--rate-limit-max-requests",
+        "5",
+        "--rate-limit-window",
+        "60",
+    ]
+    env = {"UNLIMITED_API_KEY": UNLIMITED_KEY, "LIMITED_API_KEY": LIMITED_KEY}
+    proxies = [ProxyProcess(fake.url, args, env=env) for _ in range(3)]
+    try:
+
+        def call(i: int) -> int:
+            r = httpx.post(
+                proxies[i % 3].url + "/v1/completions",
+                json={"prompt": "x"},
+                headers={"Authorization": f"Bearer {LIMITED_KEY}"},
+                timeout=10,
+            )
+            return r.status_code
+
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(call, range(30)))
+        assert codes.count(200) == 5
+        assert codes.count(429) == 25
+        assert len(fake.requests) == 5
+        # The unlimited key is not limited by any of them.
+        for proxy in proxies:
+            assert (
+                httpx.post(
+                    proxy.url + "/v1/completions",
+                    json={"prompt": "x"},
+                    timeout=10,
+                    headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
+                ).status_code
+                == 200
+            )
+    finally:
+        for proxy in proxies:
+            proxy.stop()
