@@ -14,7 +14,7 @@ from typing import Any
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .errors import PayloadTooLarge, ProxyError
+from .errors import InvalidRequest, PayloadTooLarge, ProxyError
 from .handlers import BaseHandler
 from .llamacpp import ClientGone, UpstreamCall
 from .openai_request import (
@@ -36,6 +36,14 @@ from .openai_response import (
     text_response,
 )
 from .sse import DONE
+from .tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
+
+
+def _active_tools(request: CompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools the model is offered (none when tool_choice is "none")."""
+    if not request.chat or not request.tools or request.tool_choice == "none":
+        return None
+    return request.tools
 
 
 def _ignore_closed(future: asyncio.Future[None]) -> None:
@@ -46,7 +54,7 @@ def _ignore_closed(future: asyncio.Future[None]) -> None:
 class Generation:
     """One choice: its prompt, its llama.cpp body and call, and what it produced so far."""
 
-    __slots__ = ("body", "call", "choice", "counts_prompt", "prompt", "text_offset")
+    __slots__ = ("body", "call", "choice", "counts_prompt", "prompt", "text_offset", "tool_filter")
 
     def __init__(
         self,
@@ -62,6 +70,7 @@ class Generation:
         self.call = call
         self.counts_prompt = counts_prompt  # n choices of one prompt count its tokens once
         self.text_offset = 0
+        self.tool_filter: ToolCallFilter | None = None
 
 
 @tornado.web.stream_request_body
@@ -78,6 +87,8 @@ class CompletionsHandler(BaseHandler):
         self._generations: list[Generation] = []
         self._client_gone = False
         self._streaming = False
+        self._tools: list[dict[str, Any]] | None = None
+        self._forced_tools = False
 
     async def prepare(self) -> None:
         limit = self.ctx.settings.max_body_size
@@ -101,6 +112,18 @@ class CompletionsHandler(BaseHandler):
         body = parse_json_body(b"".join(self._body_parts))
         self._body_parts = []
         request = parse_chat_request(body) if self.chat else parse_text_request(body)
+        self._tools = _active_tools(request)
+        if self._tools:
+            schema = forced_call_schema(self._tools, request.tool_choice)
+            if schema is not None:
+                if request.json_schema is not None or "grammar" in request.extensions:
+                    raise InvalidRequest(
+                        "A forced 'tool_choice' cannot be combined with 'response_format' or "
+                        "'grammar'.",
+                        param="tool_choice",
+                    )
+                request.json_schema = schema
+                self._forced_tools = True
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
         self._generations = self._plan(request, prompts)
@@ -115,12 +138,18 @@ class CompletionsHandler(BaseHandler):
             return request.prompts
         props = await self.ctx.upstream.props()
         template = self.ctx.template or self.ctx.model_template(props)
-        tools = request.tools if request.tool_choice != "none" else None
+        if self._tools and not template.uses_tools:
+            raise InvalidRequest(
+                f"The chat template {template.origin} cannot express tools; use a template "
+                "that does (llama3, qwen2.5) or send the request without 'tools'.",
+                param="tools",
+                code="tools_not_supported",
+            )
         prompt = template.render(
             request.messages,
             bos_token=str(props.get("bos_token") or ""),
             eos_token=str(props.get("eos_token") or ""),
-            tools=tools,
+            tools=self._tools,
         )
         return [prompt]
 
@@ -137,7 +166,10 @@ class CompletionsHandler(BaseHandler):
                 index = p * request.n + j
                 choice = Choice(index=index, prompt_text=prompt if request.echo else "")
                 body = upstream.completion_body(request, prompt, j)
-                generations.append(Generation(choice, prompt, body, upstream.new_call(), j == 0))
+                generation = Generation(choice, prompt, body, upstream.new_call(), j == 0)
+                if self._tools:
+                    generation.tool_filter = ToolCallFilter(self._tools, self._forced_tools)
+                generations.append(generation)
         return generations
 
     def _charge(self, generation: Generation, result: dict[str, Any]) -> None:
@@ -160,6 +192,12 @@ class CompletionsHandler(BaseHandler):
             choice = generation.choice
             choice.text = str(result.get("content") or "")
             choice.finish_reason = finish_reason(result.get("stop_type"))
+            if self._tools:
+                parsed = parse_tool_calls(choice.text, self._tools)
+                if parsed is not None:
+                    content, choice.tool_calls = parsed
+                    choice.text = content or ""
+                    choice.finish_reason = "tool_calls"
             if request.logprobs is not None:
                 entries = result.get("completion_probabilities") or []
                 choice.logprobs = (
@@ -223,7 +261,8 @@ class CompletionsHandler(BaseHandler):
     ) -> None:
         index = generation.choice.index
         chat = self.chat
-        top = request.logprobs
+        tool_filter = generation.tool_filter
+        top = request.logprobs if tool_filter is None else None
         write = self.write
 
         def on_open() -> None:
@@ -238,6 +277,8 @@ class CompletionsHandler(BaseHandler):
                 return
             for event in events:
                 text = event.get("content") or ""
+                if tool_filter is not None:
+                    text = tool_filter.feed(text)
                 logprobs = None
                 if top is not None:
                     entries = event.get("completion_probabilities") or []
@@ -251,7 +292,15 @@ class CompletionsHandler(BaseHandler):
                     generation.text_offset += len(text)
                 if event.get("stop"):
                     self._charge(generation, event)
-                    write(encoder.finish(index, finish_reason(event.get("stop_type"))))
+                    reason = finish_reason(event.get("stop_type"))
+                    if tool_filter is not None:
+                        rest, calls = tool_filter.finish()
+                        if rest:
+                            write(encoder.content(index, rest))
+                        if calls:
+                            write(encoder.tool_calls(index, calls))
+                            reason = "tool_calls"
+                    write(encoder.finish(index, reason))
             self.flush().add_done_callback(_ignore_closed)
 
         await self.ctx.upstream.stream(generation.body, generation.call, on_open, on_events)

@@ -1,0 +1,147 @@
+"""Tool calls: the grammar that forces one, and parsing calls back out of model text.
+
+Models write calls in their template's format: Hermes/Qwen `<tool_call>{...}</tool_call>`,
+Mistral `[TOOL_CALLS] [...]`, Llama 3 a bare `{"name": ..., "parameters": ...}` (optionally
+after `<|python_tag|>`). Anything that parses as calls to the offered tools becomes OpenAI
+`tool_calls`; anything else stays content.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any
+
+_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+_JSON_STARTS = ("{", "[")
+
+
+def forced_call_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any] | None:
+    """The JSON schema that makes the model call a tool, when tool_choice demands one."""
+    if tool_choice == "required":
+        chosen = tools
+    elif isinstance(tool_choice, dict):
+        name = tool_choice["function"]["name"]
+        chosen = [t for t in tools if t["function"]["name"] == name]
+    else:
+        return None
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+        }
+        for t in chosen
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
+    if not isinstance(obj, dict):
+        return None
+    nested = obj.get("function")
+    fn: dict[str, Any] = nested if isinstance(nested, dict) else obj
+    name = fn.get("name")
+    if not isinstance(name, str) or name not in names:
+        return None
+    arguments = fn.get("arguments", fn.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return {
+        "id": "call_" + secrets.token_urlsafe(12),
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
+
+
+def _calls_from_json(text: str, names: set[str]) -> list[dict[str, Any]] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = [_call(item, names) for item in items]
+    if not calls or any(c is None for c in calls):
+        return None
+    return [c for c in calls if c is not None]
+
+
+def parse_tool_calls(
+    text: str, tools: list[dict[str, Any]]
+) -> tuple[str | None, list[dict[str, Any]]] | None:
+    """(content, calls) if the text calls offered tools, else None (it is plain content)."""
+    names = {t["function"]["name"] for t in tools}
+    stripped = text.strip()
+    if "<tool_call>" in stripped:
+        calls = []
+        for block in _BLOCK.findall(stripped):
+            parsed = _calls_from_json(block, names)
+            if parsed is None:
+                return None
+            calls.extend(parsed)
+        content = stripped[: stripped.index("<tool_call>")].strip()
+        return (content or None), calls
+    for marker in ("[TOOL_CALLS]", "<|python_tag|>"):
+        if stripped.startswith(marker):
+            parsed = _calls_from_json(stripped[len(marker) :].strip(), names)
+            return (None, parsed) if parsed else None
+    if stripped.startswith(_JSON_STARTS):
+        parsed = _calls_from_json(stripped, names)
+        return (None, parsed) if parsed else None
+    return None
+
+
+class ToolCallFilter:
+    """Holds back streamed text while it may be the start of a tool call.
+
+    Plain answers still stream: as soon as the text cannot begin a call, what was held is
+    released and the rest passes straight through.
+    """
+
+    __slots__ = ("_forced", "_held", "_mode", "_tools")
+
+    def __init__(self, tools: list[dict[str, Any]], forced: bool) -> None:
+        self._tools = tools
+        self._forced = forced
+        self._held = ""
+        self._mode = "hold" if not forced else "call"  # hold | text | call
+
+    def feed(self, text: str) -> str:
+        """Text to send now ("" while holding)."""
+        if self._mode == "text":
+            return text
+        self._held += text
+        if self._mode == "call":
+            return ""
+        head = self._held.lstrip()
+        if not head:
+            return ""
+        if head.startswith(_MARKERS + _JSON_STARTS):
+            self._mode = "call"
+            return ""
+        if any(marker.startswith(head) for marker in _MARKERS):
+            return ""  # could still become a marker
+        self._mode = "text"
+        released, self._held = self._held, ""
+        return released
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """At the end: (text still to send, tool calls) — calls empty when it was text."""
+        held, self._held = self._held, ""
+        if self._mode == "text" or not held:
+            return held, []
+        parsed = parse_tool_calls(held, self._tools)
+        if parsed is None:
+            return held, []
+        content, calls = parsed
+        return content or "", calls

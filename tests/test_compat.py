@@ -1,0 +1,384 @@
+"""OpenAI compatibility in depth: n, prompt lists, logprobs, response_format, tools, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import openai
+import pytest
+
+from .conftest import UNLIMITED_KEY, Stack, assert_schema
+from .fake_llamacpp import DEFAULT_TOKENS, count_prompt_tokens
+from .test_api import CHAT, FULL_TEXT, post, sse_events
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+QWEN_CALL = [
+    "<tool_call>",
+    '\n{"name": "get_weather", ',
+    '"arguments": {"city": "Paris"}}',
+    "\n</tool_call>",
+]
+
+
+# -- n and prompt lists ----------------------------------------------------------------------
+
+
+def test_n_choices_are_separate_generations_with_usage_summed(stack: Stack) -> None:
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="m", messages=CHAT, n=3, seed=100, max_tokens=2
+    )
+    body = raw.http_response.json()
+    assert_schema(body, "CreateChatCompletionResponse")
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert len(stack.fake.requests) == 3
+    assert sorted(r["seed"] for r in stack.fake.requests) == [100, 101, 102]
+    prompt_tokens = count_prompt_tokens(stack.fake.requests[0]["prompt"])
+    assert body["usage"]["prompt_tokens"] == prompt_tokens  # the prompt is counted once
+    assert body["usage"]["completion_tokens"] == 3 * 2
+
+
+def test_n_choices_stream_interleaved_by_index(stack: Stack) -> None:
+    events = sse_events(
+        post(
+            stack,
+            "/v1/chat/completions",
+            {"messages": CHAT, "n": 2, "stream": True, "stream_options": {"include_usage": True}},
+        )
+    )
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    for chunk in chunks:
+        assert_schema(chunk, "CreateChatCompletionStreamResponse")
+    for index in (0, 1):
+        mine = [
+            c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index
+        ]
+        assert mine[0]["delta"]["role"] == "assistant"
+        assert "".join(c["delta"].get("content") or "" for c in mine) == FULL_TEXT
+        assert mine[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 * len(DEFAULT_TOKENS)
+
+
+def test_prompt_list_gives_one_choice_per_prompt_times_n(stack: Stack) -> None:
+    r = stack.client().completions.create(model="m", prompt=["A", "BB"], n=2, max_tokens=1)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    sent = sorted(req["prompt"] for req in stack.fake.requests)
+    assert sent == ["A", "A", "BB", "BB"]
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == count_prompt_tokens("A") + count_prompt_tokens("BB")
+
+
+def test_echo_prepends_the_prompt(stack: Stack) -> None:
+    r = stack.client().completions.create(model="m", prompt="Say: ", echo=True, max_tokens=1)
+    assert r.choices[0].text == "Say: Hello"
+    events = sse_events(
+        post(
+            stack,
+            "/v1/completions",
+            {"prompt": "Say: ", "echo": True, "max_tokens": 1, "stream": True},
+        )
+    )
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Say: Hello"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "suffix": "end"}, "suffix"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_unsupported_text_options_are_clear_400s(
+    stack: Stack, body: dict[str, Any], param: str
+) -> None:
+    r = post(stack, "/v1/completions", body)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == param
+
+
+def test_best_of_equal_to_n_is_accepted(stack: Stack) -> None:
+    assert post(stack, "/v1/completions", {"prompt": "x", "best_of": 2, "n": 2}).status_code == 200
+
+
+# -- parameter mapping -------------------------------------------------------------------------
+
+
+def test_max_completion_tokens_logit_bias_user_and_llamacpp_extensions(stack: Stack) -> None:
+    stack.client().chat.completions.create(
+        model="m",
+        messages=CHAT,
+        max_completion_tokens=7,
+        logit_bias={"15": -100, "7": 5},
+        user="user-1",
+        extra_body={
+            "top_k": 20,
+            "min_p": 0.05,
+            "repeat_penalty": 1.1,
+            "typical_p": 0.9,
+            "mirostat": 2,
+            "mirostat_tau": 5.0,
+            "mirostat_eta": 0.1,
+            "cache_prompt": False,
+            "samplers": ["top_k", "temperature"],
+        },
+    )
+    sent = stack.fake.requests[-1]
+    assert sent["n_predict"] == 7
+    assert sent["logit_bias"] == [[15, -100.0], [7, 5.0]]
+    for name, value in {
+        "top_k": 20,
+        "min_p": 0.05,
+        "repeat_penalty": 1.1,
+        "typical_p": 0.9,
+        "mirostat": 2,
+        "mirostat_tau": 5.0,
+        "mirostat_eta": 0.1,
+        "cache_prompt": False,
+        "samplers": ["top_k", "temperature"],
+    }.items():
+        assert sent[name] == value
+    assert "user" not in sent
+
+
+@pytest.mark.parametrize(
+    ("response_format", "schema"),
+    [
+        ({"type": "json_object"}, {"type": "object"}),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "p",
+                    "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                },
+            },
+            {"type": "object", "properties": {"a": {"type": "integer"}}},
+        ),
+    ],
+)
+def test_response_format_becomes_a_json_schema_constraint(
+    stack: Stack, response_format: Any, schema: Any
+) -> None:
+    stack.client().chat.completions.create(
+        model="m", messages=CHAT, response_format=response_format
+    )
+    assert stack.fake.requests[-1]["json_schema"] == schema
+
+
+def test_response_format_text_adds_no_constraint(stack: Stack) -> None:
+    stack.client().chat.completions.create(
+        model="m", messages=CHAT, response_format={"type": "text"}
+    )
+    assert "json_schema" not in stack.fake.requests[-1]
+
+
+# -- logprobs ----------------------------------------------------------------------------------
+
+
+def test_chat_logprobs(stack: Stack) -> None:
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="m", messages=CHAT, logprobs=True, top_logprobs=2, max_tokens=3
+    )
+    body = raw.http_response.json()
+    assert_schema(body, "CreateChatCompletionResponse")
+    assert stack.fake.requests[-1]["n_probs"] == 2
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in content] == ["Hello", ",", " world"]
+    assert content[0]["logprob"] == -0.1
+    assert content[0]["bytes"] == list(b"Hello")
+    assert [a["token"] for a in content[0]["top_logprobs"]] == ["Hello", "alt1"]
+
+
+def test_chat_logprobs_without_alternatives_still_asks_for_one(stack: Stack) -> None:
+    r = stack.client().chat.completions.create(
+        model="m", messages=CHAT, logprobs=True, max_tokens=1
+    )
+    assert stack.fake.requests[-1]["n_probs"] == 1
+    assert r.choices[0].logprobs is not None and r.choices[0].logprobs.content is not None
+    assert r.choices[0].logprobs.content[0].top_logprobs == []
+
+
+def test_chat_logprobs_stream(stack: Stack) -> None:
+    events = sse_events(
+        post(
+            stack,
+            "/v1/chat/completions",
+            {
+                "messages": CHAT,
+                "logprobs": True,
+                "top_logprobs": 1,
+                "max_tokens": 2,
+                "stream": True,
+            },
+        )
+    )
+    with_lp = [e for e in events[:-1] if e["choices"] and e["choices"][0]["logprobs"]]
+    for chunk in events[:-1]:
+        assert_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert [e["choices"][0]["logprobs"]["content"][0]["token"] for e in with_lp] == ["Hello", ","]
+
+
+def test_text_logprobs(stack: Stack) -> None:
+    raw = stack.client().completions.with_raw_response.create(
+        model="m", prompt="x", logprobs=2, max_tokens=3
+    )
+    body = raw.http_response.json()
+    assert_schema(body, "CreateCompletionResponse")
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["Hello", ",", " world"]
+    assert lp["token_logprobs"] == [-0.1, -0.1, -0.1]
+    assert lp["top_logprobs"][0] == {"Hello": -0.1, "alt1": -0.2}
+    assert lp["text_offset"] == [0, 5, 6]
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+
+def test_tool_call_is_parsed_into_tool_calls(make_stack: Any) -> None:
+    stack = make_stack(chat_template="qwen2.5")
+    stack.fake.script.tokens = QWEN_CALL
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL]
+    )
+    body = raw.http_response.json()
+    assert_schema(body, "CreateChatCompletionResponse")
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    prompt = stack.fake.requests[-1]["prompt"]
+    assert "<tools>" in prompt and '"name": "get_weather"' in prompt
+    assert "json_schema" not in stack.fake.requests[-1]  # "auto": not forced
+
+
+def test_tool_result_conversation_is_rendered(make_stack: Any) -> None:
+    stack = make_stack(chat_template="qwen2.5")
+    stack.client().chat.completions.create(
+        model="m",
+        tools=[WEATHER_TOOL],
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C and sunny"},
+        ],
+    )
+    prompt = stack.fake.requests[-1]["prompt"]
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        in prompt
+    )
+    assert "<tool_response>\n18C and sunny\n</tool_response>" in prompt
+
+
+def test_tool_call_stream(make_stack: Any) -> None:
+    stack = make_stack(chat_template="qwen2.5")
+    stack.fake.script.tokens = QWEN_CALL
+    stream = stack.client().chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER_TOOL],
+        stream=True,
+    )
+    chunks = list(stream)
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function is not None
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments or "") == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_plain_answer_with_tools_still_streams_as_content(make_stack: Any) -> None:
+    stack = make_stack(chat_template="qwen2.5")
+    events = sse_events(
+        post(
+            stack,
+            "/v1/chat/completions",
+            {"messages": CHAT, "tools": [WEATHER_TOOL], "stream": True},
+        )
+    )
+    content = [e["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert [c for c in content if c] == DEFAULT_TOKENS  # token by token, nothing held back
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_forced_tool_choice_constrains_with_a_schema(make_stack: Any) -> None:
+    stack = make_stack(chat_template="qwen2.5")
+    stack.fake.script.tokens = ['{"name": "get_weather", "arguments": {"city": "Oslo"}}']
+    r = stack.client().chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    schema = stack.fake.requests[-1]["json_schema"]
+    assert schema["properties"]["name"] == {"const": "get_weather"}
+    assert schema["properties"]["arguments"] == WEATHER_TOOL["function"]["parameters"]
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.choices[0].message.tool_calls is not None
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+
+
+def test_tool_choice_none_offers_no_tools(make_stack: Any) -> None:
+    stack = make_stack(chat_template="qwen2.5")
+    stack.client().chat.completions.create(
+        model="m", messages=CHAT, tools=[WEATHER_TOOL], tool_choice="none"
+    )
+    assert "<tools>" not in stack.fake.requests[-1]["prompt"]
+
+
+def test_template_without_tools_support_is_a_400(make_stack: Any) -> None:
+    stack = make_stack(chat_template="gemma3")
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.client().chat.completions.create(model="m", messages=CHAT, tools=[WEATHER_TOOL])
+    assert caught.value.response.json()["error"]["code"] == "tools_not_supported"
+    assert stack.fake.requests == []
+
+
+# -- clients -----------------------------------------------------------------------------------
+
+
+def test_async_client_and_raw_headers(stack: Stack) -> None:
+    async def scenario() -> None:
+        client = openai.AsyncOpenAI(
+            base_url=stack.url + "/v1", api_key=UNLIMITED_KEY, max_retries=0
+        )
+        r = await client.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+        assert r.choices[0].message.content == FULL_TEXT
+        stream = await client.completions.create(model="m", prompt="x", stream=True)
+        assert "".join([c.choices[0].text async for c in stream]) == FULL_TEXT
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+        assert raw.headers["x-request-id"].startswith("req_")
+        await client.close()
+
+    asyncio.run(scenario())
