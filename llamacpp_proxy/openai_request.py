@@ -185,6 +185,7 @@ def parse_chat_request(body: dict[str, Any]) -> CompletionRequest:
     elif body.get("top_logprobs") is not None:
         _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    _unsupported_chat_fields(body)
     request.tools, request.tool_choice = _tools(body)
     request.json_schema = _response_format(body.get("response_format"))
     _common(body, request)
@@ -378,6 +379,40 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
                 "'tool_choice' must be 'none', 'auto', 'required' or name one of the tools",
             )
     return (tools or None), choice
+
+
+def _unsupported_chat_fields(body: dict[str, Any]) -> None:
+    """Reject what cannot be honoured; type-check what is accepted and ignored."""
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        param = "functions" if body.get("functions") is not None else "function_call"
+        raise _bad(
+            param, f"'{param}' is deprecated and not supported; use 'tools' and 'tool_choice'"
+        )
+    if body.get("web_search_options") is not None:
+        raise _bad("web_search_options", "web search is not available on a local model")
+    modalities = body.get("modalities")
+    if modalities is not None:
+        if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+            raise _bad("modalities", "'modalities' must be an array of strings")
+        if set(modalities) - {"text"}:
+            raise _bad("modalities", "only the 'text' modality is supported")
+    if body.get("audio") is not None:
+        raise _bad("audio", "audio output is not supported")
+    for name in ("store", "parallel_tool_calls"):
+        _boolean(body, name)
+    for name in (
+        "reasoning_effort",
+        "verbosity",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+    ):
+        _string(body, name)
+    for name in ("metadata", "prediction", "prompt_cache_options", "moderation"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise _bad(name, f"'{name}' must be an object")
 
 
 def _prompts(value: Any) -> list[str]:

@@ -382,3 +382,64 @@ def test_async_client_and_raw_headers(stack: Stack) -> None:
         await client.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"store": "yes"}, "store"),
+        ({"metadata": "x"}, "metadata"),
+        ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
+        ({"reasoning_effort": 3}, "reasoning_effort"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].type",
+        ),
+    ],
+)
+def test_chat_fields_that_cannot_be_honoured_are_400(
+    stack: Stack, extra: dict[str, Any], param: str
+) -> None:
+    r = post(stack, "/v1/chat/completions", {"messages": CHAT, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert_schema(r.json(), "ErrorResponse")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {
+            "store": False,
+            "metadata": {"a": "b"},
+            "user": "u",
+            "service_tier": "auto",
+            "parallel_tool_calls": True,
+            "reasoning_effort": "low",
+            "verbosity": "low",
+            "prediction": {"type": "content", "content": "x"},
+            "prompt_cache_key": "k",
+            "safety_identifier": "s",
+            "modalities": ["text"],
+        },
+    ],
+)
+def test_accepted_and_ignored_fields(stack: Stack, extra: dict[str, Any]) -> None:
+    assert post(stack, "/v1/chat/completions", {"messages": CHAT, **extra}).status_code == 200
+    sent = stack.fake.requests[-1]
+    assert not set(extra) & set(sent)
