@@ -15,7 +15,7 @@ import tornado.web
 from tornado.iostream import StreamClosedError
 
 from .errors import InvalidRequest, PayloadTooLarge, ProxyError
-from .handlers import BaseHandler
+from .handlers import BaseHandler, log
 from .llamacpp import ClientGone, UpstreamCall
 from .openai_request import (
     CompletionRequest,
@@ -88,6 +88,7 @@ class CompletionsHandler(BaseHandler):
         self._client_gone = False
         self._streaming = False
         self._tools: list[dict[str, Any]] | None = None
+        self.stream_error: str | None = None
         self._forced_tools = False
 
     async def prepare(self) -> None:
@@ -232,6 +233,13 @@ class CompletionsHandler(BaseHandler):
         except ProxyError as error:
             if not self._streaming:
                 raise  # nothing sent yet: a plain error response with its status
+            self.stream_error = error.code
+            log.warning(
+                "request %s: stream ended by an error after it started: %s %s",
+                self.request_id,
+                error.status,
+                error.message,
+            )
             self._write(error_event(error))
             self.finish()
             return

@@ -162,6 +162,7 @@ class BaseHandler(tornado.web.RequestHandler):
             "latency_ms": round(self.request.request_time() * 1000, 2),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "error": getattr(self, "stream_error", None),
         }
 
 
