@@ -319,6 +319,11 @@ class CompletionsHandler(BaseHandler):
             generation.call.abort(ClientGone())
         super().on_connection_close()
 
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, StreamClosedError | ClientGone):
+            return  # the client left; on_connection_close already cancelled llama.cpp
+        super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         if self._client_gone:
             return

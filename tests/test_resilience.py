@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from typing import Any
 
@@ -200,3 +201,24 @@ def test_upstream_json_that_is_malformed_is_502(stack: Stack) -> None:
     assert r.status_code == 502
     assert "malformed" in error_of(r)["message"]
     json.dumps(r.json())
+
+
+def test_client_disconnect_while_waiting_for_a_plain_answer(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack.fake.script.stall_before = 3  # llama.cpp "thinks" for 3 s
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+        body = json.dumps({"prompt": "x"}).encode()
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nAuthorization: Bearer "
+            + UNLIMITED_KEY.encode()
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        assert stack.wait_for(lambda: len(stack.fake.requests) == 1)
+    assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1, timeout=2)
+    assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
