@@ -91,7 +91,7 @@ class CompletionsHandler(BaseHandler):
         self.stream_error: str | None = None
         self._forced_tools = False
 
-    async def prepare(self) -> None:
+    def check_request(self) -> None:
         limit = self.ctx.settings.max_body_size
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -100,11 +100,9 @@ class CompletionsHandler(BaseHandler):
                 headers={"Connection": "close"},
             )
         # A chunked body over the limit makes Tornado drop the connection.
-        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
-        self.request.connection.set_body_timeout(  # type: ignore[union-attr]
-            self.ctx.settings.client_body_timeout
-        )
-        await super().prepare()
+        connection = self.request.connection
+        connection.set_max_body_size(limit)  # type: ignore[union-attr]
+        connection.set_body_timeout(self.ctx.settings.client_body_timeout)  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:
         self._body_parts.append(chunk)

@@ -75,11 +75,15 @@ class BaseHandler(tornado.web.RequestHandler):
             )
         self.ctx.in_flight += 1
         self._counted = True
+        self.check_request()
         if self.requires_key:
             self.principal = self._authenticate()
             if self.rate_limited:
                 self.admission = await self.ctx.limiter.admit(self.principal)
                 self.set_default_headers()
+
+    def check_request(self) -> None:
+        """Checks on the request line and headers, before the key (subclasses add)."""
 
     def _authenticate(self) -> Principal:
         header = self.request.headers.get("Authorization", "")

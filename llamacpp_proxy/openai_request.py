@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ MAX_N = 16  # choices per request: each is a full generation on the GPU
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 64
+MAX_INT32 = 2**31 - 1  # llama.cpp reads integer parameters as 32-bit
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -101,7 +103,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= 2**63  # a 400-digit integer is no number a sampler takes
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
@@ -166,7 +172,34 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
             f"The request body must be a JSON object, not {type(body).__name__}.",
             code="invalid_json",
         )
+    # A lone surrogate can only come from a \uD8xx escape; it is not text and cannot be
+    # encoded for llama.cpp. Only bodies with such an escape pay for the walk.
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
+        raise InvalidRequest(
+            "The request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF), "
+            "which is not valid Unicode text.",
+            code="invalid_json",
+        )
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _reject_constant(name: str) -> Any:
@@ -177,8 +210,8 @@ def parse_chat_request(body: dict[str, Any]) -> CompletionRequest:
     """Validate a chat completion request."""
     request = CompletionRequest(chat=True, model=_model(body))
     request.messages = _messages(body.get("messages"))
-    max_tokens = _integer(body, "max_tokens", 1)
-    max_completion = _integer(body, "max_completion_tokens", 1)
+    max_tokens = _integer(body, "max_tokens", 1, MAX_INT32)
+    max_completion = _integer(body, "max_completion_tokens", 1, MAX_INT32)
     request.max_tokens = max_completion if max_completion is not None else max_tokens
     if _boolean(body, "logprobs"):
         request.logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
@@ -196,7 +229,7 @@ def parse_text_request(body: dict[str, Any]) -> CompletionRequest:
     """Validate a (legacy) text completion request."""
     request = CompletionRequest(chat=False, model=_model(body))
     request.prompts = _prompts(body.get("prompt"))
-    request.max_tokens = _integer(body, "max_tokens", 0)
+    request.max_tokens = _integer(body, "max_tokens", 0, MAX_INT32)
     request.logprobs = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     request.echo = bool(_boolean(body, "echo"))
     if body.get("suffix") not in (None, ""):
@@ -261,7 +294,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise _bad(param, f"'{param}' must be an object")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(
                 f"{param}.role",
                 f"'{param}.role' must be one of {', '.join(sorted(ROLES))}, not {role!r}",
@@ -333,7 +366,7 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise _bad(
                     f"{param}[{j}].function.arguments",
                     "tool call arguments must be a JSON object encoded as a string",
@@ -372,7 +405,8 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
                 f"'tools[{i}].function.parameters' must be a JSON Schema object",
             )
     if choice is not None and choice not in ("none", "auto", "required"):
-        name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
             raise _bad(
                 "tool_choice",
@@ -497,7 +531,7 @@ def _extensions(body: dict[str, Any]) -> dict[str, Any]:
             ext[name] = _number(body, name, -1e9, 1e9)
     for name in _EXT_INT:
         if body.get(name) is not None:
-            ext[name] = _integer(body, name, -1)
+            ext[name] = _integer(body, name, -1, MAX_INT32)
     for name in _EXT_BOOL:
         if body.get(name) is not None:
             ext[name] = _boolean(body, name)

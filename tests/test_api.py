@@ -499,3 +499,58 @@ def test_error_responses_keep_request_id_and_rate_limit_headers(stack: Stack) ->
     assert r.headers["x-request-id"] == "err-1"
     assert r.headers["x-ratelimit-limit-requests"] == "3"
     assert r.headers["content-type"].startswith("application/json")
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"prompt": "\\ud800"}', None),
+        (b'{"prompt": "x", "model": "a\\udfffb"}', None),
+        (b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", "temperature"),
+        (b'{"prompt": "x", "logit_bias": {"1": ' + b"9" * 400 + b"}}", "logit_bias"),
+        (b'{"prompt": "x", "max_tokens": 99999999999}', "max_tokens"),
+    ],
+)
+def test_hostile_numbers_and_unicode_are_400(stack: Stack, raw: bytes, param: str | None) -> None:
+    r = post(stack, "/v1/completions", raw)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert stack.fake.requests == []
+
+
+def test_surrogate_pairs_are_real_text_and_pass(stack: Stack) -> None:
+    r = post(stack, "/v1/completions", b'{"prompt": "smile \\ud83d\\ude00"}')
+    assert r.status_code == 200
+    assert stack.fake.requests[-1]["prompt"] == "smile \U0001f600"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": ["user"], "content": "x"}]},
+        {
+            "messages": CHAT,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": "f"},
+        },
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "[" * 100_000}}],
+                },
+                {"role": "user", "content": "x"},
+            ]
+        },
+    ],
+)
+def test_malformed_chat_structures_are_400(stack: Stack, body: dict[str, Any]) -> None:
+    r = post(stack, "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    assert_schema(r.json(), "ErrorResponse")
+
+
+def test_413_carries_the_request_id(make_stack: Any) -> None:
+    stack = make_stack(max_body_size=100)
+    r = post(stack, "/v1/completions", {"prompt": "x" * 200}, headers={"X-Request-Id": "big-1"})
+    assert r.status_code == 413 and r.headers["x-request-id"] == "big-1"
