@@ -211,18 +211,24 @@ class InMemoryLimiter:
         self._admissions = 0
 
     def _state(self, principal: Principal, now: float) -> _KeyState:
+        limits = principal.limits
         state = self._keys.get(principal.name)
         if state is None:
-            limits = principal.limits
-            state = _KeyState(
-                requests=SlidingWindow(limits.window) if limits and limits.requests else None,
-                tokens=SlidingWindow(TOKEN_WINDOW) if limits and limits.tokens_per_minute else None,
-            )
-            self._keys[principal.name] = state
-        if state.requests:
+            state = self._keys[principal.name] = _KeyState(None, None)
+        # Limits can change under a key (SIGHUP reload): follow them, keeping the history.
+        if limits and limits.requests:
+            if state.requests is None:
+                state.requests = SlidingWindow(limits.window)
+            state.requests.length = limits.window
             state.requests.expire(now)
-        if state.tokens:
+        else:
+            state.requests = None
+        if limits and limits.tokens_per_minute:
+            if state.tokens is None:
+                state.tokens = SlidingWindow(TOKEN_WINDOW)
             state.tokens.expire(now)
+        else:
+            state.tokens = None
         return state
 
     async def admit(self, principal: Principal) -> Admission:

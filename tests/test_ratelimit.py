@@ -206,3 +206,21 @@ def test_retry_after_rounds_up_and_is_at_least_one() -> None:
     assert retry_after_header(0.0) == "1"
     assert retry_after_header(1.01) == "2"
     assert retry_after_header(30.0) == "30"
+
+
+def test_limits_changed_by_a_reload_apply_to_the_existing_history() -> None:
+    clock = Clock()
+    limiter = InMemoryLimiter(now=clock)
+    loose = Principal("k", Limits(max_concurrent=5))
+    run(limiter.finish(run(limiter.admit(loose)), 0))
+    a = run(limiter.admit(loose))  # still in flight when the limits change
+    strict = Principal("k", Limits(requests=1, window=30, max_concurrent=5))
+    run(limiter.admit(strict))
+    with pytest.raises(RateLimited):
+        run(limiter.admit(strict))  # the new request limit holds at once
+    run(limiter.finish(a, 0))
+    assert limiter.in_flight("k") == 1
+    longer = Principal("k", Limits(requests=1, window=60, max_concurrent=5))
+    clock.t += 45
+    with pytest.raises(RateLimited):
+        run(limiter.admit(longer))  # the window grew: the admission at +0 still counts
