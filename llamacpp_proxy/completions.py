@@ -54,7 +54,17 @@ def _ignore_closed(future: asyncio.Future[None]) -> None:
 class Generation:
     """One choice: its prompt, its llama.cpp body and call, and what it produced so far."""
 
-    __slots__ = ("body", "call", "choice", "counts_prompt", "prompt", "text_offset", "tool_filter")
+    __slots__ = (
+        "body",
+        "call",
+        "charged",
+        "choice",
+        "counts_prompt",
+        "last_event",
+        "prompt",
+        "text_offset",
+        "tool_filter",
+    )
 
     def __init__(
         self,
@@ -71,6 +81,8 @@ class Generation:
         self.counts_prompt = counts_prompt  # n choices of one prompt count its tokens once
         self.text_offset = 0
         self.tool_filter: ToolCallFilter | None = None
+        self.last_event: dict[str, Any] | None = None  # its counts if the stream breaks
+        self.charged = False
 
 
 @tornado.web.stream_request_body
@@ -172,9 +184,16 @@ class CompletionsHandler(BaseHandler):
         return generations
 
     def _charge(self, generation: Generation, result: dict[str, Any]) -> None:
+        generation.charged = True
         if generation.counts_prompt:
             self.prompt_tokens += int(result.get("tokens_evaluated") or 0)
         self.completion_tokens += int(result.get("tokens_predicted") or 0)
+
+    def _charge_unfinished(self) -> None:
+        """A broken or abandoned stream still used the tokens llama.cpp generated so far."""
+        for generation in self._generations:
+            if not generation.charged and generation.last_event is not None:
+                self._charge(generation, generation.last_event)
 
     def _usage(self) -> Usage:
         return Usage(self.prompt_tokens, self.completion_tokens)
@@ -232,6 +251,7 @@ class CompletionsHandler(BaseHandler):
             if not self._streaming:
                 raise  # nothing sent yet: a plain error response with its status
             self.stream_error = error.code
+            self._charge_unfinished()
             log.warning(
                 "request %s: stream ended by an error after it started: %s %s",
                 self.request_id,
@@ -281,6 +301,7 @@ class CompletionsHandler(BaseHandler):
         def on_events(events: list[dict[str, Any]]) -> None:
             if self._client_gone:
                 return
+            generation.last_event = events[-1]
             for event in events:
                 text = event.get("content") or ""
                 if tool_filter is not None:
@@ -315,6 +336,7 @@ class CompletionsHandler(BaseHandler):
         self._client_gone = True
         for generation in self._generations:
             generation.call.abort(ClientGone())
+        self._charge_unfinished()
         super().on_connection_close()
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:

@@ -346,25 +346,28 @@ class LlamaCppClient:
                     error_body.extend(chunk[: ERROR_BODY_LIMIT - len(error_body)])
                 return
             events = []
+            failure: ProxyError | None = None
             for field, payload in decoder.feed(chunk):
                 try:
                     event = loads(payload)
                 except ValueError:
-                    call.abort(UpstreamError("llama.cpp sent a malformed stream event"))
-                    return
+                    failure = UpstreamError("llama.cpp sent a malformed stream event")
+                    break
                 if field == "error" or (
                     isinstance(event, dict) and "error" in event and "content" not in event
                 ):
-                    call.abort(_stream_error(event))
-                    return
+                    failure = _stream_error(event)
+                    break
                 if not isinstance(event, dict):
-                    call.abort(UpstreamError("llama.cpp sent a stream event that is not an object"))
-                    return
+                    failure = UpstreamError("llama.cpp sent a stream event that is not an object")
+                    break
                 if event.get("stop"):
                     state["final"] = True
                 events.append(event)
-            if events:
+            if events:  # what came before a failure in the same read is delivered first
                 on_events(events)
+            if failure is not None:
+                call.abort(failure)
 
         request = self._completion_request(
             body, call, header_callback=on_header, streaming_callback=on_chunk

@@ -207,3 +207,26 @@ def test_chat_is_limited_like_text(make_stack: Any) -> None:
         post(stack, "/v1/chat/completions", {"messages": CHAT}, key=LIMITED_KEY).status_code == 200
     )
     assert post(stack, "/v1/completions", {"prompt": "x"}, key=LIMITED_KEY).status_code == 429
+
+
+@pytest.mark.parametrize("fault", ["stream_error", "disconnect"])
+def test_a_broken_stream_is_charged_the_tokens_it_used(make_stack: Any, key_file: Path,
+                                                       fault: str) -> None:
+    stack = make_stack(api_keys_file=key_file)
+    alice = "sk-alice-secret-1"
+    stack.fake.script.tokens = [f"t{i}" for i in range(30)]
+    if fault == "stream_error":
+        stack.fake.script.stream_error_after_tokens = 5  # llama.cpp's `error:` event
+        r = post(stack, "/v1/completions", {"prompt": "x", "stream": True}, key=alice)
+        assert sse_events(r)[-1]["error"]["code"] == "upstream_error"
+    else:
+        stack.fake.script.token_delay = 0.05
+        held, lines = _hold_a_stream(stack, alice)
+        for _ in range(8):
+            next(lines)
+        held.__exit__(None, None, None)
+    assert stack.wait_for(lambda: stack.ctx.limiter.in_flight("alice") == 0)
+    stack.fake.reset()
+    r = post(stack, "/v1/completions", {"prompt": "x"}, key=alice)
+    used = 40 - int(r.headers["x-ratelimit-remaining-tokens"])
+    assert used >= 2 + 3  # the prompt and the tokens streamed before the break
