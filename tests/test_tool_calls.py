@@ -1,0 +1,124 @@
+"""Parsing tool calls out of model text, in each template family's format."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from llamacpp_proxy.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
+
+TOOLS = [
+    {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+    for n in ("get_weather", "get_time")
+]
+
+
+def calls_of(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    parsed = parse_tool_calls(text, TOOLS)
+    if parsed is None:
+        return None
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed[1]]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+            [("get_weather", {"city": "Oslo"})],
+        ),
+        (
+            '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>',
+            [("get_weather", {}), ("get_time", {"tz": "UTC"})],
+        ),
+        (
+            '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}',  # cut before the close tag
+            [("get_time", {"tz": "UTC"})],
+        ),
+        (
+            '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Rome"}}]',
+            [("get_weather", {"city": "Rome"})],
+        ),
+        (
+            '{"name": "get_weather", "parameters": {"city": "Lima"}}',  # Llama 3
+            [("get_weather", {"city": "Lima"})],
+        ),
+        ('<|python_tag|>{"name": "get_time", "parameters": {}}', [("get_time", {})]),
+        (
+            '{"type": "function", "function": {"name": "get_time", "arguments": "{\\"tz\\": \\"X\\"}"}}',
+            [("get_time", {"tz": "X"})],
+        ),
+    ],
+)
+def test_formats(text: str, expected: list[Any]) -> None:
+    assert calls_of(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Just an answer.",
+        '{"name": "unknown_tool", "arguments": {}}',
+        '{"answer": 42}',
+        "<tool_call>not json</tool_call>",
+        '[TOOL_CALLS] {"name": "get_time", "arguments": "not json"}',
+        '[{"name": "get_time", "arguments": {}}, {"name": "nope", "arguments": {}}]',
+    ],
+)
+def test_text_that_is_not_a_call_stays_content(text: str) -> None:
+    assert parse_tool_calls(text, TOOLS) is None
+
+
+def test_content_before_a_hermes_call_is_kept() -> None:
+    parsed = parse_tool_calls(
+        'Let me check.\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', TOOLS
+    )
+    assert parsed is not None and parsed[0] == "Let me check."
+
+
+def test_call_ids_are_unique_and_arguments_are_json_strings() -> None:
+    parsed = parse_tool_calls(
+        '[{"name": "get_time", "arguments": {"a": "é"}}, {"name": "get_time", "arguments": {}}]',
+        TOOLS,
+    )
+    assert parsed is not None
+    ids = {c["id"] for c in parsed[1]}
+    assert len(ids) == 2 and all(i.startswith("call_") for i in ids)
+    assert parsed[1][0]["function"]["arguments"] == '{"a": "é"}'
+
+
+def test_filter_releases_plain_text_and_holds_calls() -> None:
+    f = ToolCallFilter(TOOLS, forced=False)
+    assert f.feed(" ") == ""
+    assert f.feed("Hel") == " Hel"  # cannot start a call: released at once
+    assert f.feed("lo") == "lo"
+    assert f.finish() == ("", [])
+
+    f = ToolCallFilter(TOOLS, forced=False)
+    assert f.feed("<tool") == ""  # may become <tool_call>
+    assert f.feed('_call>{"name": "get_time", "arguments": {}}') == ""
+    rest, calls = f.finish()
+    assert rest == "" and calls[0]["function"]["name"] == "get_time"
+
+    f = ToolCallFilter(TOOLS, forced=False)
+    assert f.feed("<tool") == ""
+    assert f.feed("box>") == "<toolbox>"  # was not a marker after all
+
+    f = ToolCallFilter(TOOLS, forced=False)
+    f.feed('{"answer": 1}')
+    assert f.finish() == ('{"answer": 1}', [])  # JSON that is not a call is content
+
+
+def test_forced_call_schemas() -> None:
+    named = forced_call_schema(TOOLS, {"type": "function", "function": {"name": "get_time"}})
+    assert named == {
+        "type": "object",
+        "properties": {"name": {"const": "get_time"}, "arguments": {"type": "object"}},
+        "required": ["name", "arguments"],
+    }
+    required = forced_call_schema(TOOLS, "required")
+    assert required is not None and len(required["anyOf"]) == 2
+    assert forced_call_schema(TOOLS, "auto") is None
