@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -32,11 +33,21 @@ T = TypeVar("T")
 UNLIMITED_KEY = "sk-test-unlimited-0123456789"
 LIMITED_KEY = "sk-test-limited-0123456789"
 
-SCHEMA_DIR = next(
-    p / "shared" / "openai-schemas"
-    for p in Path(__file__).resolve().parents
-    if (p / "shared" / "openai-schemas").is_dir()
-)
+def _schema_dir() -> Path:
+    """OpenAI's schemas: $OPENAI_SCHEMAS_DIR, or shared/openai-schemas beside the checkout."""
+    if os.environ.get("OPENAI_SCHEMAS_DIR"):
+        return Path(os.environ["OPENAI_SCHEMAS_DIR"])
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "openai-schemas"
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError(
+        "OpenAI's JSON Schemas were not found: put the project's shared/ folder beside the "
+        "checkout, or set OPENAI_SCHEMAS_DIR"
+    )
+
+
+SCHEMA_DIR = _schema_dir()
 
 
 def load_schema(name: str) -> dict[str, Any]:
