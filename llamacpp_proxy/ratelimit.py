@@ -66,8 +66,10 @@ class SlidingWindow:
     def expire(self, now: float) -> None:
         """Forget events that fell out of the window."""
         events = self.events
-        horizon = now - self.length
-        while events and events[0][0] < horizon:
+        length = self.length
+        # The same comparison as the rule (now - t <= length), not t < now - length: the
+        # two round differently in floating point.
+        while events and now - events[0][0] > length:
             self.total -= events.popleft()[1]
 
     def add(self, now: float, weight: int = 1) -> None:

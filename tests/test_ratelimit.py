@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llamacpp_proxy.auth import Limits, Principal
@@ -88,6 +88,7 @@ def test_unlimited_principal_is_never_limited_and_keeps_no_state() -> None:
 
 
 @settings(max_examples=300, deadline=None)
+@example(limit=1, window=1.0, gaps=[0.05, 1.0])  # 1.05 - 1.0 > 0.05 in floating point
 @given(
     limit=st.integers(min_value=1, max_value=6),
     window=st.floats(min_value=0.5, max_value=20, allow_nan=False),
