@@ -5,21 +5,16 @@ at this boundary.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.ioloop import IOLoop
-from tornado.simple_httpclient import (
-    HTTPStreamClosedError,
-    HTTPTimeoutError,
-    SimpleAsyncHTTPClient,
-    _HTTPConnection,
-)
 
 from .config import Settings
 from .errors import (
@@ -33,12 +28,23 @@ from .errors import (
 )
 from .openai_request import CompletionRequest
 from .sse import SSEDecoder
+from .upstream_http import (
+    READ_SIZE,
+    BodyDecoder,
+    Connection,
+    ConnectionLost,
+    ConnectionPool,
+    ProtocolError,
+    ResponseHead,
+    encode_request,
+    read_head,
+)
 
 log = logging.getLogger("llamacpp_proxy.upstream")
 
 PROPS_TTL = 60.0  # seconds a /props answer is reused (chat template, BOS/EOS, model path)
 ERROR_BODY_LIMIT = 64 * 1024
-JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+MAX_RESPONSE = 256 * 1024 * 1024
 
 
 class ClientGone(Exception):
@@ -66,7 +72,7 @@ class UpstreamCall:
 
     def __init__(self, first_byte_timeout: float, idle_timeout: float) -> None:
         self._loop = IOLoop.current()
-        self._connection: _HTTPConnection | None = None
+        self._connection: Connection | None = None
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         self.abort_reason: BaseException | None = None
@@ -103,11 +109,11 @@ class UpstreamCall:
                 )
             )
 
-    def attach(self, connection: _HTTPConnection) -> None:
-        """Called by the HTTP client when the connection object for this call exists."""
+    def attach(self, connection: Connection) -> None:
+        """The connection this call's request uses (closed at once if already aborted)."""
         self._connection = connection
         if self.abort_reason is not None:
-            self._loop.add_callback(self._abort_connection)
+            connection.close()
 
     def abort(self, reason: BaseException) -> None:
         """End the upstream request now: closing the connection makes llama.cpp stop
@@ -115,12 +121,8 @@ class UpstreamCall:
         if self.abort_reason is not None:
             return
         self.abort_reason = reason
-        self._abort_connection()
-
-    def _abort_connection(self) -> None:
         if self._connection is not None:
-            reason = self.abort_reason or ClientGone()
-            self._connection._handle_exception(type(reason), reason, None)
+            self._connection.close()
 
     def done(self) -> None:
         """The request ended: stop the timer."""
@@ -129,19 +131,12 @@ class UpstreamCall:
             self._timer = None
 
 
-class _AbortableConnection(_HTTPConnection):
-    """Hands itself to the UpstreamCall of its request, so the call can abort it."""
+@dataclass
+class Response:
+    """A whole (non-streamed) upstream response."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        call = getattr(self.request.request, "upstream_call", None)  # type: ignore[attr-defined]
-        if call is not None:
-            call.attach(self)
-
-
-class _AbortableHTTPClient(SimpleAsyncHTTPClient):
-    def _connection_class(self) -> type:
-        return _AbortableConnection
+    status: int
+    body: bytes
 
 
 EventSink = Callable[[list[dict[str, Any]]], None]
@@ -154,17 +149,15 @@ class LlamaCppClient:
         self.base = settings.upstream_url
         self._settings = settings
         self._now = now
-        self._http = _AbortableHTTPClient(
-            force_instance=True,
-            max_clients=settings.upstream_max_connections,
-            max_body_size=256 * 1024 * 1024,
+        self._pool = ConnectionPool(
+            self.base, settings.upstream_max_connections, settings.upstream_connect_timeout
         )
         self._props: dict[str, Any] | None = None
         self._props_at = 0.0
 
     def close(self) -> None:
-        """Release the HTTP client."""
-        self._http.close()
+        """Close the idle upstream connections."""
+        self._pool.close()
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -173,7 +166,7 @@ class LlamaCppClient:
         if self._props is not None and self._now() - self._props_at < PROPS_TTL:
             return self._props
         response = await self._get("/props")
-        if response.code == 404:
+        if response.status == 404:
             props: dict[str, Any] = {}  # a server without /props: no model template, no BOS
         else:
             props = self._json_or_raise(response, "/props")
@@ -184,7 +177,7 @@ class LlamaCppClient:
         """The models llama.cpp serves, as OpenAI model objects."""
         response = await self._get("/v1/models")
         created = int(time.time())
-        if response.code == 200:
+        if response.status == 200:
             body = self._json_or_raise(response, "/v1/models")
             data = body.get("data") if isinstance(body, dict) else None
             if isinstance(data, list) and data:
@@ -215,34 +208,106 @@ class LlamaCppClient:
             response = await self._get("/health", timeout=self._settings.upstream_connect_timeout)
         except ProxyError as exc:
             return False, exc.message
-        if response.code == 200:
+        if response.status == 200:
             return True, "ok"
-        if response.code == 503:
+        if response.status == 503:
             return False, "llama.cpp is loading the model"
-        return False, f"llama.cpp /health answered HTTP {response.code}"
+        return False, f"llama.cpp /health answered HTTP {response.status}"
 
-    async def _get(self, path: str, timeout: float | None = None) -> HTTPResponse:
-        request = HTTPRequest(
-            self.base + path,
-            headers={"Accept": "application/json"},
-            connect_timeout=self._settings.upstream_connect_timeout,
-            request_timeout=timeout or self._settings.upstream_first_byte_timeout,
+    async def _get(self, path: str, timeout: float | None = None) -> Response:
+        call = UpstreamCall(
+            timeout or self._settings.upstream_first_byte_timeout,
+            self._settings.upstream_idle_timeout,
         )
         try:
-            response = await self._http.fetch(request, raise_error=False)
-        except Exception as exc:
-            raise _connection_error(exc, self.base) from exc
-        if response.code == 599:
-            raise _connection_error(response.error, self.base)
-        return response
+            return await self._exchange("GET", path, None, call)
+        finally:
+            call.done()
 
-    def _json_or_raise(self, response: HTTPResponse, what: str) -> Any:
-        if response.code != 200:
-            raise upstream_status_error(response.code, response.body or b"")
+    def _json_or_raise(self, response: Response, what: str) -> Any:
+        if response.status != 200:
+            raise upstream_status_error(response.status, response.body)
         try:
             return json.loads(response.body)
         except ValueError:
             raise UpstreamError(f"llama.cpp answered {what} with malformed JSON") from None
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        call: UpstreamCall,
+        on_head: Callable[[ResponseHead], None] | None = None,
+        on_body: Callable[[bytes], None] | None = None,
+    ) -> Response:
+        """One request on a pooled connection. With `on_body`, a 200 body goes to it read by
+        read; any other body is returned whole (it is an error to report)."""
+        request = encode_request(self._pool, method, path, body)
+        for attempt in (1, 2):
+            try:
+                conn, reused = await self._pool.acquire()
+            except TimeoutError:
+                raise UpstreamTimeout(f"timed out connecting to llama.cpp at {self.base}") from None
+            except OSError as exc:
+                raise _connection_error(exc, self.base) from exc
+            call.attach(conn)
+            answered = False
+            reusable = False
+            try:
+                conn.writer.write(request)
+                head = await read_head(conn)
+                answered = True
+                call.touch()
+                if on_head is not None:
+                    on_head(head)
+                result = await self._read_body(
+                    conn, head, method, call, on_body if head.status == 200 else None
+                )
+                reusable = result[1]
+                return Response(head.status, result[0])
+            except (ConnectionLost, ConnectionError, OSError, ProtocolError) as exc:
+                if call.abort_reason is not None:
+                    raise call.abort_reason from None
+                if reused and not answered and attempt == 1:
+                    continue  # the server closed an idle connection as we reused it: retry
+                raise _connection_error(exc, self.base) from exc
+            finally:
+                self._pool.release(conn, reusable)
+        raise AssertionError("unreachable")
+
+    async def _read_body(
+        self,
+        conn: Connection,
+        head: ResponseHead,
+        method: str,
+        call: UpstreamCall,
+        on_body: Callable[[bytes], None] | None,
+    ) -> tuple[bytes, bool]:
+        """(collected body, connection reusable)."""
+        decoder = BodyDecoder(head, method)
+        collected = bytearray()
+        read = conn.reader.read
+        while not decoder.done:
+            data = await read(READ_SIZE)
+            if not data:
+                if call.abort_reason is not None:
+                    raise call.abort_reason
+                if decoder.until_eof:
+                    break
+                raise ConnectionLost("closed before the response was complete")
+            call.touch()
+            piece = decoder.feed(data)
+            if on_body is not None:
+                if piece:
+                    on_body(piece)
+                if call.abort_reason is not None:
+                    raise call.abort_reason
+            else:
+                collected += piece
+                if len(collected) > MAX_RESPONSE:
+                    raise UpstreamError("llama.cpp's response is too large")
+        return bytes(collected), decoder.done and head.keep_alive and not decoder.until_eof
 
     # -- completions ------------------------------------------------------------------------
 
@@ -271,21 +336,6 @@ class LlamaCppClient:
         body.update(request.extensions)
         return body
 
-    def _completion_request(
-        self, body: dict[str, Any], call: UpstreamCall, **kwargs: Any
-    ) -> HTTPRequest:
-        request = HTTPRequest(
-            self.base + "/completion",
-            method="POST",
-            body=json.dumps(body, ensure_ascii=False).encode(),
-            headers=JSON_HEADERS,
-            connect_timeout=self._settings.upstream_connect_timeout,
-            request_timeout=0,  # UpstreamCall keeps the first-byte and idle deadlines
-            **kwargs,
-        )
-        request.upstream_call = call  # type: ignore[attr-defined]
-        return request
-
     def new_call(self) -> UpstreamCall:
         """A handle for one upstream request, armed with the configured timeouts."""
         return UpstreamCall(
@@ -294,15 +344,10 @@ class LlamaCppClient:
 
     async def complete(self, body: dict[str, Any], call: UpstreamCall) -> dict[str, Any]:
         """A non-streamed /completion: llama.cpp's final result object."""
-
-        def on_header(line: str) -> None:
-            call.touch()
-
-        request = self._completion_request(body, call, header_callback=on_header)
         try:
-            response = await self._fetch(request, call)
-            if response.code != 200:
-                raise upstream_status_error(response.code, response.body or b"")
+            response = await self._exchange("POST", "/completion", _encode(body), call)
+            if response.status != 200:
+                raise upstream_status_error(response.status, response.body)
             try:
                 result = json.loads(response.body)
             except ValueError:
@@ -325,26 +370,15 @@ class LlamaCppClient:
         flush once per read). Returns after the final (`stop: true`) event; raises a
         ProxyError on any failure, before or after `on_open`."""
         decoder = SSEDecoder()
-        state = {"status": 0, "final": False}
-        error_body = bytearray()
+        final = False
         loads = json.loads
 
-        def on_header(line: str) -> None:
-            call.touch()
-            if not state["status"] and line.startswith("HTTP/"):
-                parts = line.split(" ", 2)
-                code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 502
-                if code != 100:
-                    state["status"] = code
-                    if code == 200:
-                        on_open()
+        def on_head(head: ResponseHead) -> None:
+            if head.status == 200:
+                on_open()
 
-        def on_chunk(chunk: bytes) -> None:
-            call.touch()
-            if state["status"] != 200:
-                if len(error_body) < ERROR_BODY_LIMIT:
-                    error_body.extend(chunk[: ERROR_BODY_LIMIT - len(error_body)])
-                return
+        def on_body(chunk: bytes) -> None:
+            nonlocal final
             events = []
             failure: ProxyError | None = None
             for field, payload in decoder.feed(chunk):
@@ -362,59 +396,49 @@ class LlamaCppClient:
                     failure = UpstreamError("llama.cpp sent a stream event that is not an object")
                     break
                 if event.get("stop"):
-                    state["final"] = True
+                    final = True
                 events.append(event)
             if events:  # what came before a failure in the same read is delivered first
                 on_events(events)
             if failure is not None:
                 call.abort(failure)
 
-        request = self._completion_request(
-            body, call, header_callback=on_header, streaming_callback=on_chunk
-        )
         try:
-            response = await self._fetch(request, call)
-            if response.code != 200:
-                raise upstream_status_error(response.code, bytes(error_body))
+            response = await self._exchange(
+                "POST", "/completion", _encode(body), call, on_head, on_body
+            )
+            if response.status != 200:
+                raise upstream_status_error(response.status, response.body[:ERROR_BODY_LIMIT])
             for _field, payload in decoder.close():
                 try:
                     event = loads(payload)
                 except ValueError:
                     raise UpstreamError("llama.cpp sent a malformed stream event") from None
                 if isinstance(event, dict):
-                    state["final"] = state["final"] or bool(event.get("stop"))
+                    final = final or bool(event.get("stop"))
                     on_events([event])
-            if not state["final"]:
+            if not final:
                 raise UpstreamError("llama.cpp ended the stream before its final event")
         finally:
             call.done()
 
-    async def _fetch(self, request: HTTPRequest, call: UpstreamCall) -> HTTPResponse:
-        try:
-            response = await self._http.fetch(request, raise_error=False)
-        except Exception as exc:
-            if call.abort_reason is not None:
-                raise call.abort_reason from None
-            raise _connection_error(exc, self.base) from exc
-        if call.abort_reason is not None:
-            raise call.abort_reason
-        if response.code == 599:
-            raise _connection_error(response.error, self.base)
-        return response
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode()
 
 
 def _connection_error(error: BaseException | None, base: str) -> ProxyError:
-    if isinstance(error, HTTPTimeoutError):
-        if "connect" in str(error).lower():
-            return UpstreamTimeout(f"timed out connecting to llama.cpp at {base}")
-        return UpstreamTimeout(f"llama.cpp at {base} did not answer in time")
-    if isinstance(error, HTTPStreamClosedError):
+    if isinstance(error, TimeoutError | asyncio.TimeoutError):
+        return UpstreamTimeout(f"timed out connecting to llama.cpp at {base}")
+    if isinstance(error, ProtocolError):
+        return UpstreamError(f"llama.cpp sent a malformed HTTP response: {error}")
+    if isinstance(error, ConnectionLost | ConnectionResetError | BrokenPipeError):
         return UpstreamError("llama.cpp closed the connection before the response was complete")
     if isinstance(error, socket.gaierror):
         return UpstreamUnavailable(f"cannot resolve llama.cpp's host in {base}")
     if isinstance(error, ConnectionRefusedError):
         return UpstreamUnavailable(f"llama.cpp at {base} refused the connection (is it running?)")
-    if isinstance(error, OSError | HTTPClientError):
+    if isinstance(error, OSError):
         return UpstreamUnavailable(f"cannot reach llama.cpp at {base}: {error}")
     return UpstreamError(f"request to llama.cpp failed: {error}")
 

@@ -74,6 +74,8 @@ class _Completion(_Base):
         fake.requests.append(body)
         if script.stall_before:
             await asyncio.sleep(script.stall_before)
+        if fake.close_connections:
+            self.set_header("Connection", "close")
         if script.fail_status is not None:
             payload = (
                 script.fail_body
@@ -306,6 +308,7 @@ class FakeLlamaCpp:
         self.requests: list[dict[str, Any]] = []
         self.client_disconnects = 0
         self.disconnected = asyncio.Event()
+        self.close_connections = False  # answer with Connection: close
         self.port = 0
         self._server: HTTPServer | None = None
 
@@ -339,6 +342,7 @@ class FakeLlamaCpp:
         self.requests.clear()
         self.client_disconnects = 0
         self.disconnected.clear()
+        self.close_connections = False
 
 
 def main() -> None:
