@@ -8,7 +8,9 @@ moment a read brings them, with one flush per read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import tornado.web
@@ -49,6 +51,12 @@ def _active_tools(request: CompletionRequest) -> list[dict[str, Any]] | None:
 def _ignore_closed(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()  # retrieved: a closed client is handled by on_connection_close
+
+
+async def _settled(future: Awaitable[None]) -> None:
+    """Wait for a flush; a client that left is handled elsewhere (on_connection_close)."""
+    with contextlib.suppress(StreamClosedError):
+        await future
 
 
 class Generation:
@@ -282,6 +290,15 @@ class CompletionsHandler(BaseHandler):
         self.write(data)
         self.flush().add_done_callback(_ignore_closed)
 
+    def _flush_with_backpressure(self) -> Awaitable[None] | None:
+        """Flush; hand back the flush only while it is still pending (a slow client)."""
+        flushed = self.flush()
+        if flushed.done():
+            flushed.exception()  # a closed client is handled by on_connection_close
+            return None
+        flushed.add_done_callback(_ignore_closed)
+        return _settled(flushed)
+
     async def _stream_one(
         self, request: CompletionRequest, encoder: ChunkEncoder, generation: Generation
     ) -> None:
@@ -298,9 +315,9 @@ class CompletionsHandler(BaseHandler):
             elif generation.choice.prompt_text:
                 self._write(encoder.content(index, generation.choice.prompt_text))
 
-        def on_events(events: list[dict[str, Any]]) -> None:
+        def on_events(events: list[dict[str, Any]]) -> Awaitable[None] | None:
             if self._client_gone:
-                return
+                return None
             generation.last_event = events[-1]
             for event in events:
                 text = event.get("content") or ""
@@ -328,7 +345,7 @@ class CompletionsHandler(BaseHandler):
                             write(encoder.tool_calls(index, calls))
                             reason = "tool_calls"
                     write(encoder.finish(index, reason))
-            self.flush().add_done_callback(_ignore_closed)
+            return self._flush_with_backpressure()
 
         await self.ctx.upstream.stream(generation.body, generation.call, on_open, on_events)
 

@@ -10,7 +10,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +139,9 @@ class Response:
     body: bytes
 
 
-EventSink = Callable[[list[dict[str, Any]]], None]
+EventSink = Callable[[list[dict[str, Any]]], "Awaitable[None] | None"]
+"""Receives the events of one read; may return an awaitable that resolves once the client
+has taken what was written (backpressure)."""
 
 
 class LlamaCppClient:
@@ -239,7 +241,7 @@ class LlamaCppClient:
         body: bytes | None,
         call: UpstreamCall,
         on_head: Callable[[ResponseHead], None] | None = None,
-        on_body: Callable[[bytes], None] | None = None,
+        on_body: Callable[[bytes], Awaitable[None] | None] | None = None,
     ) -> Response:
         """One request on a pooled connection. With `on_body`, a 200 body goes to it read by
         read; any other body is returned whole (it is an error to report)."""
@@ -282,7 +284,7 @@ class LlamaCppClient:
         head: ResponseHead,
         method: str,
         call: UpstreamCall,
-        on_body: Callable[[bytes], None] | None,
+        on_body: Callable[[bytes], Awaitable[None] | None] | None,
     ) -> tuple[bytes, bool]:
         """(collected body, connection reusable)."""
         decoder = BodyDecoder(head, method)
@@ -300,7 +302,13 @@ class LlamaCppClient:
             piece = decoder.feed(data)
             if on_body is not None:
                 if piece:
-                    on_body(piece)
+                    backlog = on_body(piece)
+                    if backlog is not None:
+                        # The client reads slower than llama.cpp writes: stop reading (and
+                        # so hold llama.cpp back) until our copy is written out, instead of
+                        # buffering without bound.
+                        await backlog
+                        call.touch()
                 if call.abort_reason is not None:
                     raise call.abort_reason
             else:
@@ -377,7 +385,7 @@ class LlamaCppClient:
             if head.status == 200:
                 on_open()
 
-        def on_body(chunk: bytes) -> None:
+        def on_body(chunk: bytes) -> Awaitable[None] | None:
             nonlocal final
             events = []
             failure: ProxyError | None = None
@@ -398,10 +406,10 @@ class LlamaCppClient:
                 if event.get("stop"):
                     final = True
                 events.append(event)
-            if events:  # what came before a failure in the same read is delivered first
-                on_events(events)
-            if failure is not None:
+            backlog = on_events(events) if events else None
+            if failure is not None:  # events before a failure in the same read went first
                 call.abort(failure)
+            return backlog
 
         try:
             response = await self._exchange(

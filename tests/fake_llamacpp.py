@@ -150,6 +150,9 @@ class _Completion(_Base):
         for token in script.tokens:
             if n_predict is not None and 0 <= n_predict <= len(pieces):
                 return pieces, "limit", ""
+            if not stops:
+                pieces.append(token)
+                continue
             candidate = text + token
             for stop in stops:
                 at = candidate.find(stop)
@@ -239,6 +242,7 @@ class _Completion(_Base):
                 else:
                     self.write(frame)
                 await self.flush()
+                self.fake.events_sent += 1
                 if script.token_delay:
                     await asyncio.sleep(script.token_delay)
             self.finish()
@@ -309,6 +313,7 @@ class FakeLlamaCpp:
         self.client_disconnects = 0
         self.disconnected = asyncio.Event()
         self.close_connections = False  # answer with Connection: close
+        self.events_sent = 0  # streamed events the fake's socket accepted
         self.port = 0
         self._server: HTTPServer | None = None
 
@@ -343,6 +348,7 @@ class FakeLlamaCpp:
         self.client_disconnects = 0
         self.disconnected.clear()
         self.close_connections = False
+        self.events_sent = 0
 
 
 def main() -> None:

@@ -225,3 +225,32 @@ def test_client_disconnect_while_waiting_for_a_plain_answer(
     assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1, timeout=2)
     assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_client_that_stops_reading_holds_llamacpp_back(stack: Stack) -> None:
+    # 40 MB of stream: far more than the socket buffers between llama.cpp, the proxy and
+    # the client can hold (a few MB each way on loopback).
+    total = 20_000
+    stack.fake.script.tokens = ["x" * 2000] * total
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        body = json.dumps({"prompt": "x", "stream": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nAuthorization: Bearer " + UNLIMITED_KEY.encode() +
+                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        # Read nothing. The stream advances only until the socket buffers on the way fill up.
+        last = -1
+        while stack.fake.events_sent != last:
+            last = stack.fake.events_sent
+            stack.wait_for(lambda: stack.fake.events_sent > last, timeout=0.5)
+        held_at = stack.fake.events_sent
+        assert held_at < total / 2, held_at
+        received, tail = 0, b""
+        sock.settimeout(10)
+        while b"data: [DONE]" not in tail:  # now read everything: the rest flows
+            data = sock.recv(1 << 20)
+            assert data, "the stream ended without [DONE]"
+            received += len(data)
+            tail = (tail + data)[-64:]
+    assert stack.fake.events_sent == total + 1
+    assert received > total * 2000
