@@ -4,7 +4,6 @@ and the small endpoints (models, health, unknown URLs). Completions are in compl
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
@@ -14,6 +13,7 @@ from typing import Any
 
 import tornado.web
 
+from . import fastjson
 from .auth import Principal
 from .context import AppContext
 from .errors import (
@@ -32,7 +32,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return fastjson.dumps(value)
 
 
 class BaseHandler(tornado.web.RequestHandler):

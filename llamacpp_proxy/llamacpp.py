@@ -6,7 +6,6 @@ at this boundary.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 from tornado.ioloop import IOLoop
 
+from . import fastjson
 from .config import Settings
 from .errors import (
     ContextLengthExceeded,
@@ -230,7 +230,7 @@ class LlamaCppClient:
         if response.status != 200:
             raise upstream_status_error(response.status, response.body)
         try:
-            return json.loads(response.body)
+            return fastjson.loads(response.body)
         except ValueError:
             raise UpstreamError(f"llama.cpp answered {what} with malformed JSON") from None
 
@@ -357,7 +357,7 @@ class LlamaCppClient:
             if response.status != 200:
                 raise upstream_status_error(response.status, response.body)
             try:
-                result = json.loads(response.body)
+                result = fastjson.loads(response.body)
             except ValueError:
                 raise UpstreamError("llama.cpp answered /completion with malformed JSON") from None
             if not isinstance(result, dict):
@@ -379,7 +379,7 @@ class LlamaCppClient:
         ProxyError on any failure, before or after `on_open`."""
         decoder = SSEDecoder()
         final = False
-        loads = json.loads
+        loads = fastjson.loads
 
         def on_head(head: ResponseHead) -> None:
             if head.status == 200:
@@ -432,7 +432,7 @@ class LlamaCppClient:
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False).encode()
+    return fastjson.dumps(body)
 
 
 def _connection_error(error: BaseException | None, base: str) -> ProxyError:
@@ -468,7 +468,7 @@ def _stream_error(payload: Any) -> ProxyError:
 def upstream_status_error(status: int, body: bytes) -> ProxyError:
     """A llama.cpp error status (and its JSON error body, if any) as our error."""
     try:
-        payload = json.loads(body) if body else None
+        payload = fastjson.loads(body) if body else None
     except ValueError:
         payload = None
     if payload is None:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import fastjson
 from .errors import InvalidRequest
 
 MAX_N = 16  # choices per request: each is a full generation on the GPU
@@ -162,7 +163,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
             f"The request body is not UTF-8 (byte {exc.start}).", code="invalid_json"
         ) from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        body = fastjson.loads(text)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(
             f"The request body is not valid JSON: {exc}", code="invalid_json"
@@ -200,10 +201,6 @@ def _has_lone_surrogate(value: Any) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_chat_request(body: dict[str, Any]) -> CompletionRequest:

@@ -1,23 +1,19 @@
 """OpenAI response bodies and stream chunks built from llama.cpp results (pure: no I/O).
 
 Streaming is the hot path: a ChunkEncoder pre-renders the bytes every chunk of a response
-shares, so each token costs one small json.dumps of its text.
+shares, so each token costs one small JSON encoding of its text.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ProxyError
+from .fastjson import dumps
 
 FINISH_REASONS = {"eos": "stop", "word": "stop", "limit": "length", "none": "stop"}
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def new_id(chat: bool) -> str:
@@ -161,63 +157,80 @@ def text_response(
 
 
 class ChunkEncoder:
-    """Builds the `data: ...` frames of one streamed response."""
+    """Builds the `data: ...` frames of one streamed response, as bytes.
+
+    Everything but the index, the text and the logprobs is the same in every chunk of a
+    response, so it is rendered once here; a token then costs one JSON encoding of its text.
+    """
 
     def __init__(self, chat: bool, response_id: str, created: int, model: str) -> None:
         self.chat = chat
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        head = (
-            f'data: {{"id":{_dumps(response_id)},"object":"{obj}","created":{created},'
-            f'"model":{_dumps(model)},"choices":['
+        obj = b"chat.completion.chunk" if chat else b"text_completion"
+        self._head = (
+            b'data: {"id":'
+            + dumps(response_id)
+            + b',"object":"'
+            + obj
+            + b'","created":'
+            + str(created).encode()
+            + b',"model":'
+            + dumps(model)
+            + b',"choices":['
         )
-        self._head = head.encode()
-        self._head_text = head
+        # Between the index and the text of a content chunk.
+        self._text_key = b',"delta":{"content":' if chat else b',"text":'
+        self._text_end = b'},"logprobs":' if chat else b',"logprobs":'
 
-    def _frame(self, choices_json: str) -> bytes:
-        return (self._head_text + choices_json + "]}\n\n").encode()
+    def _frame(self, choice: bytes) -> bytes:
+        return self._head + choice + b"]}\n\n"
 
     def role(self, index: int) -> bytes:
         """The first chat chunk of a choice: the assistant role, empty content."""
         return self._frame(
-            f'{{"index":{index},"delta":{{"role":"assistant","content":"",'
-            f'"refusal":null}},"logprobs":null,"finish_reason":null}}'
+            b'{"index":%d,"delta":{"role":"assistant","content":"","refusal":null},'
+            b'"logprobs":null,"finish_reason":null}' % index
         )
 
     def content(self, index: int, text: str, logprobs: dict[str, Any] | None = None) -> bytes:
         """A chunk carrying generated text (and its logprobs when asked for)."""
-        lp = "null" if logprobs is None else _dumps(logprobs)
-        if self.chat:
-            return self._frame(
-                f'{{"index":{index},"delta":{{"content":{_dumps(text)}}},'
-                f'"logprobs":{lp},"finish_reason":null}}'
+        return b"".join(
+            (
+                self._head,
+                b'{"index":',
+                str(index).encode(),
+                self._text_key,
+                dumps(text),
+                self._text_end,
+                b"null" if logprobs is None else dumps(logprobs),
+                b',"finish_reason":null}]}\n\n',
             )
-        return self._frame(
-            f'{{"index":{index},"text":{_dumps(text)},"logprobs":{lp},"finish_reason":null}}'
         )
 
     def tool_calls(self, index: int, calls: list[dict[str, Any]]) -> bytes:
         """A chat chunk carrying complete tool calls (each with its index)."""
         deltas = [{"index": i, **call} for i, call in enumerate(calls)]
         return self._frame(
-            f'{{"index":{index},"delta":{{"tool_calls":{_dumps(deltas)}}},'
-            f'"logprobs":null,"finish_reason":null}}'
+            b'{"index":%d,"delta":{"tool_calls":%s},"logprobs":null,"finish_reason":null}'
+            % (index, dumps(deltas))
         )
 
     def finish(self, index: int, reason: str) -> bytes:
         """The last chunk of a choice, with its finish_reason."""
         if self.chat:
             return self._frame(
-                f'{{"index":{index},"delta":{{}},"logprobs":null,"finish_reason":"{reason}"}}'
+                b'{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%s"}'
+                % (index, reason.encode())
             )
         return self._frame(
-            f'{{"index":{index},"text":"","logprobs":null,"finish_reason":"{reason}"}}'
+            b'{"index":%d,"text":"","logprobs":null,"finish_reason":"%s"}'
+            % (index, reason.encode())
         )
 
     def usage(self, usage: Usage) -> bytes:
         """The include_usage chunk: no choices, the whole request's usage."""
-        return (self._head_text + '],"usage":' + _dumps(usage.as_dict()) + "}\n\n").encode()
+        return self._head + b'],"usage":' + dumps(usage.as_dict()) + b"}\n\n"
 
 
 def error_event(error: ProxyError) -> bytes:
     """An OpenAI error object as the final event of a stream that already started."""
-    return b"data: " + _dumps(error.body()).encode() + b"\n\n"
+    return b"data: " + dumps(error.body()) + b"\n\n"
