@@ -119,10 +119,9 @@ class CompletionsHandler(BaseHandler):
                 f"The request body is {length} bytes; the limit is {limit}.",
                 headers={"Connection": "close"},
             )
-        # A chunked body over the limit makes Tornado drop the connection.
-        connection = self.request.connection
-        connection.set_max_body_size(limit)  # type: ignore[union-attr]
-        connection.set_body_timeout(self.ctx.settings.client_body_timeout)  # type: ignore[union-attr]
+        # A chunked body over the limit makes Tornado drop the connection. (The body
+        # timeout is the HTTPServer's, --client-body-timeout.)
+        self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:
         self._body_parts.append(chunk)

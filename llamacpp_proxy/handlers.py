@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from http.client import responses
 from importlib import resources
 from typing import Any
@@ -23,6 +22,7 @@ from .errors import (
     ProxyError,
     ServiceShuttingDown,
 )
+from .ids import unique_id
 from .ratelimit import Admission
 
 log = logging.getLogger("llamacpp_proxy")
@@ -64,9 +64,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         incoming = self.request.headers.get("X-Request-Id", "")
-        self.request_id = (
-            incoming if _REQUEST_ID.fullmatch(incoming) else ("req_" + secrets.token_hex(12))
-        )
+        self.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else unique_id("req_")
         self.set_header("X-Request-Id", self.request_id)
         if self.ctx.draining:
             raise ServiceShuttingDown(

@@ -395,14 +395,10 @@ class LlamaCppClient:
                 except ValueError:
                     failure = UpstreamError("llama.cpp sent a malformed stream event")
                     break
-                if field == "error" or (
-                    isinstance(event, dict) and "error" in event and "content" not in event
-                ):
-                    failure = _stream_error(event)
-                    break
-                if not isinstance(event, dict):
-                    failure = UpstreamError("llama.cpp sent a stream event that is not an object")
-                    break
+                if field != "data" or type(event) is not dict or "error" in event:
+                    failure = _unusual_event(field, event)
+                    if failure is not None:
+                        break
                 if event.get("stop"):
                     final = True
                 events.append(event)
@@ -429,6 +425,15 @@ class LlamaCppClient:
                 raise UpstreamError("llama.cpp ended the stream before its final event")
         finally:
             call.done()
+
+
+def _unusual_event(field: str, event: Any) -> ProxyError | None:
+    """The error an event that is not a plain token event stands for (None: it is fine)."""
+    if field == "error" or (isinstance(event, dict) and "content" not in event):
+        return _stream_error(event)
+    if not isinstance(event, dict):
+        return UpstreamError("llama.cpp sent a stream event that is not an object")
+    return None
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -6,19 +6,19 @@ shares, so each token costs one small JSON encoding of its text.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ProxyError
 from .fastjson import dumps
+from .ids import unique_id
 
 FINISH_REASONS = {"eos": "stop", "word": "stop", "limit": "length", "none": "stop"}
 
 
 def new_id(chat: bool) -> str:
-    """`chatcmpl-...` or `cmpl-...`, unguessable."""
-    return ("chatcmpl-" if chat else "cmpl-") + secrets.token_urlsafe(18)
+    """`chatcmpl-...` or `cmpl-...`, unique."""
+    return unique_id("chatcmpl-" if chat else "cmpl-")
 
 
 def finish_reason(stop_type: str | None) -> str:

@@ -28,6 +28,22 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
         """Consume a chunk; return every event it completed."""
         buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer or self._data:
+            return self._feed_lines(buffer)
+        # Fast path for what llama.cpp sends: blocks of one `data: {...}` line, each ended
+        # by a blank line. Anything else in a block goes through the line parser.
+        blocks = buffer.split(b"\n\n")
+        self._buffer = blocks.pop()
+        events: list[tuple[str, bytes]] = []
+        for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                events.append(("data", block[6:]))
+            elif block:
+                events.extend(self._feed_lines(block + b"\n\n", keep_buffer=True))
+        return events
+
+    def _feed_lines(self, buffer: bytes, keep_buffer: bool = False) -> list[tuple[str, bytes]]:
+        """The general parser: CRLF or LF lines, comments, multi-line data, other fields."""
         events: list[tuple[str, bytes]] = []
         start = 0
         while True:
@@ -52,7 +68,8 @@ class SSEDecoder:
                 self._field = name
                 self._data.append(value)
             # `event:`, `id:` and `retry:` carry nothing llama.cpp uses.
-        self._buffer = buffer[start:]
+        if not keep_buffer:
+            self._buffer = buffer[start:]
         return events
 
     def _dispatch(self, events: list[tuple[str, bytes]]) -> None:

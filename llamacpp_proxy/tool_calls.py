@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from typing import Any
+
+from .ids import unique_id
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
@@ -58,7 +59,7 @@ def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
     if not isinstance(arguments, dict):
         return None
     return {
-        "id": "call_" + secrets.token_urlsafe(12),
+        "id": unique_id("call_"),
         "type": "function",
         "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
     }
