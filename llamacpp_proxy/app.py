@@ -12,7 +12,7 @@ from .handlers import (
     NotFoundHandler,
     OpenAPIHandler,
     ReadyHandler,
-    log_request,
+    make_log_function,
 )
 
 
@@ -35,7 +35,7 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,
-        log_function=log_request if ctx.settings.access_log else (lambda handler: None),
+        log_function=make_log_function(ctx),
         compress_response=False,
         xheaders=False,
     )

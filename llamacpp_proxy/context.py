@@ -12,6 +12,7 @@ from .auth_throttle import AuthFailureThrottle
 from .config import Settings
 from .errors import ProxyError
 from .llamacpp import LlamaCppClient
+from .logs import AccessLog
 from .ratelimit import Limiter
 from .templates import ChatTemplate, TemplateLoadError
 
@@ -32,6 +33,8 @@ class AppContext:
     keys: KeyStore
     limiter: Limiter
     upstream: LlamaCppClient
+    access_log: AccessLog | None = None
+    """One line per request (None: --no-access-log)."""
     auth_throttle: AuthFailureThrottle | None = None
     """Refuses addresses that keep presenting wrong keys."""
     template: ChatTemplate | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from http.client import responses
 from importlib import resources
 from typing import Any
@@ -26,7 +27,6 @@ from .ids import unique_id
 from .ratelimit import Admission
 
 log = logging.getLogger("llamacpp_proxy")
-access_log = logging.getLogger("llamacpp_proxy.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -244,17 +244,23 @@ class ReadyHandler(BaseHandler):
         )
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
-    """The Application's log_function: one access log line per request."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    if isinstance(handler, BaseHandler):
-        fields = handler.access_fields()
-    else:
-        fields = {
-            "method": handler.request.method,
-            "path": handler.request.path,
-            "status": handler.get_status(),
-            "latency_ms": round(handler.request.request_time() * 1000, 2),
-        }
-    access_log.info("%s", fields["status"], extra={"access": fields})
+def make_log_function(ctx: AppContext) -> Callable[[tornado.web.RequestHandler], None]:
+    """The Application's log_function: one access log line per request, if enabled."""
+
+    def log_request(handler: tornado.web.RequestHandler) -> None:
+        access = ctx.access_log
+        if access is None:
+            return
+        if isinstance(handler, BaseHandler):
+            access.write(handler.access_fields())
+        else:
+            access.write(
+                {
+                    "method": handler.request.method,
+                    "path": handler.request.path,
+                    "status": handler.get_status(),
+                    "latency_ms": round(handler.request.request_time() * 1000, 2),
+                }
+            )
+
+    return log_request

@@ -1,4 +1,10 @@
-"""Logging set-up: plain or JSON lines; access records carry their fields in `record.access`."""
+"""Logging set-up (plain or JSON lines) and the access log.
+
+The access log writes one line per request without going through `logging`: the benchmark
+measured a LogRecord, a formatter and a flushed write per request at 8% of a request's CPU.
+Lines are formatted directly, with the timestamp text reused within a second, and written
+out together once per event-loop iteration.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,16 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, TextIO
 
 
 class PlainFormatter(logging.Formatter):
-    """`time level logger message`, access lines as key=value pairs."""
+    """`time level logger: message`."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields = getattr(record, "access", None)
-        if fields is not None:
-            message = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        else:
-            message = record.getMessage()
+        message = record.getMessage()
         line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} {record.name}: {message}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -33,11 +37,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        fields = getattr(record, "access", None)
-        if fields is not None:
-            out.update(fields)
-        else:
-            out["message"] = record.getMessage()
+        out["message"] = record.getMessage()
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
@@ -52,3 +52,59 @@ def configure_logging(level: str, json_lines: bool) -> None:
     root.setLevel(level.upper())
     # Tornado's own access log would duplicate ours.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+class AccessLog:
+    """Buffered access log lines, in the same format as the other log lines."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        json_lines: bool,
+        schedule: Callable[[Callable[[], None]], Any],
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._stream = stream
+        self._json = json_lines
+        self._schedule = schedule
+        self._now = now
+        self._lines: list[str] = []
+        self._second = -1
+        self._stamp = ""
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """Queue one request's line; written at the end of this loop iteration."""
+        now = self._now()
+        if self._json:
+            line = json.dumps(
+                {
+                    "time": round(now, 3),
+                    "level": "info",
+                    "logger": "llamacpp_proxy.access",
+                    **fields,
+                },
+                ensure_ascii=False,
+            )
+        else:
+            second = int(now)
+            if second != self._second:
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            pairs = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line = (
+                f"{self._stamp}.{int(now * 1000) % 1000:03d}Z INFO llamacpp_proxy.access: {pairs}"
+            )
+        if not self._lines:
+            self._schedule(self.flush)
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        """Write the queued lines."""
+        if self._lines:
+            text = "\n".join(self._lines) + "\n"
+            self._lines.clear()
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):  # a closed or full stderr must not stop serving
+                pass

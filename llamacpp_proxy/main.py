@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from tornado.httpserver import HTTPServer
 
@@ -18,7 +18,7 @@ from .auth_throttle import AuthFailureThrottle
 from .config import ConfigError, Settings, load_settings
 from .context import AppContext
 from .llamacpp import LlamaCppClient
-from .logs import configure_logging
+from .logs import AccessLog, configure_logging
 from .ratelimit import InMemoryLimiter, Limiter
 from .templates import TemplateLoadError, load_chat_template
 
@@ -37,6 +37,11 @@ def build_keys(settings: Settings) -> KeyStore:
     )
 
 
+def _call_soon(callback: Callable[[], None]) -> None:
+    # Looked up per call: the context is built before the event loop runs.
+    asyncio.get_running_loop().call_soon(callback)
+
+
 def build_context(settings: Settings) -> AppContext:
     """Everything the handlers share; raises the start-up errors main reports."""
     keys = build_keys(settings)
@@ -52,6 +57,9 @@ def build_context(settings: Settings) -> AppContext:
         settings=settings,
         keys=keys,
         limiter=limiter,
+        access_log=(
+            AccessLog(sys.stderr, settings.log_json, _call_soon) if settings.access_log else None
+        ),
         auth_throttle=AuthFailureThrottle(
             settings.auth_failure_limit, settings.auth_failure_window
         ),
@@ -70,7 +78,9 @@ async def serve(ctx: AppContext, ready: asyncio.Event | None = None) -> None:
         # Handlers answer 413 from Content-Length; this hard cap also covers chunked bodies.
         max_body_size=settings.max_body_size,
     )
-    server.listen(settings.port, settings.host)
+    # A deep accept queue: Tornado's default of 128 overflowed in bursts of 256 clients,
+    # and each overflowed client waited a second to retry its connection.
+    server.listen(settings.port, settings.host, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,6 +114,8 @@ async def serve(ctx: AppContext, ready: asyncio.Event | None = None) -> None:
         log.warning("shutdown timeout: closing %d request(s) still in flight", ctx.in_flight)
     await asyncio.wait_for(server.close_all_connections(), timeout=5)
     ctx.upstream.close()
+    if ctx.access_log is not None:
+        ctx.access_log.flush()
     close_limiter = getattr(ctx.limiter, "close", None)
     if close_limiter is not None:
         await close_limiter()

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from typing import Any
 
 import pytest
 
-from llamacpp_proxy.logs import JsonFormatter, PlainFormatter
+from llamacpp_proxy.logs import AccessLog, JsonFormatter, PlainFormatter
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY
 from .test_api import CHAT, post
 
 
-def access_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [r.access for r in caplog.records if r.name == "llamacpp_proxy.access"]  # type: ignore[attr-defined]
+def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def test_one_access_line_per_request_without_the_key(
     make_stack: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO)
     stack = make_stack(access_log=True)
+    stream = io.StringIO()
+    stack.ctx.access_log = AccessLog(stream, True, stack.runner.loop.call_soon)
     post(
         stack,
         "/v1/chat/completions",
@@ -31,27 +33,46 @@ def test_one_access_line_per_request_without_the_key(
         headers={"X-Request-Id": "log-1"},
     )
     post(stack, "/v1/completions", {"prompt": "x"}, key="sk-wrong-key-123")
-    assert stack.wait_for(lambda: len(access_records(caplog)) >= 2)
-    ok, denied = access_records(caplog)[:2]
+    assert stack.wait_for(lambda: len(stream.getvalue().splitlines()) >= 2)
+    ok, denied = json_lines(stream)[:2]
     assert ok["request_id"] == "log-1" and ok["key"] == "limited"
     assert ok["path"] == "/v1/chat/completions" and ok["status"] == 200
     assert ok["completion_tokens"] == 10 and ok["prompt_tokens"] > 0
-    assert ok["latency_ms"] >= 0
+    assert ok["latency_ms"] >= 0 and ok["logger"] == "llamacpp_proxy.access"
     assert denied["status"] == 401 and denied["key"] is None
-    text = caplog.text + "".join(PlainFormatter().format(r) for r in caplog.records)
+    text = stream.getvalue() + caplog.text
     for secret in (LIMITED_KEY, UNLIMITED_KEY, "sk-wrong-key-123"):
         assert secret not in text
 
 
+def test_access_lines_are_written_together_once_per_loop_iteration() -> None:
+    scheduled: list[Any] = []
+    stream = io.StringIO()
+    log = AccessLog(stream, False, scheduled.append, now=lambda: 1_795_600_000.25)
+    log.write({"request_id": "r1", "key": "alice", "status": 200, "error": None})
+    log.write({"request_id": "r2", "key": None, "status": 401})
+    assert stream.getvalue() == "" and len(scheduled) == 1  # one flush for both
+    scheduled[0]()
+    first, second = stream.getvalue().splitlines()
+    assert first == (
+        "2026-11-25T09:46:40.250Z INFO llamacpp_proxy.access: request_id=r1 key=alice status=200"
+    )
+    assert second.endswith("request_id=r2 status=401")
+
+
+def test_no_access_log_writes_nothing(make_stack: Any) -> None:
+    stack = make_stack(access_log=False)
+    assert stack.ctx.access_log is None
+    assert post(stack, "/v1/completions", {"prompt": "x"}).status_code == 200
+
+
 def test_formatters_plain_and_json() -> None:
     record = logging.LogRecord(
-        "llamacpp_proxy.access", logging.INFO, __file__, 1, "%s", (200,), None
+        "llamacpp_proxy", logging.WARNING, __file__, 1, "boom %s", ("x",), None
     )
-    record.access = {"request_id": "r1", "key": "alice", "status": 200, "error": None}
-    assert "request_id=r1 key=alice status=200" in PlainFormatter().format(record)
-    assert "error" not in PlainFormatter().format(record)
+    assert PlainFormatter().format(record).endswith("WARNING llamacpp_proxy: boom x")
     line = json.loads(JsonFormatter().format(record))
-    assert line["request_id"] == "r1" and line["level"] == "info"
+    assert line["message"] == "boom x" and line["level"] == "warning"
 
 
 def test_mid_stream_failure_is_logged_once_with_the_request_id(
