@@ -207,9 +207,10 @@ class ConnectionPool:
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self._now = now
-        self._idle: deque[Connection] = deque()
+        self._idle: deque[Connection] = deque()  # oldest on the left
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def open_connections(self) -> int:
@@ -263,8 +264,26 @@ class ConnectionPool:
             conn.idle_since = self._now()
             self._idle.append(conn)
             self._wake()
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(IDLE_TTL, self._sweep)
         else:
             self._discard(conn)
+
+    def _sweep(self) -> None:
+        """Close idle connections past their TTL or closed by the server, oldest first, so
+        they do not linger in CLOSE_WAIT holding descriptors when traffic stops."""
+        self._sweeper = None
+        now = self._now()
+        idle = self._idle
+        while idle and (
+            idle[0].closed or now - idle[0].idle_since > IDLE_TTL or idle[0].reader.at_eof()
+        ):
+            self._discard(idle.popleft())
+        for conn in [c for c in idle if c.reader.at_eof()]:
+            idle.remove(conn)
+            self._discard(conn)
+        if idle:
+            self._sweeper = asyncio.get_running_loop().call_later(IDLE_TTL / 2, self._sweep)
 
     def _discard(self, conn: Connection) -> None:
         conn.close()
@@ -280,6 +299,9 @@ class ConnectionPool:
 
     def close(self) -> None:
         """Close idle connections (busy ones close when their requests end)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self._idle:
             self._discard(self._idle.pop())
 

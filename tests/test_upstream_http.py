@@ -140,3 +140,21 @@ def test_pool_close_is_safe_with_nothing_open() -> None:
     pool.close()
     assert pool.open_connections == 0
     asyncio.run(asyncio.sleep(0))
+
+
+def test_idle_connections_the_server_closed_do_not_linger(stack: Stack) -> None:
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    pool = stack.ctx.upstream._pool
+    stack.fake.script.token_delay = 0.01
+    with Pool(6) as workers:  # a burst opens several connections
+        list(workers.map(lambda _: post(stack, "/v1/completions",
+                                        {"prompt": "x", "stream": True}), range(6)))
+    assert pool.open_connections > 1
+
+    async def drop_server_side() -> None:
+        await stack.fake._server.close_all_connections()  # type: ignore[union-attr]
+
+    stack.runner.run(drop_server_side())
+    # No request comes: the sweep alone closes our side of every dropped connection.
+    assert stack.wait_for(lambda: pool.open_connections == 0, timeout=10)
