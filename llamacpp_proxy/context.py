@@ -64,6 +64,8 @@ class AppContext:
             try:
                 template = ChatTemplate(source, "from llama.cpp /props")
             except TemplateLoadError as exc:
-                raise ServerMisconfigured(str(exc)) from exc
+                raise ServerMisconfigured(
+                    f"{exc}; start the proxy with --chat-template-jinja NAME_OR_PATH"
+                ) from exc
             self._model_templates = {source: template}  # the model changed: drop the old one
         return template

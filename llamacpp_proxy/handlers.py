@@ -40,6 +40,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     requires_key = True
     rate_limited = False
+    refused_while_draining = True
 
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -66,7 +67,7 @@ class BaseHandler(tornado.web.RequestHandler):
         incoming = self.request.headers.get("X-Request-Id", "")
         self.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else unique_id("req_")
         self.set_header("X-Request-Id", self.request_id)
-        if self.ctx.draining:
+        if self.ctx.draining and self.refused_while_draining:
             raise ServiceShuttingDown(
                 "The server is shutting down; retry on another instance.",
                 headers={"Retry-After": "1", "Connection": "close"},
@@ -224,6 +225,7 @@ class HealthHandler(BaseHandler):
     """GET /health: liveness of the proxy itself (no key needed)."""
 
     requires_key = False
+    refused_while_draining = False  # draining is not dead: no restart for a clean shutdown
 
     def get(self) -> None:
         self.write_json({"status": "ok"})
@@ -233,6 +235,7 @@ class ReadyHandler(BaseHandler):
     """GET /health/ready: 200 when llama.cpp is reachable and loaded, else 503."""
 
     requires_key = False
+    refused_while_draining = False  # answers its own 503 "draining"
 
     async def get(self) -> None:
         if self.ctx.draining:

@@ -480,12 +480,10 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
         raise _bad("logit_bias", "'logit_bias' must map token ids to numbers")
     bias = {}
     for token, weight in value.items():
-        try:
-            token_id = int(token)
-        except ValueError:
-            raise _bad("logit_bias", f"'logit_bias' key {token!r} is not a token id") from None
-        if token_id < 0:
+        # Decimal digits only (int() would also take " +1_0 "), below any vocabulary size.
+        if not (token.isascii() and token.isdigit()) or int(token) >= 10**9:
             raise _bad("logit_bias", f"'logit_bias' key {token!r} is not a token id")
+        token_id = int(token)
         if not _is_number(weight) or not -100 <= weight <= 100:
             raise _bad(
                 "logit_bias", f"'logit_bias' values must be between -100 and 100, not {weight!r}"

@@ -158,6 +158,34 @@ def fake(runner: LoopThread) -> Iterator[FakeLlamaCpp]:
     runner.call(server.stop)
 
 
+def start_stack(runner: LoopThread, fake: FakeLlamaCpp, **overrides: Any) -> Stack:
+    """A proxy with Settings overrides in front of the fake, on a free loopback port."""
+    overrides.setdefault("llamacpp_server", fake.url)
+    settings = default_settings(**overrides)
+
+    async def start() -> Stack:
+        ctx = build_context(settings)
+        sockets = bind_sockets(0, "127.0.0.1")
+        server = HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
+                            body_timeout=settings.client_body_timeout,
+                            idle_connection_timeout=settings.client_idle_timeout)
+        server.add_sockets(sockets)
+        return Stack(runner, fake, ctx, server, sockets[0].getsockname()[1])
+
+    return runner.run(start())
+
+
+def stop_stack(stack: Stack) -> None:
+    """Stop the proxy and close its connections."""
+
+    async def stop() -> None:
+        stack.server.stop()
+        await stack.server.close_all_connections()
+        stack.ctx.upstream.close()
+
+    stack.runner.run(stop())
+
+
 @pytest.fixture
 def make_stack(runner: LoopThread, fake: FakeLlamaCpp) -> Iterator[Callable[..., Stack]]:
     """Build a proxy with Settings overrides, in front of the (reset) fake llama.cpp."""
@@ -165,34 +193,13 @@ def make_stack(runner: LoopThread, fake: FakeLlamaCpp) -> Iterator[Callable[...,
     runner.call(fake.reset)
 
     def factory(**overrides: Any) -> Stack:
-        overrides.setdefault("llamacpp_server", fake.url)
-        settings = default_settings(**overrides)
-
-        async def start() -> Stack:
-            ctx = build_context(settings)
-            sockets = bind_sockets(0, "127.0.0.1")
-            server = HTTPServer(
-                make_app(ctx),
-                max_body_size=settings.max_body_size,
-                body_timeout=settings.client_body_timeout,
-                idle_connection_timeout=settings.client_idle_timeout,
-            )
-            server.add_sockets(sockets)
-            return Stack(runner, fake, ctx, server, sockets[0].getsockname()[1])
-
-        stack = runner.run(start())
+        stack = start_stack(runner, fake, **overrides)
         stacks.append(stack)
         return stack
 
     yield factory
-
-    async def stop_all() -> None:
-        for stack in stacks:
-            stack.server.stop()
-            await stack.server.close_all_connections()
-            stack.ctx.upstream.close()
-
-    runner.run(stop_all())
+    for stack in stacks:
+        stop_stack(stack)
 
 
 @pytest.fixture

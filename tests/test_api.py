@@ -556,3 +556,9 @@ def test_413_carries_the_request_id(make_stack: Any) -> None:
     stack = make_stack(max_body_size=100)
     r = post(stack, "/v1/completions", {"prompt": "x" * 200}, headers={"X-Request-Id": "big-1"})
     assert r.status_code == 413 and r.headers["x-request-id"] == "big-1"
+
+
+@pytest.mark.parametrize("key", [" +1_0 ", "-1", "1e3", "١٢", "1000000000"])
+def test_logit_bias_keys_must_be_plain_token_ids(stack: Stack, key: str) -> None:
+    r = post(stack, "/v1/completions", {"prompt": "x", "logit_bias": {key: 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"

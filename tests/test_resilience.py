@@ -235,14 +235,20 @@ def test_a_client_that_stops_reading_holds_llamacpp_back(stack: Stack) -> None:
     with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         body = json.dumps({"prompt": "x", "stream": True}).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nAuthorization: Bearer " + UNLIMITED_KEY.encode() +
-                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nAuthorization: Bearer "
+            + UNLIMITED_KEY.encode()
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         # Read nothing. The stream advances only until the socket buffers on the way fill up.
         last = -1
         while stack.fake.events_sent != last:
             last = stack.fake.events_sent
-            stack.wait_for(lambda: stack.fake.events_sent > last, timeout=0.5)
+            stack.wait_for(lambda seen=last: stack.fake.events_sent > seen, timeout=0.5)
         held_at = stack.fake.events_sent
         assert held_at < total / 2, held_at
         received, tail = 0, b""
@@ -254,3 +260,43 @@ def test_a_client_that_stops_reading_holds_llamacpp_back(stack: Stack) -> None:
             tail = (tail + data)[-64:]
     assert stack.fake.events_sent == total + 1
     assert received > total * 2000
+
+
+def test_connect_timeout_is_504(make_stack: Any) -> None:
+    # A listener that never accepts, its queue full: connecting to it hangs (loopback only).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        stack = make_stack(llamacpp_server=f"http://127.0.0.1:{port}", upstream_connect_timeout=0.3)
+        r = post(stack, "/v1/completions", {"prompt": "x"})
+        assert r.status_code == 504
+        assert error_of(r)["code"] == "upstream_timeout"
+        assert "connecting" in error_of(r)["message"]
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def test_unresolvable_host_maps_to_502() -> None:
+    from llamacpp_proxy.llamacpp import _connection_error
+
+    error = _connection_error(socket.gaierror(-2, "Name or service not known"), "http://x")
+    assert error.status == 502 and error.code == "upstream_unavailable"
+    assert "resolve" in error.message
+
+
+def test_health_stays_up_while_draining(stack: Stack) -> None:
+    stack.ctx.draining = True
+    assert httpx.get(stack.url + "/health").status_code == 200
+    ready = httpx.get(stack.url + "/health/ready")
+    assert ready.status_code == 503 and ready.json() == {"status": "draining"}
+    stack.ctx.draining = False
