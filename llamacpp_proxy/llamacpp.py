@@ -248,7 +248,7 @@ class LlamaCppClient:
         request = encode_request(self._pool, method, path, body)
         for attempt in (1, 2):
             try:
-                conn, reused = await self._pool.acquire()
+                conn, reused = await self._pool.acquire(fresh=attempt > 1)
             except TimeoutError:
                 raise UpstreamTimeout(f"timed out connecting to llama.cpp at {self.base}") from None
             except OSError as exc:

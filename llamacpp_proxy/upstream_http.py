@@ -217,17 +217,20 @@ class ConnectionPool:
         """Connections open now, idle or busy."""
         return self._open
 
-    async def acquire(self) -> tuple[Connection, bool]:
+    async def acquire(self, fresh: bool = False) -> tuple[Connection, bool]:
         """A connection and whether it was reused (a reused one may have been closed by the
-        server meanwhile: a request that fails on it before any answer may be retried)."""
+        server meanwhile: a request that fails on it before any answer may be retried, on a
+        `fresh` one, which is never an idle connection)."""
         while True:
             now = self._now()
-            while self._idle:
+            while self._idle and not fresh:
                 conn = self._idle.pop()  # the most recently used: least likely to be stale
                 if conn.closed or now - conn.idle_since > IDLE_TTL or conn.reader.at_eof():
                     self._discard(conn)
                     continue
                 return conn, True
+            if fresh and self._idle and self._open >= self.max_connections:
+                self._discard(self._idle.popleft())  # make room rather than wait on idlers
             if self._open < self.max_connections:
                 self._open += 1
                 try:

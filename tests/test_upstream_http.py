@@ -148,8 +148,11 @@ def test_idle_connections_the_server_closed_do_not_linger(stack: Stack) -> None:
     pool = stack.ctx.upstream._pool
     stack.fake.script.token_delay = 0.01
     with Pool(6) as workers:  # a burst opens several connections
-        list(workers.map(lambda _: post(stack, "/v1/completions",
-                                        {"prompt": "x", "stream": True}), range(6)))
+        list(
+            workers.map(
+                lambda _: post(stack, "/v1/completions", {"prompt": "x", "stream": True}), range(6)
+            )
+        )
     assert pool.open_connections > 1
 
     async def drop_server_side() -> None:
@@ -158,3 +161,26 @@ def test_idle_connections_the_server_closed_do_not_linger(stack: Stack) -> None:
     stack.runner.run(drop_server_side())
     # No request comes: the sweep alone closes our side of every dropped connection.
     assert stack.wait_for(lambda: pool.open_connections == 0, timeout=10)
+
+
+def test_a_fresh_connection_is_made_even_when_the_pool_is_full_of_idle_ones() -> None:
+    from llamacpp_proxy.upstream_http import ConnectionPool
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", 1, 1.0)
+        conn, reused = await pool.acquire()
+        pool.release(conn, True)
+        again, reused = await pool.acquire()
+        assert again is conn and reused
+        pool.release(again, True)
+        fresh, reused = await asyncio.wait_for(pool.acquire(fresh=True), 2)
+        assert fresh is not conn and not reused and conn.closed
+        assert pool.open_connections == 1
+        pool.release(fresh, False)
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
