@@ -17,6 +17,16 @@ from .test_api import CHAT, post, sse_events
 STREAM_BODY = {"model": "m", "messages": CHAT, "stream": True}
 
 
+def raw_completion_request(body: dict[str, Any]) -> bytes:
+    """A POST /v1/completions as bytes, for tests that drive a raw socket."""
+    data = json.dumps(body).encode()
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (UNLIMITED_KEY.encode(), len(data), data)
+    )
+
+
 def error_of(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     assert_schema(body, "ErrorResponse")
@@ -211,16 +221,7 @@ def test_client_disconnect_while_waiting_for_a_plain_answer(
 ) -> None:
     stack.fake.script.stall_before = 3  # llama.cpp "thinks" for 3 s
     with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
-        body = json.dumps({"prompt": "x"}).encode()
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            b"\r\nAuthorization: Bearer "
-            + UNLIMITED_KEY.encode()
-            + b"\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
+        sock.sendall(raw_completion_request({"prompt": "x"}))
         assert stack.wait_for(lambda: len(stack.fake.requests) == 1)
     assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1, timeout=2)
     assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
@@ -234,16 +235,7 @@ def test_a_client_that_stops_reading_holds_llamacpp_back(stack: Stack) -> None:
     stack.fake.script.tokens = ["x" * 2000] * total
     with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        body = json.dumps({"prompt": "x", "stream": True}).encode()
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-            b"\r\nAuthorization: Bearer "
-            + UNLIMITED_KEY.encode()
-            + b"\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
+        sock.sendall(raw_completion_request({"prompt": "x", "stream": True}))
         # Read nothing. The stream advances only until the socket buffers on the way fill up.
         last = -1
         while stack.fake.events_sent != last:
