@@ -320,3 +320,42 @@ def test_bad_grammar_is_400_and_the_proxy_keeps_serving(
         model=MODEL, prompt=COUNTING, max_tokens=2, temperature=0
     )
     assert again.choices[0].text.startswith("5")
+
+
+def test_json_schema_response_format_gives_json_that_follows_the_schema(
+    openai_client: openai.OpenAI,
+) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {"type": "boolean"}},
+        "required": ["city", "sunny"],
+        "additionalProperties": False,
+    }
+    reply = openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give the weather in Paris as JSON."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "weather", "schema": schema},
+        },
+        temperature=0,
+        max_tokens=60,
+    )
+    content = reply.choices[0].message.content or ""
+    jsonschema.validate(json.loads(content), schema)  # llama.cpp's constraint held
+
+
+def test_json_object_response_format_parses(openai_client: openai.OpenAI) -> None:
+    reply = openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a cat as a JSON object."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=80,
+    )
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+    else:  # cut by max_tokens: still a JSON object's beginning, never free text
+        assert (reply.choices[0].message.content or "").lstrip().startswith("{")
