@@ -103,7 +103,6 @@ class CompletionsHandler(BaseHandler):
     def initialize(self, ctx: Any) -> None:
         super().initialize(ctx)
         self._body_parts: list[bytes] = []
-        self._body_size = 0
         self._generations: list[Generation] = []
         self._client_gone = False
         self._streaming = False

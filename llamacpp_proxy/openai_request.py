@@ -54,7 +54,6 @@ _EXT_INT = (
 )
 _EXT_BOOL = ("cache_prompt", "ignore_eos", "penalize_nl", "return_tokens", "timings_per_token")
 _EXT_STR_LIST = ("samplers", "dry_sequence_breakers")
-EXTENSION_FIELDS = (*_EXT_FLOAT, *_EXT_INT, *_EXT_BOOL, *_EXT_STR_LIST, "grammar", "json_schema")
 
 
 @dataclass
@@ -88,11 +87,6 @@ class CompletionRequest:
     """From response_format: the schema the output must follow ({} = any JSON object)."""
     extensions: dict[str, Any] = field(default_factory=dict)
     """llama.cpp sampling fields passed through as sent (grammar, top_k, min_p, ...)."""
-
-    @property
-    def choice_count(self) -> int:
-        """Choices in the response: n per prompt (chat has one prompt)."""
-        return self.n * (len(self.prompts) if not self.chat else 1)
 
 
 def _bad(param: str, message: str) -> InvalidRequest:

@@ -6,7 +6,7 @@ shares, so each token costs one small JSON encoding of its text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ProxyError
@@ -52,7 +52,6 @@ class Choice:
     logprobs: dict[str, Any] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     prompt_text: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _token_bytes(entry: dict[str, Any]) -> list[int]:

@@ -109,11 +109,10 @@ class ToolCallFilter:
     released and the rest passes straight through.
     """
 
-    __slots__ = ("_forced", "_held", "_mode", "_tools")
+    __slots__ = ("_held", "_mode", "_tools")
 
     def __init__(self, tools: list[dict[str, Any]], forced: bool) -> None:
         self._tools = tools
-        self._forced = forced
         self._held = ""
         self._mode = "hold" if not forced else "call"  # hold | text | call
 
