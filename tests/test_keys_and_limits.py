@@ -209,14 +209,18 @@ def test_chat_is_limited_like_text(make_stack: Any) -> None:
     assert post(stack, "/v1/completions", {"prompt": "x"}, key=LIMITED_KEY).status_code == 429
 
 
-@pytest.mark.parametrize("fault", ["stream_error", "disconnect"])
-def test_a_broken_stream_is_charged_the_tokens_it_used(make_stack: Any, key_file: Path,
-                                                       fault: str) -> None:
+@pytest.mark.parametrize("fault", ["stream_error", "drop", "disconnect"])
+def test_a_broken_stream_is_charged_the_tokens_it_used(
+    make_stack: Any, key_file: Path, fault: str
+) -> None:
     stack = make_stack(api_keys_file=key_file)
     alice = "sk-alice-secret-1"
     stack.fake.script.tokens = [f"t{i}" for i in range(30)]
-    if fault == "stream_error":
-        stack.fake.script.stream_error_after_tokens = 5  # llama.cpp's `error:` event
+    if fault in ("stream_error", "drop"):
+        if fault == "drop":
+            stack.fake.script.drop_after_tokens = 5  # llama.cpp dies mid-stream
+        else:
+            stack.fake.script.stream_error_after_tokens = 5  # llama.cpp's `error:` event
         r = post(stack, "/v1/completions", {"prompt": "x", "stream": True}, key=alice)
         assert sse_events(r)[-1]["error"]["code"] == "upstream_error"
     else:
