@@ -143,6 +143,8 @@ class CompletionsHandler(BaseHandler):
                 self._forced_tools = True
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
+        if self._client_gone:
+            return  # left while /props was fetched: start nothing on llama.cpp
         self._generations = self._plan(request, prompts)
         response_id, created = new_id(self.chat), int(time.time())
         if request.stream:
