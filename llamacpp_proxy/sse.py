@@ -1,13 +1,9 @@
-"""Server-sent event framing: encode our events, decode llama.cpp's from arbitrary byte chunks."""
+"""Server-sent event framing: the stream terminator, and llama.cpp's events decoded from
+arbitrary byte chunks."""
 
 from __future__ import annotations
 
 DONE = b"data: [DONE]\n\n"
-
-
-def encode(data: bytes) -> bytes:
-    """One `data:` event carrying a single-line payload (JSON never contains a raw newline)."""
-    return b"data: " + data + b"\n\n"
 
 
 class SSEDecoder:

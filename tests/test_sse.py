@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llamacpp_proxy.sse import DONE, SSEDecoder, encode
+from llamacpp_proxy.sse import DONE, SSEDecoder
 
 EVENTS = [
     {"content": "Hel", "stop": False},
@@ -65,6 +65,5 @@ def test_unterminated_last_event_is_flushed_on_close() -> None:
     assert decoder.close() == [("data", b'{"stop": true}')]
 
 
-def test_encode() -> None:
-    assert encode(b'{"a":1}') == b'data: {"a":1}\n\n'
+def test_done_frame() -> None:
     assert DONE == b"data: [DONE]\n\n"
