@@ -33,6 +33,7 @@ T = TypeVar("T")
 UNLIMITED_KEY = "sk-test-unlimited-0123456789"
 LIMITED_KEY = "sk-test-limited-0123456789"
 
+
 def _schema_dir() -> Path:
     """OpenAI's schemas: $OPENAI_SCHEMAS_DIR, or shared/openai-schemas beside the checkout."""
     if os.environ.get("OPENAI_SCHEMAS_DIR"):
@@ -166,9 +167,12 @@ def start_stack(runner: LoopThread, fake: FakeLlamaCpp, **overrides: Any) -> Sta
     async def start() -> Stack:
         ctx = build_context(settings)
         sockets = bind_sockets(0, "127.0.0.1")
-        server = HTTPServer(make_app(ctx), max_body_size=settings.max_body_size,
-                            body_timeout=settings.client_body_timeout,
-                            idle_connection_timeout=settings.client_idle_timeout)
+        server = HTTPServer(
+            make_app(ctx),
+            max_body_size=settings.max_body_size,
+            body_timeout=settings.client_body_timeout,
+            idle_connection_timeout=settings.client_idle_timeout,
+        )
         server.add_sockets(sockets)
         return Stack(runner, fake, ctx, server, sockets[0].getsockname()[1])
 

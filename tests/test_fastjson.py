@@ -9,7 +9,8 @@ from llamacpp_proxy import fastjson
 
 def test_dumps_is_compact_utf8_without_ascii_escapes() -> None:
     assert fastjson.dumps({"a": "日本", "b": [1, 2.5, None, True]}) == (
-        '{"a":"日本","b":[1,2.5,null,true]}'.encode())
+        '{"a":"日本","b":[1,2.5,null,true]}'.encode()
+    )
 
 
 def test_dumps_falls_back_for_integers_beyond_64_bits() -> None:

@@ -12,8 +12,9 @@ from .test_compat import QWEN_CALL, WEATHER_TOOL
 
 
 def chat_model(stack: Stack, **kwargs: Any) -> Any:
-    return langchain_openai.ChatOpenAI(base_url=stack.url + "/v1", api_key=UNLIMITED_KEY,
-                                       model="local", max_retries=0, **kwargs)
+    return langchain_openai.ChatOpenAI(
+        base_url=stack.url + "/v1", api_key=UNLIMITED_KEY, model="local", max_retries=0, **kwargs
+    )
 
 
 def test_invoke_and_stream(stack: Stack) -> None:
@@ -33,8 +34,14 @@ def test_bind_tools(make_stack: Any) -> None:
     stack.fake.script.tokens = QWEN_CALL
     llm = chat_model(stack).bind_tools([WEATHER_TOOL])
     reply = llm.invoke("Weather in Paris?")
-    assert reply.tool_calls == [{"name": "get_weather", "args": {"city": "Paris"},
-                                 "id": reply.tool_calls[0]["id"], "type": "tool_call"}]
+    assert reply.tool_calls == [
+        {
+            "name": "get_weather",
+            "args": {"city": "Paris"},
+            "id": reply.tool_calls[0]["id"],
+            "type": "tool_call",
+        }
+    ]
     streamed = None
     for chunk in llm.stream("Weather in Paris?"):
         streamed = chunk if streamed is None else streamed + chunk
