@@ -74,6 +74,24 @@ def log(message: str) -> None:
 # -- processes ------------------------------------------------------------------------------
 
 
+def _ttfb_client(
+    port: int, path: str, body: Path, key: str | None, count: int, concurrency: int
+) -> dict[str, Any]:
+    """Run bench/stream_client.py's ttfb mode and return its JSON report."""
+    argv = [
+        sys.executable, str(BENCH / "stream_client.py"), "ttfb", "--port", str(port),
+        "--path", path, "--body-file", str(body), "--count", str(count),
+        "--concurrency", str(concurrency),
+    ]  # fmt: skip
+    if key:
+        argv += ["--key", key]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"stream_client failed: {done.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 class Processes:
     """Every process the benchmark starts, each in its own session, stopped by id."""
 
@@ -411,27 +429,7 @@ class Bench:
         concurrency: int,
         count: int,
     ) -> dict[str, Any]:
-        argv = [
-            sys.executable,
-            str(BENCH / "stream_client.py"),
-            "ttfb",
-            "--port",
-            str(port),
-            "--path",
-            path,
-            "--body-file",
-            str(body),
-            "--count",
-            str(count),
-            "--concurrency",
-            str(concurrency),
-        ]
-        if key:
-            argv += ["--key", key]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"stream_client failed: {done.stderr.strip()[-500:]}")
-        result = json.loads(done.stdout)
+        result = _ttfb_client(port, path, body, key, count, concurrency)
         result["system"] = system
         fe = result["first_event_ms"]
         log(
@@ -444,25 +442,7 @@ class Bench:
 
     def probe_stream(self, system: str, port: int, path: str, body: Path, key: str | None) -> None:
         """Check a few streams end to end and learn the bytes one complete stream takes."""
-        argv = [
-            sys.executable,
-            str(BENCH / "stream_client.py"),
-            "ttfb",
-            "--port",
-            str(port),
-            "--path",
-            path,
-            "--body-file",
-            str(body),
-            "--count",
-            "3",
-        ]
-        if key:
-            argv += ["--key", key]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"stream_client failed: {done.stderr.strip()[-500:]}")
-        result = json.loads(done.stdout)
+        result = _ttfb_client(port, path, body, key, count=3, concurrency=1)
         if result["ok"] < 3 or result["events_per_stream_median"] < TOKENS:
             raise RuntimeError(f"{system}: streams are incomplete: {result}")
         self.stream_bytes[system] = float(result["bytes_per_stream_median"])

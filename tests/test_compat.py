@@ -25,6 +25,17 @@ WEATHER_TOOL = {
         },
     },
 }
+LLAMACPP_EXTENSIONS = {
+    "top_k": 20,
+    "min_p": 0.05,
+    "repeat_penalty": 1.1,
+    "typical_p": 0.9,
+    "mirostat": 2,
+    "mirostat_tau": 5.0,
+    "mirostat_eta": 0.1,
+    "cache_prompt": False,
+    "samplers": ["top_k", "temperature"],
+}
 QWEN_CALL = [
     "<tool_call>",
     '\n{"name": "get_weather", ',
@@ -127,32 +138,12 @@ def test_max_completion_tokens_logit_bias_user_and_llamacpp_extensions(stack: St
         max_completion_tokens=7,
         logit_bias={"15": -100, "7": 5},
         user="user-1",
-        extra_body={
-            "top_k": 20,
-            "min_p": 0.05,
-            "repeat_penalty": 1.1,
-            "typical_p": 0.9,
-            "mirostat": 2,
-            "mirostat_tau": 5.0,
-            "mirostat_eta": 0.1,
-            "cache_prompt": False,
-            "samplers": ["top_k", "temperature"],
-        },
+        extra_body=LLAMACPP_EXTENSIONS,
     )
     sent = stack.fake.requests[-1]
     assert sent["n_predict"] == 7
     assert sent["logit_bias"] == [[15, -100.0], [7, 5.0]]
-    for name, value in {
-        "top_k": 20,
-        "min_p": 0.05,
-        "repeat_penalty": 1.1,
-        "typical_p": 0.9,
-        "mirostat": 2,
-        "mirostat_tau": 5.0,
-        "mirostat_eta": 0.1,
-        "cache_prompt": False,
-        "samplers": ["top_k", "temperature"],
-    }.items():
+    for name, value in LLAMACPP_EXTENSIONS.items():
         assert sent[name] == value
     assert "user" not in sent
 
