@@ -73,12 +73,18 @@ class RedisServer:
             self.proc = None
 
 
+def require_redis_server() -> None:
+    """Skip without redis-server, or fail where the Redis tests are required (scripts/test)."""
+    if shutil.which("redis-server") is None:
+        message = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("LLAMACPP_PROXY_REQUIRE_REDIS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("LLAMACPP_PROXY_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    require_redis_server()
     server = RedisServer()
     server.start()
     yield server
@@ -149,8 +155,7 @@ def test_tokens_and_concurrency_through_redis(redis_server: RedisServer) -> None
 
 
 def test_failure_modes_and_recovery() -> None:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+    require_redis_server()
     server = RedisServer()
     server.start()
 
