@@ -1,6 +1,6 @@
-"""The upstream client: llama.cpp's /completion, /props, /v1/models and /health over
-AsyncHTTPClient, SSE event parsing, and translation of upstream failures into ProxyErrors
-at this boundary.
+"""The llama.cpp API: /completion (request mapping, SSE events), /props, /v1/models and
+/health over the kept-alive connections of upstream_http.py, with the deadlines of each call,
+and the translation of upstream failures into ProxyErrors at this boundary.
 """
 
 from __future__ import annotations

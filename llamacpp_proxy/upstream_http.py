@@ -14,6 +14,7 @@ Content-Length, chunked, or close-delimited bodies; no redirects, no proxies.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections import deque
@@ -256,8 +257,6 @@ class ConnectionPool:
         )
         sock = writer.get_extra_info("socket")
         if sock is not None:
-            import socket
-
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return Connection(reader, writer)
 
