@@ -133,8 +133,8 @@ class Pool:
 
 
 def patch_proxy() -> None:
-    import llamacpp_proxy.llamacpp as upstream
-    import llamacpp_proxy.openai_response as response
+    import llamacpp_proxy.frontdoor.openai_response as response
+    import llamacpp_proxy.upstream.llamacpp as upstream
 
     if "resolver" in LEVERS:
         tornado.netutil.Resolver.configure(LiteralResolver)
@@ -155,7 +155,7 @@ def patch_proxy() -> None:
     if "rawpool" not in LEVERS:
         return
     from llamacpp_proxy.errors import UpstreamError
-    from llamacpp_proxy.sse import SSEDecoder
+    from llamacpp_proxy.upstream.sse import SSEDecoder
 
     original_init = upstream.LlamaCppClient.__init__
 

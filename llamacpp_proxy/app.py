@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import tornado.web
 
-from .completions import ChatCompletionsHandler, TextCompletionsHandler
 from .context import AppContext
-from .handlers import (
+from .frontdoor.completions import ChatCompletionsHandler, TextCompletionsHandler
+from .frontdoor.handlers import (
     HealthHandler,
     ModelsHandler,
     NotFoundHandler,

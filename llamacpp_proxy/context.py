@@ -7,14 +7,14 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from .auth import KeyStore
-from .auth_throttle import AuthFailureThrottle
 from .config import Settings
 from .errors import ProxyError
-from .llamacpp import LlamaCppClient
-from .logs import AccessLog
-from .ratelimit import Limiter
-from .templates import ChatTemplate, TemplateLoadError
+from .guard.auth import KeyStore
+from .guard.auth_throttle import AuthFailureThrottle
+from .guard.ratelimit import Limiter
+from .observe.logs import AccessLog
+from .render.templates import ChatTemplate, TemplateLoadError
+from .upstream.llamacpp import LlamaCppClient
 
 
 class ServerMisconfigured(ProxyError):

@@ -13,14 +13,14 @@ from tornado.httpserver import HTTPServer
 
 from . import __version__
 from .app import make_app
-from .auth import KeyFileError, KeyStore, Limits, build_key_store
-from .auth_throttle import AuthFailureThrottle
 from .config import ConfigError, Settings, load_settings
 from .context import AppContext
-from .llamacpp import LlamaCppClient
-from .logs import AccessLog, configure_logging
-from .ratelimit import InMemoryLimiter, Limiter
-from .templates import TemplateLoadError, load_chat_template
+from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
+from .guard.auth_throttle import AuthFailureThrottle
+from .guard.ratelimit import InMemoryLimiter, Limiter
+from .observe.logs import AccessLog, configure_logging
+from .render.templates import TemplateLoadError, load_chat_template
+from .upstream.llamacpp import LlamaCppClient
 
 log = logging.getLogger("llamacpp_proxy")
 
@@ -48,7 +48,7 @@ def build_context(settings: Settings) -> AppContext:
     template = load_chat_template(settings.chat_template) if settings.chat_template else None
     limiter: Limiter
     if settings.redis_url:
-        from .ratelimit_redis import RedisLimiter  # needs the optional `redis` package
+        from .guard.ratelimit_redis import RedisLimiter  # needs the optional `redis` package
 
         limiter = RedisLimiter.from_url(settings.redis_url, settings.redis_failure_mode)
     else:

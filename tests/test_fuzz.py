@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from llamacpp_proxy.templates import builtin_template_names
+from llamacpp_proxy.render.templates import builtin_template_names
 
 from .conftest import UNLIMITED_KEY, LoopThread, Stack, assert_schema, start_stack, stop_stack
 from .fake_llamacpp import FakeLlamaCpp

@@ -9,8 +9,8 @@ import pytest
 
 from llamacpp_proxy.config import Settings
 from llamacpp_proxy.errors import InvalidRequest, UpstreamTimeout, UpstreamUnavailable
-from llamacpp_proxy.llamacpp import ClientGone, LlamaCppClient
-from llamacpp_proxy.openai_request import parse_chat_request, parse_text_request
+from llamacpp_proxy.frontdoor.openai_request import parse_chat_request, parse_text_request
+from llamacpp_proxy.upstream.llamacpp import ClientGone, LlamaCppClient
 
 from .fake_llamacpp import DEFAULT_TOKENS, FakeLlamaCpp
 

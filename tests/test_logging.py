@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llamacpp_proxy.logs import AccessLog, JsonFormatter, PlainFormatter
+from llamacpp_proxy.observe.logs import AccessLog, JsonFormatter, PlainFormatter
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY
 from .test_api import CHAT, post

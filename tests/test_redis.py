@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from llamacpp_proxy.auth import Limits, Principal
 from llamacpp_proxy.errors import RateLimited
-from llamacpp_proxy.ratelimit import ConcurrencyLimited
-from llamacpp_proxy.ratelimit_redis import RateLimiterUnavailable, RedisLimiter
+from llamacpp_proxy.guard.auth import Limits, Principal
+from llamacpp_proxy.guard.ratelimit import ConcurrencyLimited
+from llamacpp_proxy.guard.ratelimit_redis import RateLimiterUnavailable, RedisLimiter
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY
 from .test_main import ProxyProcess, free_port

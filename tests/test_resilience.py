@@ -278,7 +278,7 @@ def test_connect_timeout_is_504(make_stack: Any) -> None:
 
 
 def test_unresolvable_host_maps_to_502() -> None:
-    from llamacpp_proxy.llamacpp import _connection_error
+    from llamacpp_proxy.upstream.llamacpp import _connection_error
 
     error = _connection_error(socket.gaierror(-2, "Name or service not known"), "http://x")
     assert error.status == 502 and error.code == "upstream_unavailable"

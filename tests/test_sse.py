@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llamacpp_proxy.sse import DONE, SSEDecoder
+from llamacpp_proxy.upstream.sse import DONE, SSEDecoder
 
 EVENTS = [
     {"content": "Hel", "stop": False},

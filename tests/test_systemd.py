@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llamacpp_proxy.config import build_parser, load_settings
-from llamacpp_proxy.templates import load_chat_template
+from llamacpp_proxy.render.templates import load_chat_template
 
 UNITS = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 PROXY_UNIT = UNITS / "llamacpp-proxy.service"

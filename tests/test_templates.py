@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llamacpp_proxy.errors import InvalidRequest
-from llamacpp_proxy.templates import (
+from llamacpp_proxy.render.templates import (
     ChatTemplate,
     ChatTemplateRejected,
     TemplateLoadError,

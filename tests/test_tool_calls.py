@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llamacpp_proxy.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
+from llamacpp_proxy.render.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
 
 TOOLS = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}

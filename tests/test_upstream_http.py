@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llamacpp_proxy.upstream_http import BodyDecoder, ProtocolError, ResponseHead, parse_head
+from llamacpp_proxy.upstream.http import BodyDecoder, ProtocolError, ResponseHead, parse_head
 
 from .conftest import Stack
 from .test_api import CHAT, FULL_TEXT, post, sse_events
@@ -134,7 +134,7 @@ def test_abort_does_not_return_the_connection_to_the_pool(stack: Stack) -> None:
 
 
 def test_pool_close_is_safe_with_nothing_open() -> None:
-    from llamacpp_proxy.upstream_http import ConnectionPool
+    from llamacpp_proxy.upstream.http import ConnectionPool
 
     pool = ConnectionPool("http://127.0.0.1:9", 4, 1.0)
     pool.close()
@@ -164,7 +164,7 @@ def test_idle_connections_the_server_closed_do_not_linger(stack: Stack) -> None:
 
 
 def test_a_fresh_connection_is_made_even_when_the_pool_is_full_of_idle_ones() -> None:
-    from llamacpp_proxy.upstream_http import ConnectionPool
+    from llamacpp_proxy.upstream.http import ConnectionPool
 
     async def scenario() -> None:
         server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)

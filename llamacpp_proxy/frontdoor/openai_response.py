@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ProxyError
-from .fastjson import dumps
-from .ids import unique_id
+from ..errors import ProxyError
+from ..fastjson import dumps
+from ..ids import unique_id
 
 FINISH_REASONS = {"eos": "stop", "word": "stop", "limit": "length", "none": "stop"}
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..errors import RateLimited
 from .auth import Limits, Principal
-from .errors import RateLimited
 
 TOKEN_WINDOW = 60.0  # token budgets are per minute, as OpenAI's TPM
 

@@ -11,8 +11,8 @@ import logging
 import secrets
 from typing import Any
 
+from ..errors import ProxyError
 from .auth import Principal
-from .errors import ProxyError
 from .ratelimit import TOKEN_WINDOW, Admission, KeyUsage, conclude
 
 log = logging.getLogger("llamacpp_proxy.ratelimit")

@@ -18,7 +18,7 @@ import jinja2
 import jinja2.sandbox
 from jinja2.exceptions import SecurityError
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 BUILTIN_DIR = "chat_templates"
 

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .errors import RateLimited
+from ..errors import RateLimited
 from .ratelimit import SlidingWindow, retry_after_header
 
 

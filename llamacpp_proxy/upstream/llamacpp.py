@@ -1,5 +1,5 @@
 """The llama.cpp API: /completion (request mapping, SSE events), /props, /v1/models and
-/health over the kept-alive connections of upstream_http.py, with the deadlines of each call,
+/health over the kept-alive connections of upstream/http.py, with the deadlines of each call,
 and the translation of upstream failures into ProxyErrors at this boundary.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 
 from tornado.ioloop import IOLoop
 
-from . import fastjson
-from .config import Settings
-from .errors import (
+from .. import fastjson
+from ..config import Settings
+from ..errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ProxyError,
@@ -26,9 +26,8 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .openai_request import CompletionRequest
-from .sse import SSEDecoder
-from .upstream_http import (
+from ..frontdoor.openai_request import CompletionRequest
+from .http import (
     READ_SIZE,
     BodyDecoder,
     Connection,
@@ -39,6 +38,7 @@ from .upstream_http import (
     encode_request,
     read_head,
 )
+from .sse import SSEDecoder
 
 log = logging.getLogger("llamacpp_proxy.upstream")
 

@@ -13,18 +13,18 @@ from typing import Any
 
 import tornado.web
 
-from . import fastjson
-from .auth import Principal
-from .context import AppContext
-from .errors import (
+from .. import fastjson
+from ..context import AppContext
+from ..errors import (
     AuthenticationFailed,
     MethodNotAllowed,
     NotFound,
     ProxyError,
     ServiceShuttingDown,
 )
-from .ids import unique_id
-from .ratelimit import Admission
+from ..guard.auth import Principal
+from ..guard.ratelimit import Admission
+from ..ids import unique_id
 
 log = logging.getLogger("llamacpp_proxy")
 
@@ -217,7 +217,7 @@ class OpenAPIHandler(BaseHandler):
     requires_key = False
 
     def get(self) -> None:
-        spec = resources.files(__package__).joinpath("openapi.json").read_bytes()
+        spec = resources.files("llamacpp_proxy").joinpath("openapi.json").read_bytes()
         self.finish(spec)
 
 

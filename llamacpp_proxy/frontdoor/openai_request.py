@@ -2,7 +2,7 @@
 
 Every known field is checked for type and range, and a bad one becomes a 400 naming the
 `param`. Unknown fields are ignored: clients send vendor extras. What each field maps to in
-llama.cpp is in llamacpp.py and docs/compatibility.md.
+llama.cpp is in upstream/llamacpp.py and docs/compatibility.md.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import fastjson
-from .errors import InvalidRequest
+from .. import fastjson
+from ..errors import InvalidRequest
 
 MAX_N = 16  # choices per request: each is a full generation on the GPU
 MAX_STOP = 16

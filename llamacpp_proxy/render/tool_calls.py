@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from .ids import unique_id
+from ..ids import unique_id
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")

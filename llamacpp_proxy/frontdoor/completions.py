@@ -16,9 +16,11 @@ from typing import Any
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .errors import InvalidRequest, PayloadTooLarge, ProxyError
+from ..errors import InvalidRequest, PayloadTooLarge, ProxyError
+from ..render.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
+from ..upstream.llamacpp import ClientGone, UpstreamCall
+from ..upstream.sse import DONE
 from .handlers import BaseHandler, log
-from .llamacpp import ClientGone, UpstreamCall
 from .openai_request import (
     CompletionRequest,
     parse_chat_request,
@@ -37,8 +39,6 @@ from .openai_response import (
     text_logprobs,
     text_response,
 )
-from .sse import DONE
-from .tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
 
 
 def _active_tools(request: CompletionRequest) -> list[dict[str, Any]] | None:

@@ -1,0 +1,1 @@
+"""Front doors: the Tornado handlers and the OpenAI request/response shapes."""

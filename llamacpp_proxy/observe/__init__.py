@@ -1,0 +1,1 @@
+"""Observing: logs and the access log."""

@@ -1,0 +1,1 @@
+"""Rendering: chat templates, tool calls and output constraints, messages -> prompt."""
