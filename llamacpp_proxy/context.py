@@ -8,21 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
-from .errors import ProxyError
+from .errors import ServerMisconfigured
 from .guard.auth import KeyStore
 from .guard.auth_throttle import AuthFailureThrottle
 from .guard.ratelimit import Limiter
 from .observe.logs import AccessLog
 from .render.templates import ChatTemplate, TemplateLoadError
 from .upstream.llamacpp import LlamaCppClient
-
-
-class ServerMisconfigured(ProxyError):
-    """The operator's setup cannot serve this request (500, says what to fix)."""
-
-    status = 500
-    error_type = "server_error"
-    code = "server_misconfigured"
 
 
 @dataclass

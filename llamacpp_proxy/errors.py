@@ -1,4 +1,7 @@
-"""The ProxyError hierarchy: every failure a client can see, with its status and OpenAI body."""
+"""The ProxyError hierarchy: every failure a client can see, with its status and OpenAI body.
+
+Every ProxyError subclass lives here, so one file lists what a client can be told.
+"""
 
 from __future__ import annotations
 
@@ -126,3 +129,38 @@ class ServiceShuttingDown(ProxyError):
     status = 503
     error_type = "server_error"
     code = "shutting_down"
+
+
+class ChatTemplateRejected(InvalidRequest):
+    """The template refused the conversation (its raise_exception, or a sandbox violation)."""
+
+    code = "invalid_chat_template_input"
+
+
+class ServerMisconfigured(ProxyError):
+    """The operator's setup cannot serve this request (500, says what to fix)."""
+
+    status = 500
+    error_type = "server_error"
+    code = "server_misconfigured"
+
+
+class RateLimiterUnavailable(ProxyError):
+    """Redis cannot be reached and the operator chose to fail closed (503)."""
+
+    status = 503
+    error_type = "server_error"
+    code = "rate_limiter_unavailable"
+
+
+class ConcurrencyLimited(RateLimited):
+    """Every concurrent slot of the key is busy."""
+
+    code = "concurrency_limit_exceeded"
+
+
+class TooManyAuthFailures(RateLimited):
+    """This address failed authentication too often (429)."""
+
+    code = "too_many_authentication_failures"
+    error_type = "invalid_request_error"

@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from llamacpp_proxy.errors import TooManyAuthFailures
 from llamacpp_proxy.guard.auth import KeyFileError, Limits, build_key_store, load_key_file
-from llamacpp_proxy.guard.auth_throttle import AuthFailureThrottle, TooManyAuthFailures
+from llamacpp_proxy.guard.auth_throttle import AuthFailureThrottle
 
 from .conftest import Stack, assert_schema
 from .test_api import CHAT, post, sse_events

@@ -8,10 +8,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from llamacpp_proxy.errors import RateLimited
+from llamacpp_proxy.errors import ConcurrencyLimited, RateLimited
 from llamacpp_proxy.guard.auth import Limits, Principal
 from llamacpp_proxy.guard.ratelimit import (
-    ConcurrencyLimited,
     InMemoryLimiter,
     format_duration,
     retry_after_header,

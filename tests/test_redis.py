@@ -16,10 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from llamacpp_proxy.errors import RateLimited
+from llamacpp_proxy.errors import ConcurrencyLimited, RateLimited, RateLimiterUnavailable
 from llamacpp_proxy.guard.auth import Limits, Principal
-from llamacpp_proxy.guard.ratelimit import ConcurrencyLimited
-from llamacpp_proxy.guard.ratelimit_redis import RateLimiterUnavailable, RedisLimiter
+from llamacpp_proxy.guard.ratelimit_redis import RedisLimiter
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY
 from .test_main import ProxyProcess, free_port

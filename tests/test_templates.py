@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from llamacpp_proxy.errors import InvalidRequest
+from llamacpp_proxy.errors import ChatTemplateRejected, InvalidRequest
 from llamacpp_proxy.render.templates import (
     ChatTemplate,
-    ChatTemplateRejected,
     TemplateLoadError,
     builtin_template_names,
     load_chat_template,

@@ -11,15 +11,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..errors import RateLimited
+from ..errors import TooManyAuthFailures
 from .ratelimit import SlidingWindow, retry_after_header
-
-
-class TooManyAuthFailures(RateLimited):
-    """This address failed authentication too often (429)."""
-
-    code = "too_many_authentication_failures"
-    error_type = "invalid_request_error"
 
 
 class AuthFailureThrottle:

@@ -14,16 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import RateLimited
+from ..errors import ConcurrencyLimited, RateLimited
 from .auth import Limits, Principal
 
 TOKEN_WINDOW = 60.0  # token budgets are per minute, as OpenAI's TPM
-
-
-class ConcurrencyLimited(RateLimited):
-    """Every concurrent slot of the key is busy."""
-
-    code = "concurrency_limit_exceeded"
 
 
 def format_duration(seconds: float) -> str:

@@ -11,7 +11,7 @@ import logging
 import secrets
 from typing import Any
 
-from ..errors import ProxyError
+from ..errors import RateLimiterUnavailable
 from .auth import Principal
 from .ratelimit import TOKEN_WINDOW, Admission, KeyUsage, conclude
 
@@ -100,14 +100,6 @@ if tokens > 0 then
 end
 return 1
 """
-
-
-class RateLimiterUnavailable(ProxyError):
-    """Redis cannot be reached and the operator chose to fail closed (503)."""
-
-    status = 503
-    error_type = "server_error"
-    code = "rate_limiter_unavailable"
 
 
 class RedisLimiter:

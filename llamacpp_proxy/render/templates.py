@@ -18,19 +18,13 @@ import jinja2
 import jinja2.sandbox
 from jinja2.exceptions import SecurityError
 
-from ..errors import InvalidRequest
+from ..errors import ChatTemplateRejected
 
 BUILTIN_DIR = "chat_templates"
 
 
 class TemplateLoadError(ValueError):
     """A template cannot be used: the message names it and says why."""
-
-
-class ChatTemplateRejected(InvalidRequest):
-    """The template refused the conversation (its raise_exception, or a sandbox violation)."""
-
-    code = "invalid_chat_template_input"
 
 
 def _raise_exception(message: str) -> NoReturn:
