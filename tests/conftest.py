@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -34,25 +33,12 @@ UNLIMITED_KEY = "sk-test-unlimited-0123456789"
 LIMITED_KEY = "sk-test-limited-0123456789"
 
 
-def _schema_dir() -> Path:
-    """OpenAI's schemas: $OPENAI_SCHEMAS_DIR, or shared/openai-schemas beside the checkout."""
-    if os.environ.get("OPENAI_SCHEMAS_DIR"):
-        return Path(os.environ["OPENAI_SCHEMAS_DIR"])
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "openai-schemas"
-        if candidate.is_dir():
-            return candidate
-    raise RuntimeError(
-        "OpenAI's JSON Schemas were not found: put the project's shared/ folder beside the "
-        "checkout, or set OPENAI_SCHEMAS_DIR"
-    )
-
-
-SCHEMA_DIR = _schema_dir()
+# OpenAI's published schemas, carried by the repository (see openai_schemas/README.md).
+SCHEMA_DIR = Path(__file__).parent / "openai_schemas"
 
 
 def load_schema(name: str) -> dict[str, Any]:
-    """One of OpenAI's published schemas from ../shared/openai-schemas."""
+    """One of OpenAI's published schemas (tests/openai_schemas)."""
     return json.loads((SCHEMA_DIR / f"{name}.json").read_text())
 
 
