@@ -18,11 +18,11 @@ from tornado.iostream import StreamClosedError
 
 from ..errors import InvalidRequest, PayloadTooLarge, ProxyError
 from ..render.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
+from ..request import CompletionRequest
 from ..upstream.llamacpp import ClientGone, UpstreamCall
 from ..upstream.sse import DONE
 from .handlers import BaseHandler, log
 from .openai_request import (
-    CompletionRequest,
     parse_chat_request,
     parse_json_body,
     parse_text_request,

@@ -26,7 +26,7 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from ..frontdoor.openai_request import CompletionRequest
+from ..request import CompletionRequest
 from .http import (
     READ_SIZE,
     BodyDecoder,
