@@ -283,9 +283,15 @@ class _Props(_Base):
 
 class _Health(_Base):
     async def get(self) -> None:
-        self.fake.health_checks += 1
-        if self.fake.script.health_delay:
-            await asyncio.sleep(self.fake.script.health_delay)
+        fake = self.fake
+        fake.health_checks += 1
+        fake.health_active += 1
+        fake.max_health_active = max(fake.max_health_active, fake.health_active)
+        try:
+            if fake.script.health_delay:
+                await asyncio.sleep(fake.script.health_delay)
+        finally:
+            fake.health_active -= 1
         status = self.fake.script.health_status
         if status == 200:
             self.send_json({"status": "ok"})
@@ -333,6 +339,8 @@ class FakeLlamaCpp:
         self.active = 0  # /completion requests being answered now
         self.max_active = 0  # the most answered at once
         self.health_checks = 0
+        self.health_active = 0
+        self.max_health_active = 0
         self.model_lists = 0
         self.port = 0
         self._server: HTTPServer | None = None
@@ -372,6 +380,8 @@ class FakeLlamaCpp:
         self.active = 0
         self.max_active = 0
         self.health_checks = 0
+        self.health_active = 0
+        self.max_health_active = 0
         self.model_lists = 0
 
 
