@@ -56,6 +56,10 @@ class Settings:
     """Seconds a stream may go without a token before it is ended with an error."""
     upstream_max_connections: int = 1024
     """Requests to llama.cpp in flight at once; more wait in a queue."""
+    max_tokens_limit: int = 4096
+    """max_tokens when a request sends none, and the most one may ask for (400 beyond)."""
+    max_parallel_generations: int = 4
+    """Generations of one request (prompts x n) run at once; the rest wait their turn."""
     client_idle_timeout: float = 75.0
     """Seconds an idle keep-alive client connection is kept open."""
     client_body_timeout: float = 30.0
@@ -204,6 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests to llama.cpp in flight at once",
     )
     p.add_argument(
+        "--max-tokens-limit",
+        type=_positive_int,
+        default=d.max_tokens_limit,
+        metavar="N",
+        help="max_tokens of a request that sends none, and the largest one may send (400 "
+        "beyond); token budgets reserve it for each generation",
+    )
+    p.add_argument(
+        "--max-parallel-generations",
+        type=_positive_int,
+        default=d.max_parallel_generations,
+        metavar="N",
+        help="generations of one request (prompts x n) run at once; the rest wait their turn",
+    )
+    p.add_argument(
         "--client-idle-timeout",
         type=_positive_float,
         default=d.client_idle_timeout,
@@ -278,6 +297,8 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         upstream_first_byte_timeout=args.upstream_first_byte_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_connections=args.upstream_max_connections,
+        max_tokens_limit=args.max_tokens_limit,
+        max_parallel_generations=args.max_parallel_generations,
         client_idle_timeout=args.client_idle_timeout,
         client_body_timeout=args.client_body_timeout,
         shutdown_timeout=args.shutdown_timeout,

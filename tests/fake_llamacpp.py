@@ -52,6 +52,8 @@ class Script:
     health_status: int = 200
     chat_template: str | None = CHATML
     token_delay: float = 0.0  # seconds between streamed tokens
+    fail_prompt: str | None = None  # fail_status only for prompts containing this
+    health_delay: float = 0.0  # seconds /health takes to answer
 
 
 class _Base(tornado.web.RequestHandler):
@@ -72,11 +74,21 @@ class _Completion(_Base):
         script = fake.script
         body = json.loads(self.request.body)
         fake.requests.append(body)
+        fake.active += 1
+        fake.max_active = max(fake.max_active, fake.active)
+        try:
+            await self._answer(fake, script, body)
+        finally:
+            fake.active -= 1
+
+    async def _answer(self, fake: FakeLlamaCpp, script: Script, body: dict[str, Any]) -> None:
         if script.stall_before:
             await asyncio.sleep(script.stall_before)
         if fake.close_connections:
             self.set_header("Connection", "close")
-        if script.fail_status is not None:
+        if script.fail_status is not None and (
+            script.fail_prompt is None or script.fail_prompt in str(body.get("prompt"))
+        ):
             payload = (
                 script.fail_body
                 if script.fail_body is not None
@@ -270,7 +282,16 @@ class _Props(_Base):
 
 
 class _Health(_Base):
-    def get(self) -> None:
+    async def get(self) -> None:
+        fake = self.fake
+        fake.health_checks += 1
+        fake.health_active += 1
+        fake.max_health_active = max(fake.max_health_active, fake.health_active)
+        try:
+            if fake.script.health_delay:
+                await asyncio.sleep(fake.script.health_delay)
+        finally:
+            fake.health_active -= 1
         status = self.fake.script.health_status
         if status == 200:
             self.send_json({"status": "ok"})
@@ -289,6 +310,7 @@ class _Health(_Base):
 
 class _Models(_Base):
     def get(self) -> None:
+        self.fake.model_lists += 1
         self.send_json(
             {
                 "object": "list",
@@ -314,6 +336,12 @@ class FakeLlamaCpp:
         self.disconnected = asyncio.Event()
         self.close_connections = False  # answer with Connection: close
         self.events_sent = 0  # streamed events the fake's socket accepted
+        self.active = 0  # /completion requests being answered now
+        self.max_active = 0  # the most answered at once
+        self.health_checks = 0
+        self.health_active = 0
+        self.max_health_active = 0
+        self.model_lists = 0
         self.port = 0
         self._server: HTTPServer | None = None
 
@@ -349,6 +377,12 @@ class FakeLlamaCpp:
         self.disconnected.clear()
         self.close_connections = False
         self.events_sent = 0
+        self.active = 0
+        self.max_active = 0
+        self.health_checks = 0
+        self.health_active = 0
+        self.max_health_active = 0
+        self.model_lists = 0
 
 
 def main() -> None:

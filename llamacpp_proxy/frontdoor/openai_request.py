@@ -50,7 +50,6 @@ _EXT_INT = (
     "t_max_predict_ms",
     "n_indent",
     "min_keep",
-    "n_cmpl",
 )
 _EXT_BOOL = ("cache_prompt", "ignore_eos", "penalize_nl", "return_tokens", "timings_per_token")
 _EXT_STR_LIST = ("samplers", "dry_sequence_breakers")
@@ -480,7 +479,25 @@ def _response_format(value: Any) -> dict[str, Any] | None:
     )
 
 
+def apply_max_tokens_limit(request: CompletionRequest, limit: int) -> None:
+    """Cap max_tokens: `limit` when absent (so no generation runs to the end of the
+    context unasked), a 400 when over it."""
+    if request.max_tokens is None:
+        request.max_tokens = limit
+    elif request.max_tokens > limit:
+        raise _bad(
+            "max_tokens",
+            f"'max_tokens' is {request.max_tokens}; this server allows at most {limit} "
+            "(--max-tokens-limit)",
+        )
+
+
 def _extensions(body: dict[str, Any]) -> dict[str, Any]:
+    # llama.cpp's own multiplier of work: one request, n_cmpl generations the limits would
+    # not see. OpenAI's 'n' does the same, counted.
+    n_cmpl = _integer(body, "n_cmpl", -(2**63), 2**63)
+    if n_cmpl is not None and n_cmpl != 1:
+        raise _bad("n_cmpl", "'n_cmpl' is not supported; use 'n' for several choices")
     ext: dict[str, Any] = {}
     for name in _EXT_FLOAT:
         if body.get(name) is not None:
