@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -88,6 +89,15 @@ class Stack:
         self.server = server
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self._http: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        """One kept-alive HTTP client for the whole test, as real clients behave: a fresh
+        connection per call would hide connection bugs (an error that breaks keep-alive)."""
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.url, timeout=10)
+        return self._http
 
     def client(self, key: str = UNLIMITED_KEY, **kwargs: Any) -> openai.OpenAI:
         """The official SDK pointed at the proxy."""
@@ -167,6 +177,9 @@ def start_stack(runner: LoopThread, fake: FakeLlamaCpp, **overrides: Any) -> Sta
 
 def stop_stack(stack: Stack) -> None:
     """Stop the proxy and close its connections."""
+
+    if stack._http is not None:
+        stack._http.close()
 
     async def stop() -> None:
         stack.server.stop()

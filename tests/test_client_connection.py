@@ -1,0 +1,114 @@
+"""The client connection: errors on kept-alive connections, bursts, connection caps.
+
+Every test here drives the proxy the way real clients do, over ONE kept-alive client for
+many requests: a fresh connection per call is what hid these bugs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from .conftest import LIMITED_KEY, UNLIMITED_KEY, Stack
+
+CHAT = [{"role": "user", "content": "Hi there"}]
+BODY = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 5})
+
+
+def _usable_after(responses: list[httpx.Response]) -> None:
+    """Every error either said `Connection: close` or left a connection the next call used."""
+    for r in responses:
+        assert r.status_code in (200, 401, 429), r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_wrong_key_answers_keep_the_connection_usable(make_stack: Any, stream: bool) -> None:
+    stack = make_stack(auth_failure_limit=10_000)
+    body = json.dumps({"model": "m", "messages": CHAT, "stream": stream})
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        statuses = collections.Counter()
+        for i in range(100):
+            key = UNLIMITED_KEY if i % 10 == 9 else "sk-wrong-key-0123456789"
+            # An error here (connection reset, server disconnected) is the bug itself.
+            r = http.post(
+                "/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {key}"}
+            )
+            statuses[r.status_code] += 1
+            if r.status_code != 200:
+                assert r.json()["error"]["code"] == "invalid_api_key"
+    assert statuses == {401: 90, 200: 10}
+
+
+def test_sdk_sees_authentication_and_rate_limit_errors_never_connection_errors(
+    make_stack: Any,
+) -> None:
+    stack = make_stack(auth_failure_limit=10_000, rate_limit_max_requests=3)
+    wrong = stack.client("sk-wrong-key-0123456789")
+    for _ in range(40):
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(model="m", messages=CHAT)
+    limited = stack.client(LIMITED_KEY)
+    for _ in range(3):
+        assert limited.chat.completions.create(model="m", messages=CHAT).choices
+    for _ in range(40):
+        with pytest.raises(openai.RateLimitError):
+            limited.chat.completions.create(model="m", messages=CHAT)
+    # The same kept-alive clients still work for what is allowed.
+    assert stack.client(UNLIMITED_KEY).completions.create(model="m", prompt="x").choices
+
+
+def test_errors_that_close_say_so(make_stack: Any) -> None:
+    stack = make_stack(max_body_size=1000)
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        big = json.dumps({"model": "m", "prompt": "x" * 2000})
+        r = http.post(
+            "/v1/completions", content=big, headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}
+        )
+        assert r.status_code == 413
+        assert r.headers["connection"] == "close"
+        r = http.post(
+            "/v1/completions",
+            content=json.dumps({"model": "m", "prompt": "x"}),
+            headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
+        )
+        assert r.status_code == 200
+
+
+def test_a_mixed_burst_of_admitted_and_refused_requests_is_all_answered(
+    make_stack: Any,
+) -> None:
+    """Item 13b: 400 limited (3 admitted, 397 refused) and 60 unlimited, 200 at a time."""
+    stack = make_stack(rate_limit_max_requests=3, auth_failure_limit=10_000)
+
+    async def burst() -> collections.Counter[tuple[str, int | str]]:
+        results: collections.Counter[tuple[str, int | str]] = collections.Counter()
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        # The deadline: every answer must come well within it (a hang shows as ReadTimeout).
+        async with httpx.AsyncClient(base_url=stack.url, timeout=15, limits=limits) as http:
+            gate = asyncio.Semaphore(200)
+
+            async def one(name: str, key: str) -> None:
+                async with gate:
+                    try:
+                        r = await http.post(
+                            "/v1/chat/completions",
+                            content=BODY,
+                            headers={"Authorization": f"Bearer {key}"},
+                        )
+                        results[(name, r.status_code)] += 1
+                    except httpx.HTTPError as exc:
+                        results[(name, type(exc).__name__)] += 1
+
+            jobs = [one("limited", LIMITED_KEY) for _ in range(400)]
+            jobs += [one("unlimited", UNLIMITED_KEY) for _ in range(60)]
+            await asyncio.gather(*jobs)
+        return results
+
+    results = asyncio.run(burst())
+    assert results == {("limited", 200): 3, ("limited", 429): 397, ("unlimited", 200): 60}
