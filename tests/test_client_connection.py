@@ -15,16 +15,10 @@ import httpx
 import openai
 import pytest
 
-from .conftest import LIMITED_KEY, UNLIMITED_KEY, Stack
+from .conftest import LIMITED_KEY, UNLIMITED_KEY
 
 CHAT = [{"role": "user", "content": "Hi there"}]
 BODY = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 5})
-
-
-def _usable_after(responses: list[httpx.Response]) -> None:
-    """Every error either said `Connection: close` or left a connection the next call used."""
-    for r in responses:
-        assert r.status_code in (200, 401, 429), r.text
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -32,7 +26,7 @@ def test_wrong_key_answers_keep_the_connection_usable(make_stack: Any, stream: b
     stack = make_stack(auth_failure_limit=10_000)
     body = json.dumps({"model": "m", "messages": CHAT, "stream": stream})
     with httpx.Client(base_url=stack.url, timeout=10) as http:
-        statuses = collections.Counter()
+        statuses: collections.Counter[int] = collections.Counter()
         for i in range(100):
             key = UNLIMITED_KEY if i % 10 == 9 else "sk-wrong-key-0123456789"
             # An error here (connection reset, server disconnected) is the bug itself.
