@@ -56,6 +56,9 @@ class Settings:
     """Seconds a stream may go without a token before it is ended with an error."""
     upstream_max_connections: int = 1024
     """Requests to llama.cpp in flight at once; more wait in a queue."""
+    max_connections: int = 4096
+    """Client connections open at once; more wait in the kernel's accept queue. Lowered at
+    start if the open-file limit (LimitNOFILE) cannot hold it."""
     client_idle_timeout: float = 75.0
     """Seconds an idle keep-alive client connection is kept open."""
     client_body_timeout: float = 30.0
@@ -204,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests to llama.cpp in flight at once",
     )
     p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=d.max_connections,
+        metavar="N",
+        help="client connections open at once; more wait to be accepted (kept below the "
+        "open-file limit)",
+    )
+    p.add_argument(
         "--client-idle-timeout",
         type=_positive_float,
         default=d.client_idle_timeout,
@@ -278,6 +289,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         upstream_first_byte_timeout=args.upstream_first_byte_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_connections=args.upstream_max_connections,
+        max_connections=args.max_connections,
         client_idle_timeout=args.client_idle_timeout,
         client_body_timeout=args.client_body_timeout,
         shutdown_timeout=args.shutdown_timeout,
