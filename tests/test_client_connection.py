@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import json
+import socket
+import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from .conftest import LIMITED_KEY, UNLIMITED_KEY
+from llamacpp_proxy.guard.auth_throttle import AuthFailureThrottle
+from llamacpp_proxy.main import ProxyServer, build_context, make_server
+
+from .conftest import LIMITED_KEY, UNLIMITED_KEY, default_settings
 
 CHAT = [{"role": "user", "content": "Hi there"}]
 BODY = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 5})
@@ -106,3 +112,84 @@ def test_a_mixed_burst_of_admitted_and_refused_requests_is_all_answered(
 
     results = asyncio.run(burst())
     assert results == {("limited", 200): 3, ("limited", 429): 397, ("unlimited", 200): 60}
+
+
+# -- the auth-failure throttle forgets old addresses (item 25) ------------------------------
+
+
+def test_auth_throttle_drops_expired_addresses_without_anyone_calling_prune() -> None:
+    clock = {"t": 0.0}
+    throttle = AuthFailureThrottle(limit=5, window=10, now=lambda: clock["t"])
+    for i in range(50):
+        throttle.record_failure(f"10.0.0.{i}")
+    clock["t"] = 10.5
+    throttle.record_failure("10.0.1.1")
+    assert throttle.tracked_addresses == 1
+
+
+# -- the connection cap (item 14) ------------------------------------------------------------
+
+
+def test_connections_beyond_the_cap_wait_and_are_served_when_one_closes(
+    make_stack: Any,
+) -> None:
+    stack = make_stack(max_connections=3)
+    idle = [socket.create_connection(("127.0.0.1", stack.port)) for _ in range(10)]
+    try:
+        assert stack.wait_for(lambda: stack.server.open_connections == 3)
+        # The other seven are queued in the kernel, not accepted: the cap holds.
+        assert stack.runner.call(lambda: stack.server.open_connections) == 3
+    finally:
+        for sock in idle:
+            sock.close()
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        assert http.get("/health").status_code == 200
+    assert stack.wait_for(lambda: stack.server.open_connections <= 1)
+
+
+def test_accept_errors_back_off_and_are_logged_once(
+    runner: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 14: EMFILE on accept spun the loop writing a traceback per turn."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    calls = {"n": 0}
+
+    class OutOfDescriptors:
+        """A listening socket whose accept() fails as under LimitNOFILE exhaustion."""
+
+        def fileno(self) -> int:
+            return listener.fileno()
+
+        def getsockname(self) -> Any:
+            return listener.getsockname()
+
+        def accept(self) -> Any:
+            calls["n"] += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def close(self) -> None:
+            listener.close()
+
+    server = runner.run(_server_on([OutOfDescriptors()]))  # type: ignore[list-item]
+    client = socket.create_connection(listener.getsockname())  # makes the listener readable
+    try:
+        stack_wait = time.monotonic() + 10
+        while calls["n"] < 4:  # backoff 0.05, 0.1, 0.2 s: four tries in about 0.4 s
+            assert time.monotonic() < stack_wait, "accept was not retried"
+            time.sleep(0.02)
+    finally:
+        runner.call(server.stop)
+        client.close()
+    failures = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+    assert len(failures) == 1 and "Too many open files" in failures[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+    assert calls["n"] < 20  # retried with backoff, not once per loop turn
+
+
+async def _server_on(sockets: list[socket.socket]) -> ProxyServer:
+    server = make_server(build_context(default_settings()))
+    server.serve(sockets)
+    return server
