@@ -193,3 +193,103 @@ async def _server_on(sockets: list[socket.socket]) -> ProxyServer:
     server = make_server(build_context(default_settings()))
     server.serve(sockets)
     return server
+
+
+# -- bounds on one chat request (item 15) ----------------------------------------------------
+
+
+def _chat(n: int, content: str = "hi") -> list[dict[str, Any]]:
+    """n messages alternating user/assistant, ending with the user."""
+    return [{"role": "user" if (n - i) % 2 else "assistant", "content": content} for i in range(n)]
+
+
+def _post(http: httpx.Client, body: dict[str, Any], key: str = UNLIMITED_KEY) -> httpx.Response:
+    return http.post(
+        "/v1/chat/completions",
+        content=json.dumps(body),
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+
+def _assert_still_serving(http: httpx.Client, stack: Any) -> None:
+    """The same kept-alive connection and another client are both served after a refusal."""
+    assert _post(http, {"model": "m", "messages": CHAT, "max_tokens": 5}).status_code == 200
+    other = stack.client().chat.completions.create(model="m", messages=CHAT, max_tokens=5)
+    assert other.choices[0].message.content
+
+
+def test_a_chat_over_the_message_bound_is_refused_naming_messages(make_stack: Any) -> None:
+    """Item 15: the filed 95,001-message chat (3.5 MB) was parsed and rendered in full."""
+    stack = make_stack()
+    stack.fake.script.n_ctx = 10**9  # the fake's context check is not what this tests
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        r = _post(http, {"model": "m", "messages": _chat(95_001), "max_tokens": 5})
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["param"] == "messages"
+        assert error["code"] == "array_above_max_length"
+        assert "maximum length 4096" in error["message"] and "95001" in error["message"]
+        _assert_still_serving(http, stack)
+        # At the bound the chat is served.
+        r = _post(http, {"model": "m", "messages": _chat(4096), "max_tokens": 5})
+        assert r.status_code == 200, r.text
+        r = _post(http, {"model": "m", "messages": _chat(4097), "max_tokens": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_too_many_tools_or_tool_calls_are_refused_naming_the_param(make_stack: Any) -> None:
+    stack = make_stack(chat_template="llama3")
+    stack.fake.script.n_ctx = 10**9
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        r = _post(http, {"model": "m", "messages": CHAT, "tools": [tool] * 129})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "tools"
+        assert r.json()["error"]["code"] == "array_above_max_length"
+        r = _post(http, {"model": "m", "messages": CHAT, "tools": [tool] * 128})
+        assert r.status_code == 200, r.text
+
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages = [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": None, "tool_calls": [call] * 3000},
+            {"role": "tool", "tool_call_id": "c", "content": "ok"},
+            {"role": "assistant", "content": None, "tool_calls": [call] * 1097},
+            {"role": "user", "content": "go on"},
+        ]
+        r = _post(http, {"model": "m", "messages": messages})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "messages[3].tool_calls"
+        assert r.json()["error"]["code"] == "array_above_max_length"
+        _assert_still_serving(http, stack)
+
+
+def test_a_rendered_prompt_over_twice_the_body_cap_is_refused(make_stack: Any) -> None:
+    """A body within --max-body-size whose template output is far larger (llama3 writes
+    tool schemas with tojson(indent=4): a compact array of zeros grows about tenfold)."""
+    stack = make_stack(chat_template="llama3", max_body_size=20_000)
+    stack.fake.script.n_ctx = 10**9
+    schema = {"type": "object", "enum": [0] * 3000}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    body = {"model": "m", "messages": CHAT, "tools": [tool]}
+    assert len(json.dumps(body)) < 20_000
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        r = _post(http, body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "messages" and error["code"] == "prompt_too_large"
+        assert "limit is 40000" in error["message"]
+        _assert_still_serving(http, stack)
+    assert all(len(b["prompt"]) < 40_000 for b in stack.fake.requests)  # nothing huge went up
+
+
+def test_a_large_chat_is_rendered_whole(make_stack: Any) -> None:
+    """Above 64 KiB the template renders in a thread: the prompt is the same as on the loop."""
+    stack = make_stack()
+    stack.fake.script.n_ctx = 10**9
+    small, large = _chat(3, "a" * 10), _chat(3, "b" * 100_000)
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        for messages in (small, large):
+            assert _post(http, {"model": "m", "messages": messages}).status_code == 200
+    prompts = [b["prompt"] for b in stack.fake.requests]
+    assert prompts[-1] == prompts[-2].replace("a" * 10, "b" * 100_000)

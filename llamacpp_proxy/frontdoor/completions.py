@@ -39,6 +39,7 @@ from .openai_response import (
     text_logprobs,
     text_response,
 )
+from .prompt_bounds import body_size, check_prompt_size, render_off_loop_if_large
 
 
 def _active_tools(request: CompletionRequest) -> list[dict[str, Any]] | None:
@@ -182,12 +183,15 @@ class CompletionsHandler(BaseHandler):
                 param="tools",
                 code="tools_not_supported",
             )
-        prompt = template.render(
+        prompt = await render_off_loop_if_large(
+            body_size(self.request.headers.get("Content-Length")),
+            template.render,
             request.messages,
             bos_token=str(props.get("bos_token") or ""),
             eos_token=str(props.get("eos_token") or ""),
             tools=self._tools,
         )
+        check_prompt_size(prompt, self.ctx.settings.max_body_size)
         return [prompt]
 
     async def _served_model(self) -> str:
