@@ -60,6 +60,9 @@ class Settings:
     """max_tokens when a request sends none, and the most one may ask for (400 beyond)."""
     max_parallel_generations: int = 4
     """Generations of one request (prompts x n) run at once; the rest wait their turn."""
+    max_connections: int = 4096
+    """Client connections open at once; more wait in the kernel's accept queue. Lowered at
+    start if the open-file limit (LimitNOFILE) cannot hold it."""
     client_idle_timeout: float = 75.0
     """Seconds an idle keep-alive client connection is kept open."""
     client_body_timeout: float = 30.0
@@ -223,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="generations of one request (prompts x n) run at once; the rest wait their turn",
     )
     p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=d.max_connections,
+        metavar="N",
+        help="client connections open at once; more wait to be accepted (kept below the "
+        "open-file limit)",
+    )
+    p.add_argument(
         "--client-idle-timeout",
         type=_positive_float,
         default=d.client_idle_timeout,
@@ -299,6 +310,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         upstream_max_connections=args.upstream_max_connections,
         max_tokens_limit=args.max_tokens_limit,
         max_parallel_generations=args.max_parallel_generations,
+        max_connections=args.max_connections,
         client_idle_timeout=args.client_idle_timeout,
         client_body_timeout=args.client_body_timeout,
         shutdown_timeout=args.shutdown_timeout,

@@ -5,11 +5,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 from typing import Any
 
 import pytest
 
-from llamacpp_proxy.observe.logs import AccessLog, JsonFormatter, PlainFormatter
+from llamacpp_proxy.observe.logs import (
+    AccessLog,
+    JsonFormatter,
+    PlainFormatter,
+    configure_logging,
+)
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY
 from .test_api import CHAT, post
@@ -99,3 +105,56 @@ def test_upstream_failure_before_the_stream_is_logged_once(
     post(stack, "/v1/completions", {"prompt": "x"}, headers={"X-Request-Id": "fail-1"})
     assert stack.wait_for(lambda: any("fail-1" in r.getMessage() for r in caplog.records))
     assert len([r for r in caplog.records if "fail-1" in r.getMessage()]) == 1
+
+
+def _raw_request(port: int, data: bytes) -> bytes:
+    """Send raw bytes (a header no HTTP library would send) and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_tornados_own_message_for_a_malformed_header_never_shows_the_key(
+    stack: Any, json_lines: bool
+) -> None:
+    """Item 16: Tornado logs 'Invalid header value ...' (tornado.general) with the header."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    configure_logging("debug", json_lines, stream)
+    try:
+        secret = UNLIMITED_KEY
+        answer = _raw_request(
+            stack.port,
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Authorization: Bearer " + secret.encode() + b"\x0c\r\n\r\n{}",
+        )
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert stack.wait_for(lambda: "tornado.general" in stream.getvalue())
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    text = stream.getvalue()
+    assert "Bearer [redacted]" in text
+    assert secret not in text and secret[3:] not in text
+
+
+@pytest.mark.parametrize(
+    ("message", "secret"),
+    [
+        ("connect to redis://app:hunter2-pw@10.0.0.5:6379/0 failed", "hunter2-pw"),
+        ("header was 'Bearer abc.def-ghi'", "abc.def-ghi"),
+        ("got Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+        ("GET /v1/models?api_key=topsecret1", "topsecret1"),
+        ("key sk-live-0123456789abcdef pasted in a prompt", "sk-live-0123456789abcdef"),
+    ],
+)
+def test_every_log_line_is_redacted_whatever_logger_writes_it(message: str, secret: str) -> None:
+    for formatter in (PlainFormatter(), JsonFormatter()):
+        record = logging.LogRecord("some.library", logging.ERROR, __file__, 1, message, (), None)
+        line = formatter.format(record)
+        assert secret not in line and "[redacted]" in line

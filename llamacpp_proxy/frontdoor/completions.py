@@ -47,6 +47,7 @@ from .openai_response import (
     text_logprobs,
     text_response,
 )
+from .prompt_bounds import body_size, check_prompt_size, render_off_loop_if_large
 
 
 def _active_tools(request: CompletionRequest) -> list[dict[str, Any]] | None:
@@ -128,6 +129,21 @@ class CompletionsHandler(BaseHandler):
         self._tools: list[dict[str, Any]] | None = None
         self.stream_error: str | None = None
         self._forced_tools = False
+        self._early_error: ProxyError | None = None
+
+    async def prepare(self) -> None:
+        # The body is streamed, so prepare() runs before it is read. An error sent now would
+        # make Tornado close the connection once the answer is written, without saying
+        # `Connection: close`: a kept-alive client then sends its next request into a closed
+        # (or reset) socket. So a refusal (401, 429, 503 from the limiter) waits until the
+        # body is in, read and discarded (bounded by --max-body-size and the body timeout),
+        # and the connection stays usable. Errors that close anyway say so and go at once.
+        try:
+            await super().prepare()
+        except ProxyError as error:
+            if error.headers.get("Connection") == "close":
+                raise
+            self._early_error = error
 
     def check_request(self) -> None:
         limit = self.ctx.settings.max_body_size
@@ -142,10 +158,13 @@ class CompletionsHandler(BaseHandler):
         self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:
-        self._body_parts.append(chunk)
-        self._body_size += len(chunk)
+        if self._early_error is None:
+            self._body_parts.append(chunk)
+            self._body_size += len(chunk)
 
     async def post(self) -> None:
+        if self._early_error is not None:
+            raise self._early_error
         body = parse_json_body(b"".join(self._body_parts))
         self._body_parts = []
         request = parse_chat_request(body) if self.chat else parse_text_request(body)
@@ -185,12 +204,15 @@ class CompletionsHandler(BaseHandler):
                 param="tools",
                 code="tools_not_supported",
             )
-        prompt = template.render(
+        prompt = await render_off_loop_if_large(
+            body_size(self.request.headers.get("Content-Length")),
+            template.render,
             request.messages,
             bos_token=str(props.get("bos_token") or ""),
             eos_token=str(props.get("eos_token") or ""),
             tools=self._tools,
         )
+        check_prompt_size(prompt, self.ctx.settings.max_body_size)
         return [prompt]
 
     async def _served_model(self) -> str:

@@ -21,6 +21,13 @@ MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 64
 MAX_INT32 = 2**31 - 1  # llama.cpp reads integer parameters as 32-bit
+# Bounds on a chat's shape, so one request's validation and template render stay short on
+# the event loop (docs/resilience.md, "The client connection", has the measurements). Each
+# is far beyond a real conversation: 4096 messages is a long agent session; OpenAI documents
+# at most 128 tools.
+MAX_MESSAGES = 4096
+MAX_TOOL_CALLS = 4096  # over all messages: each is parsed here and serialized by the template
+MAX_TOOLS = 128
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -57,6 +64,16 @@ _EXT_STR_LIST = ("samplers", "dry_sequence_breakers")
 
 def _bad(param: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def _too_long(param: str, length: int, limit: int) -> InvalidRequest:
+    # OpenAI's wording and code for an over-long array.
+    return InvalidRequest(
+        f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, "
+        f"but got an array with length {length} instead.",
+        param=param,
+        code="array_above_max_length",
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -245,7 +262,10 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         raise _bad("messages", "'messages' must be an array of message objects")
     if not value:
         raise _bad("messages", "'messages' must contain at least one message")
+    if len(value) > MAX_MESSAGES:
+        raise _too_long("messages", len(value), MAX_MESSAGES)
     messages = []
+    tool_calls = 0
     for i, message in enumerate(value):
         param = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -268,7 +288,17 @@ def _messages(value: Any) -> list[dict[str, Any]]:
                 raise _bad(f"{param}.name", f"'{param}.name' must be a string")
             normalized["name"] = name
         if role == "assistant" and message.get("tool_calls") is not None:
-            normalized["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
+            calls = message["tool_calls"]
+            if isinstance(calls, list):
+                tool_calls += len(calls)
+                if tool_calls > MAX_TOOL_CALLS:
+                    raise InvalidRequest(
+                        f"Invalid '{param}.tool_calls': the messages hold more than "
+                        f"{MAX_TOOL_CALLS} tool calls in all.",
+                        param=f"{param}.tool_calls",
+                        code="array_above_max_length",
+                    )
+            normalized["tool_calls"] = _tool_calls(calls, f"{param}.tool_calls")
         elif role == "assistant" and normalized["content"] is None:
             raise _bad(
                 f"{param}.content", f"'{param}.content' is required unless 'tool_calls' is given"
@@ -348,6 +378,8 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
         return None, None
     if not isinstance(tools, list):
         raise _bad("tools", "'tools' must be an array")
+    if len(tools) > MAX_TOOLS:
+        raise _too_long("tools", len(tools), MAX_TOOLS)
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):

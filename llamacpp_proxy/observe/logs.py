@@ -10,14 +10,36 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+# Credentials that other code may put in a message: Tornado's own "Invalid header value
+# 'Bearer sk-...'" (logger tornado.general), a URL with user:password@, a key in a query
+# string, or an OpenAI-style key anywhere. Every log line passes through redact().
+_SECRETS = re.compile(
+    r"(?P<scheme>\b(?:bearer|basic)\s+)[^\s'\",;]+"
+    r"|(?P<url>\b[a-z][a-z0-9+.\-]*://[^\s/@:'\"]*:)[^\s/@'\"]+(?=@)"
+    r"|(?P<param>\b(?:api[_-]?key|access[_-]?token|password|secret|key)=)[^\s&'\",;]+"
+    r"|\bsk-[A-Za-z0-9_\-]{6,}",
+    re.IGNORECASE,
+)
+
+
+def _hide(match: re.Match[str]) -> str:
+    prefix = match.group("scheme") or match.group("url") or match.group("param")
+    return (prefix or "") + "[redacted]"
+
+
+def redact(text: str) -> str:
+    """`text` with anything that looks like a credential replaced by [redacted]."""
+    return _SECRETS.sub(_hide, text)
+
 
 class PlainFormatter(logging.Formatter):
-    """`time level logger: message`."""
+    """`time level logger: message`, with credentials redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -25,11 +47,11 @@ class PlainFormatter(logging.Formatter):
         line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} {record.name}: {message}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line."""
+    """One JSON object per line, with credentials redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -37,15 +59,15 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        out["message"] = record.getMessage()
+        out["message"] = redact(record.getMessage())
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
 
 
-def configure_logging(level: str, json_lines: bool) -> None:
-    """Route every logger to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str, json_lines: bool, stream: TextIO | None = None) -> None:
+    """Route every logger (Tornado's and the libraries' too) to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if json_lines else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
