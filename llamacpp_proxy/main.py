@@ -25,7 +25,7 @@ from .context import AppContext
 from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
 from .guard.ratelimit import InMemoryLimiter, Limiter
-from .observe.logs import AccessLog, configure_logging
+from .observe.logs import AccessLog, BackgroundWriter, TextSink, configure_logging
 from .render.templates import TemplateLoadError, load_chat_template
 from .upstream.llamacpp import LlamaCppClient
 
@@ -49,8 +49,9 @@ def _call_soon(callback: Callable[[], None]) -> None:
     asyncio.get_running_loop().call_soon(callback)
 
 
-def build_context(settings: Settings) -> AppContext:
-    """Everything the handlers share; raises the start-up errors main reports."""
+def build_context(settings: Settings, log_stream: TextSink | None = None) -> AppContext:
+    """Everything the handlers share; raises the start-up errors main reports. The access
+    log goes to `log_stream` (default: stderr)."""
     keys = build_keys(settings)
     template = load_chat_template(settings.chat_template) if settings.chat_template else None
     limiter: Limiter
@@ -71,7 +72,9 @@ def build_context(settings: Settings) -> AppContext:
         keys=keys,
         limiter=limiter,
         access_log=(
-            AccessLog(sys.stderr, settings.log_json, _call_soon) if settings.access_log else None
+            AccessLog(log_stream or sys.stderr, settings.log_json, _call_soon)
+            if settings.access_log
+            else None
         ),
         auth_throttle=AuthFailureThrottle(
             settings.auth_failure_limit, settings.auth_failure_window
@@ -322,11 +325,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the server; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
+    log_stream: BackgroundWriter | None = None
     try:
         settings = load_settings(argv, environ)
-        configure_logging(settings.log_level, settings.log_json)
-        ctx = build_context(settings)
+        # Log lines leave through a thread: a stalled reader of stderr must not block the loop.
+        log_stream = BackgroundWriter(sys.stderr)
+        configure_logging(settings.log_level, settings.log_json, log_stream)
+        ctx = build_context(settings, log_stream)
     except (ConfigError, KeyFileError, TemplateLoadError) as exc:
+        if log_stream is not None:
+            log_stream.close()
         print(f"llamacpp-proxy-server: error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -338,7 +346,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             file=sys.stderr,
         )
         return 1
-    asyncio.run(serve(ctx, sockets, max_connections=connection_cap(settings)))
+    try:
+        asyncio.run(serve(ctx, sockets, max_connections=connection_cap(settings)))
+    finally:
+        log_stream.close()  # writes what is queued, for at most 2 s
     return 0
 
 

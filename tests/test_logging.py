@@ -5,13 +5,20 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
+import threading
+import time
 from typing import Any
 
+import httpx
 import pytest
 
 from llamacpp_proxy.observe.logs import (
     AccessLog,
+    BackgroundWriter,
     JsonFormatter,
     PlainFormatter,
     configure_logging,
@@ -19,6 +26,7 @@ from llamacpp_proxy.observe.logs import (
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY
 from .test_api import CHAT, post
+from .test_main import free_port
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -158,3 +166,71 @@ def test_every_log_line_is_redacted_whatever_logger_writes_it(message: str, secr
         record = logging.LogRecord("some.library", logging.ERROR, __file__, 1, message, (), None)
         line = formatter.format(record)
         assert secret not in line and "[redacted]" in line
+
+
+class BlockedStream(io.StringIO):
+    """A stderr whose reader stalled: every write waits until `unblock` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unblock = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.unblock.wait(30)
+        return super().write(text)
+
+
+def test_a_stalled_log_reader_never_blocks_the_writer_and_drops_are_reported() -> None:
+    stream = BlockedStream()
+    writer = BackgroundWriter(stream, max_chars=1000)
+    wrote = threading.Event()
+
+    def log_a_lot() -> None:  # as the event loop would: it must never wait on the stream
+        for i in range(200):
+            writer.write(f"line {i:03d} " + "x" * 40 + "\n")
+        wrote.set()
+
+    threading.Thread(target=log_a_lot, daemon=True).start()
+    assert wrote.wait(10), "a write waited for the stalled reader"
+    assert writer.dropped > 0
+    stream.unblock.set()
+    assert writer.drain(10)
+    writer.close()
+    text = stream.getvalue()
+    assert text.startswith("line 000 ")
+    assert "log line(s) dropped: the log reader did not keep up" in text
+    written = [line for line in text.splitlines() if line.startswith("line ")]
+    dropped = int(text.split(" log line(s) dropped")[0].rsplit(" ", 1)[-1])
+    assert len(written) + dropped == 200
+
+
+def test_a_proxy_whose_stderr_nobody_reads_keeps_answering(tmp_path: Any) -> None:
+    """Item 13b: the access log's lines filled an unread stderr pipe (64 KiB), the write
+    blocked the event loop, and every request after that waited for a read timeout."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env["UNLIMITED_API_KEY"] = UNLIMITED_KEY
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamacpp_proxy.main", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,  # never read while the requests run
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=10) as client:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.get(url + "/health")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the proxy did not start"
+                    time.sleep(0.05)
+            # About 150 bytes of access log each: 1,500 requests are several pipes' worth.
+            headers = {"X-Request-Id": "r" * 100}
+            for _ in range(1500):
+                assert client.get(url + "/health", headers=headers).status_code == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
