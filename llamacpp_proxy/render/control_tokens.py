@@ -33,6 +33,9 @@ def looks_like_control(text: str) -> bool:
     return CONTROL_SHAPE.search(text) is not None
 
 
+_MARKER = re.compile("(\ue000[0-9a-f]{16}\\.\\d+\ue001)")
+
+
 class MarkedMessages:
     """Messages whose suspicious content is replaced by markers, and what each stands for."""
 
@@ -64,11 +67,12 @@ class MarkedMessages:
         """The prompt with each marker replaced by its content: a MixedPrompt (template
         text as strings, the content as token ids) when any marker is there, else the
         prompt as it is."""
-        parts = re.split(f"(\ue000{self._nonce}\\.\\d+\ue001)", prompt)
         text: list[str] = []
         pieces: list[str | int] = []
-        for k, part in enumerate(parts):
-            if k % 2 == 0:
+        pending = ""  # template text (and imitation markers) up to the next real marker
+        for k, part in enumerate(_MARKER.split(prompt)):
+            core = self.marks.get(part) if k % 2 else None
+            if core is None:
                 if self._nonce in part:
                     # The template cut a marker apart (e.g. truncated content): what it
                     # stood for cannot be placed, and must not reach the model as is.
@@ -77,13 +81,17 @@ class MarkedMessages:
                         "it from being sent as plain text",
                         param="messages",
                     )
-                if part:
-                    text.append(part)
-                    pieces.append(part)
-            else:
-                core = self.marks[part]
-                text.append(core)
-                pieces.extend(plain_tokens[core])
+                pending += part
+                continue
+            if pending:
+                text.append(pending)
+                pieces.append(pending)
+                pending = ""
+            text.append(core)
+            pieces.extend(plain_tokens[core])
+        if pending:
+            text.append(pending)
+            pieces.append(pending)
         if not any(type(p) is int for p in pieces):
             return "".join(text)  # only empty contents: llama.cpp reads all-strings as n prompts
         if llama_adds_bos and type(pieces[0]) is int:
@@ -99,6 +107,9 @@ def mark_messages(messages: list[dict[str, Any]]) -> MarkedMessages | None:
     flagged = [
         i
         for i, message in enumerate(messages)
-        if type(content := message.get("content")) is str and search(content) is not None
+        if type(content := message.get("content")) is str
+        # Every shape starts with < or [: most prose has neither, and `in` is a memchr.
+        and ("<" in content or "[" in content)
+        and search(content) is not None
     ]
     return MarkedMessages(messages, flagged) if flagged else None
