@@ -28,6 +28,9 @@ class Settings:
     """Base URL of llama.cpp's server."""
     chat_template: str | None = None
     """Built-in template name or template file path; None uses the model's own (/props)."""
+    allow_content_control_tokens: bool = False
+    """Let control tokens written in message content reach the model as control tokens
+    (then a user can forge turns); by default content is always plain text to the model."""
     rate_limit_window: float = 60.0
     """Length of the limited key's sliding window, in seconds."""
     rate_limit_max_requests: int = 10
@@ -127,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_PATH",
         help="chat template: a built-in name (gemma3, chatml, llama3, mistral, "
         "qwen2.5) or a Jinja file; default: the model's own from llama.cpp",
+    )
+    p.add_argument(
+        "--allow-content-control-tokens",
+        action="store_true",
+        help="let control tokens written in message content (<|im_end|>, <start_of_turn>) "
+        "reach the model as control tokens, as llama.cpp's own chat endpoint does; by "
+        "default they reach it as plain text, so no user can forge a turn",
     )
     p.add_argument(
         "--rate-limit-window",
@@ -294,6 +304,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         port=args.port,
         llamacpp_server=args.llamacpp_server,
         chat_template=args.chat_template,
+        allow_content_control_tokens=args.allow_content_control_tokens,
         rate_limit_window=args.rate_limit_window,
         rate_limit_max_requests=args.rate_limit_max_requests,
         unlimited_api_key=unlimited,

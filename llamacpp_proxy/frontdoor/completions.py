@@ -24,7 +24,9 @@ from tornado.iostream import StreamClosedError
 
 from ..errors import InvalidRequest, PayloadTooLarge, ProxyError, UpstreamUnavailable
 from ..guard.ratelimit import Cost
-from ..render.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
+from ..render.constraints import merge_constraints
+from ..render.control_tokens import mark_messages
+from ..render.tool_calls import ToolCallFilter, parse_tool_calls
 from ..request import CompletionRequest
 from ..upstream.llamacpp import ClientGone, UpstreamCall
 from ..upstream.sse import DONE
@@ -48,6 +50,20 @@ from .openai_response import (
     text_response,
 )
 from .prompt_bounds import body_size, check_prompt_size, render_off_loop_if_large
+
+
+def _echo_logprobs_refused() -> InvalidRequest:
+    """echo with logprobs asks for the prompt tokens' logprobs, which llama.cpp's server
+    does not return: an answer with the generated tokens' only would look complete and
+    silently score every prompt token as missing (lm-evaluation-harness then reports chance
+    accuracy as a result), so it is refused."""
+    return InvalidRequest(
+        "'echo' with 'logprobs' needs the logprobs of the prompt tokens, which llama.cpp's "
+        "server does not return (only those of generated tokens). Send 'echo' or "
+        "'logprobs', not both.",
+        param="logprobs",
+        code="unsupported_parameter",
+    )
 
 
 def _active_tools(request: CompletionRequest) -> list[dict[str, Any]] | None:
@@ -168,18 +184,10 @@ class CompletionsHandler(BaseHandler):
         body = parse_json_body(b"".join(self._body_parts))
         self._body_parts = []
         request = parse_chat_request(body) if self.chat else parse_text_request(body)
+        if request.echo and request.logprobs is not None:
+            raise _echo_logprobs_refused()
         self._tools = _active_tools(request)
-        if self._tools:
-            schema = forced_call_schema(self._tools, request.tool_choice)
-            if schema is not None:
-                if request.json_schema is not None or "grammar" in request.extensions:
-                    raise InvalidRequest(
-                        "A forced 'tool_choice' cannot be combined with 'response_format' or "
-                        "'grammar'.",
-                        param="tool_choice",
-                    )
-                request.json_schema = schema
-                self._forced_tools = True
+        self._forced_tools = merge_constraints(request, self._tools)
         await self._admit(request)
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
@@ -195,7 +203,8 @@ class CompletionsHandler(BaseHandler):
     async def _prompts(self, request: CompletionRequest) -> list[str]:
         if not self.chat:
             return request.prompts
-        props = await self.ctx.upstream.props()
+        upstream = self.ctx.upstream
+        props = await upstream.props()
         template = self.ctx.template or self.ctx.model_template(props)
         if self._tools and not template.uses_tools:
             raise InvalidRequest(
@@ -204,15 +213,28 @@ class CompletionsHandler(BaseHandler):
                 param="tools",
                 code="tools_not_supported",
             )
+        adds_bos = await upstream.adds_bos()
+        marked = (
+            None
+            if self.ctx.settings.allow_content_control_tokens
+            else mark_messages(request.messages)
+        )
         prompt = await render_off_loop_if_large(
             body_size(self.request.headers.get("Content-Length")),
             template.render,
-            request.messages,
+            request.messages if marked is None else marked.messages,
             bos_token=str(props.get("bos_token") or ""),
             eos_token=str(props.get("eos_token") or ""),
             tools=self._tools,
+            llama_adds_bos=adds_bos,
         )
         check_prompt_size(prompt, self.ctx.settings.max_body_size)
+        if marked is not None:
+            # Slow path: some content looks like a control token; it goes as its plain-text
+            # token ids (each distinct text tokenized once, and cached).
+            texts = marked.texts()
+            tokens = await asyncio.gather(*(upstream.plain_tokens(t) for t in texts))
+            prompt = marked.assemble(prompt, dict(zip(texts, tokens, strict=True)), adds_bos)
         return [prompt]
 
     async def _served_model(self) -> str:

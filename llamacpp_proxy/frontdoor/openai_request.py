@@ -554,8 +554,5 @@ def _extensions(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(schema, dict):
             raise _bad("json_schema", "'json_schema' must be a JSON Schema object")
         ext["json_schema"] = schema
-    if "grammar" in ext and (
-        "json_schema" in ext or body.get("response_format") not in (None, {"type": "text"})
-    ):
-        raise _bad("grammar", "'grammar' cannot be combined with a JSON schema constraint")
+    # Combinations with response_format and tool_choice: render/constraints.py.
     return ext
