@@ -52,6 +52,12 @@ class Script:
     health_status: int = 200
     chat_template: str | None = CHATML
     token_delay: float = 0.0  # seconds between streamed tokens
+    drip_seconds: float = 0.0  # non-streamed: the body goes out 10 bytes at a time, this far apart
+    pings: int = 0  # streamed: this many `: ping` comments before the first token...
+    ping_interval: float = 0.0  # ...this far apart
+    raw_events: list[Any] | None = None  # streamed: send these as `data:` events instead
+    huge_body: int = 0  # with fail_status: a body of this many bytes, in 1 MiB writes
+    drop_body_after: int | None = None  # non-streamed: send this many body bytes, then close
 
 
 class _Base(tornado.web.RequestHandler):
@@ -69,6 +75,15 @@ class _Base(tornado.web.RequestHandler):
 class _Completion(_Base):
     async def post(self) -> None:
         fake = self.fake
+        fake.active += 1
+        fake.peak_active = max(fake.peak_active, fake.active)
+        try:
+            await self._post()
+        finally:
+            fake.active -= 1
+
+    async def _post(self) -> None:
+        fake = self.fake
         script = fake.script
         body = json.loads(self.request.body)
         fake.requests.append(body)
@@ -76,6 +91,9 @@ class _Completion(_Base):
             await asyncio.sleep(script.stall_before)
         if fake.close_connections:
             self.set_header("Connection", "close")
+        if script.fail_status is not None and script.huge_body:
+            await self._huge_body(script)
+            return
         if script.fail_status is not None:
             payload = (
                 script.fail_body
@@ -138,9 +156,46 @@ class _Completion(_Base):
             result = dict(final, content="".join(pieces))
             if body.get("n_probs"):
                 result["completion_probabilities"] = [self._probs(p, body) for p in pieces]
+            if script.drip_seconds or script.drop_body_after is not None:
+                await self._slow_body(json.dumps(result).encode(), script)
+                return
             self.send_json(result)
             return
         await self._stream(body, script, pieces, final, n_prompt)
+
+    async def _huge_body(self, script: Script) -> None:
+        """A fail_status answer whose body is huge: how much of it the proxy takes."""
+        self.set_status(script.fail_status or 500)
+        block = b"x" * (1 << 20)
+        try:
+            for start in range(0, script.huge_body, len(block)):
+                piece = block[: min(len(block), script.huge_body - start)]
+                self.write(piece)
+                await self.flush()
+                self.fake.body_bytes_sent += len(piece)
+            self.finish()
+        except StreamClosedError:
+            self.fake.client_disconnects += 1
+            self.fake.disconnected.set()
+
+    async def _slow_body(self, data: bytes, script: Script) -> None:
+        """A non-streamed answer that trickles out, or breaks off after drop_body_after."""
+        self.set_header("Content-Length", str(len(data)))
+        stream = self.request.connection.stream  # type: ignore[attr-defined]
+        if script.drop_body_after is not None:
+            self.write(data[: script.drop_body_after])
+            await self.flush()
+            stream.close()
+            return
+        try:
+            for start in range(0, len(data), 10):
+                self.write(data[start : start + 10])
+                await self.flush()
+                await asyncio.sleep(script.drip_seconds)
+            self.finish()
+        except StreamClosedError:
+            self.fake.client_disconnects += 1
+            self.fake.disconnected.set()
 
     def _generate(self, body: dict[str, Any], script: Script) -> tuple[list[str], str, str]:
         n_predict = body.get("n_predict", -1)
@@ -207,7 +262,13 @@ class _Completion(_Base):
                 event["completion_probabilities"] = [self._probs(piece, body)]
             frames.append(b"data: " + json.dumps(event).encode() + b"\n\n")
         frames.append(b"data: " + json.dumps(final).encode() + b"\n\n")
+        if script.raw_events is not None:
+            frames = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in script.raw_events]
         try:
+            for _ in range(script.pings):
+                self.write(b": ping\n\n")
+                await self.flush()
+                await asyncio.sleep(script.ping_interval)
             if script.mode == "merge":
                 self.write(b"".join(frames))
                 await self.flush()
@@ -271,6 +332,7 @@ class _Props(_Base):
 
 class _Health(_Base):
     def get(self) -> None:
+        self.fake.health_requests += 1
         status = self.fake.script.health_status
         if status == 200:
             self.send_json({"status": "ok"})
@@ -289,6 +351,7 @@ class _Health(_Base):
 
 class _Models(_Base):
     def get(self) -> None:
+        self.fake.models_requests += 1
         self.send_json(
             {
                 "object": "list",
@@ -314,6 +377,11 @@ class FakeLlamaCpp:
         self.disconnected = asyncio.Event()
         self.close_connections = False  # answer with Connection: close
         self.events_sent = 0  # streamed events the fake's socket accepted
+        self.active = 0  # /completion requests being answered now
+        self.peak_active = 0  # the most answered at once
+        self.health_requests = 0
+        self.models_requests = 0
+        self.body_bytes_sent = 0  # of a huge_body answer
         self.port = 0
         self._server: HTTPServer | None = None
 
@@ -349,6 +417,10 @@ class FakeLlamaCpp:
         self.disconnected.clear()
         self.close_connections = False
         self.events_sent = 0
+        self.peak_active = 0
+        self.health_requests = 0
+        self.models_requests = 0
+        self.body_bytes_sent = 0
 
 
 def main() -> None:
