@@ -58,6 +58,7 @@ class Script:
     raw_events: list[Any] | None = None  # streamed: send these as `data:` events instead
     huge_body: int = 0  # with fail_status: a body of this many bytes, in 1 MiB writes
     drop_body_after: int | None = None  # non-streamed: send this many body bytes, then close
+    health_delay: float = 0.0  # seconds /health takes to answer
 
 
 class _Base(tornado.web.RequestHandler):
@@ -331,8 +332,10 @@ class _Props(_Base):
 
 
 class _Health(_Base):
-    def get(self) -> None:
+    async def get(self) -> None:
         self.fake.health_requests += 1
+        if self.fake.script.health_delay:
+            await asyncio.sleep(self.fake.script.health_delay)
         status = self.fake.script.health_status
         if status == 200:
             self.send_json({"status": "ok"})

@@ -44,7 +44,7 @@ log = logging.getLogger("llamacpp_proxy.upstream")
 
 PROPS_TTL = 60.0  # seconds a /props answer is reused (chat template, BOS/EOS, model path)
 MODELS_TTL = 5.0  # seconds a /v1/models answer is reused
-HEALTH_TTL = 1.0  # seconds a /health answer is shared by every /health/ready caller
+HEALTH_TTL = 0.0  # readiness must reflect llama.cpp now: share only the probe in flight
 PROBE_CONNECTIONS = 2  # connections of their own for /health, /props, /v1/models
 ERROR_BODY_LIMIT = 64 * 1024  # read this much of an error body, then close the connection
 MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed answer (n_probs makes them large)
@@ -297,7 +297,7 @@ class LlamaCppClient:
 
     async def health(self) -> tuple[bool, str]:
         """(ready, why): llama.cpp is reachable and has its model loaded. One probe in
-        flight at a time, its answer shared for HEALTH_TTL."""
+        flight at a time, its answer shared by every caller that asked meanwhile."""
         return await self._health.get()
 
     async def _fetch_health(self) -> tuple[bool, str]:
