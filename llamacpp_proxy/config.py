@@ -197,28 +197,38 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=d.upstream_connect_timeout,
         metavar="SECONDS",
-        help="time to connect to llama.cpp",
+        help="time to connect to llama.cpp (one TCP/TLS connect; 504 after)",
     )
     p.add_argument(
         "--upstream-first-byte-timeout",
         type=_positive_float,
         default=d.upstream_first_byte_timeout,
         metavar="SECONDS",
-        help="time until llama.cpp starts answering (whole answer when not streamed)",
+        help=(
+            "deadline from the request's start, waiting for a free upstream connection "
+            "included: for the whole answer when not streamed, until the response head "
+            "when streamed (504 after)"
+        ),
     )
     p.add_argument(
         "--upstream-idle-timeout",
         type=_positive_float,
         default=d.upstream_idle_timeout,
         metavar="SECONDS",
-        help="longest pause between two streamed tokens",
+        help=(
+            "longest pause between two streamed events once a stream started (comments and "
+            "pings do not count; the stream ends with an error event after)"
+        ),
     )
     p.add_argument(
         "--upstream-max-connections",
         type=_positive_int,
         default=d.upstream_max_connections,
         metavar="N",
-        help="requests to llama.cpp in flight at once",
+        help=(
+            "completion requests to llama.cpp in flight at once; more wait, within their "
+            "deadline (health and metadata probes use 2 connections of their own)"
+        ),
     )
     p.add_argument(
         "--max-tokens-limit",

@@ -92,8 +92,14 @@ class Script:
     health_status: int = 200
     chat_template: str | None = CHATML
     token_delay: float = 0.0  # seconds between streamed tokens
-    fail_prompt: str | None = None  # fail_status only for prompts containing this
+    drip_seconds: float = 0.0  # non-streamed: the body goes out 10 bytes at a time, this far apart
+    pings: int = 0  # streamed: this many `: ping` comments before the first token...
+    ping_interval: float = 0.0  # ...this far apart
+    raw_events: list[Any] | None = None  # streamed: send these as `data:` events instead
+    huge_body: int = 0  # with fail_status: a body of this many bytes, in 1 MiB writes
+    drop_body_after: int | None = None  # non-streamed: send this many body bytes, then close
     health_delay: float = 0.0  # seconds /health takes to answer
+    fail_prompt: str | None = None  # fail_status only for prompts containing this
     adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
 
 
@@ -112,21 +118,28 @@ class _Base(tornado.web.RequestHandler):
 class _Completion(_Base):
     async def post(self) -> None:
         fake = self.fake
+        fake.active += 1
+        fake.peak_active = max(fake.peak_active, fake.active)
+        try:
+            await self._post()
+        finally:
+            fake.active -= 1
+
+    async def _post(self) -> None:
+        fake = self.fake
         script = fake.script
         body = json.loads(self.request.body)
         fake.requests.append(body)
-        fake.active += 1
-        fake.max_active = max(fake.max_active, fake.active)
-        try:
-            await self._answer(fake, script, body)
-        finally:
-            fake.active -= 1
+        await self._answer(fake, script, body)
 
     async def _answer(self, fake: FakeLlamaCpp, script: Script, body: dict[str, Any]) -> None:
         if script.stall_before:
             await asyncio.sleep(script.stall_before)
         if fake.close_connections:
             self.set_header("Connection", "close")
+        if script.fail_status is not None and script.huge_body:
+            await self._huge_body(script)
+            return
         if script.fail_status is not None and (
             script.fail_prompt is None or script.fail_prompt in str(body.get("prompt"))
         ):
@@ -191,9 +204,46 @@ class _Completion(_Base):
             result = dict(final, content="".join(pieces))
             if body.get("n_probs"):
                 result["completion_probabilities"] = [self._probs(p, body) for p in pieces]
+            if script.drip_seconds or script.drop_body_after is not None:
+                await self._slow_body(json.dumps(result).encode(), script)
+                return
             self.send_json(result)
             return
         await self._stream(body, script, pieces, final, n_prompt)
+
+    async def _huge_body(self, script: Script) -> None:
+        """A fail_status answer whose body is huge: how much of it the proxy takes."""
+        self.set_status(script.fail_status or 500)
+        block = b"x" * (1 << 20)
+        try:
+            for start in range(0, script.huge_body, len(block)):
+                piece = block[: min(len(block), script.huge_body - start)]
+                self.write(piece)
+                await self.flush()
+                self.fake.body_bytes_sent += len(piece)
+            self.finish()
+        except StreamClosedError:
+            self.fake.client_disconnects += 1
+            self.fake.disconnected.set()
+
+    async def _slow_body(self, data: bytes, script: Script) -> None:
+        """A non-streamed answer that trickles out, or breaks off after drop_body_after."""
+        self.set_header("Content-Length", str(len(data)))
+        stream = self.request.connection.stream  # type: ignore[attr-defined]
+        if script.drop_body_after is not None:
+            self.write(data[: script.drop_body_after])
+            await self.flush()
+            stream.close()
+            return
+        try:
+            for start in range(0, len(data), 10):
+                self.write(data[start : start + 10])
+                await self.flush()
+                await asyncio.sleep(script.drip_seconds)
+            self.finish()
+        except StreamClosedError:
+            self.fake.client_disconnects += 1
+            self.fake.disconnected.set()
 
     def _generate(self, body: dict[str, Any], script: Script) -> tuple[list[str], str, str]:
         n_predict = body.get("n_predict", -1)
@@ -260,7 +310,13 @@ class _Completion(_Base):
                 event["completion_probabilities"] = [self._probs(piece, body)]
             frames.append(b"data: " + json.dumps(event).encode() + b"\n\n")
         frames.append(b"data: " + json.dumps(final).encode() + b"\n\n")
+        if script.raw_events is not None:
+            frames = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in script.raw_events]
         try:
+            for _ in range(script.pings):
+                self.write(b": ping\n\n")
+                await self.flush()
+                await asyncio.sleep(script.ping_interval)
             if script.mode == "merge":
                 self.write(b"".join(frames))
                 await self.flush()
@@ -338,7 +394,7 @@ class _Tokenize(_Base):
 class _Health(_Base):
     async def get(self) -> None:
         fake = self.fake
-        fake.health_checks += 1
+        fake.health_requests += 1
         fake.health_active += 1
         fake.max_health_active = max(fake.max_health_active, fake.health_active)
         try:
@@ -364,7 +420,7 @@ class _Health(_Base):
 
 class _Models(_Base):
     def get(self) -> None:
-        self.fake.model_lists += 1
+        self.fake.models_requests += 1
         self.send_json(
             {
                 "object": "list",
@@ -392,11 +448,12 @@ class FakeLlamaCpp:
         self.close_connections = False  # answer with Connection: close
         self.events_sent = 0  # streamed events the fake's socket accepted
         self.active = 0  # /completion requests being answered now
-        self.max_active = 0  # the most answered at once
-        self.health_checks = 0
+        self.peak_active = 0  # the most answered at once
+        self.health_requests = 0
         self.health_active = 0
         self.max_health_active = 0
-        self.model_lists = 0
+        self.models_requests = 0
+        self.body_bytes_sent = 0  # of a huge_body answer
         self.port = 0
         self._server: HTTPServer | None = None
 
@@ -435,11 +492,12 @@ class FakeLlamaCpp:
         self.close_connections = False
         self.events_sent = 0
         self.active = 0
-        self.max_active = 0
-        self.health_checks = 0
+        self.peak_active = 0
+        self.health_requests = 0
         self.health_active = 0
         self.max_health_active = 0
-        self.model_lists = 0
+        self.models_requests = 0
+        self.body_bytes_sent = 0
 
 
 def main() -> None:

@@ -67,10 +67,10 @@ def test_max_concurrent_counts_generations_and_runs_the_rest_in_turn(
         assert r.status_code == 200
         assert sorted(c["index"] for c in r.json()["choices"]) == list(range(16))
         assert len(stack.fake.requests) == 16
-        assert stack.fake.max_active <= 2  # the key's two slots, never more
+        assert stack.fake.peak_active <= 2  # the key's two slots, never more
         assert stack.wait_for(lambda: stack.ctx.limiter.in_flight("pair") == 0)
         # Streamed, the same: every choice arrives, two generations at a time.
-        stack.fake.max_active = 0
+        stack.fake.peak_active = 0
         body = {"prompt": ["a", "b"], "n": 3, "max_tokens": 2, "stream": True}
         r = http.post("/v1/completions", json=body, headers=auth(PAIR))
         assert r.status_code == 200
@@ -80,7 +80,7 @@ def test_max_concurrent_counts_generations_and_runs_the_rest_in_turn(
             if line.startswith("data: {") and '"finish_reason":"' in line.replace(" ", "")
         ]
         assert sorted(finished) == list(range(6))
-        assert stack.fake.max_active <= 2
+        assert stack.fake.peak_active <= 2
 
 
 def test_one_request_holds_a_bounded_share_of_the_upstream(make_stack: Any) -> None:
@@ -91,7 +91,7 @@ def test_one_request_holds_a_bounded_share_of_the_upstream(make_stack: Any) -> N
         r = http.post("/v1/completions", json=body, headers=auth(UNLIMITED_KEY))
         assert r.status_code == 200
         assert len(r.json()["choices"]) == 64
-        assert stack.fake.max_active <= 3  # not 64 connections at once
+        assert stack.fake.peak_active <= 3  # not 64 connections at once
 
 
 def test_token_budget_is_checked_at_admission_against_the_estimate(
@@ -228,4 +228,4 @@ def test_a_burst_on_ready_and_models_costs_one_upstream_request_at_a_time(stack:
         assert set(pool.map(ready, range(64))) == {200}
         assert set(pool.map(models, range(64))) == {200}
     assert stack.fake.max_health_active == 1  # one upstream check at a time, not 64
-    assert stack.fake.model_lists <= 2  # and the model list is reused
+    assert stack.fake.models_requests <= 2  # and the model list is reused

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from .fake_llamacpp import count_prompt_tokens
 from .test_api import CHAT, post, sse_events
 
 STREAM_BODY = {"model": "m", "messages": CHAT, "stream": True}
+AUTH = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
 
 
 def raw_completion_request(body: dict[str, Any]) -> bytes:
@@ -24,6 +26,13 @@ def raw_completion_request(body: dict[str, Any]) -> bytes:
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
         % (UNLIMITED_KEY.encode(), len(data), data)
+    )
+
+
+def kept_alive(stack: Stack) -> httpx.Client:
+    """One client for many requests, as real clients are."""
+    return httpx.Client(
+        base_url=stack.url, headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}, timeout=10
     )
 
 
@@ -141,11 +150,14 @@ def test_mid_stream_fault_with_the_sdk_raises(stack: Stack) -> None:
 
 
 def test_non_streamed_dropped_connection_is_502(stack: Stack) -> None:
-    stack.fake.script.fail_status = None
-    stack.fake.script.drop_after_tokens = 2
-    r = post(stack, "/v1/completions", {"prompt": "x", "stream": True})
-    assert r.status_code == 200  # headers went out with the first token
-    assert stream_error(sse_events(r))["code"] == "upstream_error"
+    stack.fake.script.drop_body_after = 20  # of a body whose Content-Length says more
+    with kept_alive(stack) as client:
+        r = client.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 502
+        error = error_of(r)
+        assert error["code"] == "upstream_error" and "closed the connection" in error["message"]
+        stack.fake.reset()
+        assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 200
 
 
 def test_client_disconnect_mid_stream_cancels_the_upstream_request(stack: Stack) -> None:
@@ -209,10 +221,14 @@ def test_in_flight_returns_to_zero_after_every_kind_of_exit(stack: Stack) -> Non
 def test_upstream_json_that_is_malformed_is_502(stack: Stack) -> None:
     stack.fake.script.fail_status = 200
     stack.fake.script.fail_body = "{not json"
-    r = post(stack, "/v1/completions", {"prompt": "x"})
-    assert r.status_code == 502
-    assert "malformed" in error_of(r)["message"]
-    json.dumps(r.json())
+    with kept_alive(stack) as client:
+        r = client.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 502
+        error = error_of(r)
+        assert error["code"] == "upstream_error"
+        assert error["message"] == "llama.cpp answered /completion with malformed JSON"
+        stack.fake.reset()  # the proxy keeps serving on the same client connection
+        assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 200
 
 
 def test_client_disconnect_while_waiting_for_a_plain_answer(
@@ -292,3 +308,128 @@ def test_health_stays_up_while_draining(stack: Stack) -> None:
     ready = httpx.get(stack.url + "/health/ready")
     assert ready.status_code == 503 and ready.json() == {"status": "draining"}
     stack.ctx.draining = False
+
+
+# -- the upstream connection (docs/resilience.md, "The upstream connection") ------------
+
+
+def test_a_full_pool_does_not_outlast_the_deadline(make_stack: Any) -> None:
+    stack = make_stack(upstream_max_connections=1, upstream_first_byte_timeout=0.3)
+    total = 200
+    stack.fake.script.tokens = [f" t{i}" for i in range(total)]
+    stack.fake.script.token_delay = 0.05  # a 10 s stream holds the only connection
+    with (
+        kept_alive(stack) as client,
+        client.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as s,
+    ):
+        lines = s.iter_lines()
+        next(lines)
+        with kept_alive(stack) as other:
+            r = other.post("/v1/completions", json={"model": "m", "prompt": "y"})
+            assert r.status_code == 504, r.text
+            assert "stayed busy for 0.3s" in error_of(r)["message"]
+            ready = other.get("/health/ready")  # probes have their own connections
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert stack.fake.events_sent < total  # both answered while the stream still ran
+
+
+def test_a_trickling_non_streamed_answer_is_bounded_by_the_deadline(make_stack: Any) -> None:
+    stack = make_stack(upstream_first_byte_timeout=0.5, upstream_idle_timeout=1.0)
+    stack.fake.script.drip_seconds = 0.1  # 10 bytes every 0.1 s: never idle, never done
+    with kept_alive(stack) as client:
+        r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 504
+    assert "did not finish answering within 0.5s" in error_of(r)["message"]
+    assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1)  # llama.cpp let go
+
+
+def test_pings_on_a_stream_are_not_progress(make_stack: Any) -> None:
+    stack = make_stack(upstream_idle_timeout=0.3)
+    stack.fake.script.pings = 40
+    stack.fake.script.ping_interval = 0.05  # two seconds of `: ping` before any token
+    with kept_alive(stack) as client:
+        r = client.post("/v1/chat/completions", json=STREAM_BODY)
+    assert r.status_code == 200
+    assert stream_error(sse_events(r))["code"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize(
+    ("result", "words"),
+    [
+        ({"content": "a", "stop": True, "tokens_predicted": "lots"}, "tokens_predicted"),
+        ({"content": "a", "stop": True, "tokens_evaluated": -3}, "tokens_evaluated"),
+        ({"content": "a", "stop": True, "stop_type": ["x"]}, "stop_type"),
+        ({"content": {"a": 1}, "stop": True}, "content"),
+        ({"content": "a", "stop": True, "completion_probabilities": [1]}, "probabilities"),
+        ({"error": {"code": "abc", "message": "upstream says no"}}, "upstream says no"),
+        ({"error": {"message": "out of memory"}}, "out of memory"),
+        ({"error": {"code": 500, "message": {"nested": 1}}}, "reported an error"),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_malformed_upstream_results_are_502(
+    stack: Stack, result: dict[str, Any], words: str, stream: bool
+) -> None:
+    if stream:
+        stack.fake.script.raw_events = [{"content": "Hi", "stop": False}, result]
+    else:
+        stack.fake.script.fail_status = 200  # an HTTP 200 with this body
+        stack.fake.script.fail_body = result
+    with kept_alive(stack) as client:
+        r = client.post("/v1/completions", json={"prompt": "x", "stream": stream})
+        if stream:
+            assert r.status_code == 200
+            error = stream_error(sse_events(r))
+        else:
+            assert r.status_code == 502
+            error = error_of(r)
+        assert error["code"] == "upstream_error" and words in error["message"]
+        stack.fake.reset()
+        assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 200
+
+
+def test_an_error_body_is_read_only_as_far_as_it_is_reported(stack: Stack) -> None:
+    stack.fake.script.fail_status = 500
+    stack.fake.script.huge_body = 100 * 1024 * 1024
+    with kept_alive(stack) as client:
+        r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 502 and len(r.content) < 4096
+    assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1)
+    # The proxy hung up after the first kilobytes; socket buffers hold a few MB at most.
+    assert stack.fake.body_bytes_sent < 20 * 1024 * 1024
+
+
+def test_a_huge_answer_is_refused_as_it_is_read(stack: Stack) -> None:
+    stack.fake.script.fail_status = 200
+    stack.fake.script.huge_body = 400 * 1024 * 1024
+    with kept_alive(stack) as client:
+        r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 502 and "too large" in error_of(r)["message"]
+    assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1)
+    assert stack.fake.body_bytes_sent < 100 * 1024 * 1024
+
+
+def test_an_endless_sse_line_ends_the_stream_with_an_error(stack: Stack) -> None:
+    stack.fake.script.raw_events = [{"content": "x" * (8 * 1024 * 1024), "stop": True}]
+    with kept_alive(stack) as client:
+        r = client.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert r.status_code == 200
+    error = stream_error(sse_events(r))
+    assert error["code"] == "upstream_error" and "SSE line over" in error["message"]
+
+
+def test_a_flood_of_probes_costs_llamacpp_little(stack: Stack) -> None:
+    def probe(path: str) -> int:
+        return httpx.get(stack.url + path, headers=AUTH, timeout=10).status_code
+
+    stack.fake.script.health_delay = 0.2  # each probe is in flight long enough to be shared
+    with ThreadPoolExecutor(16) as workers:
+        ready = list(workers.map(probe, ["/health/ready"] * 64))
+        models = list(workers.map(probe, ["/v1/models"] * 64))
+    assert ready == [200] * 64 and models == [200] * 64
+    # One readiness probe in flight at a time, shared by every caller meanwhile; models
+    # answers are also reused for five seconds. Probes have two connections of their own.
+    assert 1 <= stack.fake.health_requests <= 16
+    assert 1 <= stack.fake.models_requests <= 2
+    assert stack.ctx.upstream._probe_pool.open_connections <= 2

@@ -61,7 +61,6 @@ def test_llamacpp_error_lines_are_reported_as_errors() -> None:
 def test_unterminated_last_event_is_flushed_on_close() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b'data: {"stop": true}') == []
-    assert decoder.pending
     assert decoder.close() == [("data", b'{"stop": true}')]
 
 

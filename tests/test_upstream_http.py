@@ -1,16 +1,36 @@
-"""The keep-alive HTTP/1.1 client to llama.cpp: framing, reuse, limits, stale connections."""
+"""The keep-alive HTTP/1.1 client to llama.cpp: framing, reuse, limits, stale connections.
+
+The negative corpus follows h11's tests/test_io.py: every way a status line, a header, a
+length or a chunk can be malformed is refused (ProtocolError, which the proxy answers with
+a 502), never guessed at. The `evil` tests drive the proxy against a raw-socket upstream
+that sends what Tornado's fake cannot (tests/evil_upstream.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import pytest
 
-from llamacpp_proxy.upstream.http import BodyDecoder, ProtocolError, ResponseHead, parse_head
+from llamacpp_proxy.upstream.http import (
+    MAX_HEADERS,
+    MAX_INTERIM,
+    BodyDecoder,
+    Connection,
+    ConnectionPool,
+    ProtocolError,
+    ResponseHead,
+    parse_head,
+    read_head,
+)
 
-from .conftest import Stack
+from .conftest import UNLIMITED_KEY, LoopThread, Stack
+from .evil_upstream import EvilUpstream, Respond, completion
 from .test_api import CHAT, FULL_TEXT, post, sse_events
 
 CHUNKED = b"5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: 1\r\n\r\n"
@@ -46,22 +66,131 @@ def test_chunked_body_split_at_every_byte() -> None:
     assert decoder.done
 
 
-@pytest.mark.parametrize("raw", [b"zz\r\n", b"3\r\nabcX\r\n", b"1\r\na\r\n0\r\n\r\nextra"])
+BAD_CHUNKS = [
+    b"zz\r\n",
+    b"3\r\nabcX\r\n",  # data not followed by CRLF
+    b"0x5\r\nhello\r\n0\r\n\r\n",  # int(_, 16) takes a 0x prefix: HTTP does not
+    b"+5\r\nhello\r\n0\r\n\r\n",  # ... nor a sign
+    b"-2\r\n",
+    b"0_5\r\nhello\r\n0\r\n\r\n",  # ... nor digit-group underscores
+    b" 5\r\nhello\r\n0\r\n\r\n",  # ... nor leading whitespace
+    b"5 5\r\nhello\r\n",
+    b"\r\n",  # no size at all
+    b"1" * 16 + b"\r\n",  # beyond any body we would read
+    b"\xd9\xa5\r\n",  # a non-ASCII digit
+    b"5;" + b"x" * 2000,  # a chunk-size line without end
+    b"0\r\nnot a trailer\r\n\r\n",
+    b"0\r\n" + b"T: x\r\n" * 40 + b"\r\n",  # trailers without end
+]
+
+
+@pytest.mark.parametrize("raw", BAD_CHUNKS)
 def test_broken_chunking_is_a_protocol_error(raw: bytes) -> None:
     decoder = BodyDecoder(head(transfer_encoding="chunked"), "POST")
     with pytest.raises(ProtocolError):
         decoder.feed(raw)
 
 
+def test_bytes_after_a_complete_body_are_kept_apart_never_taken_as_body() -> None:
+    chunked = BodyDecoder(head(transfer_encoding="chunked"), "POST")
+    assert chunked.feed(b"1\r\na\r\n0\r\n\r\nHTTP/1.1 200 OK") == b"a"
+    assert chunked.done and chunked.extra == b"HTTP/1.1 200 OK"
+    length = BodyDecoder(head(content_length="2"), "POST")
+    assert length.feed(b"abHTTP") == b"ab" and length.done and length.extra == b"HTTP"
+
+
 def test_content_length_and_until_eof_bodies() -> None:
     decoder = BodyDecoder(head(content_length="5"), "POST")
     assert decoder.feed(b"he") == b"he" and not decoder.done
     assert decoder.feed(b"llo") == b"llo" and decoder.done
-    with pytest.raises(ProtocolError):
-        BodyDecoder(head(content_length="2"), "POST").feed(b"abc")
     assert BodyDecoder(head(content_length="0"), "POST").done
+    assert BodyDecoder(head(content_length="7, 7"), "POST").declared_length == 7
     eof = BodyDecoder(head(), "POST")
     assert eof.until_eof and eof.feed(b"abc") == b"abc" and not eof.done
+
+
+BAD_FRAMING = [
+    {"content_length": "1_0"},  # int() reads these: HTTP does not
+    {"content_length": "+10"},
+    {"content_length": "-1"},
+    {"content_length": "0x10"},
+    {"content_length": " 1 0"},
+    {"content_length": ""},
+    {"content_length": "\u0661\u0660"},  # Arabic-Indic digits, also int()-able
+    {"content_length": "10, 11"},  # conflicting repeated lengths
+    {"content_length": "9" * 19},
+    {"transfer_encoding": "gzip"},
+    {"transfer_encoding": "chunked, gzip"},
+    {"transfer_encoding": "chunked", "content_length": "5"},  # the smuggling ambiguity
+]
+
+
+@pytest.mark.parametrize("headers", BAD_FRAMING, ids=repr)
+def test_malformed_or_conflicting_framing_is_a_protocol_error(headers: dict[str, str]) -> None:
+    with pytest.raises(ProtocolError):
+        BodyDecoder(head(**headers), "POST")
+
+
+BAD_HEADS = [
+    b"SSH-2.0-OpenSSH",
+    b"HTTP/1.1 abc",
+    b"HTTP/1.1 \xb2\xb2\xb2 OK",  # latin-1 superscript digits pass str.isdigit, not int()
+    "HTTP/1.1 \u00b2\u00b2\u00b2 OK".encode(),
+    "HTTP/1.1 \u0662\u0660\u0660 OK".encode(),
+    b"HTTP/1.1 99 Low",
+    b"HTTP/1.1 2000 OK",
+    b"HTTP/1.1 200OK",
+    b"HTTP/1.1 +20 OK",
+    b"HTTP/1.1  200 OK",
+    b" HTTP/1.1 200 OK",
+    b"HTTP/2 200 OK",
+    b"HTTP/1.2 200 OK",
+    b"http/1.1 200 OK",
+    b"HTTP/1.1 200 OK\x00",
+    b"HTTP/1.1 200 OK\r\nno colon",
+    b"HTTP/1.1 200 OK\r\nName : space before the colon",
+    b"HTTP/1.1 200 OK\r\n folded: x",
+    b"HTTP/1.1 200 OK\r\nA: b\r\n obs-fold continuation",
+    b"HTTP/1.1 200 OK\r\nA: b\x00c",
+    b"HTTP/1.1 200 OK\r\nA: b\nSmuggled: c",
+    b"HTTP/1.1 200 OK\r\n: no name",
+    b"HTTP/1.1 200 OK\r\nA\x7fB: c",
+    b"HTTP/1.1 200 OK\r\n\r\nA: b",
+    b"HTTP/1.1 200 OK" + b"\r\nA: b" * (MAX_HEADERS + 1),
+]
+
+
+@pytest.mark.parametrize("raw", BAD_HEADS)
+def test_malformed_heads_are_protocol_errors(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        parse_head(raw)
+
+
+def test_well_formed_heads_in_their_variants() -> None:
+    h = parse_head(b"HTTP/1.1 200\r\nA:b\r\nB: \t two  words \t\r\nC:\r\nD: \xe9")
+    assert h.status == 200 and h.keep_alive
+    assert h.headers == {"a": "b", "b": "two  words", "c": "", "d": "\xe9"}
+
+
+def read_heads(raw: bytes) -> ResponseHead:
+    async def scenario() -> ResponseHead:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await read_head(Connection(reader, cast(Any, None)))
+
+    return asyncio.run(scenario())
+
+
+def test_every_interim_1xx_is_skipped_up_to_a_cap() -> None:
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    assert read_heads(b"HTTP/1.1 100 Continue\r\n\r\n" + hints + final).status == 200
+    assert read_heads(hints * MAX_INTERIM + final).status == 200
+    with pytest.raises(ProtocolError, match="interim"):
+        read_heads(hints * (MAX_INTERIM + 1) + final)
+    with pytest.raises(ProtocolError, match="101"):
+        read_heads(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n" + final)
 
 
 def test_connections_are_reused(stack: Stack) -> None:
@@ -76,18 +205,17 @@ def test_connections_are_reused(stack: Stack) -> None:
 def test_concurrency_is_bounded_by_upstream_max_connections(make_stack: Any) -> None:
     stack = make_stack(upstream_max_connections=2)
     stack.fake.script.token_delay = 0.01
-    pool = stack.ctx.upstream._pool
-    peak = []
 
     def one(_: int) -> str:
-        peak.append(pool.open_connections)
         events = sse_events(post(stack, "/v1/chat/completions", {"messages": CHAT, "stream": True}))
         return "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1])
 
     with ThreadPoolExecutor(8) as workers:
         texts = list(workers.map(one, range(8)))
     assert texts == [FULL_TEXT] * 8  # the ones that waited for a connection still answer
-    assert max(peak) <= 2 and pool.open_connections <= 2
+    # Measured where it matters: completions llama.cpp was answering at the same moment.
+    assert stack.fake.peak_active == 2
+    assert stack.ctx.upstream._pool.open_connections <= 2
 
 
 def test_a_connection_the_server_closed_is_replaced_transparently(stack: Stack) -> None:
@@ -134,12 +262,18 @@ def test_abort_does_not_return_the_connection_to_the_pool(stack: Stack) -> None:
 
 
 def test_pool_close_is_safe_with_nothing_open() -> None:
-    from llamacpp_proxy.upstream.http import ConnectionPool
-
     pool = ConnectionPool("http://127.0.0.1:9", 4, 1.0)
+    pool.close()  # outside any event loop: nothing to close, nothing scheduled
     pool.close()
-    assert pool.open_connections == 0
-    asyncio.run(asyncio.sleep(0))
+    assert pool.open_connections == 0 and not pool.waiting
+
+    async def in_a_loop() -> None:
+        pool.close()
+        with pytest.raises(OSError):  # still usable: a request would try to connect
+            await pool.acquire()
+        assert pool.open_connections == 0 and not pool.waiting
+
+    asyncio.run(in_a_loop())
 
 
 def test_idle_connections_the_server_closed_do_not_linger(stack: Stack) -> None:
@@ -163,24 +297,187 @@ def test_idle_connections_the_server_closed_do_not_linger(stack: Stack) -> None:
     assert stack.wait_for(lambda: pool.open_connections == 0, timeout=10)
 
 
-def test_a_fresh_connection_is_made_even_when_the_pool_is_full_of_idle_ones() -> None:
-    from llamacpp_proxy.upstream.http import ConnectionPool
-
+def test_an_idle_connection_the_server_closed_is_replaced_before_use() -> None:
     async def scenario() -> None:
-        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        accepted: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         pool = ConnectionPool(f"http://127.0.0.1:{port}", 1, 1.0)
-        conn, reused = await pool.acquire()
+        conn = await pool.acquire()
         pool.release(conn, True)
-        again, reused = await pool.acquire()
-        assert again is conn and reused
-        pool.release(again, True)
-        fresh, reused = await asyncio.wait_for(pool.acquire(fresh=True), 2)
-        assert fresh is not conn and not reused and conn.closed
-        assert pool.open_connections == 1
+        assert await pool.acquire() is conn  # quiet: reused
+        pool.release(conn, True)
+        accepted[0].close()  # the server drops it while it is idle
+        await accepted[0].wait_closed()
+        fresh = await asyncio.wait_for(pool.acquire(), 2)
+        assert fresh is not conn and conn.closed and pool.open_connections == 1
         pool.release(fresh, False)
         pool.close()
         server.close()
-        await server.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_a_cancelled_waiter_passes_its_turn_on() -> None:
+    async def scenario() -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        pool = ConnectionPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", 1, 1.0)
+        conn = await pool.acquire()
+        first = asyncio.ensure_future(pool.acquire())
+        second = asyncio.ensure_future(pool.acquire())
+        await asyncio.sleep(0)  # both are queued
+        assert pool.waiting and not first.done()
+        pool.release(conn, True)  # wakes `first`...
+        first.cancel()  # ...which is cancelled before it runs: its turn must go to `second`
+        got = await asyncio.wait_for(second, 2)
+        assert got is conn and first.cancelled()
+        pool.release(got, False)
+        assert pool.open_connections == 0 and not pool.waiting
+        server.close()
+
+    asyncio.run(scenario())
+
+
+# -- against a misbehaving upstream ------------------------------------------------------
+
+
+@pytest.fixture
+def evil_stack(
+    runner: LoopThread, make_stack: Callable[..., Stack]
+) -> Iterator[Callable[..., tuple[EvilUpstream, Stack]]]:
+    """A proxy in front of an EvilUpstream answering with `respond`."""
+    made: list[EvilUpstream] = []
+
+    def build(respond: Respond, **overrides: Any) -> tuple[EvilUpstream, Stack]:
+        evil = EvilUpstream(respond)
+        runner.run(evil.start())
+        made.append(evil)
+        return evil, make_stack(llamacpp_server=evil.url, **overrides)
+
+    yield build
+    for evil in made:
+        runner.run(evil.stop())
+
+
+def kept_alive(stack: Stack) -> httpx.Client:
+    """One client for many requests, as real clients are."""
+    return httpx.Client(
+        base_url=stack.url, headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}, timeout=10
+    )
+
+
+def ask(client: httpx.Client, prompt: str) -> httpx.Response:
+    # A model name spares the proxy a /props call: every upstream request is a completion.
+    return client.post("/v1/completions", json={"model": "m", "prompt": prompt})
+
+
+def text_of(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["text"])
+
+
+def test_a_stray_second_response_never_reaches_the_next_user(evil_stack: Any) -> None:
+    async def respond(
+        evil: EvilUpstream, head: bytes, body: bytes, w: asyncio.StreamWriter
+    ) -> bool:
+        prompt = json.loads(body)["prompt"]
+        w.write(completion(f"answer to {prompt}"))
+        await w.drain()
+        await asyncio.sleep(0.1)  # the scenario: a second answer in a later TCP segment
+        w.write(completion(f"stray answer to {prompt}"))
+        await w.drain()
+        evil.strays += 1
+        return True
+
+    evil, stack = evil_stack(respond)
+    with kept_alive(stack) as client:
+        for n, user in enumerate(["alice", "bob", "carol"]):
+            assert text_of(ask(client, user)) == f"answer to {user}"
+            assert stack.wait_for(lambda n=n: evil.strays == n + 1)
+    assert evil.connections == 3  # each connection that carried a stray was closed
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
+    ],
+)
+def test_interim_1xx_responses_are_skipped(evil_stack: Any, interim: bytes) -> None:
+    async def respond(
+        evil: EvilUpstream, head: bytes, body: bytes, w: asyncio.StreamWriter
+    ) -> bool:
+        w.write(interim + completion("answer to " + json.loads(body)["prompt"]))
+        return True
+
+    evil, stack = evil_stack(respond)
+    with kept_alive(stack) as client:
+        for user in ["alice", "bob", "carol"]:  # the kept-alive connection stays in step
+            assert text_of(ask(client, user)) == f"answer to {user}"
+    assert evil.connections == 1
+
+
+MALFORMED_RESPONSES = [
+    b"HTTP/1.1 \xb2\xb2\xb2 OK\r\nContent-Length: 2\r\n\r\n{}",  # a 500 with a traceback before
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n0123456789",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0_2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    b"HTTP/1.1 103 Early Hints\r\n\r\n" * (MAX_INTERIM + 1),
+]
+
+
+@pytest.mark.parametrize("raw", MALFORMED_RESPONSES)
+def test_a_malformed_response_is_a_502_and_the_proxy_keeps_serving(
+    evil_stack: Any, raw: bytes
+) -> None:
+    async def respond(
+        evil: EvilUpstream, head: bytes, body: bytes, w: asyncio.StreamWriter
+    ) -> bool:
+        prompt = json.loads(body)["prompt"]
+        w.write(raw if prompt == "bad" else completion("fine"))
+        await w.drain()
+        return prompt != "bad"
+
+    _evil, stack = evil_stack(respond)
+    with kept_alive(stack) as client:
+        r = ask(client, "bad")
+        assert r.status_code == 502, r.text
+        error = r.json()["error"]
+        assert error["code"] == "upstream_error" and "malformed HTTP response" in error["message"]
+        assert text_of(ask(client, "good")) == "fine"
+
+
+def test_a_post_that_reached_llamacpp_is_never_sent_again(evil_stack: Any) -> None:
+    async def respond(
+        evil: EvilUpstream, head: bytes, body: bytes, w: asyncio.StreamWriter
+    ) -> bool:
+        if evil.posts == 1:
+            w.write(completion("first"))
+            return True
+        return False  # read the request (llama.cpp would be working on it), then close
+
+    evil, stack = evil_stack(respond)
+    with kept_alive(stack) as client:
+        assert text_of(ask(client, "one")) == "first"
+        r = ask(client, "two")
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+    assert evil.posts == 2  # two calls, two POSTs: the second was not re-sent
+
+
+def test_upstream_credentials_are_never_shown(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(llamacpp_server="http://admin:hunter2@127.0.0.1:9")
+    with kept_alive(stack) as client:
+        ready = client.get("/health/ready")
+        failed = ask(client, "x")
+    assert ready.status_code == 503 and failed.status_code == 502
+    for text in (ready.text, failed.text):
+        assert "hunter2" not in text and "admin" not in text
+        assert "127.0.0.1:9" in text  # where it is, so the operator can still tell

@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 client for llama.cpp with keep-alive connections.
+"""A small, strict HTTP/1.1 client for llama.cpp with keep-alive connections.
 
 Tornado's SimpleAsyncHTTPClient opens a new TCP connection (and resolves the host in a
 thread) for every request and closes it after; profiles of the proxy under load showed that
@@ -9,11 +9,19 @@ which is what makes llama.cpp stop generating and free its slot.
 
 Only what talking to llama.cpp needs: requests with a Content-Length body; responses with
 Content-Length, chunked, or close-delimited bodies; no redirects, no proxies.
+
+Reusing a connection is only safe when both ends agree where every response ends, so the
+reader is strict the way Tornado's `http1connection` (`parse_int`, `parse_hex_int`) and h11's
+readers are: exact grammars for the status line, header fields, lengths and chunk sizes, caps
+on every size, and any doubt about framing (conflicting lengths, bytes after the end of a
+response, bytes arriving on an idle connection) means the connection is closed, never pooled.
+A request is never sent twice: a POST that may have reached llama.cpp has started work there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
@@ -22,9 +30,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 64 * 1024  # the status line and headers of one response
+MAX_HEADERS = 100  # header fields in one head
+MAX_INTERIM = 8  # 1xx responses skipped before the final one
+MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included
+MAX_TRAILERS = 32  # trailer fields after the last chunk
 READ_SIZE = 64 * 1024
 IDLE_TTL = 4.0  # llama.cpp's HTTP server drops idle keep-alive connections after 5 s
+
+# Exact grammars (RFC 9112), on bytes so that only ASCII digits are digits ("²²²" is not).
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: [\t \x21-\x7e\x80-\xff]*)?")
+_VCHARS = rb"[\x21-\x7e\x80-\xff]+"  # visible characters and obs-text: no controls, no CR/LF
+_FIELD = re.compile(
+    rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*((?:"
+    + _VCHARS
+    + rb"(?:[ \t]+"
+    + _VCHARS
+    + rb")*)?)[ \t]*"
+)
+_DIGITS = re.compile(r"[0-9]{1,18}")  # a length, as Tornado's parse_int (int64-safe)
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[^\r\n]*)?[ \t]*")  # as parse_hex_int
 
 
 class ProtocolError(Exception):
@@ -44,77 +69,118 @@ class ResponseHead:
     keep_alive: bool
 
 
+def parse_length(text: str) -> int:
+    """A Content-Length value: ASCII digits only (no sign, `_`, spaces or `0x`); a repeated
+    header must repeat the same value (RFC 9110 8.6)."""
+    values = {v.strip() for v in text.split(",")}
+    if len(values) != 1:
+        raise ProtocolError("conflicting Content-Length values")
+    value = values.pop()
+    if _DIGITS.fullmatch(value) is None:
+        raise ProtocolError(f"malformed Content-Length {value[:20]!r}")
+    return int(value)
+
+
 def parse_head(raw: bytes) -> ResponseHead:
     """Parse `HTTP/1.1 200 OK\\r\\nName: value\\r\\n...` (without the blank line)."""
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    lines = raw.split(b"\r\n")
+    status = _STATUS_LINE.fullmatch(lines[0])
+    if status is None:
         raise ProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise ProtocolError("too many header fields")
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
+        field = _FIELD.fullmatch(line)
+        if field is None:  # no colon, space before it, obs-fold, a control character, CR/LF
             raise ProtocolError(f"malformed header line: {line[:80]!r}")
-        key = name.strip().lower()
-        value = value.strip()
+        key = field.group(1).decode("ascii").lower()
+        value = field.group(2).decode("latin-1")
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     connection = headers.get("connection", "").lower()
-    keep_alive = "close" not in connection and (
-        parts[0] != "HTTP/1.0" or "keep-alive" in connection
-    )
-    return ResponseHead(int(parts[1]), headers, keep_alive)
+    http10 = status.group(1) == b"0"
+    keep_alive = "close" not in connection and (not http10 or "keep-alive" in connection)
+    return ResponseHead(int(status.group(2)), headers, keep_alive)
+
+
+# BodyDecoder states: one name per parser state.
+LENGTH = "length"  # Content-Length bytes remain
+UNTIL_EOF = "until-eof"  # the body ends when the connection does
+CHUNK_SIZE = "chunk-size"  # expecting a chunk-size line
+CHUNK_DATA = "chunk-data"  # inside a chunk
+CHUNK_END = "chunk-end"  # expecting the CRLF after a chunk's data
+TRAILERS = "trailers"  # after the last chunk, until the blank line
+DONE = "done"  # the body ended exactly
 
 
 class BodyDecoder:
     """Turns the bytes after the head into body bytes: Content-Length, chunked, or to EOF.
 
     Pure and incremental: `feed` takes whatever a read brought and returns the body bytes in
-    it; `done` says the body ended exactly (the connection can then be reused).
+    it; `done` says the body ended exactly. Bytes that came after the end are kept in
+    `extra`: they are no part of this response, so the connection must not be reused.
     """
 
-    __slots__ = ("_buffer", "_chunk_left", "_mode", "_remaining", "_trailers", "done")
+    __slots__ = ("_buffer", "_chunk_left", "_remaining", "_trailers", "extra", "state")
 
     def __init__(self, head: ResponseHead, method: str) -> None:
-        self.done = False
+        self.extra = b""
         self._buffer = b""
         self._chunk_left = 0
-        self._trailers = False
+        self._trailers = 0
         self._remaining = 0
-        encoding = head.headers.get("transfer-encoding", "").lower()
-        if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
-            self._mode = "length"
-            self.done = True
-        elif "chunked" in encoding:
-            self._mode = "chunked"
-        elif "content-length" in head.headers:
-            self._mode = "length"
-            try:
-                self._remaining = int(head.headers["content-length"])
-            except ValueError:
-                raise ProtocolError("malformed Content-Length") from None
-            if self._remaining < 0:
-                raise ProtocolError("negative Content-Length")
-            self.done = self._remaining == 0
+        headers = head.headers
+        encoding = headers.get("transfer-encoding")
+        if method == "HEAD" or head.status in (204, 304) or head.status < 200:
+            self.state = DONE
+        elif encoding is not None:
+            # Only "chunked" frames a response we can reuse the connection after; a length
+            # beside it is the classic request-smuggling ambiguity (RFC 9112 6.3).
+            if encoding.strip().lower() != "chunked":
+                raise ProtocolError(f"unsupported Transfer-Encoding {encoding[:40]!r}")
+            if "content-length" in headers:
+                raise ProtocolError("both Transfer-Encoding and Content-Length")
+            self.state = CHUNK_SIZE
+        elif "content-length" in headers:
+            self._remaining = parse_length(headers["content-length"])
+            self.state = LENGTH if self._remaining else DONE
         else:
-            self._mode = "eof"
+            self.state = UNTIL_EOF
+
+    @property
+    def done(self) -> bool:
+        """The body ended exactly where its framing says."""
+        return self.state is DONE
 
     @property
     def until_eof(self) -> bool:
         """The body ends when the connection does (it cannot be reused)."""
-        return self._mode == "eof"
+        return self.state is UNTIL_EOF
+
+    @property
+    def declared_length(self) -> int | None:
+        """The Content-Length still to come, when the response declared one."""
+        return self._remaining if self.state is LENGTH else None
 
     def feed(self, data: bytes) -> bytes:
         """Body bytes contained in `data`."""
-        if self._mode == "eof":
+        state = self.state
+        if state is UNTIL_EOF:
             return data
-        if self._mode == "length":
-            if len(data) > self._remaining:
-                raise ProtocolError("more bytes than Content-Length")
-            self._remaining -= len(data)
-            self.done = self._remaining == 0
+        if state is LENGTH:
+            remaining = self._remaining
+            if len(data) < remaining:
+                self._remaining = remaining - len(data)
+                return data
+            self._remaining = 0
+            self.state = DONE
+            if len(data) > remaining:
+                self.extra += data[remaining:]
+                return data[:remaining]
             return data
+        if state is DONE:
+            self.extra += data
+            return b""
         return self._feed_chunked(data)
 
     def _feed_chunked(self, data: bytes) -> bytes:
@@ -122,60 +188,64 @@ class BodyDecoder:
         out: list[bytes] = []
         pos = 0
         end = len(buffer)
-        while pos < end and not self.done:
-            if self._chunk_left > 0:
+        while pos < end:
+            state = self.state
+            if state is CHUNK_DATA:
                 take = min(self._chunk_left, end - pos)
                 out.append(buffer[pos : pos + take])
                 pos += take
                 self._chunk_left -= take
                 if self._chunk_left == 0:
-                    self._chunk_left = -2  # the CRLF after the chunk data
+                    self.state = CHUNK_END
                 continue
-            if self._chunk_left == -2:
+            if state is CHUNK_END:
                 if end - pos < 2:
                     break
                 if buffer[pos : pos + 2] != b"\r\n":
                     raise ProtocolError("chunk not followed by CRLF")
                 pos += 2
-                self._chunk_left = 0
+                self.state = CHUNK_SIZE
                 continue
-            line_end = buffer.find(b"\r\n", pos)
+            if state is DONE:
+                self.extra += buffer[pos:]
+                pos = end
+                break
+            line_end = buffer.find(b"\r\n", pos, pos + MAX_CHUNK_LINE + 2)
             if line_end < 0:
-                if end - pos > 1024:
-                    raise ProtocolError("chunk size line too long")
+                if end - pos > MAX_CHUNK_LINE:
+                    raise ProtocolError("chunk-size or trailer line too long")
                 break
             line = buffer[pos:line_end]
             pos = line_end + 2
-            if self._trailers:
+            if state is TRAILERS:
                 if not line:
-                    self.done = True
+                    self.state = DONE
+                    continue
+                self._trailers += 1
+                if self._trailers > MAX_TRAILERS or _FIELD.fullmatch(line) is None:
+                    raise ProtocolError("malformed or too many trailer fields")
                 continue
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ProtocolError(f"bad chunk size {size_text[:20]!r}") from None
-            if size == 0:
-                self._trailers = True
-            else:
-                self._chunk_left = size
+            size = _CHUNK_SIZE.fullmatch(line)
+            if size is None:
+                raise ProtocolError(f"bad chunk size {line[:20]!r}")
+            self._chunk_left = int(size.group(1), 16)
+            self.state = CHUNK_DATA if self._chunk_left else TRAILERS
         self._buffer = buffer[pos:]
-        if self.done and self._buffer:
-            raise ProtocolError("bytes after the end of a chunked body")
-        return b"".join(out) if len(out) != 1 else out[0]
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
 
 
 class Connection:
     """One TCP (or TLS) connection to the upstream."""
 
-    __slots__ = ("closed", "idle_since", "reader", "requests", "writer")
+    __slots__ = ("closed", "idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.closed = False
         self.idle_since = 0.0
-        self.requests = 0
 
     def close(self) -> None:
         """Close now; a read in progress ends with EOF."""
@@ -185,9 +255,45 @@ class Connection:
             # The peer sees the close at once; the reader sees EOF.
             self.reader.feed_eof()
 
+    def buffered(self) -> int:
+        """Bytes the event loop read from the socket that no response claimed."""
+        # StreamReader has no public way to ask; its buffer is a bytearray in CPython.
+        return len(getattr(self.reader, "_buffer", b""))
+
+    def quiet(self) -> bool:
+        """Nothing arrived on this idle connection and the server has not closed it.
+
+        A server owes us nothing between responses: any byte now (a second response, a
+        stray "HTTP/1.1 408") would be read as the answer to the next request, and EOF
+        means the request would be lost. Checked before each reuse, because a POST is
+        never sent twice."""
+        if self.closed or self.reader.at_eof() or self.buffered() or self.reader.exception():
+            return False
+        sock = self.writer.get_extra_info("socket")
+        if sock is None or self.writer.get_extra_info("sslcontext") is not None:
+            return True  # TLS records (session tickets) are no response bytes: trust the reader
+        # Bytes (or EOF) may be in the kernel that the event loop has not read yet: peek.
+        # asyncio hands out a TransportSocket without recv; borrow the descriptor instead
+        # (detached again, so it is not closed).
+        peek = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+        try:
+            peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing to read: the connection is quiet
+        except OSError:
+            return False
+        finally:
+            peek.detach()
+        return False  # EOF (b"") or unread bytes: either way the connection is unusable
+
 
 class ConnectionPool:
-    """Keep-alive connections to one upstream, at most `max_connections` at once."""
+    """Keep-alive connections to one upstream, at most `max_connections` in use at once.
+
+    Waiting for a connection follows asyncio.Semaphore's discipline: first come, first
+    served, and a waiter cancelled after it was woken passes its turn to the next one. The
+    caller bounds the wait by cancelling it (the request's deadline, or its client leaving).
+    """
 
     def __init__(
         self,
@@ -202,15 +308,17 @@ class ConnectionPool:
         self.port = url.port or (443 if self.tls else 80)
         self.prefix = url.path.rstrip("/")
         default_port = (url.scheme, self.port) in (("http", 80), ("https", 443))
-        self.host_header = self.host if default_port else f"{self.host}:{self.port}"
-        if ":" in self.host and not self.host.startswith("["):
-            self.host_header = f"[{self.host}]" + ("" if default_port else f":{self.port}")
+        bracketed = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = bracketed if default_port else f"{bracketed}:{self.port}"
+        self.display = f"{bracketed}:{self.port}"
+        """Host and port only: what error messages and unauthenticated callers may see (the
+        URL may carry `user:password@`)."""
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self._now = now
         self._idle: deque[Connection] = deque()  # oldest on the left
         self._open = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._slots = asyncio.Semaphore(max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
@@ -218,36 +326,32 @@ class ConnectionPool:
         """Connections open now, idle or busy."""
         return self._open
 
-    async def acquire(self, fresh: bool = False) -> tuple[Connection, bool]:
-        """A connection and whether it was reused (a reused one may have been closed by the
-        server meanwhile: a request that fails on it before any answer may be retried, on a
-        `fresh` one, which is never an idle connection)."""
-        while True:
+    @property
+    def waiting(self) -> bool:
+        """Every connection is in use: an acquire would wait."""
+        return self._slots.locked()
+
+    async def acquire(self) -> Connection:
+        """A connection for one request: an idle one that is still quiet, or a new one."""
+        await self._slots.acquire()
+        try:
             now = self._now()
-            while self._idle and not fresh:
-                conn = self._idle.pop()  # the most recently used: least likely to be stale
-                if conn.closed or now - conn.idle_since > IDLE_TTL or conn.reader.at_eof():
-                    self._discard(conn)
-                    continue
-                return conn, True
-            if fresh and self._idle and self._open >= self.max_connections:
-                self._discard(self._idle.popleft())  # make room rather than wait on idlers
-            if self._open < self.max_connections:
-                self._open += 1
-                try:
-                    return await self._connect(), False
-                except BaseException:
-                    self._open -= 1
-                    self._wake()
-                    raise
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            idle = self._idle
+            while idle:
+                conn = idle.pop()  # the most recently used: least likely to be stale
+                if now - conn.idle_since <= IDLE_TTL and conn.quiet():
+                    return conn
+                self._discard(conn)
+            # Holding a slot, with no idle connection left: fewer than max are open.
+            self._open += 1
             try:
-                await waiter
+                return await self._connect()
             except BaseException:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                self._open -= 1
                 raise
+        except BaseException:
+            self._slots.release()
+            raise
 
     async def _connect(self) -> Connection:
         context = ssl.create_default_context() if self.tls else None
@@ -261,27 +365,26 @@ class ConnectionPool:
         return Connection(reader, writer)
 
     def release(self, conn: Connection, reusable: bool) -> None:
-        """Return a connection after its response was read (or abandoned)."""
-        if reusable and not conn.closed:
+        """Return a connection after its response was read (or abandoned). Only a response
+        read exactly to its end, with nothing after it, leaves a connection reusable."""
+        if reusable and not conn.closed and not conn.buffered():
             conn.idle_since = self._now()
             self._idle.append(conn)
-            self._wake()
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().call_later(IDLE_TTL, self._sweep)
         else:
             self._discard(conn)
+        self._slots.release()
 
     def _sweep(self) -> None:
-        """Close idle connections past their TTL or closed by the server, oldest first, so
-        they do not linger in CLOSE_WAIT holding descriptors when traffic stops."""
+        """Close idle connections past their TTL, closed by the server or sent stray bytes,
+        so they do not linger in CLOSE_WAIT holding descriptors when traffic stops."""
         self._sweeper = None
         now = self._now()
         idle = self._idle
-        while idle and (
-            idle[0].closed or now - idle[0].idle_since > IDLE_TTL or idle[0].reader.at_eof()
-        ):
+        while idle and (now - idle[0].idle_since > IDLE_TTL):
             self._discard(idle.popleft())
-        for conn in [c for c in idle if c.reader.at_eof()]:
+        for conn in [c for c in idle if not c.quiet()]:
             idle.remove(conn)
             self._discard(conn)
         if idle:
@@ -290,14 +393,6 @@ class ConnectionPool:
     def _discard(self, conn: Connection) -> None:
         conn.close()
         self._open -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     def close(self) -> None:
         """Close idle connections (busy ones close when their requests end)."""
@@ -327,8 +422,9 @@ def encode_request(
 
 
 async def read_head(conn: Connection) -> ResponseHead:
-    """The response head (the body stays in the connection's reader)."""
-    while True:
+    """The final response head (the body stays in the connection's reader). Interim 1xx
+    responses (100 Continue, 103 Early Hints, ...) are skipped, at most MAX_INTERIM."""
+    for _ in range(MAX_INTERIM + 1):
         try:
             raw = await conn.reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as exc:
@@ -336,5 +432,8 @@ async def read_head(conn: Connection) -> ResponseHead:
         except asyncio.LimitOverrunError as exc:
             raise ProtocolError("response head too large") from exc
         head = parse_head(raw[:-4])
-        if head.status != 100:  # "100 Continue" precedes the real answer
+        if head.status == 101:
+            raise ProtocolError("101 Switching Protocols to a request that asked for none")
+        if head.status >= 200:
             return head
+    raise ProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")

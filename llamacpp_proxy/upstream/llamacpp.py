@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tornado.ioloop import IOLoop
 
@@ -38,13 +38,17 @@ from .http import (
     encode_request,
     read_head,
 )
-from .sse import SSEDecoder
+from .sse import EventTooLarge, SSEDecoder
 
 log = logging.getLogger("llamacpp_proxy.upstream")
 
 PROPS_TTL = 60.0  # seconds a /props answer is reused (chat template, BOS/EOS, model path)
-ERROR_BODY_LIMIT = 64 * 1024
-MAX_RESPONSE = 256 * 1024 * 1024
+MODELS_TTL = 5.0  # seconds a /v1/models answer is reused
+HEALTH_TTL = 0.0  # readiness must reflect llama.cpp now: share only the probe in flight
+PROBE_CONNECTIONS = 2  # connections of their own for /health, /props, /v1/models
+ERROR_BODY_LIMIT = 64 * 1024  # read this much of an error body, then close the connection
+MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed answer (n_probs makes them large)
+MAX_MESSAGE = 1000  # characters of llama.cpp's error message passed on
 PLAIN_TOKENS_CACHE_CHARS = 1 << 20  # characters of text whose plain-text tokens are kept
 PLAIN_TOKENS_CACHE_ENTRY = 64 * 1024  # longer texts are tokenized every time
 
@@ -69,9 +73,12 @@ class ClientGone(Exception):
 class UpstreamCall:
     """One request to llama.cpp that can be aborted at any moment, and its timers.
 
-    Before the first byte the deadline is the first-byte timeout (prompt processing, or the
-    whole answer when not streamed); after it, the idle timeout between reads. `touch` is on
-    the per-read hot path, so it only records the time; the timer re-arms itself lazily.
+    The first deadline runs from the moment the call is made, so it covers the wait for a
+    pool connection too. Not streamed, it is the deadline of the whole answer: a server that
+    trickles a byte now and then cannot hold a request longer. Streamed, once the response
+    head came the deadline is the idle timeout between events (`touch`), so comments and
+    keep-alive pings do not count as progress. `touch` is on the per-read hot path: it only
+    records the time; the timer re-arms itself lazily.
     """
 
     __slots__ = (
@@ -80,39 +87,51 @@ class UpstreamCall:
         "_idle_timeout",
         "_loop",
         "_timer",
+        "_waiting",
         "abort_reason",
         "got_first_byte",
         "last_activity",
+        "streamed",
     )
 
     def __init__(self, first_byte_timeout: float, idle_timeout: float) -> None:
         self._loop = IOLoop.current()
         self._connection: Connection | None = None
+        self._waiting: asyncio.Task[Any] | None = None
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         self.abort_reason: BaseException | None = None
         self.got_first_byte = False
+        self.streamed = False
         self.last_activity = self._loop.time()
         self._timer: object | None = self._loop.call_later(first_byte_timeout, self._check)
 
-    def touch(self) -> None:
-        """Data arrived from llama.cpp."""
+    def started(self) -> None:
+        """The response head arrived: a stream's deadline becomes the idle timeout."""
         self.last_activity = self._loop.time()
-        if not self.got_first_byte:
-            self.got_first_byte = True
-            if self._timer is not None:  # from now on the deadline is the idle timeout
-                self._loop.remove_timeout(self._timer)
-                self._timer = self._loop.call_later(self._idle_timeout, self._check)
+        self.got_first_byte = True
+        if self.streamed and self._timer is not None:
+            self._loop.remove_timeout(self._timer)
+            self._timer = self._loop.call_later(self._idle_timeout, self._check)
+
+    def touch(self) -> None:
+        """Events arrived from llama.cpp."""
+        self.last_activity = self._loop.time()
 
     def _check(self) -> None:
         self._timer = None
         now = self._loop.time()
-        if not self.got_first_byte:
-            self.abort(
-                UpstreamTimeout(
-                    f"llama.cpp did not start answering within {self._first_byte_timeout:g}s"
+        if not self.got_first_byte or not self.streamed:
+            if self._waiting is not None:
+                message = (
+                    "every connection to llama.cpp stayed busy for "
+                    f"{self._first_byte_timeout:g}s (--upstream-max-connections)"
                 )
-            )
+            elif self.got_first_byte:
+                message = f"llama.cpp did not finish answering within {self._first_byte_timeout:g}s"
+            else:
+                message = f"llama.cpp did not start answering within {self._first_byte_timeout:g}s"
+            self.abort(UpstreamTimeout(message))
             return
         remaining = self.last_activity + self._idle_timeout - now
         if remaining > 0:
@@ -132,12 +151,30 @@ class UpstreamCall:
 
     def abort(self, reason: BaseException) -> None:
         """End the upstream request now: closing the connection makes llama.cpp stop
-        generating and free its slot."""
+        generating and free its slot; a wait for a connection is cancelled."""
         if self.abort_reason is not None:
             return
         self.abort_reason = reason
         if self._connection is not None:
             self._connection.close()
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    async def acquire(self, pool: ConnectionPool) -> Connection:
+        """A connection from `pool`, waiting no longer than this call may live."""
+        if self.abort_reason is not None:
+            raise self.abort_reason
+        task = asyncio.current_task()
+        self._waiting = task
+        try:
+            return await pool.acquire()
+        except asyncio.CancelledError:
+            # Our own abort cancelled the wait: report why, as the task's only cancellation.
+            if self.abort_reason is not None and task is not None and task.uncancel() == 0:
+                raise self.abort_reason from None
+            raise
+        finally:
+            self._waiting = None
 
     def done(self) -> None:
         """The request ended: stop the timer."""
@@ -158,19 +195,62 @@ EventSink = Callable[[list[dict[str, Any]]], "Awaitable[None] | None"]
 """Receives the events of one read; may return an awaitable that resolves once the client
 has taken what was written (backpressure)."""
 
+T = TypeVar("T")
+
+
+class Shared(Generic[T]):
+    """One fetch in flight for every caller, and its result reused for `ttl` seconds, so
+    however many clients ask, the upstream sees at most one request per `ttl`."""
+
+    def __init__(
+        self, fetch: Callable[[], Awaitable[T]], ttl: float, now: Callable[[], float]
+    ) -> None:
+        self._fetch = fetch
+        self._ttl = ttl
+        self._now = now
+        self._value: T | None = None
+        self._at = 0.0
+        self._task: asyncio.Future[T] | None = None
+
+    async def get(self) -> T:
+        """The cached value, or the one the fetch in flight (started if none) brings."""
+        if self._value is not None and self._now() - self._at < self._ttl:
+            return self._value
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+        # Shielded: a caller that goes away does not cancel the others' fetch.
+        return await asyncio.shield(self._task)
+
+    async def _run(self) -> T:
+        try:
+            value = await self._fetch()
+            self._value, self._at = value, self._now()
+            return value
+        finally:
+            self._task = None
+
 
 class LlamaCppClient:
     """Talks to one llama.cpp server."""
 
     def __init__(self, settings: Settings, now: Callable[[], float] = time.monotonic) -> None:
-        self.base = settings.upstream_url
         self._settings = settings
         self._now = now
         self._pool = ConnectionPool(
-            self.base, settings.upstream_max_connections, settings.upstream_connect_timeout
+            settings.upstream_url,
+            settings.upstream_max_connections,
+            settings.upstream_connect_timeout,
         )
-        self._props: dict[str, Any] | None = None
-        self._props_at = 0.0
+        # Probes never queue behind completions, and a flood of them costs at most
+        # PROBE_CONNECTIONS upstream connections.
+        self._probe_pool = ConnectionPool(
+            settings.upstream_url, PROBE_CONNECTIONS, settings.upstream_connect_timeout
+        )
+        self.where = self._pool.display
+        """llama.cpp's host:port (never the URL: it may hold a password)."""
+        self._props = Shared(self._fetch_props, PROPS_TTL, now)
+        self._models = Shared(self._fetch_models, MODELS_TTL, now)
+        self._health = Shared(self._fetch_health, HEALTH_TTL, now)
         # Answers that hold for one model: dropped when /props names another.
         self._model: object = None
         self._adds_bos: bool | None = None
@@ -180,20 +260,22 @@ class LlamaCppClient:
     def close(self) -> None:
         """Close the idle upstream connections."""
         self._pool.close()
+        self._probe_pool.close()
 
     # -- metadata ---------------------------------------------------------------------------
 
     async def props(self) -> dict[str, Any]:
         """llama.cpp's /props (chat_template, bos_token, eos_token, model_path), cached."""
-        if self._props is not None and self._now() - self._props_at < PROPS_TTL:
-            return self._props
+        return await self._props.get()
+
+    async def _fetch_props(self) -> dict[str, Any]:
         response = await self._get("/props")
         if response.status == 404:
-            props: dict[str, Any] = {}  # a server without /props: no model template, no BOS
-        else:
-            props = self._json_or_raise(response, "/props")
-        self._props, self._props_at = props, self._now()
-        model = props.get("model_path") if isinstance(props, dict) else None
+            return {}  # a server without /props: no model template, no BOS
+        props = self._json_or_raise(response, "/props")
+        if not isinstance(props, dict):
+            raise UpstreamError("llama.cpp answered /props with a non-object")
+        model = props.get("model_path")
         if model != self._model:
             self._model, self._adds_bos = model, None
             self._plain_tokens, self._plain_chars = {}, 0
@@ -260,23 +342,32 @@ class LlamaCppClient:
         return cached
 
     async def models(self) -> list[dict[str, Any]]:
-        """The models llama.cpp serves, as OpenAI model objects."""
+        """The models llama.cpp serves, as OpenAI model objects (cached briefly)."""
+        return await self._models.get()
+
+    async def _fetch_models(self) -> list[dict[str, Any]]:
         response = await self._get("/v1/models")
         created = int(time.time())
         if response.status == 200:
             body = self._json_or_raise(response, "/v1/models")
             data = body.get("data") if isinstance(body, dict) else None
             if isinstance(data, list) and data:
-                return [
-                    {
-                        "id": str(m.get("id")),
-                        "object": "model",
-                        "created": int(m.get("created") or created),
-                        "owned_by": str(m.get("owned_by") or "llamacpp"),
-                    }
-                    for m in data
-                    if isinstance(m, dict) and m.get("id")
-                ]
+                models = []
+                for m in data:
+                    if not isinstance(m, dict) or not isinstance(m.get("id"), str):
+                        continue
+                    stamp = m.get("created")
+                    owner = m.get("owned_by")
+                    models.append(
+                        {
+                            "id": m["id"],
+                            "object": "model",
+                            "created": stamp if _is_count(stamp) else created,
+                            "owned_by": owner if isinstance(owner, str) and owner else "llamacpp",
+                        }
+                    )
+                if models:
+                    return models
         props = await self.props()
         path = str(props.get("model_path") or "llama.cpp")
         return [
@@ -289,7 +380,11 @@ class LlamaCppClient:
         ]
 
     async def health(self) -> tuple[bool, str]:
-        """(ready, why): llama.cpp is reachable and has its model loaded."""
+        """(ready, why): llama.cpp is reachable and has its model loaded. One probe in
+        flight at a time, its answer shared by every caller that asked meanwhile."""
+        return await self._health.get()
+
+    async def _fetch_health(self) -> tuple[bool, str]:
         try:
             response = await self._get("/health", timeout=self._settings.upstream_connect_timeout)
         except ProxyError as exc:
@@ -306,7 +401,7 @@ class LlamaCppClient:
             self._settings.upstream_idle_timeout,
         )
         try:
-            return await self._exchange("GET", path, None, call)
+            return await self._exchange("GET", path, None, call, pool=self._probe_pool)
         finally:
             call.done()
 
@@ -326,41 +421,38 @@ class LlamaCppClient:
         call: UpstreamCall,
         on_head: Callable[[ResponseHead], None] | None = None,
         on_body: Callable[[bytes], Awaitable[None] | None] | None = None,
+        pool: ConnectionPool | None = None,
     ) -> Response:
-        """One request on a pooled connection. With `on_body`, a 200 body goes to it read by
-        read; any other body is returned whole (it is an error to report)."""
-        request = encode_request(self._pool, method, path, body)
-        for attempt in (1, 2):
-            try:
-                conn, reused = await self._pool.acquire(fresh=attempt > 1)
-            except TimeoutError:
-                raise UpstreamTimeout(f"timed out connecting to llama.cpp at {self.base}") from None
-            except OSError as exc:
-                raise _connection_error(exc, self.base) from exc
-            call.attach(conn)
-            answered = False
-            reusable = False
-            try:
-                conn.writer.write(request)
-                head = await read_head(conn)
-                answered = True
-                call.touch()
-                if on_head is not None:
-                    on_head(head)
-                result = await self._read_body(
-                    conn, head, method, call, on_body if head.status == 200 else None
-                )
-                reusable = result[1]
-                return Response(head.status, result[0])
-            except (ConnectionLost, ConnectionError, OSError, ProtocolError) as exc:
-                if call.abort_reason is not None:
-                    raise call.abort_reason from None
-                if reused and not answered and attempt == 1:
-                    continue  # the server closed an idle connection as we reused it: retry
-                raise _connection_error(exc, self.base) from exc
-            finally:
-                self._pool.release(conn, reusable)
-        raise AssertionError("unreachable")
+        """One request on a pooled connection, sent once: a request that may have reached
+        llama.cpp is never repeated (it may be generating already). With `on_body`, a 200
+        body goes to it read by read; any other body is returned whole (it is an error to
+        report)."""
+        pool = pool or self._pool
+        request = encode_request(pool, method, path, body)
+        try:
+            conn = await call.acquire(pool)
+        except TimeoutError:
+            raise UpstreamTimeout(f"timed out connecting to llama.cpp at {self.where}") from None
+        except OSError as exc:
+            raise _connection_error(exc, self.where) from exc
+        call.attach(conn)
+        reusable = False
+        try:
+            conn.writer.write(request)
+            head = await read_head(conn)
+            call.started()
+            if on_head is not None:
+                on_head(head)
+            data, reusable = await self._read_body(
+                conn, head, method, call, on_body if head.status == 200 else None
+            )
+            return Response(head.status, data)
+        except (ConnectionLost, ConnectionError, OSError, ProtocolError) as exc:
+            if call.abort_reason is not None:
+                raise call.abort_reason from None
+            raise _connection_error(exc, self.where) from exc
+        finally:
+            pool.release(conn, reusable)
 
     async def _read_body(
         self,
@@ -370,9 +462,16 @@ class LlamaCppClient:
         call: UpstreamCall,
         on_body: Callable[[bytes], Awaitable[None] | None] | None,
     ) -> tuple[bytes, bool]:
-        """(collected body, connection reusable)."""
+        """(collected body, connection reusable). A collected body is bounded as it is
+        read: an error body is cut at ERROR_BODY_LIMIT (and the connection closed), a 200
+        body over MAX_RESPONSE is an error."""
         decoder = BodyDecoder(head, method)
-        collected = bytearray()
+        limit = MAX_RESPONSE if head.status == 200 else ERROR_BODY_LIMIT
+        declared = decoder.declared_length
+        if on_body is None and head.status == 200 and declared is not None and declared > limit:
+            raise UpstreamError("llama.cpp's response is too large")
+        pieces: list[bytes] = []
+        size = 0
         read = conn.reader.read
         while not decoder.done:
             data = await read(READ_SIZE)
@@ -382,7 +481,6 @@ class LlamaCppClient:
                 if decoder.until_eof:
                     break
                 raise ConnectionLost("closed before the response was complete")
-            call.touch()
             piece = decoder.feed(data)
             if on_body is not None:
                 if piece:
@@ -395,11 +493,16 @@ class LlamaCppClient:
                         call.touch()
                 if call.abort_reason is not None:
                     raise call.abort_reason
-            else:
-                collected += piece
-                if len(collected) > MAX_RESPONSE:
-                    raise UpstreamError("llama.cpp's response is too large")
-        return bytes(collected), decoder.done and head.keep_alive and not decoder.until_eof
+            elif piece:
+                pieces.append(piece)
+                size += len(piece)
+                if size > limit:
+                    if head.status == 200:
+                        raise UpstreamError("llama.cpp's response is too large")
+                    # Enough of an error to report it; the rest is not worth reading.
+                    return b"".join(pieces)[:limit], False
+        reusable = decoder.done and not decoder.extra and head.keep_alive
+        return b"".join(pieces), reusable
 
     # -- completions ------------------------------------------------------------------------
 
@@ -440,7 +543,7 @@ class LlamaCppClient:
         )
 
     async def complete(self, body: dict[str, Any], call: UpstreamCall) -> dict[str, Any]:
-        """A non-streamed /completion: llama.cpp's final result object."""
+        """A non-streamed /completion: llama.cpp's final result object, checked."""
         try:
             response = await self._exchange("POST", "/completion", _encode(body), call)
             if response.status != 200:
@@ -451,6 +554,11 @@ class LlamaCppClient:
                 raise UpstreamError("llama.cpp answered /completion with malformed JSON") from None
             if not isinstance(result, dict):
                 raise UpstreamError("llama.cpp answered /completion with a non-object")
+            if "error" in result:  # an error object with status 200 is still an error
+                raise _stream_error(result)
+            problem = event_problem(result)
+            if problem is not None:
+                raise UpstreamError(f"llama.cpp answered /completion with {problem}")
             return result
         finally:
             call.done()
@@ -469,29 +577,42 @@ class LlamaCppClient:
         decoder = SSEDecoder()
         final = False
         loads = fastjson.loads
+        call.streamed = True
 
         def on_head(head: ResponseHead) -> None:
             if head.status == 200:
                 on_open()
 
+        def parse(field: str, payload: bytes) -> dict[str, Any]:
+            try:
+                event = loads(payload)
+            except ValueError:
+                raise UpstreamError("llama.cpp sent a malformed stream event") from None
+            if field != "data" or type(event) is not dict or "error" in event:
+                raise _unusual_event(field, event)
+            problem = event_problem(event)
+            if problem is not None:
+                raise UpstreamError(f"llama.cpp sent a stream event with {problem}")
+            return event
+
         def on_body(chunk: bytes) -> Awaitable[None] | None:
             nonlocal final
             events = []
             failure: ProxyError | None = None
-            for field, payload in decoder.feed(chunk):
-                try:
-                    event = loads(payload)
-                except ValueError:
-                    failure = UpstreamError("llama.cpp sent a malformed stream event")
-                    break
-                if field != "data" or type(event) is not dict or "error" in event:
-                    failure = _unusual_event(field, event)
-                    if failure is not None:
-                        break
-                if event.get("stop"):
-                    final = True
-                events.append(event)
-            backlog = on_events(events) if events else None
+            try:
+                for field, payload in decoder.feed(chunk):
+                    event = parse(field, payload)
+                    if event.get("stop"):
+                        final = True
+                    events.append(event)
+            except ProxyError as exc:
+                failure = exc
+            except EventTooLarge as exc:
+                failure = UpstreamError(f"llama.cpp sent {exc}")
+            backlog = None
+            if events:
+                call.touch()  # only events are progress: comments and pings are not
+                backlog = on_events(events)
             if failure is not None:  # events before a failure in the same read went first
                 call.abort(failure)
             return backlog
@@ -501,62 +622,119 @@ class LlamaCppClient:
                 "POST", "/completion", _encode(body), call, on_head, on_body
             )
             if response.status != 200:
-                raise upstream_status_error(response.status, response.body[:ERROR_BODY_LIMIT])
-            for _field, payload in decoder.close():
-                try:
-                    event = loads(payload)
-                except ValueError:
-                    raise UpstreamError("llama.cpp sent a malformed stream event") from None
-                if isinstance(event, dict):
-                    final = final or bool(event.get("stop"))
-                    on_events([event])
+                raise upstream_status_error(response.status, response.body)
+            try:
+                tail = decoder.close()
+            except EventTooLarge as exc:
+                raise UpstreamError(f"llama.cpp sent {exc}") from None
+            for field, payload in tail:
+                event = parse(field, payload)
+                final = final or bool(event.get("stop"))
+                on_events([event])
             if not final:
                 raise UpstreamError("llama.cpp ended the stream before its final event")
         finally:
             call.done()
 
 
-def _unusual_event(field: str, event: Any) -> ProxyError | None:
-    """The error an event that is not a plain token event stands for (None: it is fine)."""
-    if field == "error" or (isinstance(event, dict) and "content" not in event):
-        return _stream_error(event)
-    if not isinstance(event, dict):
-        return UpstreamError("llama.cpp sent a stream event that is not an object")
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def event_problem(event: dict[str, Any]) -> str | None:
+    """What is wrong with a /completion result or stream event, in the fields the proxy
+    reads (None: nothing). Runs once per streamed token, so it only checks types."""
+    get = event.get
+    if type(get("content")) is not str:
+        return "a 'content' that is not a string"
+    for name in ("tokens_predicted", "tokens_evaluated"):
+        count = get(name)
+        if count is not None and (type(count) is not int or count < 0):
+            return f"a '{name}' that is not a non-negative integer"
+    stop_type = get("stop_type")
+    if stop_type is not None and type(stop_type) is not str:
+        return "a 'stop_type' that is not a string"
+    stop = get("stop")
+    if stop is not None and type(stop) is not bool:
+        return "a 'stop' that is not a boolean"
+    probs = get("completion_probabilities")
+    if probs is not None and not _valid_probabilities(probs):
+        return "malformed 'completion_probabilities'"
     return None
+
+
+def _valid_probabilities(entries: Any) -> bool:
+    if type(entries) is not list:
+        return False
+    for entry in entries:
+        if type(entry) is not dict or not _valid_probability(entry):
+            return False
+        alts = entry.get("top_logprobs")
+        if alts is not None:
+            if type(alts) is not list:
+                return False
+            for alt in alts:
+                if type(alt) is not dict or not _valid_probability(alt):
+                    return False
+    return True
+
+
+def _valid_probability(entry: dict[str, Any]) -> bool:
+    token, logprob, raw = entry.get("token", ""), entry.get("logprob", 0.0), entry.get("bytes")
+    return (
+        type(token) is str
+        and type(logprob) in (int, float)
+        and (raw is None or (type(raw) is list and all(type(b) is int for b in raw)))
+    )
+
+
+def _unusual_event(field: str, event: Any) -> ProxyError:
+    """The error an event that is not a plain token event stands for."""
+    if field == "error" or isinstance(event, dict):
+        return _stream_error(event)  # llama.cpp's error object, or an event with no content
+    return UpstreamError("llama.cpp sent a stream event that is not an object")
 
 
 def _encode(body: dict[str, Any]) -> bytes:
     return fastjson.dumps(body)
 
 
-def _connection_error(error: BaseException | None, base: str) -> ProxyError:
+def _connection_error(error: BaseException | None, where: str) -> ProxyError:
+    """A connection failure as our error; `where` is host:port, never the URL."""
     if isinstance(error, TimeoutError | asyncio.TimeoutError):
-        return UpstreamTimeout(f"timed out connecting to llama.cpp at {base}")
+        return UpstreamTimeout(f"timed out connecting to llama.cpp at {where}")
     if isinstance(error, ProtocolError):
         return UpstreamError(f"llama.cpp sent a malformed HTTP response: {error}")
     if isinstance(error, ConnectionLost | ConnectionResetError | BrokenPipeError):
         return UpstreamError("llama.cpp closed the connection before the response was complete")
     if isinstance(error, socket.gaierror):
-        return UpstreamUnavailable(f"cannot resolve llama.cpp's host in {base}")
+        return UpstreamUnavailable(f"cannot resolve llama.cpp's host {where}")
     if isinstance(error, ConnectionRefusedError):
-        return UpstreamUnavailable(f"llama.cpp at {base} refused the connection (is it running?)")
+        return UpstreamUnavailable(f"llama.cpp at {where} refused the connection (is it running?)")
     if isinstance(error, OSError):
-        return UpstreamUnavailable(f"cannot reach llama.cpp at {base}: {error}")
+        return UpstreamUnavailable(f"cannot reach llama.cpp at {where}: {error}")
     return UpstreamError(f"request to llama.cpp failed: {error}")
 
 
 def _error_message(payload: Any) -> tuple[str, dict[str, Any]]:
     err = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(err, dict):
-        return str(err.get("message") or "llama.cpp reported an error"), err
-    if isinstance(err, str):
-        return err, {}
+        message = err.get("message")
+        if isinstance(message, str) and message:
+            return message[:MAX_MESSAGE], err
+        return "llama.cpp reported an error", err
+    if isinstance(err, str) and err:
+        return err[:MAX_MESSAGE], {}
     return "llama.cpp reported an error", {}
 
 
 def _stream_error(payload: Any) -> ProxyError:
+    """An error object llama.cpp sent in place of a result (an `error:` event, or a body
+    with status 200), classified by the HTTP status in its `code` (500 when it has none)."""
     message, err = _error_message(payload)
-    return _classify(int(err.get("code") or 500), message, err)
+    code = err.get("code")
+    status = code if type(code) is int and 400 <= code <= 599 else 500
+    return _classify(status, message, err)
 
 
 def upstream_status_error(status: int, body: bytes) -> ProxyError:
@@ -566,7 +744,7 @@ def upstream_status_error(status: int, body: bytes) -> ProxyError:
     except ValueError:
         payload = None
     if payload is None:
-        text = body[:200].decode("utf-8", "replace").strip()
+        text = body[:MAX_MESSAGE].decode("utf-8", "replace").strip()
         message = text or f"llama.cpp answered HTTP {status}"
         err: dict[str, Any] = {}
     else:
