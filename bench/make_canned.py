@@ -210,6 +210,10 @@ def main() -> None:
     )
     files["oai-stream.sse"] = "".join(f"data: {dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
 
+    # /tokenize: the plain-text token ids of a message that holds a control token (item 22).
+    # One canned answer serves every text; the proxy caches it per text after the first call.
+    files["tokenize.json"] = dumps({"tokens": list(range(100, 116))})
+
     for name, content in files.items():
         (out / name).write_text(content, encoding="utf-8")
         print(f"{out / name}: {len(content.encode())} bytes")

@@ -4,7 +4,9 @@ control token: one regex search per message) and on the slow path (markers, spli
 prompt; the /tokenize round trip is not included: it is cached per text, and measured
 against a real llama-server by passing its URL).
 
-    .venv/bin/python bench/prompt_render.py [http://127.0.0.1:8080]
+    .venv/bin/python bench/prompt_render.py [--json] [http://127.0.0.1:8080]
+
+scripts/bench runs it with --json and reports the rows beside its other figures.
 """
 
 from __future__ import annotations
@@ -56,17 +58,21 @@ def main() -> None:
         "slow path: detect + mark + render + assemble": per_call_us(slow),
         "detect only, 4 plain messages": per_call_us(lambda: mark_messages(PLAIN), 20000),
     }
-    if len(sys.argv) > 1:
+    args = [a for a in sys.argv[1:] if a != "--json"]
+    if args:
         body = json.dumps({"content": FORGED[-1]["content"], "parse_special": False}).encode()
 
         def tokenize() -> object:
             request = urllib.request.Request(
-                sys.argv[1] + "/tokenize", body, {"Content-Type": "application/json"}
+                args[0] + "/tokenize", body, {"Content-Type": "application/json"}
             )
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.read()
 
         rows["/tokenize round trip (uncached slow path adds this)"] = per_call_us(tokenize, 200)
+    if "--json" in sys.argv:
+        print(json.dumps(rows))
+        return
     for name, us in rows.items():
         print(f"{name:55s} {us:9.1f} us")
 
