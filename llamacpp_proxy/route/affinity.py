@@ -13,9 +13,9 @@ A match on an inner block only means a shared beginning (the same system prompt 
 conversation): a *shared prefix*, used only to break ties, so distinct conversations that
 share a system prompt still spread over the pool.
 
-Hashes are Python's own `hash()` (SipHash, randomised per process): the fastest chain in C
-(about 3 us for a 4 KB prompt on the dev machine; see scripts/bench-route) and not
-predictable by a client. They mean nothing in another process, so a map shared through
+Hashes are Python's own `hash()` (SipHash, randomised per process): the fastest chain we
+measured (about 5 us for a 4 KB prompt on the 2-core dev machine; scripts/bench-route) and
+not predictable by a client. They mean nothing in another process, so a map shared through
 Redis would need a stable chain (zlib.crc32 and adler32 chained measured about 2x slower).
 """
 
@@ -30,7 +30,8 @@ MAX_BLOCKS = 1024
 """Blocks hashed per prompt (256 KiB): bounds per-request CPU; longer prompts that share
 their first 256 KiB count as one conversation, which for routing they are."""
 DEFAULT_MAX_PREFIXES = 100_000
-"""Block entries kept (about 150 bytes each: roughly 15 MB; a 32 KB conversation uses 128)."""
+"""Block entries kept (about 200 bytes each, measured: 20 MB at most; a 32 KB conversation
+uses 128 entries)."""
 DEFAULT_MAX_SESSIONS = 10_000
 """Explicit session keys kept."""
 MAX_SESSION_KEY = 256
