@@ -28,6 +28,9 @@ class Settings:
     """Base URL of llama.cpp's server."""
     chat_template: str | None = None
     """Built-in template name or template file path; None uses the model's own (/props)."""
+    allow_content_control_tokens: bool = False
+    """Let control tokens written in message content reach the model as control tokens
+    (then a user can forge turns); by default content is always plain text to the model."""
     rate_limit_window: float = 60.0
     """Length of the limited key's sliding window, in seconds."""
     rate_limit_max_requests: int = 10
@@ -56,6 +59,13 @@ class Settings:
     """Seconds a stream may go without a token before it is ended with an error."""
     upstream_max_connections: int = 1024
     """Requests to llama.cpp in flight at once; more wait in a queue."""
+    max_tokens_limit: int = 4096
+    """max_tokens when a request sends none, and the most one may ask for (400 beyond)."""
+    max_parallel_generations: int = 4
+    """Generations of one request (prompts x n) run at once; the rest wait their turn."""
+    max_connections: int = 4096
+    """Client connections open at once; more wait in the kernel's accept queue. Lowered at
+    start if the open-file limit (LimitNOFILE) cannot hold it."""
     client_idle_timeout: float = 75.0
     """Seconds an idle keep-alive client connection is kept open."""
     client_body_timeout: float = 30.0
@@ -120,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_PATH",
         help="chat template: a built-in name (gemma3, chatml, llama3, mistral, "
         "qwen2.5) or a Jinja file; default: the model's own from llama.cpp",
+    )
+    p.add_argument(
+        "--allow-content-control-tokens",
+        action="store_true",
+        help="let control tokens written in message content (<|im_end|>, <start_of_turn>) "
+        "reach the model as control tokens, as llama.cpp's own chat endpoint does; by "
+        "default they reach it as plain text, so no user can forge a turn",
     )
     p.add_argument(
         "--rate-limit-window",
@@ -204,6 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests to llama.cpp in flight at once",
     )
     p.add_argument(
+        "--max-tokens-limit",
+        type=_positive_int,
+        default=d.max_tokens_limit,
+        metavar="N",
+        help="max_tokens of a request that sends none, and the largest one may send (400 "
+        "beyond); token budgets reserve it for each generation",
+    )
+    p.add_argument(
+        "--max-parallel-generations",
+        type=_positive_int,
+        default=d.max_parallel_generations,
+        metavar="N",
+        help="generations of one request (prompts x n) run at once; the rest wait their turn",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=d.max_connections,
+        metavar="N",
+        help="client connections open at once; more wait to be accepted (kept below the "
+        "open-file limit)",
+    )
+    p.add_argument(
         "--client-idle-timeout",
         type=_positive_float,
         default=d.client_idle_timeout,
@@ -264,6 +304,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         port=args.port,
         llamacpp_server=args.llamacpp_server,
         chat_template=args.chat_template,
+        allow_content_control_tokens=args.allow_content_control_tokens,
         rate_limit_window=args.rate_limit_window,
         rate_limit_max_requests=args.rate_limit_max_requests,
         unlimited_api_key=unlimited,
@@ -278,6 +319,9 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         upstream_first_byte_timeout=args.upstream_first_byte_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_connections=args.upstream_max_connections,
+        max_tokens_limit=args.max_tokens_limit,
+        max_parallel_generations=args.max_parallel_generations,
+        max_connections=args.max_connections,
         client_idle_timeout=args.client_idle_timeout,
         client_body_timeout=args.client_body_timeout,
         shutdown_timeout=args.shutdown_timeout,

@@ -11,6 +11,7 @@ from .config import Settings
 from .errors import ServerMisconfigured
 from .guard.auth import KeyStore
 from .guard.auth_throttle import AuthFailureThrottle
+from .guard.coalesce import Coalesced
 from .guard.ratelimit import Limiter
 from .observe.logs import AccessLog
 from .render.templates import ChatTemplate, TemplateLoadError
@@ -34,6 +35,11 @@ class AppContext:
     draining: bool = False
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0
+    upstream_health: Coalesced[tuple[bool, str]] = field(default_factory=lambda: Coalesced(0.0))
+    """/health/ready's upstream check, one at a time whatever the burst (never reused: a
+    readiness answer must be current)."""
+    upstream_models: Coalesced[list[dict[str, Any]]] = field(default_factory=lambda: Coalesced(5.0))
+    """/v1/models's upstream answer, one at a time whatever the burst."""
     _model_templates: dict[str, ChatTemplate] = field(default_factory=dict)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
+from tornado.netutil import bind_sockets
 
 from . import __version__
 from .app import make_app
@@ -18,7 +25,7 @@ from .context import AppContext
 from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
 from .guard.ratelimit import InMemoryLimiter, Limiter
-from .observe.logs import AccessLog, configure_logging
+from .observe.logs import AccessLog, BackgroundWriter, TextSink, configure_logging
 from .render.templates import TemplateLoadError, load_chat_template
 from .upstream.llamacpp import LlamaCppClient
 
@@ -42,15 +49,22 @@ def _call_soon(callback: Callable[[], None]) -> None:
     asyncio.get_running_loop().call_soon(callback)
 
 
-def build_context(settings: Settings) -> AppContext:
-    """Everything the handlers share; raises the start-up errors main reports."""
+def build_context(settings: Settings, log_stream: TextSink | None = None) -> AppContext:
+    """Everything the handlers share; raises the start-up errors main reports. The access
+    log goes to `log_stream` (default: stderr)."""
     keys = build_keys(settings)
     template = load_chat_template(settings.chat_template) if settings.chat_template else None
     limiter: Limiter
     if settings.redis_url:
-        from .guard.ratelimit_redis import RedisLimiter  # needs the optional `redis` package
+        from .guard.ratelimit_redis import RedisLimiter
 
-        limiter = RedisLimiter.from_url(settings.redis_url, settings.redis_failure_mode)
+        try:  # RedisLimiter imports the optional `redis` package when it connects
+            limiter = RedisLimiter.from_url(settings.redis_url, settings.redis_failure_mode)
+        except ImportError as exc:
+            raise ConfigError(
+                f"--redis-url needs the redis package ({exc}); install it with "
+                "pip install 'llamacpp-proxy[redis]'"
+            ) from exc
     else:
         limiter = InMemoryLimiter()
     return AppContext(
@@ -58,7 +72,9 @@ def build_context(settings: Settings) -> AppContext:
         keys=keys,
         limiter=limiter,
         access_log=(
-            AccessLog(sys.stderr, settings.log_json, _call_soon) if settings.access_log else None
+            AccessLog(log_stream or sys.stderr, settings.log_json, _call_soon)
+            if settings.access_log
+            else None
         ),
         auth_throttle=AuthFailureThrottle(
             settings.auth_failure_limit, settings.auth_failure_window
@@ -68,30 +84,186 @@ def build_context(settings: Settings) -> AppContext:
     )
 
 
-async def serve(ctx: AppContext, ready: asyncio.Event | None = None) -> None:
-    """Listen until SIGTERM/SIGINT, then drain in-flight requests and return."""
+# Accept errors that mean "no resources now" (descriptors, buffers): retrying at once only
+# fails again, so accepting pauses, doubling up to a second, and the streak is logged once.
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_BACKOFF_MIN = 0.05
+_ACCEPT_BACKOFF_MAX = 1.0
+_ACCEPTS_PER_WAKEUP = 128  # as Tornado: other work gets its turn during a connection flood
+
+
+class ProxyServer(HTTPServer):
+    """Tornado's HTTPServer with its own accept loop: a cap on open client connections
+    (beyond it, clients wait in the kernel's accept queue) and backoff on accept errors."""
+
+    def initialize(  # type: ignore[override]
+        self, *args: Any, max_connections: int, **kwargs: Any
+    ) -> None:
+        super().initialize(*args, **kwargs)
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self._listening: list[socket.socket] = []
+        self._accepting = False
+        self._backoff = 0.0
+        self._retry: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def ports(self) -> list[int]:
+        """The bound ports (for --port 0)."""
+        return sorted({int(s.getsockname()[1]) for s in self._listening})
+
+    def serve(self, sockets: list[socket.socket]) -> None:
+        """Start accepting on sockets bound by tornado.netutil.bind_sockets."""
+        self._loop = asyncio.get_running_loop()
+        self._listening.extend(sockets)
+        self._resume()
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening sockets (open connections stay)."""
+        self._pause()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for sock in self._listening:
+            sock.close()
+        self._listening.clear()
+
+    def _resume(self) -> None:
+        if self._accepting or not self._listening or self._loop is None:
+            return
+        self._accepting = True
+        for sock in self._listening:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _pause(self) -> None:
+        if not self._accepting or self._loop is None:
+            return
+        self._accepting = False
+        for sock in self._listening:
+            self._loop.remove_reader(sock.fileno())
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            if self.open_connections >= self.max_connections:
+                self._pause()  # resumed by on_close when a connection ends
+                return
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            if self._backoff:
+                log.info("accepting connections again")
+                self._backoff = 0.0
+            stream = IOStream(
+                connection,
+                max_buffer_size=self.max_buffer_size,
+                read_chunk_size=self.read_chunk_size,
+            )
+            self.handle_stream(stream, address)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        assert self._loop is not None
+        self._pause()
+        if not self._backoff:
+            hint = (
+                " (lower --max-connections or raise LimitNOFILE)"
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS
+                else ""
+            )
+            log.error(
+                "cannot accept connections: %s%s; retrying with backoff",
+                exc.strerror or exc,
+                hint,
+            )
+        self._backoff = min(_ACCEPT_BACKOFF_MAX, max(_ACCEPT_BACKOFF_MIN, self._backoff * 2))
+        self._retry = self._loop.call_later(self._backoff, self._retry_accept)
+
+    def _retry_accept(self) -> None:
+        self._retry = None
+        self._resume()
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        self.open_connections += 1
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn: object) -> None:
+        super().on_close(server_conn)
+        self.open_connections -= 1
+        if self._retry is None and self.open_connections < self.max_connections:
+            self._resume()
+
+
+def connection_cap(settings: Settings) -> int:
+    """--max-connections, lowered if the descriptor limit (raised to its hard limit first)
+    cannot hold it: each client connection may need an upstream one too, plus files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections
+    room = max(1, (soft - 64) // 2)
+    if settings.max_connections > room:
+        log.warning(
+            "--max-connections %d does not fit the open-file limit %d; using %d "
+            "(raise LimitNOFILE to allow more)",
+            settings.max_connections,
+            soft,
+            room,
+        )
+        return room
+    return settings.max_connections
+
+
+def make_server(ctx: AppContext, max_connections: int | None = None) -> ProxyServer:
+    """The HTTP server for the app, with the client-side timeouts and caps."""
     settings = ctx.settings
-    server = HTTPServer(
+    return ProxyServer(
         make_app(ctx),
+        max_connections=max_connections or settings.max_connections,
         idle_connection_timeout=settings.client_idle_timeout,
         body_timeout=settings.client_body_timeout,
         # Handlers answer 413 from Content-Length; this hard cap also covers chunked bodies.
         max_body_size=settings.max_body_size,
     )
+
+
+def listen_sockets(settings: Settings) -> list[socket.socket]:
+    """Bind the listening sockets (raises OSError: port taken, address unknown)."""
     # A deep accept queue: Tornado's default of 128 overflowed in bursts of 256 clients,
     # and each overflowed client waited a second to retry its connection.
-    server.listen(settings.port, settings.host, backlog=1024)
+    return bind_sockets(settings.port, settings.host, backlog=1024)
+
+
+async def serve(
+    ctx: AppContext,
+    sockets: list[socket.socket],
+    ready: asyncio.Event | None = None,
+    max_connections: int | None = None,
+) -> None:
+    """Serve on the bound sockets until SIGTERM/SIGINT, then drain and close everything."""
+    settings = ctx.settings
+    server = make_server(ctx, max_connections)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_keys, ctx)
-    ports = sorted({s.getsockname()[1] for s in server._sockets.values()})
+    server.serve(sockets)
     log.info(
-        "llamacpp-proxy %s listening on %s:%s, llama.cpp at %s, chat template %s, keys: %s",
+        "llamacpp-proxy %s listening on %s:%s (up to %d connections), llama.cpp at %s, "
+        "chat template %s, keys: %s",
         __version__,
         settings.host,
-        ",".join(map(str, ports)),
+        ",".join(map(str, server.ports)),
+        server.max_connections,
         settings.upstream_url,
         ctx.template.origin if ctx.template else "from llama.cpp /props",
         ", ".join(ctx.keys.names),
@@ -99,26 +271,43 @@ async def serve(ctx: AppContext, ready: asyncio.Event | None = None) -> None:
     if ready is not None:
         ready.set()
     await stop.wait()
+    await shutdown(ctx, server)
 
+
+async def shutdown(ctx: AppContext, server: HTTPServer) -> None:
+    """Refuse new work, give in-flight requests the shutdown timeout, then close it all."""
+    settings = ctx.settings
+    loop = asyncio.get_running_loop()
     log.info(
         "shutting down: no new connections; %d request(s) in flight get up to %gs",
         ctx.in_flight,
         settings.shutdown_timeout,
     )
-    server.stop()
-    ctx.draining = True
-    deadline = loop.time() + settings.shutdown_timeout
-    while ctx.in_flight > 0 and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    if ctx.in_flight:
-        log.warning("shutdown timeout: closing %d request(s) still in flight", ctx.in_flight)
-    await asyncio.wait_for(server.close_all_connections(), timeout=5)
-    ctx.upstream.close()
-    if ctx.access_log is not None:
-        ctx.access_log.flush()
-    close_limiter = getattr(ctx.limiter, "close", None)
-    if close_limiter is not None:
-        await close_limiter()
+    try:
+        server.stop()
+        ctx.draining = True
+        deadline = loop.time() + settings.shutdown_timeout
+        while ctx.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if ctx.in_flight:
+            log.warning("shutdown timeout: closing %d request(s) still in flight", ctx.in_flight)
+        close_timeout = min(5.0, settings.shutdown_timeout)
+        try:
+            await asyncio.wait_for(server.close_all_connections(), timeout=close_timeout)
+        except TimeoutError:
+            # Not an error to report as "cannot listen" (TimeoutError is an OSError): the
+            # process is exiting anyway; what is left is closed with the loop.
+            log.warning("connections still closing after %gs; exiting anyway", close_timeout)
+    finally:
+        ctx.upstream.close()
+        if ctx.access_log is not None:
+            ctx.access_log.flush()
+        close_limiter = getattr(ctx.limiter, "close", None)
+        if close_limiter is not None:
+            try:
+                await asyncio.wait_for(close_limiter(), timeout=5)
+            except Exception as exc:
+                log.warning("closing the rate limiter failed: %s", exc)
     log.info("stopped")
 
 
@@ -126,7 +315,7 @@ def reload_keys(ctx: AppContext) -> None:
     """SIGHUP: re-read the key file; on any error keep serving with the old keys."""
     try:
         ctx.keys = build_keys(ctx.settings)
-    except KeyFileError as exc:
+    except (KeyFileError, OSError, ValueError) as exc:
         log.error("key reload failed, keeping the previous keys: %s", exc)
         return
     log.info("keys reloaded: %s", ", ".join(ctx.keys.names))
@@ -136,15 +325,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the server; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
+    log_stream: BackgroundWriter | None = None
     try:
         settings = load_settings(argv, environ)
-        configure_logging(settings.log_level, settings.log_json)
-        ctx = build_context(settings)
+        # Log lines leave through a thread: a stalled reader of stderr must not block the loop.
+        log_stream = BackgroundWriter(sys.stderr)
+        configure_logging(settings.log_level, settings.log_json, log_stream)
+        ctx = build_context(settings, log_stream)
     except (ConfigError, KeyFileError, TemplateLoadError) as exc:
+        if log_stream is not None:
+            log_stream.close()
         print(f"llamacpp-proxy-server: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(ctx))
+        sockets = listen_sockets(settings)
     except OSError as exc:  # typically the port is taken
         print(
             f"llamacpp-proxy-server: error: cannot listen on {settings.host}:{settings.port}: "
@@ -152,6 +346,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             file=sys.stderr,
         )
         return 1
+    try:
+        asyncio.run(serve(ctx, sockets, max_connections=connection_cap(settings)))
+    finally:
+        log_stream.close()  # writes what is queued, for at most 2 s
     return 0
 
 

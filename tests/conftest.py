@@ -14,16 +14,15 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import jsonschema
 import openai
 import pytest
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from llamacpp_proxy.app import make_app
 from llamacpp_proxy.config import Settings
 from llamacpp_proxy.context import AppContext
-from llamacpp_proxy.main import build_context
+from llamacpp_proxy.main import ProxyServer, build_context, make_server
 
 from .fake_llamacpp import FakeLlamaCpp
 
@@ -80,7 +79,12 @@ class Stack:
     """A fake llama.cpp and a proxy in front of it."""
 
     def __init__(
-        self, runner: LoopThread, fake: FakeLlamaCpp, ctx: AppContext, server: HTTPServer, port: int
+        self,
+        runner: LoopThread,
+        fake: FakeLlamaCpp,
+        ctx: AppContext,
+        server: ProxyServer,
+        port: int,
     ) -> None:
         self.runner = runner
         self.fake = fake
@@ -88,6 +92,15 @@ class Stack:
         self.server = server
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self._http: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        """One kept-alive HTTP client for the whole test, as real clients behave: a fresh
+        connection per call would hide connection bugs (an error that breaks keep-alive)."""
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.url, timeout=10)
+        return self._http
 
     def client(self, key: str = UNLIMITED_KEY, **kwargs: Any) -> openai.OpenAI:
         """The official SDK pointed at the proxy."""
@@ -153,20 +166,18 @@ def start_stack(runner: LoopThread, fake: FakeLlamaCpp, **overrides: Any) -> Sta
     async def start() -> Stack:
         ctx = build_context(settings)
         sockets = bind_sockets(0, "127.0.0.1")
-        server = HTTPServer(
-            make_app(ctx),
-            max_body_size=settings.max_body_size,
-            body_timeout=settings.client_body_timeout,
-            idle_connection_timeout=settings.client_idle_timeout,
-        )
-        server.add_sockets(sockets)
-        return Stack(runner, fake, ctx, server, sockets[0].getsockname()[1])
+        server = make_server(ctx)  # the production server: accept loop, connection cap
+        server.serve(sockets)
+        return Stack(runner, fake, ctx, server, server.ports[0])
 
     return runner.run(start())
 
 
 def stop_stack(stack: Stack) -> None:
     """Stop the proxy and close its connections."""
+
+    if stack._http is not None:
+        stack._http.close()
 
     async def stop() -> None:
         stack.server.stop()

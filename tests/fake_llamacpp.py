@@ -29,9 +29,49 @@ CHATML = (
 )
 
 
-def count_prompt_tokens(prompt: str) -> int:
-    """The fake's tokenizer: one token per 4 UTF-8 bytes, plus BOS."""
-    return math.ceil(len(prompt.encode()) / 4) + 1
+SPECIAL = ("<|im_start|>", "<|im_end|>", "<s>", "</s>")
+BOS_ID = 1
+
+
+def count_prompt_tokens(prompt: str | list[str | int], adds_bos: bool = True) -> int:
+    """The fake's tokenizer: one token per 4 UTF-8 bytes of text, one per token id, plus
+    BOS when the prompt starts with text (llama.cpp's rule for mixed prompts)."""
+    if isinstance(prompt, str):
+        return math.ceil(len(prompt.encode()) / 4) + adds_bos
+    count = sum(math.ceil(len(p.encode()) / 4) if isinstance(p, str) else 1 for p in prompt)
+    return count + (adds_bos and bool(prompt) and isinstance(prompt[0], str))
+
+
+def tokenize(text: str, add_special: bool, parse_special: bool, adds_bos: bool) -> list[int]:
+    """The fake's /tokenize: one id per UTF-8 byte (byte + 1000), a special token one id of
+    its own when parse_special is on."""
+    ids = [BOS_ID] if add_special and adds_bos else []
+    i = 0
+    while i < len(text):
+        special = next((s for s in SPECIAL if parse_special and text.startswith(s, i)), None)
+        if special is not None:
+            ids.append(10 + SPECIAL.index(special))
+            i += len(special)
+        else:
+            ids.extend(1000 + b for b in text[i].encode())
+            i += 1
+    return ids
+
+
+def prompt_text(prompt: str | list[str | int]) -> str:
+    """The text a prompt stands for: a mixed prompt's token ids (from the fake's /tokenize)
+    decoded back, so tests can check what reached llama.cpp whatever its form."""
+    if isinstance(prompt, str):
+        return prompt
+    out = bytearray()
+    for piece in prompt:
+        if isinstance(piece, str):
+            out += piece.encode()
+        elif piece >= 1000:
+            out.append(piece - 1000)
+        elif 10 <= piece < 10 + len(SPECIAL):
+            out += SPECIAL[piece - 10].encode()
+    return out.decode()
 
 
 @dataclass
@@ -52,6 +92,9 @@ class Script:
     health_status: int = 200
     chat_template: str | None = CHATML
     token_delay: float = 0.0  # seconds between streamed tokens
+    fail_prompt: str | None = None  # fail_status only for prompts containing this
+    health_delay: float = 0.0  # seconds /health takes to answer
+    adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
 
 
 class _Base(tornado.web.RequestHandler):
@@ -72,11 +115,21 @@ class _Completion(_Base):
         script = fake.script
         body = json.loads(self.request.body)
         fake.requests.append(body)
+        fake.active += 1
+        fake.max_active = max(fake.max_active, fake.active)
+        try:
+            await self._answer(fake, script, body)
+        finally:
+            fake.active -= 1
+
+    async def _answer(self, fake: FakeLlamaCpp, script: Script, body: dict[str, Any]) -> None:
         if script.stall_before:
             await asyncio.sleep(script.stall_before)
         if fake.close_connections:
             self.set_header("Connection", "close")
-        if script.fail_status is not None:
+        if script.fail_status is not None and (
+            script.fail_prompt is None or script.fail_prompt in str(body.get("prompt"))
+        ):
             payload = (
                 script.fail_body
                 if script.fail_body is not None
@@ -105,7 +158,7 @@ class _Completion(_Base):
             )
             return
         prompt = body.get("prompt", "")
-        n_prompt = count_prompt_tokens(prompt)
+        n_prompt = count_prompt_tokens(prompt, script.adds_bos)
         if n_prompt > script.n_ctx:
             self.send_json(
                 {
@@ -269,8 +322,30 @@ class _Props(_Base):
         self.send_json(props)
 
 
+class _Tokenize(_Base):
+    def post(self) -> None:
+        body = json.loads(self.request.body)
+        self.fake.tokenize_requests.append(body)
+        tokens = tokenize(
+            body["content"],
+            bool(body.get("add_special", False)),
+            bool(body.get("parse_special", True)),
+            self.fake.script.adds_bos,
+        )
+        self.send_json({"tokens": tokens})
+
+
 class _Health(_Base):
-    def get(self) -> None:
+    async def get(self) -> None:
+        fake = self.fake
+        fake.health_checks += 1
+        fake.health_active += 1
+        fake.max_health_active = max(fake.max_health_active, fake.health_active)
+        try:
+            if fake.script.health_delay:
+                await asyncio.sleep(fake.script.health_delay)
+        finally:
+            fake.health_active -= 1
         status = self.fake.script.health_status
         if status == 200:
             self.send_json({"status": "ok"})
@@ -289,6 +364,7 @@ class _Health(_Base):
 
 class _Models(_Base):
     def get(self) -> None:
+        self.fake.model_lists += 1
         self.send_json(
             {
                 "object": "list",
@@ -310,10 +386,17 @@ class FakeLlamaCpp:
     def __init__(self) -> None:
         self.script = Script()
         self.requests: list[dict[str, Any]] = []
+        self.tokenize_requests: list[dict[str, Any]] = []
         self.client_disconnects = 0
         self.disconnected = asyncio.Event()
         self.close_connections = False  # answer with Connection: close
         self.events_sent = 0  # streamed events the fake's socket accepted
+        self.active = 0  # /completion requests being answered now
+        self.max_active = 0  # the most answered at once
+        self.health_checks = 0
+        self.health_active = 0
+        self.max_health_active = 0
+        self.model_lists = 0
         self.port = 0
         self._server: HTTPServer | None = None
 
@@ -328,6 +411,7 @@ class FakeLlamaCpp:
                 (r"/completion", _Completion, {"fake": self}),
                 (r"/completions", _Completion, {"fake": self}),
                 (r"/props", _Props, {"fake": self}),
+                (r"/tokenize", _Tokenize, {"fake": self}),
                 (r"/health", _Health, {"fake": self}),
                 (r"/v1/models", _Models, {"fake": self}),
             ]
@@ -345,10 +429,17 @@ class FakeLlamaCpp:
         """Forget recorded requests and restore the default script."""
         self.script = Script()
         self.requests.clear()
+        self.tokenize_requests.clear()
         self.client_disconnects = 0
         self.disconnected.clear()
         self.close_connections = False
         self.events_sent = 0
+        self.active = 0
+        self.max_active = 0
+        self.health_checks = 0
+        self.health_active = 0
+        self.max_health_active = 0
+        self.model_lists = 0
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from llamacpp_proxy.render.templates import builtin_template_names
 
 from .conftest import UNLIMITED_KEY, LoopThread, Stack, assert_schema, start_stack, stop_stack
-from .fake_llamacpp import FakeLlamaCpp
+from .fake_llamacpp import FakeLlamaCpp, prompt_text
 
 EXAMPLES = int(os.environ.get("LLAMACPP_PROXY_FUZZ_EXAMPLES", "120"))
 BODY_LIMIT = 256 * 1024  # the fuzzed proxy's --max-body-size: long strings stay cheap
@@ -500,7 +500,7 @@ def test_template_syntax_in_content_reaches_llamacpp_literally(
     fuzz_stack.runner.call(fuzz_stack.fake.reset)
     response = http.post(CHAT_PATH, json={"messages": [{"role": "user", "content": content}]})
     assert response.status_code == 200, response.text
-    assert fuzz_stack.fake.requests[-1]["prompt"] == chatml(content)
+    assert prompt_text(fuzz_stack.fake.requests[-1]["prompt"]) == chatml(content)
 
 
 @FUZZ
@@ -519,7 +519,7 @@ def test_any_content_reaches_llamacpp_literally(
     fuzz_stack.runner.call(fuzz_stack.fake.reset)
     response = http.post(CHAT_PATH, json={"messages": [{"role": "user", "content": content}]})
     assert response.status_code == 200, response.text
-    assert fuzz_stack.fake.requests[-1]["prompt"] == chatml(content)
+    assert prompt_text(fuzz_stack.fake.requests[-1]["prompt"]) == chatml(content)
 
 
 @pytest.mark.parametrize("template", builtin_template_names())
@@ -533,7 +533,7 @@ def test_builtin_templates_render_hostile_content_literally(make_stack: Any, tem
             timeout=10,
         )
         assert response.status_code == 200, response.text
-        assert content in stack.fake.requests[-1]["prompt"]
+        assert content in prompt_text(stack.fake.requests[-1]["prompt"])
 
 
 def hostile_templates(sentinel: Path) -> list[str]:

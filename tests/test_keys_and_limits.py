@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ KEYS_TOML = """
 key = "sk-alice-secret-1"
 requests = 100
 window = 60
-tokens_per_minute = 40
+tokens_per_minute = 100
 max_concurrent = 1
 
 [keys.bob]
@@ -33,6 +34,14 @@ key = "sk-carol-secret-3"
 max_concurrent = 2
 """
 BOB = "sk-bob-secret-2"
+ALICE = "sk-alice-secret-1"
+# A request a token budget can admit: max_tokens sets what is reserved for it.
+X = {"prompt": "x", "max_tokens": 10}
+
+
+def estimate(body: dict[str, Any]) -> int:
+    """The proxy's admission estimate of a one-generation body: bytes / 4 + max_tokens."""
+    return -(-len(json.dumps(body)) // 4) + body["max_tokens"]
 
 
 @pytest.fixture
@@ -51,7 +60,7 @@ def test_key_file_entries(key_file: Path) -> None:
     )
     alice = store.authenticate("sk-alice-secret-1")
     assert alice is not None and alice.name == "alice"
-    assert alice.limits == Limits(requests=100, window=60, tokens_per_minute=40, max_concurrent=1)
+    assert alice.limits == Limits(requests=100, window=60, tokens_per_minute=100, max_concurrent=1)
     bob = store.authenticate(BOB)
     assert bob is not None and bob.name == "bob" and bob.limits is None  # hashed, unlimited
     unlimited = store.authenticate("sk-env-unlimited")
@@ -86,29 +95,33 @@ def test_key_file_errors_say_which_entry_and_why(tmp_path: Path, text: str, mess
 def test_named_keys_through_the_proxy(make_stack: Any, key_file: Path) -> None:
     stack = make_stack(api_keys_file=key_file)
     assert post(stack, "/v1/completions", {"prompt": "x"}, key=BOB).status_code == 200
-    r = post(stack, "/v1/completions", {"prompt": "x"}, key="sk-alice-secret-1")
+    r = post(stack, "/v1/completions", X, key=ALICE)
     assert r.status_code == 200
-    assert r.headers["x-ratelimit-limit-tokens"] == "40"
+    assert r.headers["x-ratelimit-limit-tokens"] == "100"
     assert r.headers["x-ratelimit-limit-requests"] == "100"
 
 
 def test_token_budget_is_charged_with_llamacpp_counts(make_stack: Any, key_file: Path) -> None:
     stack = make_stack(api_keys_file=key_file)
-    alice = "sk-alice-secret-1"
-    first = post(stack, "/v1/completions", {"prompt": "x", "stream": True}, key=alice)
+    streamed = {**X, "stream": True}
+    first = post(stack, "/v1/completions", streamed, key=ALICE)
     usage_tokens = len(stack.fake.script.tokens) + 2  # 10 generated + 2 prompt tokens
-    assert first.headers["x-ratelimit-remaining-tokens"] == "40"  # streamed: headers too
+    # The estimate is reserved at admission (streamed: the headers say so too) ...
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(100 - estimate(streamed))
     assert stack.wait_for(lambda: stack.ctx.limiter.in_flight("alice") == 0)
-    second = post(stack, "/v1/completions", {"prompt": "x"}, key=alice)
-    assert second.headers["x-ratelimit-remaining-tokens"] == str(40 - usage_tokens)
+    # ... and settled with llama.cpp's counts when the request ends.
+    second = post(stack, "/v1/completions", X, key=ALICE)
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(100 - usage_tokens - estimate(X))
     assert stack.wait_for(lambda: stack.ctx.limiter.in_flight("alice") == 0)
-    for _ in range(2):  # 24 and 36 used: still under 40, so admitted (and charged 12 each)
-        assert post(stack, "/v1/completions", {"prompt": "x"}, key=alice).status_code == 200
+    used = 2 * usage_tokens
+    while used + estimate(X) <= 100:  # admitted while the estimate fits
+        assert post(stack, "/v1/completions", X, key=ALICE).status_code == 200
         assert stack.wait_for(lambda: stack.ctx.limiter.in_flight("alice") == 0)
-    refused = post(stack, "/v1/completions", {"prompt": "x"}, key=alice)
+        used += usage_tokens
+    refused = post(stack, "/v1/completions", X, key=ALICE)
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "tokens_rate_limit_exceeded"
-    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == str(100 - used)
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert_schema(refused.json(), "ErrorResponse")
 
@@ -118,7 +131,7 @@ def _hold_a_stream(stack: Stack, key: str) -> tuple[Any, Any]:
     response = httpx.stream(
         "POST",
         stack.url + "/v1/completions",
-        json={"prompt": "x", "stream": True},
+        json={"prompt": "x", "stream": True, "max_tokens": 60},
         timeout=10,
         headers={"Authorization": f"Bearer {key}"},
     )
@@ -138,26 +151,26 @@ def test_concurrency_slot_is_released_on_every_exit_path(
     script = stack.fake.script
     script.tokens = ["a"]  # stay far below the token budget
     if exit_path == "success":
-        assert post(stack, "/v1/completions", {"prompt": "x"}, key=alice).status_code == 200
+        assert post(stack, "/v1/completions", X, key=alice).status_code == 200
     elif exit_path == "upstream_error":
         script.fail_status = 500
-        assert post(stack, "/v1/completions", {"prompt": "x"}, key=alice).status_code == 502
+        assert post(stack, "/v1/completions", X, key=alice).status_code == 502
     elif exit_path == "timeout":
         script.tokens = ["a", "b", "c"]
         script.stall_after_tokens, script.stall_seconds = 1, 2
-        r = post(stack, "/v1/completions", {"prompt": "x", "stream": True}, key=alice)
+        r = post(stack, "/v1/completions", {**X, "stream": True}, key=alice)
         assert sse_events(r)[-1]["error"]["code"] == "upstream_timeout"
     else:
         script.tokens = [f"t{i}" for i in range(50)]
         held, _lines = _hold_a_stream(stack, alice)
-        busy = post(stack, "/v1/completions", {"prompt": "x"}, key=alice)
+        busy = post(stack, "/v1/completions", X, key=alice)
         assert busy.status_code == 429
         assert busy.json()["error"]["code"] == "concurrency_limit_exceeded"
         held.__exit__(None, None, None)
     assert stack.wait_for(lambda: stack.ctx.limiter.in_flight("alice") == 0)
     stack.fake.reset()
     stack.fake.script.tokens = ["a"]
-    assert post(stack, "/v1/completions", {"prompt": "x"}, key=alice).status_code == 200
+    assert post(stack, "/v1/completions", X, key=alice).status_code == 200
 
 
 def test_repeated_auth_failures_are_refused_without_affecting_valid_keys(make_stack: Any) -> None:
@@ -222,7 +235,7 @@ def test_a_broken_stream_is_charged_the_tokens_it_used(
             stack.fake.script.drop_after_tokens = 5  # llama.cpp dies mid-stream
         else:
             stack.fake.script.stream_error_after_tokens = 5  # llama.cpp's `error:` event
-        r = post(stack, "/v1/completions", {"prompt": "x", "stream": True}, key=alice)
+        r = post(stack, "/v1/completions", {**X, "stream": True}, key=alice)
         assert sse_events(r)[-1]["error"]["code"] == "upstream_error"
     else:
         stack.fake.script.token_delay = 0.05
@@ -232,6 +245,6 @@ def test_a_broken_stream_is_charged_the_tokens_it_used(
         held.__exit__(None, None, None)
     assert stack.wait_for(lambda: stack.ctx.limiter.in_flight("alice") == 0)
     stack.fake.reset()
-    r = post(stack, "/v1/completions", {"prompt": "x"}, key=alice)
-    used = 40 - int(r.headers["x-ratelimit-remaining-tokens"])
+    r = post(stack, "/v1/completions", X, key=alice)
+    used = 100 - estimate(X) - int(r.headers["x-ratelimit-remaining-tokens"])
     assert used >= 2 + 3  # the prompt and the tokens streamed before the break

@@ -5,14 +5,28 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from typing import Any
 
+import httpx
 import pytest
 
-from llamacpp_proxy.observe.logs import AccessLog, JsonFormatter, PlainFormatter
+from llamacpp_proxy.observe.logs import (
+    AccessLog,
+    BackgroundWriter,
+    JsonFormatter,
+    PlainFormatter,
+    configure_logging,
+)
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY
 from .test_api import CHAT, post
+from .test_main import free_port
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -99,3 +113,124 @@ def test_upstream_failure_before_the_stream_is_logged_once(
     post(stack, "/v1/completions", {"prompt": "x"}, headers={"X-Request-Id": "fail-1"})
     assert stack.wait_for(lambda: any("fail-1" in r.getMessage() for r in caplog.records))
     assert len([r for r in caplog.records if "fail-1" in r.getMessage()]) == 1
+
+
+def _raw_request(port: int, data: bytes) -> bytes:
+    """Send raw bytes (a header no HTTP library would send) and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_tornados_own_message_for_a_malformed_header_never_shows_the_key(
+    stack: Any, json_lines: bool
+) -> None:
+    """Item 16: Tornado logs 'Invalid header value ...' (tornado.general) with the header."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    configure_logging("debug", json_lines, stream)
+    try:
+        secret = UNLIMITED_KEY
+        answer = _raw_request(
+            stack.port,
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Authorization: Bearer " + secret.encode() + b"\x0c\r\n\r\n{}",
+        )
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert stack.wait_for(lambda: "tornado.general" in stream.getvalue())
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    text = stream.getvalue()
+    assert "Bearer [redacted]" in text
+    assert secret not in text and secret[3:] not in text
+
+
+@pytest.mark.parametrize(
+    ("message", "secret"),
+    [
+        ("connect to redis://app:hunter2-pw@10.0.0.5:6379/0 failed", "hunter2-pw"),
+        ("header was 'Bearer abc.def-ghi'", "abc.def-ghi"),
+        ("got Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+        ("GET /v1/models?api_key=topsecret1", "topsecret1"),
+        ("key sk-live-0123456789abcdef pasted in a prompt", "sk-live-0123456789abcdef"),
+    ],
+)
+def test_every_log_line_is_redacted_whatever_logger_writes_it(message: str, secret: str) -> None:
+    for formatter in (PlainFormatter(), JsonFormatter()):
+        record = logging.LogRecord("some.library", logging.ERROR, __file__, 1, message, (), None)
+        line = formatter.format(record)
+        assert secret not in line and "[redacted]" in line
+
+
+class BlockedStream(io.StringIO):
+    """A stderr whose reader stalled: every write waits until `unblock` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unblock = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.unblock.wait(30)
+        return super().write(text)
+
+
+def test_a_stalled_log_reader_never_blocks_the_writer_and_drops_are_reported() -> None:
+    stream = BlockedStream()
+    writer = BackgroundWriter(stream, max_chars=1000)
+    wrote = threading.Event()
+
+    def log_a_lot() -> None:  # as the event loop would: it must never wait on the stream
+        for i in range(200):
+            writer.write(f"line {i:03d} " + "x" * 40 + "\n")
+        wrote.set()
+
+    threading.Thread(target=log_a_lot, daemon=True).start()
+    assert wrote.wait(10), "a write waited for the stalled reader"
+    assert writer.dropped > 0
+    stream.unblock.set()
+    assert writer.drain(10)
+    writer.close()
+    text = stream.getvalue()
+    assert text.startswith("line 000 ")
+    assert "log line(s) dropped: the log reader did not keep up" in text
+    written = [line for line in text.splitlines() if line.startswith("line ")]
+    dropped = int(text.split(" log line(s) dropped")[0].rsplit(" ", 1)[-1])
+    assert len(written) + dropped == 200
+
+
+def test_a_proxy_whose_stderr_nobody_reads_keeps_answering(tmp_path: Any) -> None:
+    """Item 13b: the access log's lines filled an unread stderr pipe (64 KiB), the write
+    blocked the event loop, and every request after that waited for a read timeout."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env["UNLIMITED_API_KEY"] = UNLIMITED_KEY
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamacpp_proxy.main", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,  # never read while the requests run
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=10) as client:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.get(url + "/health")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the proxy did not start"
+                    time.sleep(0.05)
+            # About 150 bytes of access log each: 1,500 requests are several pipes' worth.
+            headers = {"X-Request-Id": "r" * 100}
+            for _ in range(1500):
+                assert client.get(url + "/health", headers=headers).status_code == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)

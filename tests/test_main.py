@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+from tornado.httpserver import HTTPServer
 
 from llamacpp_proxy.config import ConfigError, Settings, build_parser, load_settings
+from llamacpp_proxy.main import main
 
 from .conftest import UNLIMITED_KEY
 from .fake_llamacpp import FakeLlamaCpp
@@ -104,6 +110,8 @@ class ProxyProcess:
     def __init__(self, upstream: str, extra: list[str] = (), env: dict[str, str] | None = None):  # type: ignore[assignment]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._lines: queue.Queue[str] | None = None
+        self.seen = ""
         clean = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
         self.proc = subprocess.Popen(
             [
@@ -133,9 +141,38 @@ class ProxyProcess:
         self.proc.kill()
         raise RuntimeError(self.proc.communicate()[0])
 
+    def read_until(self, text: str, timeout: float = 10) -> str:
+        """The log lines up to and including the first one holding `text` (with a deadline)."""
+        if self._lines is None:
+            self._lines = queue.Queue()
+            threading.Thread(target=self._pump, daemon=True).start()
+        lines = ""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no log line with {text!r} in:\n{lines}"
+            try:
+                line = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            assert line, f"the process ended without {text!r}:\n{lines}"
+            lines += line
+            self.seen += line
+            if text in line:
+                return lines
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None and self._lines is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put("")
+
     def stop(self) -> str:
         if self.proc.poll() is None:
             self.proc.kill()
+        if self._lines is not None:  # the pump thread owns stdout
+            self.proc.wait(timeout=10)
+            return self.seen
         return self.proc.communicate(timeout=10)[0]
 
 
@@ -206,3 +243,120 @@ def test_sighup_reloads_the_key_file_and_keeps_old_keys_on_error(
 def test_settings_is_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().port = 1  # type: ignore[misc]
+
+
+# -- key file: bad bytes and special files (item 18) ----------------------------------------
+
+
+def test_key_file_that_is_not_utf8_is_a_clean_error(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_bytes(b'[keys.alice]\nkey = "sk-\xff\xfe-alice"\n')
+    result = run_server(["--api-keys-file", str(keys)], {})
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "not UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_key_file_that_is_a_device_is_refused_without_reading_it(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.symlink_to("/dev/zero")
+    result = run_server(["--api-keys-file", str(keys)], {})
+    assert result.returncode == 2
+    assert "not a regular file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_key_file_too_large_is_refused(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text("# padding\n" * 200_000)
+    result = run_server(["--api-keys-file", str(keys)], {})
+    assert result.returncode == 2 and "larger than" in result.stderr
+
+
+def test_sighup_with_a_broken_key_file_keeps_the_old_keys_and_logs_one_line(
+    live_fake: FakeLlamaCpp, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.alice]\nkey = "sk-alice-000001"\n')
+    proxy = ProxyProcess(live_fake.url, ["--api-keys-file", str(keys)], env={})
+    try:
+        with httpx.Client(base_url=proxy.url, timeout=5) as http:
+
+            def status(key: str) -> int:
+                return http.post(
+                    "/v1/completions",
+                    json={"prompt": "x"},
+                    headers={"Authorization": f"Bearer {key}"},
+                ).status_code
+
+            keys.write_bytes(b'[keys.bob]\nkey = "sk-\xff-bob-000002"\n')
+            proxy.proc.send_signal(signal.SIGHUP)
+            first = proxy.read_until("key reload failed")
+            keys.unlink()
+            keys.symlink_to("/dev/zero")
+            proxy.proc.send_signal(signal.SIGHUP)
+            second = proxy.read_until("key reload failed")
+            assert status("sk-alice-000001") == 200
+    finally:
+        log = proxy.stop()
+    assert "not UTF-8" in first and "not a regular file" in second
+    assert "Traceback" not in first + second + log
+
+
+# -- redis without the redis package (item 21) ----------------------------------------------
+
+
+def _run_main_in_process(argv: list[str], env: dict[str, str]) -> int:
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        return main(argv, env)
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+def test_redis_url_without_the_redis_package_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis -> ImportError
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    monkeypatch.delitem(sys.modules, "llamacpp_proxy.guard.ratelimit_redis", raising=False)
+    status = _run_main_in_process(
+        ["--port", "0", "--host", "127.0.0.1", "--redis-url", "redis://127.0.0.1:1/0"], ENV_KEYS
+    )
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "error:" in err and "llamacpp-proxy[redis]" in err
+    assert "Traceback" not in err
+
+
+# -- shutdown that outlasts its timeout (item 20) -------------------------------------------
+
+
+def test_shutdown_that_outlasts_its_timeout_exits_cleanly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def never_closes(self: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(HTTPServer, "close_all_connections", never_closes)
+    port = free_port()
+
+    def stop_when_up() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_up, daemon=True).start()
+    status = _run_main_in_process(
+        ["--port", str(port), "--host", "127.0.0.1", "--shutdown-timeout", "0.2"], ENV_KEYS
+    )
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert "cannot listen" not in err
+    assert "exiting anyway" in err and "stopped" in err  # the closing steps all ran

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from llamacpp_proxy.errors import ConcurrencyLimited, RateLimited
 from llamacpp_proxy.guard.auth import Limits, Principal
 from llamacpp_proxy.guard.ratelimit import (
+    Cost,
     InMemoryLimiter,
     format_duration,
     retry_after_header,
@@ -224,3 +225,23 @@ def test_limits_changed_by_a_reload_apply_to_the_existing_history() -> None:
     clock.t += 45
     with pytest.raises(RateLimited):
         run(limiter.admit(longer))  # the window grew: the admission at +0 still counts
+
+
+def test_slots_count_generations_and_a_reservation_settles_to_the_real_count() -> None:
+    clock = Clock()
+    limiter = InMemoryLimiter(now=clock)
+    p = Principal("g", Limits(tokens_per_minute=100, max_concurrent=3))
+    big = run(limiter.admit(p, Cost(generations=8, tokens=60)))
+    assert big.slots == 3 and limiter.in_flight("g") == 3  # runs 3 at a time
+    with pytest.raises(ConcurrencyLimited):
+        run(limiter.admit(p, Cost(tokens=1)))
+    run(limiter.finish(big, 20))  # the 60 reserved become the 20 really used
+    small = run(limiter.admit(p, Cost(generations=1, tokens=80)))
+    assert small.headers["x-ratelimit-remaining-tokens"] == "0"  # 20 + 80
+    with pytest.raises(RateLimited) as caught:
+        run(limiter.admit(p, Cost(tokens=101)))
+    assert "Request too large" in caught.value.message
+    assert "Retry-After" not in caught.value.headers  # no wait makes it fit
+    clock.t += 61  # the reservation outlived its minute: settling it takes nothing twice
+    run(limiter.finish(small, 5))
+    assert run(limiter.admit(p, Cost(tokens=95))).headers["x-ratelimit-remaining-tokens"] == "0"

@@ -18,6 +18,7 @@ import pytest
 
 from llamacpp_proxy.errors import ConcurrencyLimited, RateLimited, RateLimiterUnavailable
 from llamacpp_proxy.guard.auth import Limits, Principal
+from llamacpp_proxy.guard.ratelimit import Cost
 from llamacpp_proxy.guard.ratelimit_redis import RedisLimiter
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY
@@ -232,3 +233,91 @@ def test_three_proxy_processes_admit_exactly_one_quota(
     finally:
         for proxy in proxies:
             proxy.stop()
+
+
+# -- bursts, leases and settlement (Hardening I, item 3) ------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_burst_of_300_is_backpressure_not_a_redis_failure(
+    redis_server: RedisServer, mode: str
+) -> None:
+    async def scenario() -> tuple[list[str], int, int]:
+        limiter = RedisLimiter.from_url(redis_server.url, mode)
+        burst = principal(f"burst-{mode}", requests=3, window=60)
+        slots = principal(f"slots-{mode}", max_concurrent=5)
+        other = principal(f"other-{mode}", requests=1000, window=60)
+
+        async def one(p: Principal) -> str:
+            try:
+                admission = await limiter.admit(p)
+            except RateLimiterUnavailable:
+                return "503"
+            except RateLimited:
+                return "429"
+            await limiter.finish(admission, 0)
+            return "200"
+
+        outcomes = await asyncio.gather(
+            *(one(burst) for _ in range(300)),
+            *(one(slots) for _ in range(300)),
+            *(one(other) for _ in range(30)),
+        )
+        raw = limiter._redis
+        held = await raw.zcard(f"llp:{{slots-{mode}}}:slots")
+        await limiter.close()
+        return list(outcomes), held, getattr(limiter, "live_leases", 0)
+
+    outcomes, held, live = asyncio.run(scenario())
+    burst, slots, other = outcomes[:300], outcomes[300:600], outcomes[600:]
+    assert burst.count("200") == 3 and burst.count("429") == 297  # never admitted unlimited
+    assert "503" not in slots and slots.count("200") >= 5
+    assert other == ["200"] * 30  # other keys are not refused for a burst they did not send
+    assert held == 0 and live == 0  # every finished request released its slots
+
+
+def test_a_dead_process_frees_its_slots_within_the_lease(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        lease = 1.0
+        a = RedisLimiter.from_url(redis_server.url, lease=lease)
+        b = RedisLimiter.from_url(redis_server.url, lease=lease)
+        p = principal("lease-a", max_concurrent=1)
+        held = await a.admit(p)
+        assert held.held_slots == 1
+        # The heartbeat keeps a running request's slot across several leases.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 3 * lease
+        while loop.time() < until:
+            with pytest.raises(ConcurrencyLimited):
+                await b.admit(p)
+            await asyncio.sleep(0.2)
+        # Process A dies (no release, no more heartbeats): its slot frees within a lease.
+        assert a._heartbeat is not None
+        a._heartbeat.cancel()
+        died = loop.time()
+        while not await admitted(b, p):
+            assert loop.time() - died < 2 * lease
+            await asyncio.sleep(0.05)
+        await a.close()
+        await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_token_reservation_is_settled_through_redis(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        limiter = RedisLimiter.from_url(redis_server.url)
+        p = principal("settle-a", tokens_per_minute=100)
+        first = await limiter.admit(p, Cost(generations=2, tokens=80))
+        assert first.headers["x-ratelimit-remaining-tokens"] == "20"
+        with pytest.raises(RateLimited):
+            await limiter.admit(p, Cost(tokens=30))  # 80 reserved: 30 more does not fit
+        await limiter.finish(first, 25)  # llama.cpp used 25: the other 55 come back
+        second = await limiter.admit(p, Cost(tokens=30))
+        assert second.headers["x-ratelimit-remaining-tokens"] == str(100 - 25 - 30)
+        with pytest.raises(RateLimited) as caught:
+            await limiter.admit(p, Cost(tokens=101))
+        assert "Request too large" in caught.value.message
+        await limiter.close()
+
+    asyncio.run(scenario())

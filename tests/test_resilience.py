@@ -227,10 +227,11 @@ def test_client_disconnect_while_waiting_for_a_plain_answer(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_a_client_that_stops_reading_holds_llamacpp_back(stack: Stack) -> None:
+def test_a_client_that_stops_reading_holds_llamacpp_back(make_stack: Any) -> None:
     # 40 MB of stream: far more than the socket buffers between llama.cpp, the proxy and
     # the client can hold (a few MB each way on loopback).
     total = 20_000
+    stack = make_stack(max_tokens_limit=total)  # the default cap would end it at 4096
     stack.fake.script.tokens = ["x" * 2000] * total
     with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)

@@ -166,3 +166,12 @@ def test_proxy_unit_orders_after_llama_server_and_reloads_with_sighup() -> None:
     assert "llama-server.service" in found["Unit.After"][0].split()
     assert found["Unit.Wants"] == ["llama-server.service"]
     assert found["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_proxy_unit_sets_a_descriptor_limit_that_holds_its_connection_cap() -> None:
+    """Item 14: the unit set no LimitNOFILE, so 1,100 idle clients exhausted 1,024 fds."""
+    found = directives(PROXY_UNIT)
+    nofile = int(found["Service.LimitNOFILE"][0])
+    exec_start = found["Service.ExecStart"][0].split()
+    cap = int(exec_start[exec_start.index("--max-connections") + 1])
+    assert nofile >= 2 * cap + 64  # what main.connection_cap needs to keep the cap as set

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from llamacpp_proxy.errors import ChatTemplateRejected, InvalidRequest
+from llamacpp_proxy.render.control_tokens import mark_messages
 from llamacpp_proxy.render.templates import (
     ChatTemplate,
     TemplateLoadError,
     builtin_template_names,
     load_chat_template,
 )
+from llamacpp_proxy.upstream.llamacpp import MixedPrompt
 
 BUILTINS = ["chatml", "gemma3", "llama3", "mistral", "qwen2.5"]
 
@@ -522,3 +524,71 @@ def test_builtin_bos_is_not_sent_twice() -> None:
     prompt = load_chat_template("gemma3").render(SINGLE, bos_token="<bos>")
     assert prompt.startswith("<start_of_turn>user\n")
     assert "<bos>" not in prompt
+
+
+def test_bos_is_kept_when_llamacpp_adds_none() -> None:
+    # SmolLM2 (chatml): /props names <|im_start|> as BOS, llama.cpp adds none.
+    template = ChatTemplate("{{ bos_token }}system\nhi", "bos-is-first-marker")
+    prompt = template.render([], bos_token="<|im_start|>", llama_adds_bos=False)
+    assert prompt == "<|im_start|>system\nhi"
+
+
+# --- control tokens in message content (pure part) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|im_end|>",
+        "a<|eot_id|>b",
+        "<start_of_turn>model",
+        "x</s>",
+        "[INST] hi",
+        "<tool_call>",
+        "<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+    ],
+)
+def test_control_token_shapes_are_detected(text: str) -> None:
+    assert mark_messages([{"role": "user", "content": text}]) is not None
+
+
+@pytest.mark.parametrize(
+    "text", ["plain text", "a < b > c", "x <- y", "[1, 2]", "| pipes |", "if (a<b) {}"]
+)
+def test_plain_content_takes_the_fast_path(text: str) -> None:
+    assert mark_messages([{"role": "user", "content": text}, {"role": "assistant"}]) is None
+
+
+def test_marked_content_is_placed_where_a_trimming_template_puts_it() -> None:
+    messages = [{"role": "user", "content": "  <end_of_turn>\nhi \n"}]
+    marked = mark_messages(messages)
+    assert marked is not None
+    prompt = load_chat_template("gemma3").render(marked.messages, bos_token="<bos>")
+    (text,) = marked.texts()
+    assert text == "<end_of_turn>\nhi"
+    out = marked.assemble(prompt, {text: [7, 8]}, llama_adds_bos=True)
+    assert isinstance(out, MixedPrompt)
+    assert out.pieces == ["<start_of_turn>user\n", 7, 8, "<end_of_turn>\n<start_of_turn>model\n"]
+    assert out == "<start_of_turn>user\n<end_of_turn>\nhi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_marker_a_template_cuts_apart_is_a_rejection() -> None:
+    marked = mark_messages([{"role": "user", "content": "<|im_end|>"}])
+    assert marked is not None
+    prompt = ChatTemplate(
+        "{% for m in messages %}{{ m['content'][:-1] }}{% endfor %}", "truncating"
+    ).render(marked.messages)
+    with pytest.raises(ChatTemplateRejected):
+        marked.assemble(prompt, {"<|im_end|>": [1]}, llama_adds_bos=True)
+
+
+def test_content_cannot_forge_a_marker() -> None:
+    # A marker's nonce is fresh per request: content that imitates one stays text.
+    marked = mark_messages(
+        [{"role": "user", "content": "<|im_end|>"}, {"role": "user", "content": "\ue000ab.0\ue001"}]
+    )
+    assert marked is not None
+    prompt = load_chat_template("chatml").render(marked.messages)
+    out = marked.assemble(prompt, {"<|im_end|>": [5]}, llama_adds_bos=True)
+    assert isinstance(out, MixedPrompt) and out.pieces.count(5) == 1
+    assert "\ue000ab.0\ue001" in out

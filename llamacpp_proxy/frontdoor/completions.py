@@ -1,28 +1,38 @@
-"""POST /v1/chat/completions and /v1/completions: validate, render, call llama.cpp, answer.
+"""POST /v1/chat/completions and /v1/completions: validate, admit, render, call llama.cpp,
+answer, charge.
 
-A request becomes one llama.cpp generation per choice (n per prompt). Non-streamed, they run
-concurrently and are gathered; streamed, each one's events are written as OpenAI chunks the
-moment a read brings them, with one flush per read.
+A request becomes one llama.cpp generation per choice (n per prompt). It is admitted once its
+body is parsed, for what it may cost (its generations, and prompt + max_tokens tokens for
+each); its generations then run a few at a time (the key's slots it was granted, at most
+--max-parallel-generations), so no request holds more than that share of the upstream.
+Non-streamed, their results are gathered; streamed, each one's events are written as OpenAI
+chunks the moment a read brings them, with one flush per read. Every generation is charged
+when it ends, whatever ends it (the rule is in `_charge_unfinished`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from ..errors import InvalidRequest, PayloadTooLarge, ProxyError
-from ..render.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
+from ..errors import InvalidRequest, PayloadTooLarge, ProxyError, UpstreamUnavailable
+from ..guard.ratelimit import Cost
+from ..render.constraints import merge_constraints
+from ..render.control_tokens import mark_messages
+from ..render.tool_calls import ToolCallFilter, parse_tool_calls
 from ..request import CompletionRequest
 from ..upstream.llamacpp import ClientGone, UpstreamCall
 from ..upstream.sse import DONE
 from .handlers import BaseHandler, log
 from .openai_request import (
+    apply_max_tokens_limit,
     parse_chat_request,
     parse_json_body,
     parse_text_request,
@@ -39,6 +49,21 @@ from .openai_response import (
     text_logprobs,
     text_response,
 )
+from .prompt_bounds import body_size, check_prompt_size, render_off_loop_if_large
+
+
+def _echo_logprobs_refused() -> InvalidRequest:
+    """echo with logprobs asks for the prompt tokens' logprobs, which llama.cpp's server
+    does not return: an answer with the generated tokens' only would look complete and
+    silently score every prompt token as missing (lm-evaluation-harness then reports chance
+    accuracy as a result), so it is refused."""
+    return InvalidRequest(
+        "'echo' with 'logprobs' needs the logprobs of the prompt tokens, which llama.cpp's "
+        "server does not return (only those of generated tokens). Send 'echo' or "
+        "'logprobs', not both.",
+        param="logprobs",
+        code="unsupported_parameter",
+    )
 
 
 def _active_tools(request: CompletionRequest) -> list[dict[str, Any]] | None:
@@ -57,6 +82,12 @@ async def _settled(future: Awaitable[None]) -> None:
     """Wait for a flush; a client that left is handled elsewhere (on_connection_close)."""
     with contextlib.suppress(StreamClosedError):
         await future
+
+
+def estimate_tokens(data_bytes: int) -> int:
+    """Tokens a text of this many UTF-8 bytes is taken to hold, before llama.cpp counts:
+    bytes / 4, rounded up (English BPE averages about 4 bytes a token)."""
+    return math.ceil(data_bytes / 4)
 
 
 class Generation:
@@ -79,18 +110,18 @@ class Generation:
         choice: Choice,
         prompt: str,
         body: dict[str, Any],
-        call: UpstreamCall,
         counts_prompt: bool,
     ) -> None:
         self.choice = choice
         self.prompt = prompt
         self.body = body
-        self.call = call
+        # Made when the generation starts: one waiting for its turn has no timer running.
+        self.call: UpstreamCall | None = None
         self.counts_prompt = counts_prompt  # n choices of one prompt count its tokens once
         self.text_offset = 0
         self.tool_filter: ToolCallFilter | None = None
         self.last_event: dict[str, Any] | None = None  # its counts if the stream breaks
-        self.charged = False
+        self.charged = False  # charged, or known to have cost nothing
 
 
 @tornado.web.stream_request_body
@@ -98,17 +129,37 @@ class CompletionsHandler(BaseHandler):
     """Shared flow of both completion endpoints; subclasses say chat or text."""
 
     chat = True
-    rate_limited = True
+    # Admitted in post() (`_admit`), not in prepare(): what a request costs (generations,
+    # tokens) is known only from its body. A body that fails validation costs nothing.
+    rate_limited = False
 
     def initialize(self, ctx: Any) -> None:
         super().initialize(ctx)
         self._body_parts: list[bytes] = []
+        self._body_size = 0
         self._generations: list[Generation] = []
+        self._max_tokens = 0
+        self._stopped = False  # a generation failed: start no more
         self._client_gone = False
         self._streaming = False
         self._tools: list[dict[str, Any]] | None = None
         self.stream_error: str | None = None
         self._forced_tools = False
+        self._early_error: ProxyError | None = None
+
+    async def prepare(self) -> None:
+        # The body is streamed, so prepare() runs before it is read. An error sent now would
+        # make Tornado close the connection once the answer is written, without saying
+        # `Connection: close`: a kept-alive client then sends its next request into a closed
+        # (or reset) socket. So a refusal (401, 429, 503 from the limiter) waits until the
+        # body is in, read and discarded (bounded by --max-body-size and the body timeout),
+        # and the connection stays usable. Errors that close anyway say so and go at once.
+        try:
+            await super().prepare()
+        except ProxyError as error:
+            if error.headers.get("Connection") == "close":
+                raise
+            self._early_error = error
 
     def check_request(self) -> None:
         limit = self.ctx.settings.max_body_size
@@ -123,24 +174,21 @@ class CompletionsHandler(BaseHandler):
         self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:
-        self._body_parts.append(chunk)
+        if self._early_error is None:
+            self._body_parts.append(chunk)
+            self._body_size += len(chunk)
 
     async def post(self) -> None:
+        if self._early_error is not None:
+            raise self._early_error
         body = parse_json_body(b"".join(self._body_parts))
         self._body_parts = []
         request = parse_chat_request(body) if self.chat else parse_text_request(body)
+        if request.echo and request.logprobs is not None:
+            raise _echo_logprobs_refused()
         self._tools = _active_tools(request)
-        if self._tools:
-            schema = forced_call_schema(self._tools, request.tool_choice)
-            if schema is not None:
-                if request.json_schema is not None or "grammar" in request.extensions:
-                    raise InvalidRequest(
-                        "A forced 'tool_choice' cannot be combined with 'response_format' or "
-                        "'grammar'.",
-                        param="tool_choice",
-                    )
-                request.json_schema = schema
-                self._forced_tools = True
+        self._forced_tools = merge_constraints(request, self._tools)
+        await self._admit(request)
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
         if self._client_gone:
@@ -155,7 +203,8 @@ class CompletionsHandler(BaseHandler):
     async def _prompts(self, request: CompletionRequest) -> list[str]:
         if not self.chat:
             return request.prompts
-        props = await self.ctx.upstream.props()
+        upstream = self.ctx.upstream
+        props = await upstream.props()
         template = self.ctx.template or self.ctx.model_template(props)
         if self._tools and not template.uses_tools:
             raise InvalidRequest(
@@ -164,18 +213,49 @@ class CompletionsHandler(BaseHandler):
                 param="tools",
                 code="tools_not_supported",
             )
-        prompt = template.render(
-            request.messages,
+        adds_bos = await upstream.adds_bos()
+        marked = (
+            None
+            if self.ctx.settings.allow_content_control_tokens
+            else mark_messages(request.messages)
+        )
+        prompt = await render_off_loop_if_large(
+            body_size(self.request.headers.get("Content-Length")),
+            template.render,
+            request.messages if marked is None else marked.messages,
             bos_token=str(props.get("bos_token") or ""),
             eos_token=str(props.get("eos_token") or ""),
             tools=self._tools,
+            llama_adds_bos=adds_bos,
         )
+        check_prompt_size(prompt, self.ctx.settings.max_body_size)
+        if marked is not None:
+            # Slow path: some content looks like a control token; it goes as its plain-text
+            # token ids (each distinct text tokenized once, and cached).
+            texts = marked.texts()
+            tokens = await asyncio.gather(*(upstream.plain_tokens(t) for t in texts))
+            prompt = marked.assemble(prompt, dict(zip(texts, tokens, strict=True)), adds_bos)
         return [prompt]
 
     async def _served_model(self) -> str:
         props = await self.ctx.upstream.props()
         path = str(props.get("model_path") or "llama.cpp")
         return path.rsplit("/", 1)[-1]
+
+    async def _admit(self, request: CompletionRequest) -> None:
+        """Admit the request for what it may cost, or raise RateLimited (429).
+
+        The estimate is OpenAI's: prompt tokens (the body's bytes / 4: messages, tools and
+        every prompt, JSON punctuation included, so it errs high) + max_tokens for each
+        generation. finish() settles it with llama.cpp's real counts.
+        """
+        apply_max_tokens_limit(request, self.ctx.settings.max_tokens_limit)
+        self._max_tokens = request.max_tokens or 0
+        generations = (1 if self.chat else len(request.prompts)) * request.n
+        estimate = estimate_tokens(self._body_size) + self._max_tokens * generations
+        assert self.principal is not None  # completions require a key
+        self.admission = await self.ctx.limiter.admit(self.principal, Cost(generations, estimate))
+        self.set_default_headers()
 
     def _plan(self, request: CompletionRequest, prompts: list[str]) -> list[Generation]:
         upstream = self.ctx.upstream
@@ -185,7 +265,7 @@ class CompletionsHandler(BaseHandler):
                 index = p * request.n + j
                 choice = Choice(index=index, prompt_text=prompt if request.echo else "")
                 body = upstream.completion_body(request, prompt, j)
-                generation = Generation(choice, prompt, body, upstream.new_call(), j == 0)
+                generation = Generation(choice, prompt, body, j == 0)
                 if self._tools:
                     generation.tool_filter = ToolCallFilter(self._tools, self._forced_tools)
                 generations.append(generation)
@@ -198,10 +278,26 @@ class CompletionsHandler(BaseHandler):
         self.completion_tokens += int(result.get("tokens_predicted") or 0)
 
     def _charge_unfinished(self) -> None:
-        """A broken or abandoned stream still used the tokens llama.cpp generated so far."""
+        """Charge the generations that started and did not finish, whatever ended them.
+
+        What is knowable: a stream's last event carries llama.cpp's counts so far. A
+        non-streamed answer arrives only at the end, so one cut short (client gone, a sibling
+        failed, timeout) is charged its estimate: its prompt (bytes / 4) + max_tokens, as
+        much as llama.cpp may have done. A stream cut before its first token is charged its
+        prompt. Generations that never started cost nothing; one llama.cpp answered with an
+        error status, or never accepted, is marked charged (nothing) where it failed.
+        """
         for generation in self._generations:
-            if not generation.charged and generation.last_event is not None:
+            if generation.charged or generation.call is None:
+                continue
+            if generation.last_event is not None:
                 self._charge(generation, generation.last_event)
+                continue
+            generation.charged = True
+            if generation.counts_prompt:
+                self.prompt_tokens += estimate_tokens(len(generation.prompt.encode()))
+            if not generation.body.get("stream"):
+                self.completion_tokens += self._max_tokens
 
     def _usage(self) -> Usage:
         return Usage(self.prompt_tokens, self.completion_tokens)
@@ -211,9 +307,7 @@ class CompletionsHandler(BaseHandler):
     async def _complete(
         self, request: CompletionRequest, response_id: str, created: int, model: str
     ) -> None:
-        results = await self._gather(
-            [self.ctx.upstream.complete(g.body, g.call) for g in self._generations]
-        )
+        results = await self._gather(self._complete_one)
         for generation, result in zip(self._generations, results, strict=True):
             choice = generation.choice
             choice.text = str(result.get("content") or "")
@@ -231,30 +325,70 @@ class CompletionsHandler(BaseHandler):
                     if self.chat
                     else text_logprobs(entries, request.logprobs, len(choice.prompt_text))
                 )
-            self._charge(generation, result)
         choices = [g.choice for g in self._generations]
         build = chat_response if self.chat else text_response
         self.write_json(build(response_id, created, model, choices, self._usage()))
 
-    async def _gather(self, calls: list[Any]) -> list[Any]:
-        """Run the generations together; the first failure aborts the rest."""
-        if len(calls) == 1:
-            return [await calls[0]]
-        tasks = [asyncio.ensure_future(c) for c in calls]
+    async def _complete_one(self, generation: Generation) -> dict[str, Any]:
+        call = generation.call
+        assert call is not None
         try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for generation in self._generations:
-                generation.call.abort(ClientGone())
-            await asyncio.gather(*tasks, return_exceptions=True)
+            result = await self.ctx.upstream.complete(generation.body, call)
+        except ProxyError as exc:
+            if call.got_first_byte or isinstance(exc, UpstreamUnavailable):
+                generation.charged = True  # llama.cpp refused it with an error, or was not reached
             raise
+        self._charge(generation, result)  # now: a later sibling's failure must not lose it
+        return result
+
+    def _width(self) -> int:
+        """Generations of this request that run at once."""
+        admission = self.admission
+        slots = admission.slots if admission is not None else len(self._generations)
+        return max(1, min(slots, self.ctx.settings.max_parallel_generations))
+
+    async def _start(
+        self, generation: Generation, run: Callable[[Generation], Awaitable[Any]]
+    ) -> Any:
+        if self._client_gone or self._stopped:
+            raise ClientGone()
+        generation.call = self.ctx.upstream.new_call()
+        return await run(generation)
+
+    async def _gather(self, run: Callable[[Generation], Awaitable[Any]]) -> list[Any]:
+        """Run every generation, `_width()` at a time; the first failure aborts the rest."""
+        generations = self._generations
+        if len(generations) == 1:
+            try:
+                return [await self._start(generations[0], run)]
+            except BaseException:
+                self._charge_unfinished()
+                raise
+        results: list[Any] = [None] * len(generations)
+        turns = iter(range(len(generations)))  # shared: each generation is taken once
+
+        async def worker() -> None:
+            for i in turns:
+                results[i] = await self._start(generations[i], run)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(self._width())]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            self._stopped = True
+            for generation in generations:
+                if generation.call is not None:
+                    generation.call.abort(ClientGone())
+            await asyncio.gather(*workers, return_exceptions=True)
+            self._charge_unfinished()
+            raise
+        return results
 
     # -- streamed -------------------------------------------------------------------------
 
     async def _stream(self, request: CompletionRequest, encoder: ChunkEncoder) -> None:
-        coroutines = [self._stream_one(request, encoder, g) for g in self._generations]
         try:
-            await self._gather(coroutines)
+            await self._gather(lambda g: self._stream_one(request, encoder, g))
         except ProxyError as error:
             if not self._streaming:
                 raise  # nothing sent yet: a plain error response with its status
@@ -347,12 +481,15 @@ class CompletionsHandler(BaseHandler):
                     write(encoder.finish(index, reason))
             return self._flush_with_backpressure()
 
-        await self.ctx.upstream.stream(generation.body, generation.call, on_open, on_events)
+        call = generation.call
+        assert call is not None
+        await self.ctx.upstream.stream(generation.body, call, on_open, on_events)
 
     def on_connection_close(self) -> None:
         self._client_gone = True
         for generation in self._generations:
-            generation.call.abort(ClientGone())
+            if generation.call is not None:
+                generation.call.abort(ClientGone())
         self._charge_unfinished()
         super().on_connection_close()
 

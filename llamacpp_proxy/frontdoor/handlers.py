@@ -198,7 +198,7 @@ class ModelsHandler(BaseHandler):
     """GET /v1/models and /v1/models/{id}: what llama.cpp serves, in OpenAI's shape."""
 
     async def get(self, model_id: str | None = None) -> None:
-        models = await self.ctx.upstream.models()
+        models = await self.ctx.upstream_models.get(self.ctx.upstream.models)
         if model_id is None:
             self.write_json({"object": "list", "data": models})
             return
@@ -241,7 +241,7 @@ class ReadyHandler(BaseHandler):
         if self.ctx.draining:
             self.write_json({"status": "draining"}, 503)
             return
-        ready, why = await self.ctx.upstream.health()
+        ready, why = await self.ctx.upstream_health.get(self.ctx.upstream.health)
         self.write_json(
             {"status": "ready" if ready else "unavailable", "upstream": why}, 200 if ready else 503
         )

@@ -21,6 +21,13 @@ MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 64
 MAX_INT32 = 2**31 - 1  # llama.cpp reads integer parameters as 32-bit
+# Bounds on a chat's shape, so one request's validation and template render stay short on
+# the event loop (docs/resilience.md, "The client connection", has the measurements). Each
+# is far beyond a real conversation: 4096 messages is a long agent session; OpenAI documents
+# at most 128 tools.
+MAX_MESSAGES = 4096
+MAX_TOOL_CALLS = 4096  # over all messages: each is parsed here and serialized by the template
+MAX_TOOLS = 128
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -50,7 +57,6 @@ _EXT_INT = (
     "t_max_predict_ms",
     "n_indent",
     "min_keep",
-    "n_cmpl",
 )
 _EXT_BOOL = ("cache_prompt", "ignore_eos", "penalize_nl", "return_tokens", "timings_per_token")
 _EXT_STR_LIST = ("samplers", "dry_sequence_breakers")
@@ -58,6 +64,16 @@ _EXT_STR_LIST = ("samplers", "dry_sequence_breakers")
 
 def _bad(param: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="invalid_value")
+
+
+def _too_long(param: str, length: int, limit: int) -> InvalidRequest:
+    # OpenAI's wording and code for an over-long array.
+    return InvalidRequest(
+        f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, "
+        f"but got an array with length {length} instead.",
+        param=param,
+        code="array_above_max_length",
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -246,7 +262,10 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         raise _bad("messages", "'messages' must be an array of message objects")
     if not value:
         raise _bad("messages", "'messages' must contain at least one message")
+    if len(value) > MAX_MESSAGES:
+        raise _too_long("messages", len(value), MAX_MESSAGES)
     messages = []
+    tool_calls = 0
     for i, message in enumerate(value):
         param = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -269,7 +288,17 @@ def _messages(value: Any) -> list[dict[str, Any]]:
                 raise _bad(f"{param}.name", f"'{param}.name' must be a string")
             normalized["name"] = name
         if role == "assistant" and message.get("tool_calls") is not None:
-            normalized["tool_calls"] = _tool_calls(message["tool_calls"], f"{param}.tool_calls")
+            calls = message["tool_calls"]
+            if isinstance(calls, list):
+                tool_calls += len(calls)
+                if tool_calls > MAX_TOOL_CALLS:
+                    raise InvalidRequest(
+                        f"Invalid '{param}.tool_calls': the messages hold more than "
+                        f"{MAX_TOOL_CALLS} tool calls in all.",
+                        param=f"{param}.tool_calls",
+                        code="array_above_max_length",
+                    )
+            normalized["tool_calls"] = _tool_calls(calls, f"{param}.tool_calls")
         elif role == "assistant" and normalized["content"] is None:
             raise _bad(
                 f"{param}.content", f"'{param}.content' is required unless 'tool_calls' is given"
@@ -349,6 +378,8 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
         return None, None
     if not isinstance(tools, list):
         raise _bad("tools", "'tools' must be an array")
+    if len(tools) > MAX_TOOLS:
+        raise _too_long("tools", len(tools), MAX_TOOLS)
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
@@ -480,7 +511,25 @@ def _response_format(value: Any) -> dict[str, Any] | None:
     )
 
 
+def apply_max_tokens_limit(request: CompletionRequest, limit: int) -> None:
+    """Cap max_tokens: `limit` when absent (so no generation runs to the end of the
+    context unasked), a 400 when over it."""
+    if request.max_tokens is None:
+        request.max_tokens = limit
+    elif request.max_tokens > limit:
+        raise _bad(
+            "max_tokens",
+            f"'max_tokens' is {request.max_tokens}; this server allows at most {limit} "
+            "(--max-tokens-limit)",
+        )
+
+
 def _extensions(body: dict[str, Any]) -> dict[str, Any]:
+    # llama.cpp's own multiplier of work: one request, n_cmpl generations the limits would
+    # not see. OpenAI's 'n' does the same, counted.
+    n_cmpl = _integer(body, "n_cmpl", -(2**63), 2**63)
+    if n_cmpl is not None and n_cmpl != 1:
+        raise _bad("n_cmpl", "'n_cmpl' is not supported; use 'n' for several choices")
     ext: dict[str, Any] = {}
     for name in _EXT_FLOAT:
         if body.get(name) is not None:
@@ -505,8 +554,5 @@ def _extensions(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(schema, dict):
             raise _bad("json_schema", "'json_schema' must be a JSON Schema object")
         ext["json_schema"] = schema
-    if "grammar" in ext and (
-        "json_schema" in ext or body.get("response_format") not in (None, {"type": "text"})
-    ):
-        raise _bad("grammar", "'grammar' cannot be combined with a JSON schema constraint")
+    # Combinations with response_format and tool_choice: render/constraints.py.
     return ext

@@ -8,11 +8,16 @@ a key match) nor a memory dump reveals a key.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+MAX_KEY_FILE_SIZE = 1024 * 1024
+"""A key file larger than this is refused: a real one holds hundreds of keys, not megabytes."""
 
 UNLIMITED_KEY_NAME = "unlimited"
 LIMITED_KEY_NAME = "limited"
@@ -111,10 +116,7 @@ def build_key_store(
 def load_key_file(path: Path) -> dict[bytes, Principal]:
     """Parse a TOML key file (see README, "Named keys") into digest -> principal."""
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        data = tomllib.loads(_read_key_file(path))
     except tomllib.TOMLDecodeError as exc:
         raise KeyFileError(f"{path}: not valid TOML: {exc}") from exc
     keys = data.get("keys")
@@ -129,6 +131,29 @@ def load_key_file(path: Path) -> dict[bytes, Principal]:
             raise KeyFileError(f"{path}: keys '{entries[digest].name}' and '{name}' share a secret")
         entries[digest] = Principal(name, _entry_limits(path, name, spec))
     return entries
+
+
+def _read_key_file(path: Path) -> str:
+    """The file's text; refuses what is not a regular file, too large, or not UTF-8."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not block the event loop (a SIGHUP reload runs on it).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            # Checked on the opened file (a symlink to /dev/zero is followed, then refused).
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise KeyFileError(f"{path}: not a regular file")
+            raw = fh.read(MAX_KEY_FILE_SIZE + 1)
+        except OSError as exc:
+            raise KeyFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_KEY_FILE_SIZE:
+        raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE_SIZE} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KeyFileError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
 
 
 _ENTRY_FIELDS = {"key", "key_sha256", "requests", "window", "tokens_per_minute", "max_concurrent"}

@@ -48,6 +48,7 @@ class AuthFailureThrottle:
     def record_failure(self, address: str) -> None:
         """Count one failed authentication."""
         now = self._now()
+        self._drop_expired(now)
         failures = self._failures.get(address)
         if failures is None:
             failures = self._failures[address] = SlidingWindow(self.window)
@@ -57,6 +58,16 @@ class AuthFailureThrottle:
             self._failures.move_to_end(address)
             failures.expire(now)
         failures.add(now)
+
+    def _drop_expired(self, now: float) -> None:
+        # Records are ordered by their last failure (move_to_end), so the expired ones are at
+        # the front: a failure drops them in amortised O(1), with no timer to run.
+        failures = self._failures
+        while failures:
+            oldest = next(iter(failures.values()))
+            if oldest.events and now - oldest.events[-1][0] <= self.window:
+                return
+            failures.popitem(last=False)
 
     def prune(self) -> None:
         """Forget addresses with no failure left in the window."""

@@ -54,7 +54,8 @@ class SlidingWindow:
 
     def __init__(self, length: float) -> None:
         self.length = length
-        self.events: deque[tuple[float, int]] = deque()
+        # [time, weight] lists, not tuples: a token reservation is settled in place.
+        self.events: deque[list[float]] = deque()
         self.total = 0
 
     def expire(self, now: float) -> None:
@@ -64,12 +65,23 @@ class SlidingWindow:
         # The same comparison as the rule (now - t <= length), not t < now - length: the
         # two round differently in floating point.
         while events and now - events[0][0] > length:
-            self.total -= events.popleft()[1]
+            self.total -= int(events.popleft()[1])
 
-    def add(self, now: float, weight: int = 1) -> None:
-        """Record an event."""
-        self.events.append((now, weight))
+    def add(self, now: float, weight: int = 1) -> list[float]:
+        """Record an event; the entry returned can be settled later (`settle`)."""
+        entry = [now, weight]
+        self.events.append(entry)
         self.total += weight
+        return entry
+
+    def settle(self, entry: list[float], now: float) -> None:
+        """Take a reserved entry's weight back out, if the window still counts it."""
+        self.expire(now)
+        # After expire, an entry older than the window has been popped and its weight
+        # already subtracted; one still counted is zeroed in place (O(1), no search).
+        if now - entry[0] <= self.length:
+            self.total -= int(entry[1])
+        entry[1] = 0
 
     def wait_until_below(self, limit: int, now: float) -> float:
         """Seconds until the counted total drops below `limit` (0 if it already is)."""
@@ -77,7 +89,7 @@ class SlidingWindow:
         if excess < 0:
             return 0.0
         for t, weight in self.events:
-            excess -= weight
+            excess -= int(weight)
             if excess < 0:
                 # Counted while now - t <= length: gone just after t + length.
                 return max(0.0, t + self.length - now) + 0.001
@@ -88,16 +100,37 @@ class SlidingWindow:
         return self.events[-1][0] + self.length - now if self.events else 0.0
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a request may cause upstream, known once its body is parsed."""
+
+    generations: int = 1
+    """llama.cpp generations (prompts x n): what a key's max_concurrent counts."""
+    tokens: int = 0
+    """Admission estimate: prompt tokens (bytes / 4) + max_tokens x generations."""
+
+
+ONE_GENERATION = Cost()
+"""The cost of a request whose body says nothing more (and the default)."""
+
+
 @dataclass
 class Admission:
     """What `admit` granted: headers to send, and what `finish` must charge and release."""
 
     principal: Principal
     headers: dict[str, str] = field(default_factory=dict)
-    holds_slot: bool = False
+    slots: int = 1
+    """Generations of this request that may run at once (its share of the key's slots)."""
+    held_slots: int = 0
+    """Concurrent slots of the key this admission holds until `finish`."""
+    reserved_tokens: int = 0
+    """The estimate charged at admission; `finish` replaces it with the real count."""
+    reservation: list[float] | None = None
+    """The in-memory limiter's window entry for the reserved tokens."""
     finished: bool = False
     lease_id: str | None = None
-    """The shared limiter's name for this admission's slot and token record."""
+    """The shared limiter's name for this admission's slots and token record."""
 
 
 @dataclass
@@ -111,17 +144,31 @@ class KeyUsage:
     """Until the window is empty."""
     tokens_used: int = 0
     tokens_wait: float = 0.0
+    """Until the window has room for this request's estimate."""
     tokens_reset: float = 0.0
     in_flight: int = 0
+    """Generations of this key holding a concurrent slot."""
 
 
-def refusal_kind(limits: Limits, usage: KeyUsage) -> str | None:
-    """Which limit refuses the request (tokens, requests, concurrency), or None to admit.
+def tokens_threshold(budget: int, cost: Cost) -> int:
+    """Admit only while fewer tokens than this are counted (room for the estimate).
+
+    `used + estimate <= budget`, and never at `used >= budget` (an estimate of 0 still
+    needs the budget not to be spent).
+    """
+    return budget - max(cost.tokens, 1) + 1
+
+
+def refusal_kind(limits: Limits, usage: KeyUsage, cost: Cost) -> str | None:
+    """Which limit refuses the request (too_large, tokens, requests, concurrency), or None.
 
     The Redis limiter's Lua script applies the same rule, atomically, in the same order.
     """
-    if limits.tokens_per_minute and usage.tokens_used >= limits.tokens_per_minute:
-        return "tokens"
+    if limits.tokens_per_minute:
+        if cost.tokens > limits.tokens_per_minute:
+            return "too_large"
+        if usage.tokens_used >= tokens_threshold(limits.tokens_per_minute, cost):
+            return "tokens"
     if limits.requests and usage.requests_used >= limits.requests:
         return "requests"
     if limits.max_concurrent and usage.in_flight >= limits.max_concurrent:
@@ -129,7 +176,17 @@ def refusal_kind(limits: Limits, usage: KeyUsage) -> str | None:
     return None
 
 
-def conclude(principal: Principal, refused: str | None, usage: KeyUsage) -> Admission:
+def granted_slots(limits: Limits, usage: KeyUsage, cost: Cost) -> int:
+    """Slots an admitted request takes: its generations, at most the key's free slots
+    (the rest of its generations wait for one of these)."""
+    if not limits.max_concurrent:
+        return 0
+    return max(1, min(cost.generations, limits.max_concurrent - usage.in_flight))
+
+
+def conclude(
+    principal: Principal, refused: str | None, usage: KeyUsage, cost: Cost = ONE_GENERATION
+) -> Admission:
     """The admission with its rate-limit headers; raises RateLimited when `refused`."""
     limits = principal.limits
     assert limits is not None
@@ -143,18 +200,33 @@ def conclude(principal: Principal, refused: str | None, usage: KeyUsage) -> Admi
         headers["x-ratelimit-reset-requests"] = format_duration(reset)
     if limits.tokens_per_minute:
         budget = limits.tokens_per_minute
+        used = usage.tokens_used + (cost.tokens if admitted else 0)
         headers["x-ratelimit-limit-tokens"] = str(budget)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, budget - usage.tokens_used))
-        headers["x-ratelimit-reset-tokens"] = format_duration(usage.tokens_reset)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, budget - used))
+        headers["x-ratelimit-reset-tokens"] = format_duration(
+            TOKEN_WINDOW if admitted and cost.tokens else usage.tokens_reset
+        )
     if admitted:
         return Admission(principal, headers)
     name = principal.name
     error: RateLimited
+    if refused == "too_large":
+        # No wait makes it fit: no Retry-After, the message says what to change.
+        error = RateLimited(
+            f"Request too large for key '{name}': it may use up to {cost.tokens} tokens "
+            f"(prompt, plus max_tokens for each of its {cost.generations} generation(s)) and "
+            f"the key's budget is {limits.tokens_per_minute} tokens per minute. Lower "
+            "max_tokens, n or the number of prompts.",
+            code="tokens_rate_limit_exceeded",
+        )
+        error.error_type = "tokens"
+        error.headers = headers
+        raise error
     if refused == "tokens":
         wait = usage.tokens_wait
         error = RateLimited(
             f"Rate limit reached for key '{name}': {limits.tokens_per_minute} tokens per "
-            f"minute. Retry in {wait:.1f}s.",
+            f"minute; this request may use up to {cost.tokens}. Retry in {wait:.1f}s.",
             code="tokens_rate_limit_exceeded",
         )
         error.error_type = "tokens"
@@ -167,8 +239,8 @@ def conclude(principal: Principal, refused: str | None, usage: KeyUsage) -> Admi
     else:
         wait = 1.0
         error = ConcurrencyLimited(
-            f"Key '{name}' already has {limits.max_concurrent} requests in progress; "
-            "wait for one to finish."
+            f"Key '{name}' already has {limits.max_concurrent} generations in progress "
+            "(each prompt and each of n counts one); wait for one to finish."
         )
     error.headers = {**headers, "Retry-After": retry_after_header(wait)}
     raise error
@@ -177,11 +249,11 @@ def conclude(principal: Principal, refused: str | None, usage: KeyUsage) -> Admi
 class Limiter(Protocol):
     """Admits or refuses a request for a principal; charges it when it ends."""
 
-    async def admit(self, principal: Principal) -> Admission:
-        """Admit the request or raise RateLimited (with its headers)."""
+    async def admit(self, principal: Principal, cost: Cost = ONE_GENERATION) -> Admission:
+        """Admit the request (reserving its estimate and slots) or raise RateLimited."""
 
     async def finish(self, admission: Admission, tokens: int) -> None:
-        """Charge the tokens the request used and release its concurrent slot; idempotent."""
+        """Settle the reservation with the tokens really used, release the slots; idempotent."""
 
 
 @dataclass
@@ -227,11 +299,11 @@ class InMemoryLimiter:
             state.tokens = None
         return state
 
-    async def admit(self, principal: Principal) -> Admission:
+    async def admit(self, principal: Principal, cost: Cost = ONE_GENERATION) -> Admission:
         """Admit the request or raise RateLimited; see the Limiter protocol."""
         limits = principal.limits
         if limits is None:
-            return Admission(principal)
+            return Admission(principal, slots=cost.generations)
         now = self._now()
         state = self._state(principal, now)
         requests, tokens = state.requests, state.tokens
@@ -242,25 +314,30 @@ class InMemoryLimiter:
             usage.requests_reset = requests.reset_after(now)
         if tokens is not None and limits.tokens_per_minute:
             usage.tokens_used = tokens.total
-            usage.tokens_wait = tokens.wait_until_below(limits.tokens_per_minute, now)
+            usage.tokens_wait = tokens.wait_until_below(
+                tokens_threshold(limits.tokens_per_minute, cost), now
+            )
             usage.tokens_reset = tokens.reset_after(now)
-        refused = refusal_kind(limits, usage)
-        if refused is None:
-            if requests is not None:
-                requests.add(now)
-            if limits.max_concurrent:
-                state.in_flight += 1
-        else:
+        refused = refusal_kind(limits, usage, cost)
+        if refused is not None:
             self._forget_if_idle(principal.name, state)
-        admission = conclude(principal, refused, usage)
-        admission.holds_slot = bool(limits.max_concurrent)
+        admission = conclude(principal, refused, usage, cost)
+        if requests is not None:
+            requests.add(now)
+        admission.held_slots = granted_slots(limits, usage, cost)
+        admission.slots = admission.held_slots or cost.generations
+        state.in_flight += admission.held_slots
+        if tokens is not None and cost.tokens > 0:
+            admission.reservation = tokens.add(now, cost.tokens)
+            admission.reserved_tokens = cost.tokens
         self._admissions += 1
         if self._admissions % 1024 == 0:
             self.prune()
         return admission
 
     async def finish(self, admission: Admission, tokens: int) -> None:
-        """Charge tokens and release the slot, once per admission whatever the exit path."""
+        """Settle the estimate with the real tokens and release the slots, once per
+        admission whatever the exit path."""
         if admission.finished:
             return
         admission.finished = True
@@ -271,14 +348,17 @@ class InMemoryLimiter:
         state = self._keys.get(name)
         if state is None:
             return
-        if admission.holds_slot:
-            state.in_flight -= 1
-        if state.tokens is not None and tokens > 0:
-            state.tokens.add(self._now(), tokens)
+        state.in_flight -= admission.held_slots
+        if state.tokens is not None:
+            now = self._now()
+            if admission.reservation is not None:
+                state.tokens.settle(admission.reservation, now)
+            if tokens > 0:
+                state.tokens.add(now, tokens)
         self._forget_if_idle(name, state)
 
     def in_flight(self, name: str) -> int:
-        """Requests of this key holding a concurrent slot now."""
+        """Generations of this key holding a concurrent slot now."""
         state = self._keys.get(name)
         return state.in_flight if state else 0
 

@@ -4,20 +4,49 @@ The access log writes one line per request without going through `logging`: the 
 measured a LogRecord, a formatter and a flushed write per request at 8% of a request's CPU.
 Lines are formatted directly, with the timestamp text reused within a second, and written
 out together once per event-loop iteration.
+
+Nothing here writes to stderr from the event loop: a full pipe (a log reader that stalled, a
+journald that is behind) would block the write and with it every request. `BackgroundWriter`
+hands the text to one thread that does the writing, and drops (and counts) what does not fit
+in its bounded buffer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
+
+# Credentials that other code may put in a message: Tornado's own "Invalid header value
+# 'Bearer sk-...'" (logger tornado.general), a URL with user:password@, a key in a query
+# string, or an OpenAI-style key anywhere. Every log line passes through redact().
+_SECRETS = re.compile(
+    r"(?P<scheme>\b(?:bearer|basic)\s+)[^\s'\",;]+"
+    r"|(?P<url>\b[a-z][a-z0-9+.\-]*://[^\s/@:'\"]*:)[^\s/@'\"]+(?=@)"
+    r"|(?P<param>\b(?:api[_-]?key|access[_-]?token|password|secret|key)=)[^\s&'\",;]+"
+    r"|\bsk-[A-Za-z0-9_\-]{6,}",
+    re.IGNORECASE,
+)
+
+
+def _hide(match: re.Match[str]) -> str:
+    prefix = match.group("scheme") or match.group("url") or match.group("param")
+    return (prefix or "") + "[redacted]"
+
+
+def redact(text: str) -> str:
+    """`text` with anything that looks like a credential replaced by [redacted]."""
+    return _SECRETS.sub(_hide, text)
 
 
 class PlainFormatter(logging.Formatter):
-    """`time level logger: message`."""
+    """`time level logger: message`, with credentials redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -25,11 +54,11 @@ class PlainFormatter(logging.Formatter):
         line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname} {record.name}: {message}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line."""
+    """One JSON object per line, with credentials redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -37,15 +66,110 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        out["message"] = record.getMessage()
+        out["message"] = redact(record.getMessage())
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
 
 
-def configure_logging(level: str, json_lines: bool) -> None:
-    """Route every logger to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+class TextSink(Protocol):
+    """Where log text goes: a text stream, or a BackgroundWriter in front of one."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+LOG_BUFFER = 4 * 1024 * 1024  # characters waiting for a slow log reader before lines drop
+
+
+class BackgroundWriter:
+    """A write-only text stream that never blocks its caller: a thread writes to `stream`.
+
+    Text waiting to be written is bounded by `max_chars`; what does not fit is dropped and
+    counted, and the count is written as a line of its own once the reader catches up.
+    """
+
+    def __init__(self, stream: TextIO, max_chars: int = LOG_BUFFER) -> None:
+        self._stream = stream
+        self._max = max_chars
+        self._pending: deque[str] = deque()
+        self._size = 0
+        self._dropped = 0
+        self._writing = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, text: str) -> int:
+        """Queue `text` (whole lines); drop it if the buffer is full."""
+        with self._cond:
+            if self._closed or self._size + len(text) > self._max:
+                self._dropped += text.count("\n") or 1
+                return 0
+            self._pending.append(text)
+            self._size += len(text)
+            self._cond.notify()
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do: the writer thread flushes after every batch."""
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued was written (True), or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (for at most `timeout` seconds), then stop the thread."""
+        self.drain(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped since the last report (for tests)."""
+        return self._dropped
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._dropped and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._pending:
+                    return
+                text = "".join(self._pending)
+                self._pending.clear()
+                self._size = 0
+                dropped, self._dropped = self._dropped, 0
+                self._writing = True
+            if dropped:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+                text += (
+                    f"{stamp}Z WARNING llamacpp_proxy.logs: {dropped} log line(s) dropped: "
+                    "the log reader did not keep up\n"
+                )
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):  # a closed stderr must not stop the writer
+                pass
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+def configure_logging(level: str, json_lines: bool, stream: TextSink | None = None) -> None:
+    """Route every logger (Tornado's and the libraries' too) to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if json_lines else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -59,7 +183,7 @@ class AccessLog:
 
     def __init__(
         self,
-        stream: TextIO,
+        stream: TextSink,
         json_lines: bool,
         schedule: Callable[[Callable[[], None]], Any],
         now: Callable[[], float] = time.time,

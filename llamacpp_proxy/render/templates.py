@@ -81,11 +81,14 @@ class ChatTemplate:
         eos_token: str = "",
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        llama_adds_bos: bool = True,
     ) -> str:
         """The prompt for these messages; ChatTemplateRejected if the template refuses them.
 
-        llama.cpp adds BOS itself when it tokenizes a prompt, so a BOS the template writes
-        at the start is removed here rather than sent twice.
+        When llama.cpp adds BOS itself as it tokenizes the prompt (`llama_adds_bos`), a BOS
+        the template writes at the start is removed here rather than sent twice. When it
+        does not (SmolLM2's /props names `<|im_start|>` as its BOS, but the model adds
+        none), the template's first token is part of the prompt and is kept.
         """
         try:
             prompt = self._template.render(
@@ -114,7 +117,7 @@ class ChatTemplate:
             raise ChatTemplateRejected(
                 f"the chat template could not render these messages: {exc}", param="messages"
             ) from exc
-        if bos_token and prompt.startswith(bos_token):
+        if llama_adds_bos and bos_token and prompt.startswith(bos_token):
             prompt = prompt[len(bos_token) :]
         return prompt
 

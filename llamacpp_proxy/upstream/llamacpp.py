@@ -1,6 +1,6 @@
-"""The llama.cpp API: /completion (request mapping, SSE events), /props, /v1/models and
-/health over the kept-alive connections of upstream/http.py, with the deadlines of each call,
-and the translation of upstream failures into ProxyErrors at this boundary.
+"""The llama.cpp API: /completion (request mapping, SSE events), /props, /tokenize,
+/v1/models and /health over the kept-alive connections of upstream/http.py, with the
+deadlines of each call, and the translation of upstream failures into ProxyErrors at this boundary.
 """
 
 from __future__ import annotations
@@ -45,6 +45,21 @@ log = logging.getLogger("llamacpp_proxy.upstream")
 PROPS_TTL = 60.0  # seconds a /props answer is reused (chat template, BOS/EOS, model path)
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_RESPONSE = 256 * 1024 * 1024
+PLAIN_TOKENS_CACHE_CHARS = 1 << 20  # characters of text whose plain-text tokens are kept
+PLAIN_TOKENS_CACHE_ENTRY = 64 * 1024  # longer texts are tokenized every time
+
+
+class MixedPrompt(str):
+    """A prompt whose text (for logs and echo) llama.cpp must receive as `pieces`: strings
+    it tokenizes (special tokens parsed) and token ids it takes as they are. llama.cpp adds
+    BOS only when the first piece is a string."""
+
+    pieces: list[str | int]
+
+    def __new__(cls, text: str, pieces: list[str | int]) -> MixedPrompt:
+        self = super().__new__(cls, text)
+        self.pieces = pieces
+        return self
 
 
 class ClientGone(Exception):
@@ -156,6 +171,11 @@ class LlamaCppClient:
         )
         self._props: dict[str, Any] | None = None
         self._props_at = 0.0
+        # Answers that hold for one model: dropped when /props names another.
+        self._model: object = None
+        self._adds_bos: bool | None = None
+        self._plain_tokens: dict[str, list[int]] = {}
+        self._plain_chars = 0
 
     def close(self) -> None:
         """Close the idle upstream connections."""
@@ -173,7 +193,71 @@ class LlamaCppClient:
         else:
             props = self._json_or_raise(response, "/props")
         self._props, self._props_at = props, self._now()
+        model = props.get("model_path") if isinstance(props, dict) else None
+        if model != self._model:
+            self._model, self._adds_bos = model, None
+            self._plain_tokens, self._plain_chars = {}, 0
         return props
+
+    async def tokenize(
+        self, text: str, *, add_special: bool = False, parse_special: bool = True
+    ) -> list[int] | None:
+        """llama.cpp's /tokenize of text; None when the server has no /tokenize."""
+        body = {"content": text, "add_special": add_special, "parse_special": parse_special}
+        call = self.new_call()
+        try:
+            response = await self._exchange("POST", "/tokenize", _encode(body), call)
+        finally:
+            call.done()
+        if response.status == 404:
+            return None
+        answer = self._json_or_raise(response, "/tokenize")
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise UpstreamError("llama.cpp answered /tokenize without a list of token ids")
+        return tokens
+
+    async def adds_bos(self) -> bool:
+        """Whether llama.cpp adds BOS to the prompts it tokenizes, asked once per model.
+
+        /props names a `bos_token` even for models that get none (SmolLM2 names
+        `<|im_start|>`), so the answer comes from tokenizing with and without
+        `add_special`. A server without /tokenize is taken to add it (llama.cpp's default).
+        """
+        await self.props()  # notices a model change, which drops the cached answer
+        if self._adds_bos is None:
+            with_special = await self.tokenize("a", add_special=True)
+            without = await self.tokenize("a")
+            self._adds_bos = (
+                with_special is None
+                or without is None
+                or (len(with_special) == len(without) + 1 and with_special[1:] == without)
+            )
+        return self._adds_bos
+
+    async def plain_tokens(self, text: str) -> list[int]:
+        """text as llama.cpp tokenizes it with special-token parsing off (a control token
+        written in it stays characters), cached per model within a fixed budget."""
+        await self.props()
+        cached = self._plain_tokens.pop(text, None)
+        if cached is None:
+            tokens = await self.tokenize(text, parse_special=False)
+            if tokens is None:
+                raise UpstreamError(
+                    "llama.cpp has no /tokenize, so message content that looks like a "
+                    "control token cannot be sent as plain text; upgrade llama.cpp or start "
+                    "the proxy with --allow-content-control-tokens"
+                )
+            cached = tokens
+            if len(text) > PLAIN_TOKENS_CACHE_ENTRY:
+                return cached
+            self._plain_chars += len(text)
+            while self._plain_chars > PLAIN_TOKENS_CACHE_CHARS and self._plain_tokens:
+                oldest = next(iter(self._plain_tokens))
+                del self._plain_tokens[oldest]
+                self._plain_chars -= len(oldest)
+        self._plain_tokens[text] = cached  # most recently used last
+        return cached
 
     async def models(self) -> list[dict[str, Any]]:
         """The models llama.cpp serves, as OpenAI model objects."""
@@ -322,8 +406,12 @@ class LlamaCppClient:
     def completion_body(
         self, request: CompletionRequest, prompt: str, choice: int
     ) -> dict[str, Any]:
-        """The /completion body for one choice of a request."""
-        body: dict[str, Any] = {"prompt": prompt, "stream": request.stream}
+        """The /completion body for one choice of a request (its output constraint already
+        merged into `json_schema` or `grammar` by render/constraints.py)."""
+        body: dict[str, Any] = {
+            "prompt": prompt.pieces if type(prompt) is MixedPrompt else prompt,
+            "stream": request.stream,
+        }
         if request.max_tokens is not None:
             body["n_predict"] = request.max_tokens
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
@@ -339,9 +427,10 @@ class LlamaCppClient:
             body["logit_bias"] = [[token, bias] for token, bias in request.logit_bias.items()]
         if request.logprobs is not None:
             body["n_probs"] = max(1, request.logprobs)
-        if request.json_schema is not None:
-            body["json_schema"] = request.json_schema
         body.update(request.extensions)
+        if request.json_schema is not None:
+            # After the extensions, so that nothing passed through can replace it.
+            body["json_schema"] = request.json_schema
         return body
 
     def new_call(self) -> UpstreamCall:

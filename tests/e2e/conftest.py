@@ -1,5 +1,6 @@
 """End-to-end fixtures: a real llama-server with the Gemma 3 270M model, and the proxy started
-as a real process through its console script, both once per session on free loopback ports.
+as a real process through its console script, both once per session on free loopback ports;
+a second pair serves SmolLM2-135M-Instruct, a ChatML model with its own template (/props).
 
 Where the binary and the model come from: LLAMA_SERVER_BIN and LLAMA_MODEL, else the cache
 that scripts/install-llama-server fills. When either is missing the tests are skipped, unless
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -66,9 +68,16 @@ def unavailable(reason: str) -> NoReturn:
     )
 
 
-def require_llama_files() -> tuple[Path, Path]:
+def chatml_model() -> Path:
+    """The ChatML GGUF model (SmolLM2-135M-Instruct) the prompt tests also load."""
+    return Path(
+        os.environ.get("LLAMA_CHATML_MODEL") or CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
+def require_llama_files(model: Path | None = None) -> tuple[Path, Path]:
     """The binary and model paths, after checking both exist."""
-    binary, model = llama_server_bin(), llama_model()
+    binary, model = llama_server_bin(), model or llama_model()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         unavailable(f"llama-server not found at {binary}")
     if not model.is_file():
@@ -258,9 +267,70 @@ def llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Ser
             "2",
             "--slots",
             "--no-webui",
+            # This GGUF carries no chat template (llama-server would fall back to ChatML):
+            # give llama-server's own chat endpoint Gemma 3's, for the prompt comparison.
+            "--chat-template-file",
+            str(resources.files("llamacpp_proxy.render") / "chat_templates" / "gemma3.jinja"),
         ]
 
     service = start_service(request.config, "llama-server", argv, "/health", e2e_logs, timeout=180)
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def chatml_llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Service]:
+    """llama-server with SmolLM2-135M-Instruct (ChatML; /props names <|im_start|> as its
+    BOS token, but llama.cpp adds no BOS for it): 1 slot of 2048 tokens."""
+    binary, model = require_llama_files(chatml_model())
+
+    def argv(port: int) -> list[str]:
+        return [
+            str(binary),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-m",
+            str(model),
+            "-c",
+            "2048",
+            "-np",
+            "1",
+            "--no-webui",
+        ]
+
+    service = start_service(
+        request.config, "llama-server-chatml", argv, "/health", e2e_logs, timeout=180
+    )
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def chatml_proxy(
+    request: pytest.FixtureRequest, chatml_llama_server: Service, e2e_logs: Path
+) -> Iterator[Service]:
+    """A proxy in front of the SmolLM2 server, with the model's own template (/props)."""
+    script = console_script()
+    env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY)
+
+    def argv(port: int) -> list[str]:
+        return [
+            script,
+            "--llamacpp-server",
+            chatml_llama_server.url,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--shutdown-timeout",
+            "5",
+        ]
+
+    service = start_service(
+        request.config, "proxy-chatml", argv, "/health/ready", e2e_logs, timeout=30, env=env
+    )
     yield service
     service.stop()
 

@@ -1,0 +1,47 @@
+"""Output constraints, merged once: `response_format`, llama.cpp's `json_schema` and
+`grammar`, and the schema a forced `tool_choice` implies (pure: no I/O).
+
+llama.cpp takes one constraint per generation. A request that carries two would have one
+silently replaced by the other (the model then ignores a forced tool call, or a response
+format), so two are refused with a 400 naming the second; one is put where the upstream
+mapping reads it, and nothing else can override it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InvalidRequest
+from ..request import CompletionRequest
+from .tool_calls import forced_call_schema
+
+# In this order, the first is the one kept in the error message, the second is the `param`.
+_SOURCES = ("response_format", "json_schema", "grammar", "tool_choice")
+
+
+def merge_constraints(request: CompletionRequest, tools: list[dict[str, Any]] | None) -> bool:
+    """Leave the request with at most one output constraint: a JSON schema in
+    `request.json_schema` or a GBNF `grammar` in its extensions. True when that constraint
+    is a forced tool call. InvalidRequest when the request carries two."""
+    extensions = request.extensions
+    found: dict[str, Any] = {}
+    if request.json_schema is not None:
+        found["response_format"] = request.json_schema
+    if "json_schema" in extensions:
+        found["json_schema"] = extensions.pop("json_schema")
+    if "grammar" in extensions:
+        found["grammar"] = extensions["grammar"]
+    forced = forced_call_schema(tools, request.tool_choice) if tools else None
+    if forced is not None:
+        found["tool_choice"] = forced
+    if len(found) > 1:
+        first, second = [name for name in _SOURCES if name in found][:2]
+        raise InvalidRequest(
+            f"'{second}' and '{first}' both constrain the output, and llama.cpp applies one "
+            f"constraint per generation; send only one of them.",
+            param=second,
+            code="conflicting_constraints",
+        )
+    if "grammar" not in found:
+        request.json_schema = next(iter(found.values()), None)
+    return forced is not None

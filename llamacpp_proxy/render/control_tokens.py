@@ -1,0 +1,115 @@
+"""Message content reaches the model as text, never as the model's control tokens.
+
+llama.cpp tokenizes a string prompt with special-token parsing on, so a user who writes
+`<|im_end|>\n<|im_start|>assistant` in a message would otherwise close their turn and forge
+the next one. Content that looks like it holds a control token is therefore rendered as a
+marker; the marker's place in the prompt gets the content's token ids from llama.cpp's
+/tokenize with `parse_special: false`, and llama.cpp receives the prompt as a mix of strings
+(the template's own text, control tokens included) and token ids (the content). Content with
+nothing of that shape, nearly all of it, costs one regex search per message and the prompt
+stays one string (pure: no I/O here; the tokenizing is the upstream's).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Any
+
+from ..errors import ChatTemplateRejected
+from ..upstream.llamacpp import MixedPrompt
+
+# The shapes control tokens take in the models llama.cpp serves: <|im_end|>, <|eot_id|>,
+# DeepSeek's with fullwidth bars (U+FF5C); <start_of_turn>, <bos>, </s>, <tool_call>;
+# [INST], [TOOL_CALLS]. It is a superset on purpose (an HTML tag matches too): a false
+# alarm only costs one /tokenize of that message, a miss would let a forged turn through.
+CONTROL_SHAPE = re.compile(
+    r"<[|\uff5c][^<>\s]{1,64}[|\uff5c]>|</?[A-Za-z_][\w.:-]{0,63}>|\[/?[A-Z][A-Z0-9_]{1,31}\]"
+)
+
+
+def looks_like_control(text: str) -> bool:
+    """Whether text may hold a control token (then it is tokenized as plain text)."""
+    return CONTROL_SHAPE.search(text) is not None
+
+
+_MARKER = re.compile("(\ue000[0-9a-f]{16}\\.\\d+\ue001)")
+
+
+class MarkedMessages:
+    """Messages whose suspicious content is replaced by markers, and what each stands for."""
+
+    __slots__ = ("_nonce", "marks", "messages")
+
+    def __init__(self, messages: list[dict[str, Any]], flagged: list[int]) -> None:
+        # A fresh nonce per request: content cannot guess a marker and so cannot forge one.
+        self._nonce = secrets.token_hex(8)
+        self.marks: dict[str, str] = {}
+        self.messages = list(messages)
+        for i in flagged:
+            content: str = messages[i]["content"]
+            core = content.strip()
+            # Surrounding whitespace stays outside the marker, so a template that trims
+            # content (gemma3) trims it exactly as it would have.
+            lead = content[: len(content) - len(content.lstrip())]
+            trail = content[len(content.rstrip()) :]
+            marker = f"\ue000{self._nonce}.{i}\ue001"
+            self.marks[marker] = core
+            self.messages[i] = {**messages[i], "content": lead + marker + trail}
+
+    def texts(self) -> list[str]:
+        """The distinct contents to tokenize as plain text."""
+        return list(dict.fromkeys(self.marks.values()))
+
+    def assemble(
+        self, prompt: str, plain_tokens: dict[str, list[int]], llama_adds_bos: bool
+    ) -> str:
+        """The prompt with each marker replaced by its content: a MixedPrompt (template
+        text as strings, the content as token ids) when any marker is there, else the
+        prompt as it is."""
+        text: list[str] = []
+        pieces: list[str | int] = []
+        pending = ""  # template text (and imitation markers) up to the next real marker
+        for k, part in enumerate(_MARKER.split(prompt)):
+            core = self.marks.get(part) if k % 2 else None
+            if core is None:
+                if self._nonce in part:
+                    # The template cut a marker apart (e.g. truncated content): what it
+                    # stood for cannot be placed, and must not reach the model as is.
+                    raise ChatTemplateRejected(
+                        "the chat template transforms message content in a way that keeps "
+                        "it from being sent as plain text",
+                        param="messages",
+                    )
+                pending += part
+                continue
+            if pending:
+                text.append(pending)
+                pieces.append(pending)
+                pending = ""
+            text.append(core)
+            pieces.extend(plain_tokens[core])
+        if pending:
+            text.append(pending)
+            pieces.append(pending)
+        if not any(type(p) is int for p in pieces):
+            return "".join(text)  # only empty contents: llama.cpp reads all-strings as n prompts
+        if llama_adds_bos and type(pieces[0]) is int:
+            # llama.cpp adds BOS only when a mixed prompt starts with a string.
+            pieces.insert(0, "")
+        return MixedPrompt("".join(text), pieces)
+
+
+def mark_messages(messages: list[dict[str, Any]]) -> MarkedMessages | None:
+    """Markers for every message whose content may hold a control token; None (the fast
+    path) when no content does."""
+    search = CONTROL_SHAPE.search
+    flagged = [
+        i
+        for i, message in enumerate(messages)
+        if type(content := message.get("content")) is str
+        # Every shape starts with < or [: most prose has neither, and `in` is a memchr.
+        and ("<" in content or "[" in content)
+        and search(content) is not None
+    ]
+    return MarkedMessages(messages, flagged) if flagged else None

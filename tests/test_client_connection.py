@@ -1,0 +1,295 @@
+"""The client connection: errors on kept-alive connections, bursts, connection caps.
+
+Every test here drives the proxy the way real clients do, over ONE kept-alive client for
+many requests: a fresh connection per call is what hid these bugs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import json
+import socket
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from llamacpp_proxy.guard.auth_throttle import AuthFailureThrottle
+from llamacpp_proxy.main import ProxyServer, build_context, make_server
+
+from .conftest import LIMITED_KEY, UNLIMITED_KEY, default_settings
+
+CHAT = [{"role": "user", "content": "Hi there"}]
+BODY = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 5})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_wrong_key_answers_keep_the_connection_usable(make_stack: Any, stream: bool) -> None:
+    stack = make_stack(auth_failure_limit=10_000)
+    body = json.dumps({"model": "m", "messages": CHAT, "stream": stream})
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        statuses: collections.Counter[int] = collections.Counter()
+        for i in range(100):
+            key = UNLIMITED_KEY if i % 10 == 9 else "sk-wrong-key-0123456789"
+            # An error here (connection reset, server disconnected) is the bug itself.
+            r = http.post(
+                "/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {key}"}
+            )
+            statuses[r.status_code] += 1
+            if r.status_code != 200:
+                assert r.json()["error"]["code"] == "invalid_api_key"
+    assert statuses == {401: 90, 200: 10}
+
+
+def test_sdk_sees_authentication_and_rate_limit_errors_never_connection_errors(
+    make_stack: Any,
+) -> None:
+    stack = make_stack(auth_failure_limit=10_000, rate_limit_max_requests=3)
+    wrong = stack.client("sk-wrong-key-0123456789")
+    for _ in range(40):
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(model="m", messages=CHAT)
+    limited = stack.client(LIMITED_KEY)
+    for _ in range(3):
+        assert limited.chat.completions.create(model="m", messages=CHAT).choices
+    for _ in range(40):
+        with pytest.raises(openai.RateLimitError):
+            limited.chat.completions.create(model="m", messages=CHAT)
+    # The same kept-alive clients still work for what is allowed.
+    assert stack.client(UNLIMITED_KEY).completions.create(model="m", prompt="x").choices
+
+
+def test_errors_that_close_say_so(make_stack: Any) -> None:
+    stack = make_stack(max_body_size=1000)
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        big = json.dumps({"model": "m", "prompt": "x" * 2000})
+        r = http.post(
+            "/v1/completions", content=big, headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}
+        )
+        assert r.status_code == 413
+        assert r.headers["connection"] == "close"
+        r = http.post(
+            "/v1/completions",
+            content=json.dumps({"model": "m", "prompt": "x"}),
+            headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
+        )
+        assert r.status_code == 200
+
+
+def test_a_mixed_burst_of_admitted_and_refused_requests_is_all_answered(
+    make_stack: Any,
+) -> None:
+    """Item 13b: 400 limited (3 admitted, 397 refused) and 60 unlimited, 200 at a time."""
+    stack = make_stack(rate_limit_max_requests=3, auth_failure_limit=10_000)
+
+    async def burst() -> collections.Counter[tuple[str, int | str]]:
+        results: collections.Counter[tuple[str, int | str]] = collections.Counter()
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        # The deadline: every answer must come well within it (a hang shows as ReadTimeout).
+        async with httpx.AsyncClient(base_url=stack.url, timeout=15, limits=limits) as http:
+            gate = asyncio.Semaphore(200)
+
+            async def one(name: str, key: str) -> None:
+                async with gate:
+                    try:
+                        r = await http.post(
+                            "/v1/chat/completions",
+                            content=BODY,
+                            headers={"Authorization": f"Bearer {key}"},
+                        )
+                        results[(name, r.status_code)] += 1
+                    except httpx.HTTPError as exc:
+                        results[(name, type(exc).__name__)] += 1
+
+            jobs = [one("limited", LIMITED_KEY) for _ in range(400)]
+            jobs += [one("unlimited", UNLIMITED_KEY) for _ in range(60)]
+            await asyncio.gather(*jobs)
+        return results
+
+    results = asyncio.run(burst())
+    assert results == {("limited", 200): 3, ("limited", 429): 397, ("unlimited", 200): 60}
+
+
+# -- the auth-failure throttle forgets old addresses (item 25) ------------------------------
+
+
+def test_auth_throttle_drops_expired_addresses_without_anyone_calling_prune() -> None:
+    clock = {"t": 0.0}
+    throttle = AuthFailureThrottle(limit=5, window=10, now=lambda: clock["t"])
+    for i in range(50):
+        throttle.record_failure(f"10.0.0.{i}")
+    clock["t"] = 10.5
+    throttle.record_failure("10.0.1.1")
+    assert throttle.tracked_addresses == 1
+
+
+# -- the connection cap (item 14) ------------------------------------------------------------
+
+
+def test_connections_beyond_the_cap_wait_and_are_served_when_one_closes(
+    make_stack: Any,
+) -> None:
+    stack = make_stack(max_connections=3)
+    idle = [socket.create_connection(("127.0.0.1", stack.port)) for _ in range(10)]
+    try:
+        assert stack.wait_for(lambda: stack.server.open_connections == 3)
+        # The other seven are queued in the kernel, not accepted: the cap holds.
+        assert stack.runner.call(lambda: stack.server.open_connections) == 3
+    finally:
+        for sock in idle:
+            sock.close()
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        assert http.get("/health").status_code == 200
+    assert stack.wait_for(lambda: stack.server.open_connections <= 1)
+
+
+def test_accept_errors_back_off_and_are_logged_once(
+    runner: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 14: EMFILE on accept spun the loop writing a traceback per turn."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    calls = {"n": 0}
+
+    class OutOfDescriptors:
+        """A listening socket whose accept() fails as under LimitNOFILE exhaustion."""
+
+        def fileno(self) -> int:
+            return listener.fileno()
+
+        def getsockname(self) -> Any:
+            return listener.getsockname()
+
+        def accept(self) -> Any:
+            calls["n"] += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def close(self) -> None:
+            listener.close()
+
+    server = runner.run(_server_on([OutOfDescriptors()]))  # type: ignore[list-item]
+    client = socket.create_connection(listener.getsockname())  # makes the listener readable
+    try:
+        stack_wait = time.monotonic() + 10
+        while calls["n"] < 4:  # backoff 0.05, 0.1, 0.2 s: four tries in about 0.4 s
+            assert time.monotonic() < stack_wait, "accept was not retried"
+            time.sleep(0.02)
+    finally:
+        runner.call(server.stop)
+        client.close()
+    failures = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+    assert len(failures) == 1 and "Too many open files" in failures[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+    assert calls["n"] < 20  # retried with backoff, not once per loop turn
+
+
+async def _server_on(sockets: list[socket.socket]) -> ProxyServer:
+    server = make_server(build_context(default_settings()))
+    server.serve(sockets)
+    return server
+
+
+# -- bounds on one chat request (item 15) ----------------------------------------------------
+
+
+def _chat(n: int, content: str = "hi") -> list[dict[str, Any]]:
+    """n messages alternating user/assistant, ending with the user."""
+    return [{"role": "user" if (n - i) % 2 else "assistant", "content": content} for i in range(n)]
+
+
+def _post(http: httpx.Client, body: dict[str, Any], key: str = UNLIMITED_KEY) -> httpx.Response:
+    return http.post(
+        "/v1/chat/completions",
+        content=json.dumps(body),
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+
+def _assert_still_serving(http: httpx.Client, stack: Any) -> None:
+    """The same kept-alive connection and another client are both served after a refusal."""
+    assert _post(http, {"model": "m", "messages": CHAT, "max_tokens": 5}).status_code == 200
+    other = stack.client().chat.completions.create(model="m", messages=CHAT, max_tokens=5)
+    assert other.choices[0].message.content
+
+
+def test_a_chat_over_the_message_bound_is_refused_naming_messages(make_stack: Any) -> None:
+    """Item 15: the filed 95,001-message chat (3.5 MB) was parsed and rendered in full."""
+    stack = make_stack()
+    stack.fake.script.n_ctx = 10**9  # the fake's context check is not what this tests
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        r = _post(http, {"model": "m", "messages": _chat(95_001), "max_tokens": 5})
+        assert r.status_code == 400
+        error = r.json()["error"]
+        assert error["param"] == "messages"
+        assert error["code"] == "array_above_max_length"
+        assert "maximum length 4096" in error["message"] and "95001" in error["message"]
+        _assert_still_serving(http, stack)
+        # At the bound the chat is served.
+        r = _post(http, {"model": "m", "messages": _chat(4096), "max_tokens": 5})
+        assert r.status_code == 200, r.text
+        r = _post(http, {"model": "m", "messages": _chat(4097), "max_tokens": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_too_many_tools_or_tool_calls_are_refused_naming_the_param(make_stack: Any) -> None:
+    stack = make_stack(chat_template="llama3")
+    stack.fake.script.n_ctx = 10**9
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        r = _post(http, {"model": "m", "messages": CHAT, "tools": [tool] * 129})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "tools"
+        assert r.json()["error"]["code"] == "array_above_max_length"
+        r = _post(http, {"model": "m", "messages": CHAT, "tools": [tool] * 128})
+        assert r.status_code == 200, r.text
+
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages = [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": None, "tool_calls": [call] * 3000},
+            {"role": "tool", "tool_call_id": "c", "content": "ok"},
+            {"role": "assistant", "content": None, "tool_calls": [call] * 1097},
+            {"role": "user", "content": "go on"},
+        ]
+        r = _post(http, {"model": "m", "messages": messages})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "messages[3].tool_calls"
+        assert r.json()["error"]["code"] == "array_above_max_length"
+        _assert_still_serving(http, stack)
+
+
+def test_a_rendered_prompt_over_twice_the_body_cap_is_refused(make_stack: Any) -> None:
+    """A body within --max-body-size whose template output is far larger (llama3 writes
+    tool schemas with tojson(indent=4): a compact array of zeros grows about tenfold)."""
+    stack = make_stack(chat_template="llama3", max_body_size=20_000)
+    stack.fake.script.n_ctx = 10**9
+    schema = {"type": "object", "enum": [0] * 3000}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    body = {"model": "m", "messages": CHAT, "tools": [tool]}
+    assert len(json.dumps(body)) < 20_000
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        r = _post(http, body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "messages" and error["code"] == "prompt_too_large"
+        assert "limit is 40000" in error["message"]
+        _assert_still_serving(http, stack)
+    assert all(len(b["prompt"]) < 40_000 for b in stack.fake.requests)  # nothing huge went up
+
+
+def test_a_large_chat_is_rendered_whole(make_stack: Any) -> None:
+    """Above 64 KiB the template renders in a thread: the prompt is the same as on the loop."""
+    stack = make_stack()
+    stack.fake.script.n_ctx = 10**9
+    small, large = _chat(3, "a" * 10), _chat(3, "b" * 100_000)
+    with httpx.Client(base_url=stack.url, timeout=30) as http:
+        for messages in (small, large):
+            assert _post(http, {"model": "m", "messages": messages}).status_code == 200
+    prompts = [b["prompt"] for b in stack.fake.requests]
+    assert prompts[-1] == prompts[-2].replace("a" * 10, "b" * 100_000)
