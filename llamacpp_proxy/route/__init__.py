@@ -12,5 +12,4 @@ stage is tested without servers and without sleeps. See docs/routing.md.
     probe.py     what llama.cpp's /health, /props and /slots answers mean
     failover.py  which failures may be retried on another server
     clock.py     the injected clock (now + timers)
-    errors.py    the ProxyError subclasses this stage raises (moved to errors.py at integration)
 """

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import InvalidRequest
-from .errors import ModelNotFound
+from ..errors import InvalidRequest, ModelNotFound
 
 MAX_NAME_LENGTH = 256
 """Longest model name or alias (clients send it back in every request)."""

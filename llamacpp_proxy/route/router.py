@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from .affinity import DEFAULT_MAX_PREFIXES, DEFAULT_MAX_SESSIONS, PrefixMap, SessionMap
 from .affinity import prefix_hashes as _prefix_hashes
 from .clock import Clock, LoopClock, Timer
-from .errors import NoServerAvailable, ServerOverloaded
+from ..errors import NoServerAvailable, ServerOverloaded
 from .health import Outcome, ProbePolicy, ServerHealth, ServerStatus, State
 from .pools import Pool, Server
 from .waitqueue import FifoQueue
