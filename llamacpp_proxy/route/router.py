@@ -43,6 +43,10 @@ UNKNOWN_SLOTS = 1
 class RoutingPolicy:
     """The router's settings (the integrator maps CLI options onto them)."""
 
+    mode: str = "affinity"
+    """affinity (the above), least-busy (step 3 only: no prefix hashing) or round-robin
+    (free slots taken in turn, whatever the load; for comparison in benchmarks). Every mode
+    keeps to the slots and health, and queues in the gateway."""
     max_queue: int = 100
     """Requests waiting for a slot per pool (--max-queue); more: 503 server_overloaded."""
     queue_timeout: float = 30.0
@@ -173,6 +177,8 @@ class Router:
         self._sessions = SessionMap(self.policy.max_sessions)
         self._queue: FifoQueue[_Waiter] = FifoQueue(self.policy.max_queue)
         self._turn = itertools.count()
+        self._affinity = self.policy.mode == "affinity"
+        self._round_robin = self.policy.mode == "round-robin"
         self._add_servers(pool.servers)
 
     # -- the request path ------------------------------------------------------------------
@@ -197,8 +203,11 @@ class Router:
         now = self._clock.now()
         if deadline is None:
             deadline = now + self.policy.queue_timeout
-        hashes = _prefix_hashes(prompt) if prompt else []
-        want = self._want(hashes, session_key, now)
+        if self._affinity:
+            hashes = _prefix_hashes(prompt) if prompt else []
+            want = self._want(hashes, session_key, now)
+        else:
+            hashes, want, session_key = [], _Want(), None
         self._check_expected(exclude)
         upstream = self._choose(want, exclude, now)
         if upstream is None and (self._queue.full or now >= deadline):
@@ -211,6 +220,31 @@ class Router:
         else:
             upstream.inflight += 1
         return self._lease(upstream, want, hashes, session_key)
+
+    def acquire_nowait(
+        self,
+        prompt: str | bytes | None,
+        session_key: str | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Lease | None:
+        """`acquire`'s answer when it needs no wait, else None (then call `acquire`, which the
+        caller can cancel). Lets the request path skip a task when a slot is free."""
+        now = self._clock.now()
+        if self._affinity:
+            hashes = _prefix_hashes(prompt) if prompt else []
+            want = self._want(hashes, session_key, now)
+        else:
+            hashes, want, session_key = [], _Want(), None
+        self._check_expected(exclude)
+        upstream = self._choose(want, exclude, now)
+        if upstream is None:
+            return None
+        upstream.inflight += 1
+        return self._lease(upstream, want, hashes, session_key)
+
+    def can_retry(self, exclude: frozenset[str]) -> bool:
+        """Some server not in `exclude` is ready or loading (failover has somewhere to go)."""
+        return self._any_expected(exclude)
 
     def _lease(
         self, upstream: Upstream, want: _Want, hashes: list[int], session_key: str | None
@@ -317,6 +351,13 @@ class Router:
         self, want: _Want, exclude: frozenset[str], now: float, hold_for_warm: bool = True
     ) -> Upstream | None:
         """The server to take now, or None to keep waiting."""
+        if self._round_robin:
+            free = [
+                u
+                for u in self._servers.values()
+                if u.free > 0 and u.usable and u.key not in exclude
+            ]
+            return free[next(self._turn) % len(free)] if free else None
         if want.warm is not None and want.warm not in exclude:
             warm = self._servers.get(want.warm)
             if warm is not None and warm.usable and want.continuation:

@@ -83,6 +83,7 @@ class UpstreamCall:
         "abort_reason",
         "got_first_byte",
         "last_activity",
+        "sent",
     )
 
     def __init__(self, first_byte_timeout: float, idle_timeout: float) -> None:
@@ -92,6 +93,8 @@ class UpstreamCall:
         self._idle_timeout = idle_timeout
         self.abort_reason: BaseException | None = None
         self.got_first_byte = False
+        self.sent = False
+        """A request byte may have reached llama.cpp (False: failover may re-send it)."""
         self.last_activity = self._loop.time()
         self._timer: object | None = self._loop.call_later(first_byte_timeout, self._check)
 
@@ -162,8 +165,15 @@ has taken what was written (backpressure)."""
 class LlamaCppClient:
     """Talks to one llama.cpp server."""
 
-    def __init__(self, settings: Settings, now: Callable[[], float] = time.monotonic) -> None:
-        self.base = settings.upstream_url
+    def __init__(
+        self,
+        settings: Settings,
+        now: Callable[[], float] = time.monotonic,
+        *,
+        base_url: str | None = None,
+    ) -> None:
+        # One client per server: base_url is that server's (default: the first configured).
+        self.base = (base_url or settings.upstream_url).rstrip("/")
         self._settings = settings
         self._now = now
         self._pool = ConnectionPool(
@@ -341,6 +351,7 @@ class LlamaCppClient:
             answered = False
             reusable = False
             try:
+                call.sent = True
                 conn.writer.write(request)
                 head = await read_head(conn)
                 answered = True
@@ -356,6 +367,7 @@ class LlamaCppClient:
                 if call.abort_reason is not None:
                     raise call.abort_reason from None
                 if reused and not answered and attempt == 1:
+                    call.sent = False  # it never reached llama.cpp either
                     continue  # the server closed an idle connection as we reused it: retry
                 raise _connection_error(exc, self.base) from exc
             finally:
