@@ -340,9 +340,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     args = build_parser().parse_args(list(argv))
     if args.upstreams_file is not None and args.llamacpp_server:
         # Two lists of servers would leave it unclear which one a reload changes.
-        raise ConfigError(
-            "--upstreams-file lists the servers: do not also give --llamacpp-server"
-        )
+        raise ConfigError("--upstreams-file lists the servers: do not also give --llamacpp-server")
     servers = tuple(args.llamacpp_server or Settings.llamacpp_server)
     for server in servers:
         url = urlsplit(server)

@@ -1,10 +1,11 @@
-"""The route stage wired to the network (beside context.py, since it joins stages: route's
-pools and routers, render's templates, upstream's clients): per model pool, its Router and one LlamaCppClient per server
-(each its own kept-alive connections), the prober that feeds their health, reloads, and the
-answers /v1/models and /health/ready give.
+"""The route stage wired to the network, beside context.py since it joins stages (route's
+pools and routers, render's templates, upstream's clients): per model pool, its Router and
+one LlamaCppClient per server (each its own kept-alive connections), the prober that feeds
+their health, reloads, and the answers /v1/models and /health/ready give.
 
-The pure parts (which server, when it is down, what may be retried) are in router.py,
-health.py and failover.py; this module only wires them to the network and the clock.
+The pure parts (which server, when it is down, what may be retried) are in route/router.py,
+route/health.py and route/failover.py; this module only wires them to the network and the
+loop.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .render.templates import ChatTemplate, TemplateLoadError, load_chat_template
-from .upstream.llamacpp import LlamaCppClient, UpstreamCall
 from .route.failover import Phase, Verdict, after_failure
 from .route.health import Outcome, ProbePolicy, ServerStatus, readiness
 from .route.pools import (
@@ -36,8 +36,14 @@ from .route.pools import (
     load_upstreams_file,
     routing_from_servers,
 )
-from .route.probe import outcome_of_exception, outcome_of_status, parse_processing, parse_total_slots
+from .route.probe import (
+    outcome_of_exception,
+    outcome_of_status,
+    parse_processing,
+    parse_total_slots,
+)
 from .route.router import Router, RoutingPolicy, Upstream
+from .upstream.llamacpp import LlamaCppClient, UpstreamCall
 
 log = logging.getLogger("llamacpp_proxy.route")
 
@@ -254,9 +260,7 @@ class Routes:
                 for upstream in runtime.router.probes_due():
                     self._probe(runtime, upstream.key)
             now = loop.time()
-            due = [
-                at for r in self.pools.values() if (at := r.router.next_probe_at()) is not None
-            ]
+            due = [at for r in self.pools.values() if (at := r.router.next_probe_at()) is not None]
             wait = min(due, default=now + PROBE_TICK_MAX) - now
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -293,8 +297,14 @@ class Routes:
         if router.observe_probe(key, outcome) and upstream is not None:
             now = upstream.health.state.value
             level = logging.INFO if now == "ready" else logging.WARNING
-            log.log(level, "model %s: server %s is %s (was %s)",
-                    runtime.pool.name, upstream.server.display, now, was)
+            log.log(
+                level,
+                "model %s: server %s is %s (was %s)",
+                runtime.pool.name,
+                upstream.server.display,
+                now,
+                was,
+            )
         if outcome is not Outcome.OK or upstream is None:
             return
         try:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llamacpp_proxy.errors import InvalidRequest
-from llamacpp_proxy.errors import ModelNotFound
+from llamacpp_proxy.errors import InvalidRequest, ModelNotFound
 from llamacpp_proxy.route.pools import (
     Routing,
     UpstreamsFileError,

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from llamacpp_proxy.route.affinity import BLOCK_BYTES
 from llamacpp_proxy.errors import NoServerAvailable, ServerOverloaded
+from llamacpp_proxy.route.affinity import BLOCK_BYTES
 from llamacpp_proxy.route.health import Outcome, ProbePolicy, readiness
 from llamacpp_proxy.route.pools import Pool, parse_server_url
 from llamacpp_proxy.route.router import Lease, Router, RoutingPolicy

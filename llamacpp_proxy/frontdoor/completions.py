@@ -413,8 +413,7 @@ class CompletionsHandler(BaseHandler):
                     ):
                         raise
                     log.warning(
-                        "request %s: %s failed before llama.cpp began (%s); trying another "
-                        "server",
+                        "request %s: %s failed before llama.cpp began (%s); trying another server",
                         self.request_id,
                         lease.server.display,
                         exc.message,
@@ -425,9 +424,7 @@ class CompletionsHandler(BaseHandler):
             finally:
                 lease.release()
 
-    async def _lease(
-        self, router: Router, generation: Generation, tried: frozenset[str]
-    ) -> Lease:
+    async def _lease(self, router: Router, generation: Generation, tried: frozenset[str]) -> Lease:
         """A slot for the generation: at once when one is free (no task), else a wait in
         the pool's queue that the client leaving cancels."""
         lease = router.acquire_nowait(generation.prompt, self._session, tried)

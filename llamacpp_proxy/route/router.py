@@ -27,10 +27,10 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..errors import NoServerAvailable, ServerOverloaded
 from .affinity import DEFAULT_MAX_PREFIXES, DEFAULT_MAX_SESSIONS, PrefixMap, SessionMap
 from .affinity import prefix_hashes as _prefix_hashes
 from .clock import Clock, LoopClock, Timer
-from ..errors import NoServerAvailable, ServerOverloaded
 from .health import Outcome, ProbePolicy, ServerHealth, ServerStatus, State
 from .pools import Pool, Server
 from .waitqueue import FifoQueue
