@@ -24,8 +24,19 @@ class Settings:
     """Address to listen on."""
     port: int = 8000
     """Port to listen on (0 picks a free one)."""
-    llamacpp_server: str = "http://localhost:8080"
-    """Base URL of llama.cpp's server."""
+    llamacpp_server: tuple[str, ...] = ("http://localhost:8080",)
+    """Base URLs of llama.cpp servers: one pool of identical servers of one model (a single
+    string is taken as a one-server tuple)."""
+    upstreams_file: Path | None = None
+    """TOML file of models -> pools of servers (instead of --llamacpp-server); reloaded on
+    SIGHUP."""
+    routing: str = "affinity"
+    """How a pool's server is chosen: affinity (the server that holds the conversation's
+    prompt cache, else the least busy), least-busy, or round-robin (for comparison)."""
+    max_queue: int = 100
+    """Generations per pool that may wait in the gateway for a free slot; more: 503."""
+    queue_timeout: float = 30.0
+    """Seconds a generation may wait for a free slot before a 503 server_overloaded."""
     chat_template: str | None = None
     """Built-in template name or template file path; None uses the model's own (/props)."""
     allow_content_control_tokens: bool = False
@@ -79,10 +90,14 @@ class Settings:
     log_level: str = "info"
     """Logging level."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.llamacpp_server, str):  # the one-server spelling, as before
+            object.__setattr__(self, "llamacpp_server", (self.llamacpp_server,))
+
     @property
     def upstream_url(self) -> str:
-        """llama.cpp's base URL without a trailing slash."""
-        return self.llamacpp_server.rstrip("/")
+        """The first llama.cpp server's base URL without a trailing slash."""
+        return self.llamacpp_server[0].rstrip("/")
 
 
 def _positive_float(text: str) -> float:
@@ -96,6 +111,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive whole number, not {text}")
     return value
 
 
@@ -122,7 +144,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=d.host, help="address to listen on")
     p.add_argument("--port", type=_port, default=d.port, help="port to listen on")
     p.add_argument(
-        "--llamacpp-server", default=d.llamacpp_server, help="base URL of the llama.cpp server"
+        "--llamacpp-server",
+        action="append",
+        metavar="URL",
+        help="base URL of a llama.cpp server; give it several times for a pool of identical "
+        f"servers of one model (default: {d.llamacpp_server[0]})",
+    )
+    p.add_argument(
+        "--upstreams-file",
+        type=Path,
+        metavar="PATH",
+        help="TOML file of models and their servers (see docs/routing.md), reloaded on "
+        "SIGHUP; instead of --llamacpp-server",
+    )
+    p.add_argument(
+        "--routing",
+        choices=["affinity", "least-busy", "round-robin"],
+        default=d.routing,
+        help="how a model's server is chosen: 'affinity' keeps a conversation on the server "
+        "that holds its prompt cache; 'least-busy' and 'round-robin' ignore caches",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=d.max_queue,
+        metavar="N",
+        help="generations per model that may wait in the gateway when every server's slots "
+        "are busy; more get 503 server_overloaded",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=_positive_float,
+        default=d.queue_timeout,
+        metavar="SECONDS",
+        help="longest wait for a free slot before 503 server_overloaded",
     )
     p.add_argument(
         "--chat-template-jinja",
@@ -293,11 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Parse argv and the environment; argparse exits on bad flags, ConfigError on the rest."""
     args = build_parser().parse_args(list(argv))
-    url = urlsplit(args.llamacpp_server)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(
-            f"--llamacpp-server must be an http:// or https:// URL, not {args.llamacpp_server!r}"
-        )
+    if args.upstreams_file is not None and args.llamacpp_server:
+        # Two lists of servers would leave it unclear which one a reload changes.
+        raise ConfigError("--upstreams-file lists the servers: do not also give --llamacpp-server")
+    servers = tuple(args.llamacpp_server or Settings.llamacpp_server)
+    for server in servers:
+        url = urlsplit(server)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError(
+                f"--llamacpp-server must be an http:// or https:// URL, not {server!r}"
+            )
     if args.redis_url is not None and not args.redis_url.startswith(
         ("redis://", "rediss://", "unix://")
     ):
@@ -312,7 +372,11 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     return Settings(
         host=args.host,
         port=args.port,
-        llamacpp_server=args.llamacpp_server,
+        llamacpp_server=servers,
+        upstreams_file=args.upstreams_file,
+        routing=args.routing,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
         chat_template=args.chat_template,
         allow_content_control_tokens=args.allow_content_control_tokens,
         rate_limit_window=args.rate_limit_window,

@@ -27,7 +27,8 @@ from .guard.auth_throttle import AuthFailureThrottle
 from .guard.ratelimit import InMemoryLimiter, Limiter
 from .observe.logs import AccessLog, BackgroundWriter, TextSink, configure_logging
 from .render.templates import TemplateLoadError, load_chat_template
-from .upstream.llamacpp import LlamaCppClient
+from .route.pools import UpstreamsFileError
+from .upstreams import Routes, describe, load_routing
 
 log = logging.getLogger("llamacpp_proxy")
 
@@ -44,6 +45,18 @@ def build_keys(settings: Settings) -> KeyStore:
     )
 
 
+def warn_unknown_models(keys: KeyStore, routes: Routes) -> None:
+    """Log key `models` entries no pool answers to: not an error (the next upstreams reload
+    may add them), but likely a typo."""
+    for principal in keys.principals:
+        if principal.models is not None:
+            unknown = routes.routing.unknown_models(sorted(principal.models))
+            if unknown:
+                log.warning(
+                    "key %s may use models no pool serves: %s", principal.name, ", ".join(unknown)
+                )
+
+
 def _call_soon(callback: Callable[[], None]) -> None:
     # Looked up per call: the context is built before the event loop runs.
     asyncio.get_running_loop().call_soon(callback)
@@ -54,6 +67,11 @@ def build_context(settings: Settings, log_stream: TextSink | None = None) -> App
     log goes to `log_stream` (default: stderr)."""
     keys = build_keys(settings)
     template = load_chat_template(settings.chat_template) if settings.chat_template else None
+    try:
+        routes = Routes(settings, load_routing(settings), template)
+    except UpstreamsFileError as exc:
+        raise ConfigError(str(exc)) from exc
+    warn_unknown_models(keys, routes)
     limiter: Limiter
     if settings.redis_url:
         from .guard.ratelimit_redis import RedisLimiter
@@ -79,8 +97,7 @@ def build_context(settings: Settings, log_stream: TextSink | None = None) -> App
         auth_throttle=AuthFailureThrottle(
             settings.auth_failure_limit, settings.auth_failure_window
         ),
-        upstream=LlamaCppClient(settings),
-        template=template,
+        routes=routes,
     )
 
 
@@ -255,19 +272,23 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_keys, ctx)
+    loop.add_signal_handler(signal.SIGHUP, reload, ctx)
+    ctx.routes.start()
     server.serve(sockets)
+    template = ctx.routes.template
     log.info(
-        "llamacpp-proxy %s listening on %s:%s (up to %d connections), llama.cpp at %s, "
+        "llamacpp-proxy %s listening on %s:%s (up to %d connections), routing %s, "
         "chat template %s, keys: %s",
         __version__,
         settings.host,
         ",".join(map(str, server.ports)),
         server.max_connections,
-        settings.upstream_url,
-        ctx.template.origin if ctx.template else "from llama.cpp /props",
+        settings.routing,
+        template.origin if template else "from llama.cpp /props",
         ", ".join(ctx.keys.names),
     )
+    for pool in ctx.routes.routing.pools:
+        log.info("model %s: %s", pool.name, describe(pool.servers))
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -299,7 +320,7 @@ async def shutdown(ctx: AppContext, server: HTTPServer) -> None:
             # process is exiting anyway; what is left is closed with the loop.
             log.warning("connections still closing after %gs; exiting anyway", close_timeout)
     finally:
-        ctx.upstream.close()
+        await ctx.routes.close()
         if ctx.access_log is not None:
             ctx.access_log.flush()
         close_limiter = getattr(ctx.limiter, "close", None)
@@ -311,6 +332,24 @@ async def shutdown(ctx: AppContext, server: HTTPServer) -> None:
     log.info("stopped")
 
 
+def reload(ctx: AppContext) -> None:
+    """SIGHUP: re-read the upstreams file (if any) and the key file, each kept as it was
+    when its new version cannot be used."""
+    if ctx.settings.upstreams_file is not None:
+        reload_upstreams(ctx)
+    reload_keys(ctx)
+
+
+def reload_upstreams(ctx: AppContext) -> None:
+    """Re-read the upstreams file; on any error keep serving with the old pools."""
+    try:
+        routing = ctx.routes.reload()
+    except (UpstreamsFileError, TemplateLoadError) as exc:
+        log.error("upstreams reload failed, keeping the previous pools: %s", exc)
+        return
+    log.info("upstreams reloaded: %s", ", ".join(p.name for p in routing.pools))
+
+
 def reload_keys(ctx: AppContext) -> None:
     """SIGHUP: re-read the key file; on any error keep serving with the old keys."""
     try:
@@ -318,6 +357,7 @@ def reload_keys(ctx: AppContext) -> None:
     except (KeyFileError, OSError, ValueError) as exc:
         log.error("key reload failed, keeping the previous keys: %s", exc)
         return
+    warn_unknown_models(ctx.keys, ctx.routes)
     log.info("keys reloaded: %s", ", ".join(ctx.keys.names))
 
 

@@ -165,6 +165,7 @@ def start_stack(runner: LoopThread, fake: FakeLlamaCpp, **overrides: Any) -> Sta
 
     async def start() -> Stack:
         ctx = build_context(settings)
+        ctx.routes.start()
         sockets = bind_sockets(0, "127.0.0.1")
         server = make_server(ctx)  # the production server: accept loop, connection cap
         server.serve(sockets)
@@ -182,7 +183,7 @@ def stop_stack(stack: Stack) -> None:
     async def stop() -> None:
         stack.server.stop()
         await stack.server.close_all_connections()
-        stack.ctx.upstream.close()
+        await stack.ctx.routes.close()
 
     stack.runner.run(stop())
 

@@ -31,6 +31,21 @@ def completion(content: str, head: bytes = b"HTTP/1.1 200 OK") -> bytes:
     )
 
 
+def _answer(body: Any) -> bytes:
+    data = json.dumps(body).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(data),
+        data,
+    )
+
+
+_PROBE_ANSWERS = {
+    b"/health": _answer({"status": "ok"}),
+    b"/props": _answer({"total_slots": 64, "model_path": "/models/evil.gguf"}),
+    b"/slots": _answer([]),
+}
+
+
 class EvilUpstream:
     """Serves each request on 127.0.0.1 with `respond`; records what it received."""
 
@@ -39,6 +54,7 @@ class EvilUpstream:
         self.requests: list[tuple[bytes, dict[str, Any] | None]] = []  # (request line, body)
         self.connections = 0
         self.strays = 0  # for tests: bytes sent after a complete response
+        self.probes = 0  # /health, /props, /slots requests (the gateway's prober), answered well
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -60,7 +76,7 @@ class EvilUpstream:
             self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
+        counted = False  # connections that carried a request under test (not a probe)
         try:
             while True:
                 try:
@@ -73,7 +89,17 @@ class EvilUpstream:
                     if name.strip().lower() == b"content-length":
                         length = int(value)
                 raw = await reader.readexactly(length) if length else b""
-                self.requests.append((head.split(b"\r\n")[0], json.loads(raw) if raw else None))
+                line = head.split(b"\r\n")[0]
+                if line.split(b" ")[1:2] in ([b"/health"], [b"/props"], [b"/slots"]):
+                    # The gateway's health prober: answered well, so that the misbehaviour a
+                    # test scripts reaches the request under test, not the prober.
+                    self.probes += 1
+                    writer.write(_PROBE_ANSWERS[line.split(b" ")[1]])
+                    continue
+                if not counted:
+                    counted = True
+                    self.connections += 1
+                self.requests.append((line, json.loads(raw) if raw else None))
                 if not await self.respond(self, head, raw, writer):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -101,6 +101,9 @@ class Script:
     health_delay: float = 0.0  # seconds /health takes to answer
     fail_prompt: str | None = None  # fail_status only for prompts containing this
     adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
+    total_slots: int = 4  # /props total_slots
+    gate: asyncio.Event | None = None  # /completion waits for it before answering
+    mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
 
 
 class _Base(tornado.web.RequestHandler):
@@ -135,6 +138,8 @@ class _Completion(_Base):
     async def _answer(self, fake: FakeLlamaCpp, script: Script, body: dict[str, Any]) -> None:
         if script.stall_before:
             await asyncio.sleep(script.stall_before)
+        if script.gate is not None:
+            await script.gate.wait()
         if fake.close_connections:
             self.set_header("Connection", "close")
         if script.fail_status is not None and script.huge_body:
@@ -340,6 +345,8 @@ class _Completion(_Base):
                     await self.flush()
                     self.finish()
                     return
+                if script.mid_gate is not None and i == 1:
+                    await script.mid_gate.wait()
                 if script.stall_after_tokens is not None and i == script.stall_after_tokens:
                     await asyncio.sleep(script.stall_seconds)
                 if script.mode == "split":
@@ -369,7 +376,7 @@ class _Props(_Base):
         props: dict[str, Any] = {
             "bos_token": "<s>",
             "eos_token": "</s>",
-            "total_slots": 4,
+            "total_slots": self.fake.script.total_slots,
             "model_path": "/models/fake-model.gguf",
             "default_generation_settings": {"n_ctx": self.fake.script.n_ctx},
         }
@@ -481,6 +488,12 @@ class FakeLlamaCpp:
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()
+
+    async def kill(self) -> None:
+        """Stop listening and drop every connection, as a crashed llama-server would."""
+        if self._server is not None:
+            self._server.stop()
+            await self._server.close_all_connections()
 
     def reset(self) -> None:
         """Forget recorded requests and restore the default script."""

@@ -464,7 +464,9 @@ def test_readiness_reflects_llamacpp(stack: Stack) -> None:
     assert stack.http.get("/health/ready").status_code == 200
     stack.fake.script.health_status = 503
     r = stack.http.get("/health/ready")
-    assert r.status_code == 503 and "loading" in r.json()["upstream"]
+    assert r.status_code == 503
+    (server,) = r.json()["models"]["default"]["servers"]
+    assert server["status"] == "loading" and server["server"] == f"127.0.0.1:{stack.fake.port}"
 
 
 def test_unknown_url_and_wrong_method_are_openai_errors(stack: Stack) -> None:

@@ -139,6 +139,7 @@ def test_max_tokens_limit_is_the_default_and_the_bound(make_stack: Any) -> None:
         )
         assert r.status_code == 400
         assert r.json()["error"]["param"] == "max_tokens"
+        assert r.json()["error"]["code"] == "max_tokens_above_limit"
         assert "64" in r.json()["error"]["message"]
         assert len(stack.fake.requests) == 1
 

@@ -50,7 +50,7 @@ def run_server(
 
 def test_defaults_match_the_documented_interface() -> None:
     s = load_settings([], ENV_KEYS)
-    assert (s.host, s.port, s.llamacpp_server) == ("0.0.0.0", 8000, "http://localhost:8080")
+    assert (s.host, s.port, s.llamacpp_server) == ("0.0.0.0", 8000, ("http://localhost:8080",))
     assert (s.rate_limit_window, s.rate_limit_max_requests) == (60.0, 10)
     assert s.chat_template is None
     help_text = build_parser().format_help()

@@ -49,6 +49,7 @@ DECIDED_DOWNSTREAM = {
     "tools_not_supported",  # the template cannot express tools
     "upstream_invalid_request",  # llama.cpp refuses, e.g. a grammar that does not parse
     "context_length_exceeded",
+    "max_tokens_above_limit",  # the operator's --max-tokens-limit (the description says so)
 }
 
 

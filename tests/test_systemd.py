@@ -108,7 +108,7 @@ def test_proxy_exec_start_is_accepted_by_the_proxy() -> None:
     # The proxy talks to the llama-server of the example unit.
     llama = exec_argv(LLAMA_UNIT)
     llama_port = llama[llama.index("--port") + 1]
-    assert settings.llamacpp_server == f"http://127.0.0.1:{llama_port}"
+    assert settings.llamacpp_server == (f"http://127.0.0.1:{llama_port}",)
 
     # systemd must not SIGKILL the proxy while it drains: its drain is --shutdown-timeout
     # plus up to 5 s to close the remaining connections.

@@ -17,6 +17,9 @@ from typing import Any, cast
 import httpx
 import pytest
 
+from llamacpp_proxy.config import ConfigError, load_settings
+from llamacpp_proxy.errors import ProxyError
+from llamacpp_proxy.main import build_context
 from llamacpp_proxy.upstream.http import (
     MAX_HEADERS,
     MAX_INTERIM,
@@ -28,8 +31,9 @@ from llamacpp_proxy.upstream.http import (
     parse_head,
     read_head,
 )
+from llamacpp_proxy.upstream.llamacpp import LlamaCppClient
 
-from .conftest import UNLIMITED_KEY, LoopThread, Stack
+from .conftest import UNLIMITED_KEY, LoopThread, Stack, default_settings
 from .evil_upstream import EvilUpstream, Respond, completion
 from .test_api import CHAT, FULL_TEXT, post, sse_events
 
@@ -472,12 +476,30 @@ def test_a_post_that_reached_llamacpp_is_never_sent_again(evil_stack: Any) -> No
     assert evil.posts == 2  # two calls, two POSTs: the second was not re-sent
 
 
-def test_upstream_credentials_are_never_shown(make_stack: Callable[..., Stack]) -> None:
-    stack = make_stack(llamacpp_server="http://admin:hunter2@127.0.0.1:9")
-    with kept_alive(stack) as client:
-        ready = client.get("/health/ready")
-        failed = ask(client, "x")
-    assert ready.status_code == 503 and failed.status_code == 502
-    for text in (ready.text, failed.text):
-        assert "hunter2" not in text and "admin" not in text
-        assert "127.0.0.1:9" in text  # where it is, so the operator can still tell
+def test_upstream_credentials_are_never_shown() -> None:
+    """Item 17: a user:password@ in an upstream URL is shown to nobody. Such URLs are refused
+    at start (the proxy cannot send them), by a message that names host and port only; and
+    the upstream client's own messages name host and port only."""
+    settings = load_settings(
+        ["--llamacpp-server", "http://admin:hunter2@127.0.0.1:9"],
+        {"UNLIMITED_API_KEY": "sk-test-0123456789"},
+    )
+    with pytest.raises(ConfigError) as refused:
+        build_context(settings)
+    assert "hunter2" not in str(refused.value) and "admin" not in str(refused.value)
+    assert "127.0.0.1:9" in str(refused.value)
+
+    async def scenario() -> str:
+        client = LlamaCppClient(default_settings(), base_url="http://admin:hunter2@127.0.0.1:9")
+        try:
+            ready, why = await client.health()
+            assert not ready
+            with pytest.raises(ProxyError) as failed:
+                await client.complete({"prompt": "x"}, client.new_call())
+            return why + " " + failed.value.message
+        finally:
+            client.close()
+
+    text = asyncio.run(scenario())
+    assert "hunter2" not in text and "admin" not in text
+    assert "127.0.0.1:9" in text  # where it is, so the operator can still tell

@@ -28,8 +28,10 @@ from ..render.constraints import merge_constraints
 from ..render.control_tokens import mark_messages
 from ..render.tool_calls import ToolCallFilter, parse_tool_calls
 from ..request import CompletionRequest
-from ..upstream.llamacpp import ClientGone, UpstreamCall
+from ..route.router import Lease, Router
+from ..upstream.llamacpp import ClientGone, LlamaCppClient, UpstreamCall
 from ..upstream.sse import DONE
+from ..upstreams import PoolRuntime, failure_verdict
 from .handlers import BaseHandler, log
 from .openai_request import (
     apply_max_tokens_limit,
@@ -98,8 +100,10 @@ class Generation:
         "call",
         "charged",
         "choice",
+        "client",
         "counts_prompt",
         "last_event",
+        "opened",
         "prompt",
         "text_offset",
         "tool_filter",
@@ -117,6 +121,8 @@ class Generation:
         self.body = body
         # Made when the generation starts: one waiting for its turn has no timer running.
         self.call: UpstreamCall | None = None
+        self.client: LlamaCppClient | None = None  # the leased server's
+        self.opened = False  # llama.cpp answered 200: it began, never re-sent
         self.counts_prompt = counts_prompt  # n choices of one prompt count its tokens once
         self.text_offset = 0
         self.tool_filter: ToolCallFilter | None = None
@@ -146,6 +152,9 @@ class CompletionsHandler(BaseHandler):
         self.stream_error: str | None = None
         self._forced_tools = False
         self._early_error: ProxyError | None = None
+        self._pool: PoolRuntime | None = None
+        self._session: str | None = None
+        self._waits: set[asyncio.Future[Lease]] = set()
 
     async def prepare(self) -> None:
         # The body is streamed, so prepare() runs before it is read. An error sent now would
@@ -188,6 +197,10 @@ class CompletionsHandler(BaseHandler):
             raise _echo_logprobs_refused()
         self._tools = _active_tools(request)
         self._forced_tools = merge_constraints(request, self._tools)
+        assert self.principal is not None  # completions require a key
+        # Before admission: a model the key cannot use costs it nothing.
+        self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
+        self._session = self._session_key(request, body)
         await self._admit(request)
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
@@ -200,12 +213,25 @@ class CompletionsHandler(BaseHandler):
         else:
             await self._complete(request, response_id, created, model)
 
+    def _session_key(self, request: CompletionRequest, body: Any) -> str | None:
+        """What the client says names the conversation (for affinity; the prompt alone
+        usually suffices): X-Session-Id, else prompt_cache_key, else user."""
+        header = self.request.headers.get("X-Session-Id")
+        if header:
+            return header
+        key = body.get("prompt_cache_key") if isinstance(body, dict) else None
+        if isinstance(key, str) and key:
+            return key
+        return request.user or None
+
     async def _prompts(self, request: CompletionRequest) -> list[str]:
         if not self.chat:
             return request.prompts
-        upstream = self.ctx.upstream
+        pool = self._pool
+        assert pool is not None
+        upstream = pool.meta_client()
         props = await upstream.props()
-        template = self.ctx.template or self.ctx.model_template(props)
+        template = pool.template or pool.model_template(props)
         if self._tools and not template.uses_tools:
             raise InvalidRequest(
                 f"The chat template {template.origin} cannot express tools; use a template "
@@ -238,7 +264,10 @@ class CompletionsHandler(BaseHandler):
         return [prompt]
 
     async def _served_model(self) -> str:
-        props = await self.ctx.upstream.props()
+        assert self._pool is not None
+        if self.ctx.routes.from_file:
+            return self._pool.pool.name
+        props = await self._pool.meta_client().props()
         path = str(props.get("model_path") or "llama.cpp")
         return path.rsplit("/", 1)[-1]
 
@@ -253,12 +282,13 @@ class CompletionsHandler(BaseHandler):
         self._max_tokens = request.max_tokens or 0
         generations = (1 if self.chat else len(request.prompts)) * request.n
         estimate = estimate_tokens(self._body_size) + self._max_tokens * generations
-        assert self.principal is not None  # completions require a key
+        assert self.principal is not None
         self.admission = await self.ctx.limiter.admit(self.principal, Cost(generations, estimate))
         self.set_default_headers()
 
     def _plan(self, request: CompletionRequest, prompts: list[str]) -> list[Generation]:
-        upstream = self.ctx.upstream
+        assert self._pool is not None
+        upstream = self._pool.meta_client()  # the body is the same for every server
         generations = []
         for p, prompt in enumerate(prompts):
             for j in range(request.n):
@@ -333,7 +363,8 @@ class CompletionsHandler(BaseHandler):
         call = generation.call
         assert call is not None
         try:
-            result = await self.ctx.upstream.complete(generation.body, call)
+            assert generation.client is not None
+            result = await generation.client.complete(generation.body, call)
         except ProxyError as exc:
             if call.got_first_byte or isinstance(exc, UpstreamUnavailable):
                 generation.charged = True  # llama.cpp refused it with an error, or was not reached
@@ -350,10 +381,65 @@ class CompletionsHandler(BaseHandler):
     async def _start(
         self, generation: Generation, run: Callable[[Generation], Awaitable[Any]]
     ) -> Any:
-        if self._client_gone or self._stopped:
-            raise ClientGone()
-        generation.call = self.ctx.upstream.new_call()
-        return await run(generation)
+        """Run one generation on a server of the pool, holding a lease on its slot until it
+        ends, whatever ends it. Failed before llama.cpp could have begun it (connection
+        refused, 503 loading), it runs again on another server of the pool, if one is up."""
+        pool = self._pool
+        assert pool is not None
+        router = pool.router
+        tried: frozenset[str] = frozenset()
+        while True:
+            if self._client_gone or self._stopped:
+                raise ClientGone()
+            lease = await self._lease(router, generation, tried)
+            key = lease.server.key
+            try:
+                if self._client_gone or self._stopped:
+                    raise ClientGone()
+                generation.client = client = pool.client_for(key)
+                generation.call = call = client.new_call()
+                try:
+                    return await run(generation)
+                except ProxyError as exc:
+                    verdict = failure_verdict(exc, call, generation.opened)
+                    if verdict.health is not None:
+                        router.observe_probe(key, verdict.health)
+                    tried |= {key}
+                    if (
+                        not verdict.retry_elsewhere
+                        or self._client_gone
+                        or self._stopped
+                        or not router.can_retry(tried)
+                    ):
+                        raise
+                    log.warning(
+                        "request %s: %s failed before llama.cpp began (%s); trying another server",
+                        self.request_id,
+                        lease.server.display,
+                        exc.message,
+                    )
+                    call.done()
+                    generation.call = None  # nothing to charge: it never started
+                    generation.charged = False
+            finally:
+                lease.release()
+
+    async def _lease(self, router: Router, generation: Generation, tried: frozenset[str]) -> Lease:
+        """A slot for the generation: at once when one is free (no task), else a wait in
+        the pool's queue that the client leaving cancels."""
+        lease = router.acquire_nowait(generation.prompt, self._session, tried)
+        if lease is not None:
+            return lease
+        wait = asyncio.ensure_future(router.acquire(generation.prompt, self._session, None, tried))
+        self._waits.add(wait)
+        try:
+            return await wait
+        except asyncio.CancelledError:
+            if self._client_gone and wait.cancelled():
+                raise ClientGone() from None
+            raise
+        finally:
+            self._waits.discard(wait)
 
     async def _gather(self, run: Callable[[Generation], Awaitable[Any]]) -> list[Any]:
         """Run every generation, `_width()` at a time; the first failure aborts the rest."""
@@ -443,6 +529,7 @@ class CompletionsHandler(BaseHandler):
         write = self.write
 
         def on_open() -> None:
+            generation.opened = True
             self._start_stream()
             if chat:
                 self._write(encoder.role(index))
@@ -481,12 +568,14 @@ class CompletionsHandler(BaseHandler):
                     write(encoder.finish(index, reason))
             return self._flush_with_backpressure()
 
-        call = generation.call
-        assert call is not None
-        await self.ctx.upstream.stream(generation.body, call, on_open, on_events)
+        call, client = generation.call, generation.client
+        assert call is not None and client is not None
+        await client.stream(generation.body, call, on_open, on_events)
 
     def on_connection_close(self) -> None:
         self._client_gone = True
+        for wait in self._waits:
+            wait.cancel()  # leaves the pool's queue; a slot granted meanwhile passes on
         for generation in self._generations:
             if generation.call is not None:
                 generation.call.abort(ClientGone())

@@ -18,6 +18,7 @@ from ..context import AppContext
 from ..errors import (
     AuthenticationFailed,
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     ProxyError,
     ServiceShuttingDown,
@@ -195,10 +196,28 @@ class NotFoundHandler(BaseHandler):
 
 
 class ModelsHandler(BaseHandler):
-    """GET /v1/models and /v1/models/{id}: what llama.cpp serves, in OpenAI's shape."""
+    """GET /v1/models and /v1/models/{id}: the models this key may use, in OpenAI's shape.
+
+    With an upstreams file: every model name and alias of the file the key may use. With
+    only --llamacpp-server: what llama.cpp says it serves (the one model answers to any
+    name, as it always did)."""
 
     async def get(self, model_id: str | None = None) -> None:
-        models = await self.ctx.upstream.models()
+        assert self.principal is not None
+        allowed = self.principal.models
+        routes = self.ctx.routes
+        if routes.from_file:
+            models = [
+                {"id": name, "object": "model", "created": routes.created, "owned_by": "llamacpp"}
+                for name in routes.model_ids(allowed)
+            ]
+        else:
+            try:
+                pool = routes.lookup(None, allowed)
+            except ModelNotFound:
+                models = []
+            else:
+                models = await pool.meta_client().models()
         if model_id is None:
             self.write_json({"object": "list", "data": models})
             return
@@ -206,9 +225,7 @@ class ModelsHandler(BaseHandler):
             if model["id"] == model_id:
                 self.write_json(model)
                 return
-        raise NotFound(
-            f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
-        )
+        raise ModelNotFound(model_id)
 
 
 class OpenAPIHandler(BaseHandler):
@@ -232,7 +249,8 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """GET /health/ready: 200 when llama.cpp is reachable and loaded, else 503."""
+    """GET /health/ready: 200 while every model has a ready server, else 503; per model and
+    server (host:port only): ready/loading/down/draining and slots busy/total."""
 
     requires_key = False
     refused_while_draining = False  # answers its own 503 "draining"
@@ -241,10 +259,9 @@ class ReadyHandler(BaseHandler):
         if self.ctx.draining:
             self.write_json({"status": "draining"}, 503)
             return
-        ready, why = await self.ctx.upstream.health()
-        self.write_json(
-            {"status": "ready" if ready else "unavailable", "upstream": why}, 200 if ready else 503
-        )
+        await self.ctx.routes.probe_all()  # current, not the last second's
+        ready, body = self.ctx.routes.readiness()
+        self.write_json(body, 200 if ready else 503)
 
 
 def make_log_function(ctx: AppContext) -> Callable[[tornado.web.RequestHandler], None]:

@@ -517,10 +517,11 @@ def apply_max_tokens_limit(request: CompletionRequest, limit: int) -> None:
     if request.max_tokens is None:
         request.max_tokens = limit
     elif request.max_tokens > limit:
-        raise _bad(
-            "max_tokens",
+        raise InvalidRequest(
             f"'max_tokens' is {request.max_tokens}; this server allows at most {limit} "
             "(--max-tokens-limit)",
+            param="max_tokens",
+            code="max_tokens_above_limit",
         )
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..route.pools import parse_key_models
+
 MAX_KEY_FILE_SIZE = 1024 * 1024
 """A key file larger than this is refused: a real one holds hundreds of keys, not megabytes."""
 
@@ -47,6 +49,8 @@ class Principal:
 
     name: str
     limits: Limits | None = None
+    models: frozenset[str] | None = None
+    """Model names (or aliases) this key may use; None: every model."""
 
     @property
     def log_name(self) -> str:
@@ -73,6 +77,11 @@ class KeyStore:
 
     def __len__(self) -> int:
         return len(self._by_digest)
+
+    @property
+    def principals(self) -> list[Principal]:
+        """Every principal (for checks of the whole key file)."""
+        return list(self._by_digest.values())
 
     @property
     def names(self) -> list[str]:
@@ -129,7 +138,11 @@ def load_key_file(path: Path) -> dict[bytes, Principal]:
         digest = _entry_digest(path, name, spec)
         if digest in entries:
             raise KeyFileError(f"{path}: keys '{entries[digest].name}' and '{name}' share a secret")
-        entries[digest] = Principal(name, _entry_limits(path, name, spec))
+        try:
+            models = parse_key_models(spec.get("models"), f"{path}: [keys.{name}]")
+        except ValueError as exc:
+            raise KeyFileError(str(exc)) from None
+        entries[digest] = Principal(name, _entry_limits(path, name, spec), models)
     return entries
 
 
@@ -156,7 +169,15 @@ def _read_key_file(path: Path) -> str:
         raise KeyFileError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
 
 
-_ENTRY_FIELDS = {"key", "key_sha256", "requests", "window", "tokens_per_minute", "max_concurrent"}
+_ENTRY_FIELDS = {
+    "key",
+    "key_sha256",
+    "requests",
+    "window",
+    "tokens_per_minute",
+    "max_concurrent",
+    "models",
+}
 
 
 def _entry_digest(path: Path, name: str, spec: dict[str, Any]) -> bytes:

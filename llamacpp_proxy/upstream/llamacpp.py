@@ -91,6 +91,7 @@ class UpstreamCall:
         "abort_reason",
         "got_first_byte",
         "last_activity",
+        "sent",
         "streamed",
     )
 
@@ -103,6 +104,8 @@ class UpstreamCall:
         self.abort_reason: BaseException | None = None
         self.got_first_byte = False
         self.streamed = False
+        self.sent = False
+        """A request byte may have reached llama.cpp (False: failover may re-send it)."""
         self.last_activity = self._loop.time()
         self._timer: object | None = self._loop.call_later(first_byte_timeout, self._check)
 
@@ -233,18 +236,26 @@ class Shared(Generic[T]):
 class LlamaCppClient:
     """Talks to one llama.cpp server."""
 
-    def __init__(self, settings: Settings, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        now: Callable[[], float] = time.monotonic,
+        *,
+        base_url: str | None = None,
+    ) -> None:
+        # One client per server: base_url is that server's (default: the first configured).
+        self.base = (base_url or settings.upstream_url).rstrip("/")
         self._settings = settings
         self._now = now
         self._pool = ConnectionPool(
-            settings.upstream_url,
+            self.base,
             settings.upstream_max_connections,
             settings.upstream_connect_timeout,
         )
         # Probes never queue behind completions, and a flood of them costs at most
         # PROBE_CONNECTIONS upstream connections.
         self._probe_pool = ConnectionPool(
-            settings.upstream_url, PROBE_CONNECTIONS, settings.upstream_connect_timeout
+            self.base, PROBE_CONNECTIONS, settings.upstream_connect_timeout
         )
         self.where = self._pool.display
         """llama.cpp's host:port (never the URL: it may hold a password)."""
@@ -438,6 +449,7 @@ class LlamaCppClient:
         call.attach(conn)
         reusable = False
         try:
+            call.sent = True
             conn.writer.write(request)
             head = await read_head(conn)
             call.started()

@@ -1,0 +1,150 @@
+"""Per-server health: a state machine fed by probe (and request) outcomes, the time of the
+next probe (exponential backoff while down), and the /health/ready report.
+
+Pure state: the prober asks `next_probe_at`, probes, and feeds the outcome to `observe`.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class State(enum.Enum):
+    """Whether a server takes new work."""
+
+    READY = "ready"
+    """Answers /health 200: in rotation."""
+    LOADING = "loading"
+    """Answers 503 (model loading), or not probed yet: out of rotation, expected soon, so
+    requests wait for it (bounded) rather than fail."""
+    DOWN = "down"
+    """Refuses connections, times out or answers nonsense: out of rotation, probed with
+    backoff."""
+
+
+class Outcome(enum.Enum):
+    """What one probe (or one request's failure before llama.cpp began it) saw."""
+
+    OK = "ok"
+    """/health answered 200."""
+    LOADING = "loading"
+    """503: the model is still loading."""
+    REFUSED = "refused"
+    """Connection refused or reset before any answer: nothing listens there."""
+    TIMEOUT = "timeout"
+    """No answer in time."""
+    ERROR = "error"
+    """Another status, or an answer that is not llama.cpp's."""
+
+
+@dataclass(frozen=True)
+class ProbePolicy:
+    """How often to probe, and when a server counts as down (all in seconds)."""
+
+    ready_interval: float = 1.0
+    """Between probes of a ready server (the same poll reads /slots for outside load)."""
+    loading_interval: float = 1.0
+    """Between probes of a loading server: loading ends at an unknown moment."""
+    backoff_base: float = 0.5
+    """First wait after a server went down; doubles per failed probe."""
+    backoff_max: float = 30.0
+    """Longest wait between probes of a down server."""
+    jitter: float = 0.1
+    """Fraction (+-) by which waits vary, so many gateways do not probe in step."""
+    failures_to_down: int = 2
+    """Consecutive timeouts/errors that take a READY server down. One slow answer is not a
+    dead server; a refused connection is, and takes it down at once."""
+
+
+class ServerHealth:
+    """The health of one server."""
+
+    def __init__(
+        self,
+        policy: ProbePolicy | None = None,
+        now: float = 0.0,
+        rand: Callable[[], float] = random.random,
+        initial: State = State.LOADING,
+    ) -> None:
+        self.policy = policy or ProbePolicy()
+        self._rand = rand
+        self.state = initial
+        self.since = now
+        self.failures = 0
+        """Consecutive failed probes (timeouts, errors, refusals)."""
+        self.next_probe_at = now  # the first probe is due at once
+
+    def observe(self, outcome: Outcome, now: float) -> bool:
+        """Apply a probe outcome; True when the state changed."""
+        p = self.policy
+        before = self.state
+        if outcome is Outcome.OK:
+            self.failures = 0
+            self._set(State.READY, now)
+            self.next_probe_at = now + self._jittered(p.ready_interval)
+        elif outcome is Outcome.LOADING:
+            self.failures = 0
+            self._set(State.LOADING, now)
+            self.next_probe_at = now + self._jittered(p.loading_interval)
+        else:
+            self.failures += 1
+            if (
+                self.state is State.READY
+                and outcome is not Outcome.REFUSED
+                and self.failures < p.failures_to_down
+            ):
+                self.next_probe_at = now + self._jittered(p.ready_interval)
+            else:
+                if self.state is not State.DOWN:
+                    self.failures = 1  # the backoff counts from the fall
+                self._set(State.DOWN, now)
+                wait = min(p.backoff_max, p.backoff_base * 2.0 ** (self.failures - 1))
+                self.next_probe_at = now + self._jittered(wait)
+        return self.state is not before
+
+    def _set(self, state: State, now: float) -> None:
+        if state is not self.state:
+            self.state = state
+            self.since = now
+
+    def _jittered(self, wait: float) -> float:
+        j = self.policy.jitter
+        return wait * (1.0 + j * (2.0 * self._rand() - 1.0)) if j else wait
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """One server as /health/ready shows it: host:port only, never credentials."""
+
+    display: str
+    state: str
+    """ready, loading, down, or draining (removed by a reload, finishing its requests)."""
+    slots_busy: int
+    slots_total: int | None
+    """From /props; None until known."""
+
+
+def readiness(models: Mapping[str, Sequence[ServerStatus]]) -> tuple[bool, dict[str, Any]]:
+    """(every model has a ready server, the /health/ready body)."""
+    body: dict[str, Any] = {}
+    ok = bool(models)
+    for name, servers in models.items():
+        model_ready = any(s.state == State.READY.value for s in servers)
+        ok = ok and model_ready
+        body[name] = {
+            "status": "ready" if model_ready else "unavailable",
+            "servers": [
+                {
+                    "server": s.display,
+                    "status": s.state,
+                    "slots_busy": s.slots_busy,
+                    "slots_total": s.slots_total,
+                }
+                for s in servers
+            ],
+        }
+    return ok, {"status": "ready" if ok else "unavailable", "models": body}

@@ -1,0 +1,438 @@
+"""The route stage wired to the network, beside context.py since it joins stages (route's
+pools and routers, render's templates, upstream's clients): per model pool, its Router and
+one LlamaCppClient per server (each its own kept-alive connections), the prober that feeds
+their health, reloads, and the answers /v1/models and /health/ready give.
+
+The pure parts (which server, when it is down, what may be retried) are in route/router.py,
+route/health.py and route/failover.py; this module only wires them to the network and the
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .config import Settings
+from .errors import (
+    ProxyError,
+    ServerMisconfigured,
+    UpstreamLoading,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .render.templates import ChatTemplate, TemplateLoadError, load_chat_template
+from .route.failover import Phase, Verdict, after_failure
+from .route.health import Outcome, ProbePolicy, ServerStatus, readiness
+from .route.pools import (
+    Pool,
+    Routing,
+    Server,
+    UpstreamsFileError,
+    load_upstreams_file,
+    routing_from_servers,
+)
+from .route.probe import (
+    outcome_of_exception,
+    outcome_of_status,
+    parse_processing,
+    parse_total_slots,
+)
+from .route.router import Router, RoutingPolicy, Upstream
+from .upstream.llamacpp import LlamaCppClient, UpstreamCall
+
+log = logging.getLogger("llamacpp_proxy.route")
+
+PROBE_TICK_MIN = 0.05
+"""Shortest sleep of the probe loop (a probe still in flight stays due)."""
+PROBE_TICK_MAX = 1.0
+"""Longest: a reload or a new server is noticed within it."""
+DRAIN_LIMIT = 24 * 3600.0
+"""A removed server's connections are closed once its last generation ended, or after this."""
+
+
+def routing_policy(settings: Settings) -> RoutingPolicy:
+    """The router's settings from the command line."""
+    return RoutingPolicy(
+        mode=settings.routing,
+        max_queue=settings.max_queue,
+        queue_timeout=settings.queue_timeout,
+        probe=ProbePolicy(),
+    )
+
+
+def load_routing(settings: Settings) -> Routing:
+    """The configured pools: the upstreams file, else the --llamacpp-server flags."""
+    routing = (
+        load_upstreams_file(settings.upstreams_file)
+        if settings.upstreams_file is not None
+        else routing_from_servers(settings.llamacpp_server)
+    )
+    for pool in routing.pools:
+        for server in pool.servers:
+            if server.url != server.key:
+                # The upstream client has no way to send them yet; connecting without them
+                # would fail every request with a 401 that looks like llama.cpp's fault.
+                raise UpstreamsFileError(
+                    f"{server.display}: credentials in server URLs are not supported yet"
+                )
+    return routing
+
+
+def failure_verdict(exc: ProxyError, call: UpstreamCall, opened: bool) -> Verdict:
+    """How far a failed generation got (from the call's phase marker) and so what to do."""
+    if not call.sent:
+        return after_failure(Phase.CONNECT, error=_as_exception(exc))
+    if isinstance(exc, UpstreamLoading) and not opened:
+        return after_failure(Phase.ANSWERED, status=503)
+    if call.got_first_byte:
+        return after_failure(Phase.ANSWERED)
+    return after_failure(Phase.SENT, error=_as_exception(exc))
+
+
+def _as_exception(exc: ProxyError) -> BaseException:
+    """The network failure behind an upstream error, for the health verdict."""
+    if isinstance(exc, UpstreamTimeout):
+        return TimeoutError()
+    return exc.__cause__ or exc
+
+
+def _probe_outcome(exc: ProxyError) -> Outcome:
+    if isinstance(exc, UpstreamTimeout):
+        return Outcome.TIMEOUT
+    if isinstance(exc, UpstreamUnavailable):
+        return Outcome.REFUSED
+    cause = exc.__cause__
+    return outcome_of_exception(cause) if cause is not None else Outcome.ERROR
+
+
+class PoolRuntime:
+    """One model's pool at run time: its router, its servers' clients, its template."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        router: Router,
+        clients: dict[str, LlamaCppClient],
+        template: ChatTemplate | None,
+    ) -> None:
+        self.pool = pool
+        self.router = router
+        self.clients = clients
+        self.template = template
+        """The operator's template for this model; None: the servers' own (/props)."""
+        self.probe_clients: dict[str, LlamaCppClient] = {}
+        """Per server, the prober's own client: a probe must not queue for a connection
+        behind long generations (it would time out and take a busy server for a dead one)."""
+        self.draining_clients: dict[str, LlamaCppClient] = {}
+        """Clients of removed servers, until their last generation ended."""
+        self.no_slots: set[str] = set()
+        """Servers that answered /slots with something other than a slot list: not asked
+        again (llama-server without --slots)."""
+        self._model_templates: dict[str, ChatTemplate] = {}
+
+    def client_for(self, key: str) -> LlamaCppClient:
+        """The client of a leased server (it may have been removed since: draining)."""
+        client = self.clients.get(key)
+        return client if client is not None else self.draining_clients[key]
+
+    def meta_client(self) -> LlamaCppClient:
+        """A client for the model's metadata (/props, /tokenize): any server of the pool
+        serves the same model, so a ready one, else one expected soon, else the first."""
+        router = self.router
+        fallback: LlamaCppClient | None = None
+        for key, client in self.clients.items():
+            upstream = router.upstream(key)
+            if upstream is None:
+                continue
+            if upstream.usable:
+                return client
+            if fallback is None or upstream.expected:
+                fallback = client
+        return fallback or next(iter(self.clients.values()))
+
+    def model_template(self, props: dict[str, Any]) -> ChatTemplate:
+        """The model's own chat template from /props, compiled once per distinct source."""
+        source = props.get("chat_template")
+        if not isinstance(source, str) or not source.strip():
+            raise ServerMisconfigured(
+                "llama.cpp reports no chat template for its model; start the proxy with "
+                "--chat-template-jinja NAME_OR_PATH (or set chat_template in the upstreams file)"
+            )
+        template = self._model_templates.get(source)
+        if template is None:
+            try:
+                template = ChatTemplate(source, "from llama.cpp /props")
+            except TemplateLoadError as exc:
+                raise ServerMisconfigured(
+                    f"{exc}; start the proxy with --chat-template-jinja NAME_OR_PATH"
+                ) from exc
+            self._model_templates = {source: template}  # the model changed: drop the old one
+        return template
+
+
+class Routes:
+    """Every pool of the gateway, the probe task that watches their servers, and reloads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        routing: Routing,
+        template: ChatTemplate | None = None,
+        client_factory: Callable[[str], LlamaCppClient] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = routing_policy(settings)
+        self.template = template
+        """--chat-template-jinja: every pool's template unless the upstreams file names one."""
+        self._client_factory = client_factory or (
+            lambda url: LlamaCppClient(settings, base_url=url)
+        )
+        self.routing = routing
+        self.from_file = settings.upstreams_file is not None
+        self.created = int(time.time())
+        """`created` of the models /v1/models lists (the gateway's start)."""
+        self.pools: dict[str, PoolRuntime] = {}
+        self._by_name: dict[str, PoolRuntime] = {}
+        self._probing: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        for pool in routing.pools:
+            self.pools[pool.name] = self._new_pool(pool, self._pool_template(pool))
+        self._index()
+
+    # -- lookups on the request path --------------------------------------------------------
+
+    def lookup(self, model: str | None, allowed: frozenset[str] | None) -> PoolRuntime:
+        """The pool for a request's `model` and key (404 model_not_found, 400 no model)."""
+        if self._task is None:
+            self.start()  # an app served without main.serve (embedded, tests) probes too
+        pool = self.routing.lookup(model, allowed)
+        return self._by_name[pool.name]
+
+    def first_client(self) -> LlamaCppClient:
+        """The first server's client (the one-server gateway's `upstream`)."""
+        return next(iter(next(iter(self.pools.values())).clients.values()))
+
+    def model_ids(self, allowed: frozenset[str] | None) -> list[str]:
+        """Names and aliases a key may use, in file order."""
+        return self.routing.model_ids(allowed)
+
+    # -- probing ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start probing (on the running loop; idempotent)."""
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.ensure_future(self._probe_loop())
+
+    async def close(self) -> None:
+        """Stop probing and close every server's connections."""
+        tasks = [t for t in (self._task, *self._probing.values(), *self._closing) if t]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._task = None
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close every server's idle connections (no loop needed)."""
+        for runtime in self.pools.values():
+            for client in (
+                *runtime.clients.values(),
+                *runtime.probe_clients.values(),
+                *runtime.draining_clients.values(),
+            ):
+                client.close()
+
+    async def _probe_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            for runtime in list(self.pools.values()):
+                for upstream in runtime.router.probes_due():
+                    self._probe(runtime, upstream.key)
+            now = loop.time()
+            due = [at for r in self.pools.values() if (at := r.router.next_probe_at()) is not None]
+            wait = min(due, default=now + PROBE_TICK_MAX) - now
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake.wait(), max(PROBE_TICK_MIN, min(PROBE_TICK_MAX, wait))
+                )
+
+    def _probe(self, runtime: PoolRuntime, key: str) -> asyncio.Task[None]:
+        """The probe of one server: the one in flight, or a new one. One at a time per
+        server, whoever asks (the loop, /health/ready)."""
+        ident = (id(runtime), key)
+        task = self._probing.get(ident)
+        if task is None:
+            task = asyncio.ensure_future(self._probe_once(runtime, key))
+            self._probing[ident] = task
+            task.add_done_callback(lambda _: self._probing.pop(ident, None))
+        return task
+
+    async def _probe_once(self, runtime: PoolRuntime, key: str) -> None:
+        if key not in runtime.clients:
+            return
+        client = runtime.probe_clients.get(key)
+        if client is None:
+            client = runtime.probe_clients[key] = self._client_factory(key)
+        timeout = self.settings.upstream_connect_timeout
+        try:
+            response = await client._get("/health", timeout=timeout)
+            outcome = outcome_of_status(response.status)
+        except ProxyError as exc:
+            outcome = _probe_outcome(exc)
+        router = runtime.router
+        upstream = router.upstream(key)
+        was = upstream.health.state.value if upstream is not None else None
+        if router.observe_probe(key, outcome) and upstream is not None:
+            now = upstream.health.state.value
+            level = logging.INFO if now == "ready" else logging.WARNING
+            log.log(
+                level,
+                "model %s: server %s is %s (was %s)",
+                runtime.pool.name,
+                upstream.server.display,
+                now,
+                was,
+            )
+        if outcome is not Outcome.OK or upstream is None:
+            return
+        try:
+            if upstream.total_slots is None or key not in runtime.no_slots:
+                props = await client._get("/props", timeout=timeout)
+                total = parse_total_slots(props.body) if props.status == 200 else None
+                if total is not None:
+                    router.set_total_slots(key, total)
+            if key not in runtime.no_slots:
+                slots = await client._get("/slots", timeout=timeout)
+                busy = parse_processing(slots.body) if slots.status == 200 else None
+                if busy is None:
+                    runtime.no_slots.add(key)
+                else:
+                    router.observe_slots(key, busy)
+        except ProxyError:
+            pass  # /health decides the state; the next probe asks again
+
+    async def probe_all(self) -> None:
+        """Probe every server now (joining probes in flight): /health/ready's answer must be
+        current."""
+        if self._task is None:
+            self.start()
+        tasks = [
+            self._probe(runtime, key)
+            for runtime in self.pools.values()
+            for key in runtime.clients
+            if runtime.router.upstream(key) is not None
+        ]
+        if tasks:
+            # shield: a readiness caller that leaves must not cancel the shared probes.
+            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(every model has a ready server, the /health/ready body)."""
+        statuses: dict[str, list[ServerStatus]] = {
+            name: runtime.router.statuses() for name, runtime in self.pools.items()
+        }
+        return readiness(statuses)
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def reload(self) -> Routing:
+        """Re-read the upstreams file and apply it; raises UpstreamsFileError (or a template
+        error) and keeps the old pools when it cannot be used."""
+        routing = load_routing(self.settings)
+        templates = {pool.name: self._pool_template(pool) for pool in routing.pools}
+        self.apply(routing, templates)
+        return routing
+
+    def apply(self, routing: Routing, templates: dict[str, ChatTemplate | None]) -> None:
+        """Switch to a new snapshot: new servers join (loading until probed), removed ones
+        drain (their generations finish on them), then their connections close."""
+        diff = self.routing.diff(routing)
+        old = self.pools
+        pools: dict[str, PoolRuntime] = {}
+        for pool in routing.pools:
+            runtime = old.get(pool.name)
+            if runtime is None:
+                pools[pool.name] = self._new_pool(pool, templates[pool.name])
+                continue
+            removed = runtime.router.reconcile(pool)
+            for server in pool.servers:
+                if server.key not in runtime.clients:
+                    runtime.clients[server.key] = self._client_factory(server.key)
+            for upstream in removed:
+                self._drain(runtime, upstream)
+            runtime.pool = pool
+            if runtime.template is not templates[pool.name]:
+                runtime.template = templates[pool.name]
+            pools[pool.name] = runtime
+        for name, runtime in old.items():
+            if name not in pools:
+                for upstream in runtime.router.reconcile(Pool(name, ())):
+                    self._drain(runtime, upstream)
+        self.routing = routing
+        self.pools = pools
+        self._index()
+        if self._wake is not None:
+            self._wake.set()  # probe the new servers now
+        for server in diff.added:
+            log.info("server %s added", server.display)
+        for server in diff.removed:
+            log.info("server %s removed: draining", server.display)
+
+    def _drain(self, runtime: PoolRuntime, upstream: Upstream) -> None:
+        """A removed server: its client stays with its leases (the generations on it hold
+        it), and its connections close once the last one ended."""
+        client = runtime.clients.pop(upstream.key, None)
+        probe_client = runtime.probe_clients.pop(upstream.key, None)
+        if probe_client is not None:
+            probe_client.close()
+        if client is None:
+            return
+        runtime.draining_clients[upstream.key] = client
+        task = asyncio.ensure_future(self._close_when_drained(runtime, upstream, client))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_when_drained(
+        self, runtime: PoolRuntime, upstream: Upstream, client: LlamaCppClient
+    ) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            await runtime.router.wait_drained(upstream, loop.time() + DRAIN_LIMIT)
+        finally:
+            if runtime.draining_clients.get(upstream.key) is client:
+                del runtime.draining_clients[upstream.key]
+            client.close()
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _pool_template(self, pool: Pool) -> ChatTemplate | None:
+        if pool.chat_template:
+            return load_chat_template(pool.chat_template)
+        return self.template
+
+    def _new_pool(self, pool: Pool, template: ChatTemplate | None) -> PoolRuntime:
+        # Safe outside the loop: the router reads the clock only when it can (probes fall
+        # due at once) and sets timers only inside acquire, which runs on the loop.
+        router = Router(pool, self.policy)
+        clients = {s.key: self._client_factory(s.key) for s in pool.servers}
+        return PoolRuntime(pool, router, clients, template)
+
+    def _index(self) -> None:
+        self._by_name = {pool.name: self.pools[pool.name] for pool in self.routing.pools}
+
+
+def describe(servers: tuple[Server, ...]) -> str:
+    """Servers for a log line: host:port only."""
+    return ", ".join(s.display for s in servers)

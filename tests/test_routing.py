@@ -1,0 +1,457 @@
+"""Several llama.cpp servers behind one gateway (issue 11): pools, spreading, conversation
+affinity, failover, the wait queue, models and keys, reloads. Each fake llama.cpp records
+what it received, so a test sees which server served which request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from llamacpp_proxy.main import reload
+
+from .conftest import UNLIMITED_KEY, LoopThread, Stack, assert_schema, start_stack, stop_stack
+from .fake_llamacpp import DEFAULT_TOKENS, FakeLlamaCpp, prompt_text
+
+FULL_TEXT = "".join(DEFAULT_TOKENS)
+INTERN_KEY = "sk-test-intern-0123456789"
+
+
+@pytest.fixture
+def fakes(runner: LoopThread) -> Iterator[list[FakeLlamaCpp]]:
+    """Four fake llama.cpp servers (tests use as many as they need)."""
+
+    async def start() -> list[FakeLlamaCpp]:
+        servers = [FakeLlamaCpp() for _ in range(4)]
+        for server in servers:
+            server.start()
+        return servers
+
+    servers = runner.run(start())
+    yield servers
+    for server in servers:
+        runner.call(server.stop)
+
+
+@pytest.fixture
+def make_gateway(runner: LoopThread, fakes: list[FakeLlamaCpp]) -> Iterator[Callable[..., Stack]]:
+    stacks: list[Stack] = []
+
+    def factory(**overrides: Any) -> Stack:
+        stack = start_stack(runner, fakes[0], **overrides)
+        stacks.append(stack)
+        return stack
+
+    yield factory
+    for stack in stacks:
+        stop_stack(stack)
+
+
+def ready_servers(stack: Stack) -> dict[str, str]:
+    """host:port -> status, from /health/ready, over every model."""
+    body = stack.http.get("/health/ready").json()
+    return {s["server"]: s["status"] for m in body.get("models", {}).values() for s in m["servers"]}
+
+
+def wait_ready(stack: Stack, fakes: list[FakeLlamaCpp], timeout: float = 10) -> None:
+    want = {f"127.0.0.1:{f.port}" for f in fakes}
+
+    def all_ready() -> bool:
+        statuses = {
+            s.display: s.state for r in stack.ctx.routes.pools.values() for s in r.router.statuses()
+        }
+        return all(statuses.get(w) == "ready" for w in want)
+
+    assert stack.wait_for(all_ready, timeout)
+
+
+def chat(stack: Stack, messages: list[dict[str, Any]], **extra: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {extra.pop('key', UNLIMITED_KEY)}"}
+    headers.update(extra.pop("headers", {}))
+    body = {"messages": messages, **extra}
+    return stack.http.post("/v1/chat/completions", content=json.dumps(body), headers=headers)
+
+
+def served_by(fakes: list[FakeLlamaCpp], marker: str) -> set[int]:
+    """Indexes of the fakes that received a prompt containing `marker`."""
+    return {
+        i
+        for i, fake in enumerate(fakes)
+        for body in fake.requests
+        if marker in prompt_text(body["prompt"])
+    }
+
+
+# -- one pool -----------------------------------------------------------------------------
+
+
+def test_requests_spread_over_a_pool(make_gateway: Callable[..., Stack], fakes: Any) -> None:
+    pool = fakes[:3]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool))
+    wait_ready(stack, pool)
+    client = stack.client()
+    for i in range(9):
+        answer = client.completions.create(model="any", prompt=f"question {i}")
+        assert answer.choices[0].text == FULL_TEXT
+    assert [len(f.requests) for f in pool] == [3, 3, 3]
+
+
+def test_conversation_turns_stay_on_one_server_while_conversations_use_all(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    pool = fakes[:3]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool))
+    wait_ready(stack, pool)
+    client = stack.client()
+    conversations: list[list[dict[str, Any]]] = [
+        [{"role": "system", "content": f"conv-{c} " + "You are a careful assistant. " * 40}]
+        for c in range(6)
+    ]
+    for turn in range(4):  # turns interleaved, as concurrent users send them
+        for c, messages in enumerate(conversations):
+            messages.append({"role": "user", "content": f"conv-{c} turn {turn}"})
+            answer = client.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+            messages.append({"role": "assistant", "content": answer.choices[0].message.content})
+    homes = [served_by(pool, f"conv-{c} ") for c in range(6)]
+    assert all(len(home) == 1 for home in homes), homes  # every turn on one server
+    assert set().union(*homes) == {0, 1, 2}  # and the conversations use every server
+
+
+def test_a_server_killed_mid_run_costs_no_request_that_had_not_started_on_it(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    pool = fakes[:2]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool))
+    wait_ready(stack, pool)
+    client = stack.client()
+    first = client.completions.create(
+        model="m", prompt="p", extra_headers={"X-Session-Id": "conversation-1"}
+    )
+    assert first.choices[0].text == FULL_TEXT
+    (home,) = [i for i, f in enumerate(pool) if f.requests]
+    other = 1 - home
+    stack.runner.run(pool[home].kill())
+    # The session points at the dead server, which the gateway has not probed since: the
+    # request goes there, is refused before a byte was sent, and runs on the other server.
+    again = client.completions.create(
+        model="m", prompt="p", extra_headers={"X-Session-Id": "conversation-1"}
+    )
+    assert again.choices[0].text == FULL_TEXT
+    for i in range(6):
+        assert client.completions.create(model="m", prompt=f"after {i}").choices
+    assert len(pool[other].requests) == 7
+    assert ready_servers(stack)[f"127.0.0.1:{pool[home].port}"] == "down"
+
+
+def test_a_503_loading_answer_is_retried_on_another_server(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    pool = fakes[:2]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool))
+    wait_ready(stack, pool)
+    pool[0].script.fail_status = 503  # /completion says loading; /health still 200
+    client = stack.client()
+    for i in range(4):
+        assert client.completions.create(model="m", prompt=f"q{i}").choices[0].text == FULL_TEXT
+    assert pool[0].requests  # it was tried...
+    assert len(pool[1].requests) == 4  # ...and every request was answered by the other
+
+
+def test_a_generation_llamacpp_may_have_started_is_never_sent_again(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    pool = fakes[:2]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool))
+    wait_ready(stack, pool)
+    for fake in pool:
+        fake.script.fail_status = 500
+    r = chat(stack, [{"role": "user", "content": "hi"}])
+    assert r.status_code == 502
+    assert sum(len(f.requests) for f in pool) == 1
+
+
+def test_a_server_that_comes_back_is_used_again(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    pool = fakes[:2]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool))
+    wait_ready(stack, pool)
+    port = pool[1].port
+    stack.runner.run(pool[1].kill())
+    assert stack.wait_for(lambda: ready_servers_on_loop(stack).get(f"127.0.0.1:{port}") == "down")
+    revived = FakeLlamaCpp()
+    stack.runner.call(lambda: revived.start(port))
+    try:
+        wait_ready(stack, [revived], timeout=20)  # probed with backoff: 0.5 s, 1, 2, 4 ...
+        client = stack.client()
+        for i in range(4):
+            assert client.completions.create(model="m", prompt=f"q{i}").choices
+        assert len(revived.requests) == 2
+    finally:
+        stack.runner.call(revived.stop)
+
+
+def ready_servers_on_loop(stack: Stack) -> dict[str, str]:
+    return {
+        s.display: s.state for r in stack.ctx.routes.pools.values() for s in r.router.statuses()
+    }
+
+
+def test_a_full_pool_queues_then_answers_503_server_overloaded(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    fake = fakes[0]
+    fake.script.total_slots = 1
+    stack = make_gateway(llamacpp_server=(fake.url,), max_queue=1)
+    wait_ready(stack, [fake])
+    router = stack.ctx.routes.pools["default"].router
+    assert stack.wait_for(
+        lambda: router.upstream(next(iter(router.pool.servers)).key).total_slots == 1
+    )  # type: ignore[union-attr]
+    gate = stack.runner.call(asyncio.Event)
+    fake.script.gate = gate
+    with ThreadPoolExecutor(2) as threads:
+        running = threads.submit(chat, stack, [{"role": "user", "content": "first"}])
+        assert stack.wait_for(lambda: fake.active == 1)
+        queued = threads.submit(chat, stack, [{"role": "user", "content": "second"}])
+        assert stack.wait_for(lambda: router.waiting == 1)
+        refused = chat(stack, [{"role": "user", "content": "third"}])
+        assert refused.status_code == 503
+        assert_schema(refused.json(), "ErrorResponse")
+        assert refused.json()["error"]["code"] == "server_overloaded"
+        assert refused.headers["retry-after"] == "1"
+        assert fake.active == 1  # llama.cpp never saw more than its one slot
+        stack.runner.call(gate.set)
+        assert running.result(10).status_code == 200
+        assert queued.result(10).status_code == 200
+    assert [prompt_text(b["prompt"]).count("third") for b in fake.requests] == [0, 0]
+
+
+def test_a_client_that_leaves_the_queue_passes_its_turn(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    fake = fakes[0]
+    fake.script.total_slots = 1
+    stack = make_gateway(llamacpp_server=(fake.url,), max_queue=1)
+    wait_ready(stack, [fake])
+    router = stack.ctx.routes.pools["default"].router
+    assert stack.wait_for(
+        lambda: all(
+            u.total_slots == 1 for u in [router.upstream(s.key) for s in router.pool.servers] if u
+        )
+    )
+    gate = stack.runner.call(asyncio.Event)
+    fake.script.gate = gate
+    with ThreadPoolExecutor(1) as threads:
+        running = threads.submit(chat, stack, [{"role": "user", "content": "first"}])
+        assert stack.wait_for(lambda: fake.active == 1)
+        # Its own connection: closing it is how this client leaves.
+        with (
+            httpx.Client(base_url=stack.url, timeout=10) as leaving,
+            pytest.raises(httpx.ReadTimeout),
+        ):
+            leaving.post(
+                "/v1/completions",
+                json={"prompt": "leaves"},
+                headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
+                timeout=httpx.Timeout(10, read=0.3),
+            )
+        assert stack.wait_for(lambda: router.waiting == 0)  # its place is free again
+        stack.runner.call(gate.set)
+        assert running.result(10).status_code == 200
+    assert chat(stack, [{"role": "user", "content": "next"}]).status_code == 200
+    assert not any("leaves" in prompt_text(b["prompt"]) for b in fake.requests)
+
+
+# -- models, aliases, keys ------------------------------------------------------------------
+
+
+def write_upstreams(path: Path, models: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for name, spec in models.items():
+        lines.append(f'[models."{name}"]')
+        for field, value in spec.items():
+            lines.append(f"{field} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def two_models(
+    make_gateway: Callable[..., Stack], fakes: Any, tmp_path: Path
+) -> tuple[Stack, Path]:
+    upstreams = tmp_path / "upstreams.toml"
+    write_upstreams(
+        upstreams,
+        {
+            "chat": {"servers": [fakes[0].url, fakes[1].url], "aliases": ["gpt-4o-mini"]},
+            "coder": {"servers": [fakes[2].url], "chat_template": "chatml"},
+        },
+    )
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[keys.intern]\nkey = "{INTERN_KEY}"\nmodels = ["chat"]\n')
+    stack = make_gateway(upstreams_file=upstreams, api_keys_file=keys)
+    wait_ready(stack, fakes[:3])
+    return stack, upstreams
+
+
+def test_models_lists_every_model_and_alias_a_key_may_use(two_models: Any) -> None:
+    stack, _ = two_models
+    listed = stack.client().models.list()
+    assert [m.id for m in listed.data] == ["chat", "gpt-4o-mini", "coder"]
+    assert_schema(
+        stack.http.get("/v1/models", headers=auth(UNLIMITED_KEY)).json(), "ListModelsResponse"
+    )
+    intern = stack.client(key=INTERN_KEY)
+    assert [m.id for m in intern.models.list().data] == ["chat", "gpt-4o-mini"]
+    assert intern.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+    with pytest.raises(openai.NotFoundError) as missing:
+        intern.models.retrieve("coder")
+    assert missing.value.code == "model_not_found"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_the_model_picks_the_pool_and_aliases_name_the_same_pool(
+    two_models: Any, fakes: Any
+) -> None:
+    stack, _ = two_models
+    client = stack.client()
+    for model in ("chat", "gpt-4o-mini", "chat", "gpt-4o-mini"):
+        answer = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": model}]
+        )
+        assert answer.model == model
+    coder = client.chat.completions.create(
+        model="coder", messages=[{"role": "user", "content": "code"}]
+    )
+    assert coder.choices[0].message.content == FULL_TEXT
+    assert [len(f.requests) for f in fakes[:3]] == [2, 2, 1]
+    assert served_by(fakes, "code") == {2}
+
+
+@pytest.mark.parametrize(
+    ("key", "model"), [(UNLIMITED_KEY, "nope"), (INTERN_KEY, "coder"), (INTERN_KEY, "nope")]
+)
+def test_unknown_and_forbidden_models_are_404_model_not_found(
+    two_models: Any, fakes: Any, key: str, model: str
+) -> None:
+    stack, _ = two_models
+    r = chat(stack, [{"role": "user", "content": "hi"}], model=model, key=key)
+    assert r.status_code == 404
+    assert_schema(r.json(), "ErrorResponse")
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    # The same words for "unknown" and "not yours": a key cannot probe which models exist.
+    assert (
+        error["message"] == f"The model '{model}' does not exist or you do not have access to it."
+    )
+    assert not any(f.requests for f in fakes)
+
+
+def test_several_models_need_a_model_name(two_models: Any) -> None:
+    stack, _ = two_models
+    r = stack.http.post("/v1/completions", json={"prompt": "x"}, headers=auth(UNLIMITED_KEY))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_a_single_pool_serves_any_or_no_model_name(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    stack = make_gateway(llamacpp_server=(fakes[0].url, fakes[1].url))
+    for model in ("whatever", None):
+        body: dict[str, Any] = {"prompt": "x"}
+        if model:
+            body["model"] = model
+        r = stack.http.post("/v1/completions", json=body, headers=auth(UNLIMITED_KEY))
+        assert r.status_code == 200
+
+
+# -- readiness and reload --------------------------------------------------------------------
+
+
+def test_readiness_per_model_and_server(two_models: Any, fakes: Any) -> None:
+    stack, _ = two_models
+    r = stack.http.get("/health/ready")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ready"
+    assert body["models"]["chat"]["servers"] == [
+        {"server": f"127.0.0.1:{f.port}", "status": "ready", "slots_busy": 0, "slots_total": 4}
+        for f in fakes[:2]
+    ]
+    fakes[2].script.health_status = 503
+    r = stack.http.get("/health/ready")
+    assert r.status_code == 503  # the coder model has no ready server
+    assert r.json()["models"]["coder"]["servers"][0]["status"] == "loading"
+    assert r.json()["models"]["chat"]["status"] == "ready"
+
+
+def test_a_reload_adds_and_drains_servers_without_dropping_a_stream(
+    two_models: Any, fakes: Any
+) -> None:
+    stack, upstreams = two_models
+    old, new = fakes[0], fakes[3]
+    mid = stack.runner.call(asyncio.Event)
+    old.script.mid_gate = mid
+    fakes[1].script.mid_gate = mid
+    with ThreadPoolExecutor(1) as threads:
+
+        def stream() -> list[str]:
+            with stack.http.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={
+                    "model": "chat",
+                    "messages": [{"role": "user", "content": "long"}],
+                    "stream": True,
+                },
+                headers=auth(UNLIMITED_KEY),
+            ) as response:
+                assert response.status_code == 200
+                return [line for line in response.iter_lines() if line]
+
+        streaming = threads.submit(stream)
+        assert stack.wait_for(lambda: old.active + fakes[1].active == 1)
+        on = 0 if old.active else 1
+        draining, staying = fakes[on], fakes[1 - on]
+        write_upstreams(
+            upstreams,
+            {
+                "chat": {"servers": [staying.url, new.url], "aliases": ["gpt-4o-mini"]},
+                "coder": {"servers": [fakes[2].url]},
+            },
+        )
+        stack.runner.call(lambda: reload(stack.ctx))
+        assert ready_servers(stack)[f"127.0.0.1:{draining.port}"] == "draining"
+        wait_ready(stack, [new])
+        staying.script.mid_gate = None
+        client = stack.client()
+        for i in range(4):
+            assert client.completions.create(model="chat", prompt=f"after {i}").choices
+        assert len(new.requests) >= 1 and len(draining.requests) == 1
+        stack.runner.call(mid.set)
+        lines = streaming.result(10)
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in lines[:-1]
+    )
+    assert text == FULL_TEXT
+    assert stack.wait_for(lambda: f"127.0.0.1:{draining.port}" not in ready_servers_on_loop(stack))
+
+
+def test_a_broken_upstreams_file_keeps_the_old_pools(two_models: Any, fakes: Any) -> None:
+    stack, upstreams = two_models
+    upstreams.write_text('[models."chat"]\nservers = "not a list"\n')
+    stack.runner.call(lambda: reload(stack.ctx))
+    answer = stack.client().completions.create(model="coder", prompt="still here")
+    assert answer.choices[0].text == FULL_TEXT
+    assert served_by(fakes, "still here") == {2}
