@@ -192,7 +192,6 @@ def test_a_stalled_log_reader_never_blocks_the_writer_and_drops_are_reported() -
 
     threading.Thread(target=log_a_lot, daemon=True).start()
     assert wrote.wait(10), "a write waited for the stalled reader"
-    assert writer.dropped > 0
     stream.unblock.set()
     assert writer.drain(10)
     writer.close()
@@ -201,6 +200,7 @@ def test_a_stalled_log_reader_never_blocks_the_writer_and_drops_are_reported() -
     assert "log line(s) dropped: the log reader did not keep up" in text
     written = [line for line in text.splitlines() if line.startswith("line ")]
     dropped = int(text.split(" log line(s) dropped")[0].rsplit(" ", 1)[-1])
+    assert dropped > 0  # 200 lines of 50 characters cannot wait in 1,000
     assert len(written) + dropped == 200
 
 

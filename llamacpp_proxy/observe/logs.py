@@ -134,11 +134,6 @@ class BackgroundWriter:
             self._closed = True
             self._cond.notify_all()
 
-    @property
-    def dropped(self) -> int:
-        """Lines dropped since the last report (for tests)."""
-        return self._dropped
-
     def _run(self) -> None:
         while True:
             with self._cond:
