@@ -50,6 +50,7 @@ log = logging.getLogger("llamacpp_proxy.route")
 PROBE_TICK_MIN = 0.05
 """Shortest sleep of the probe loop (a probe still in flight stays due)."""
 PROBE_TICK_MAX = 1.0
+DEMAND_PROBE_INTERVAL = 1.0  # seconds between probes a request asks for when every server is down
 """Longest: a reload or a new server is noticed within it."""
 DRAIN_LIMIT = 24 * 3600.0
 """A removed server's connections are closed once its last generation ended, or after this."""
@@ -134,6 +135,8 @@ class PoolRuntime:
         """Servers that answered /slots with something other than a slot list: not asked
         again (llama-server without --slots)."""
         self._model_templates: dict[str, ChatTemplate] = {}
+        self.asked_down_at = -DEMAND_PROBE_INTERVAL
+        """When a request last had every server probed at once (`Routes.probe_down_now`)."""
 
     def client_for(self, key: str) -> LlamaCppClient:
         """The client of a leased server (it may have been removed since: draining)."""
@@ -337,6 +340,20 @@ class Routes:
         if tasks:
             # shield: a readiness caller that leaves must not cancel the shared probes.
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+
+    async def probe_down_now(self, runtime: PoolRuntime) -> bool:
+        """Every server of this pool looked down at its last probe: probe them all now,
+        rather than refuse requests until the prober's backoff (up to 30 s) comes round, so
+        a llama-server that came back is used at once. At most once per
+        DEMAND_PROBE_INTERVAL per pool, whatever the request rate; False when that interval
+        has not passed (nothing was probed)."""
+        now = asyncio.get_running_loop().time()
+        if now - runtime.asked_down_at < DEMAND_PROBE_INTERVAL:
+            return False
+        runtime.asked_down_at = now
+        tasks = [self._probe(runtime, key) for key in runtime.clients]
+        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        return True
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(every model has a ready server, the /health/ready body)."""

@@ -455,3 +455,30 @@ def test_a_broken_upstreams_file_keeps_the_old_pools(two_models: Any, fakes: Any
     answer = stack.client().completions.create(model="coder", prompt="still here")
     assert answer.choices[0].text == FULL_TEXT
     assert served_by(fakes, "still here") == {2}
+
+
+def test_a_request_to_a_pool_whose_servers_all_look_down_asks_them_again_at_once(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """A one-server gateway must not refuse requests for the prober's backoff (up to 30 s)
+    after llama-server came back: a request that finds every server down probes them now
+    (at most once a second per pool)."""
+    fake = fakes[0]
+    stack = make_gateway(llamacpp_server=(fake.url,))
+    wait_ready(stack, [fake])
+    port = fake.port
+    stack.runner.run(fake.kill())
+    try:
+        assert stack.wait_for(
+            lambda: ready_servers_on_loop(stack).get(f"127.0.0.1:{port}") == "down"
+        )
+        revived = FakeLlamaCpp()
+        stack.runner.call(lambda: revived.start(port))
+        try:
+            reply = stack.client().completions.create(model="m", prompt="back?")
+            assert reply.choices[0].text
+            assert len(revived.requests) == 1
+        finally:
+            stack.runner.call(revived.stop)
+    finally:
+        stack.runner.call(lambda: fake.start(port))  # the session's fake, for later tests

@@ -22,7 +22,13 @@ from typing import Any
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from ..errors import InvalidRequest, PayloadTooLarge, ProxyError, UpstreamUnavailable
+from ..errors import (
+    InvalidRequest,
+    NoServerAvailable,
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamUnavailable,
+)
 from ..guard.ratelimit import Cost
 from ..render.constraints import merge_constraints
 from ..render.control_tokens import mark_messages
@@ -427,7 +433,13 @@ class CompletionsHandler(BaseHandler):
     async def _lease(self, router: Router, generation: Generation, tried: frozenset[str]) -> Lease:
         """A slot for the generation: at once when one is free (no task), else a wait in
         the pool's queue that the client leaving cancels."""
-        lease = router.acquire_nowait(generation.prompt, self._session, tried)
+        try:
+            lease = router.acquire_nowait(generation.prompt, self._session, tried)
+        except NoServerAvailable:
+            assert self._pool is not None
+            if not await self.ctx.routes.probe_down_now(self._pool):
+                raise
+            lease = router.acquire_nowait(generation.prompt, self._session, tried)
         if lease is not None:
             return lease
         wait = asyncio.ensure_future(router.acquire(generation.prompt, self._session, None, tried))
