@@ -165,13 +165,7 @@ def test_non_streamed_dropped_connection_is_502(stack: Stack) -> None:
 def test_client_disconnect_mid_stream_cancels_the_upstream_request(stack: Stack) -> None:
     stack.fake.script.token_delay = 0.05
     stack.fake.script.tokens = [f" t{i}" for i in range(200)]
-    with httpx.stream(
-        "POST",
-        stack.url + "/v1/chat/completions",
-        json=STREAM_BODY,
-        headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
-        timeout=10,
-    ) as r:
+    with stack.http.stream("POST", "/v1/chat/completions", json=STREAM_BODY, headers=AUTH) as r:
         lines = r.iter_lines()
         seen = [next(lines) for _ in range(6)]
         assert any("t1" in line for line in seen)
@@ -206,7 +200,7 @@ def test_shutdown_draining_refuses_new_requests(stack: Stack) -> None:
     r = post(stack, "/v1/completions", {"prompt": "x"})
     assert r.status_code == 503
     assert error_of(r)["code"] == "shutting_down"
-    assert httpx.get(stack.url + "/health/ready").status_code == 503
+    assert stack.http.get("/health/ready").status_code == 503
     stack.ctx.draining = False
 
 
@@ -306,8 +300,8 @@ def test_unresolvable_host_maps_to_502() -> None:
 
 def test_health_stays_up_while_draining(stack: Stack) -> None:
     stack.ctx.draining = True
-    assert httpx.get(stack.url + "/health").status_code == 200
-    ready = httpx.get(stack.url + "/health/ready")
+    assert stack.http.get("/health").status_code == 200
+    ready = stack.http.get("/health/ready")
     assert ready.status_code == 503 and ready.json() == {"status": "draining"}
     stack.ctx.draining = False
 

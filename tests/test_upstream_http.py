@@ -242,15 +242,10 @@ def test_connection_close_from_upstream_is_respected(stack: Stack) -> None:
 def test_abort_does_not_return_the_connection_to_the_pool(stack: Stack) -> None:
     stack.fake.script.token_delay = 0.05
     stack.fake.script.tokens = [f" t{i}" for i in range(100)]
-    import httpx
-
-    from .conftest import UNLIMITED_KEY
-
-    with httpx.stream(
+    with stack.http.stream(
         "POST",
-        stack.url + "/v1/chat/completions",
+        "/v1/chat/completions",
         json={"messages": CHAT, "stream": True},
-        timeout=10,
         headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
     ) as r:
         lines = r.iter_lines()
