@@ -188,10 +188,38 @@ def stop_stack(stack: Stack) -> None:
     stack.runner.run(stop())
 
 
+FAKE_SETTLE_TIMEOUT = 15.0  # longer than any stall a test scripts into the fake
+
+
+def wait_until_fake_is_idle(runner: LoopThread, fake: FakeLlamaCpp) -> None:
+    """Wait until the fake answers nothing: a request a test abandoned (a stall the proxy
+    hung up on, a stream it cancelled) must end before the next test, or it runs into that
+    test's counters and shares its event loop. Fails if the work does not end."""
+
+    async def settle() -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FAKE_SETTLE_TIMEOUT
+        while fake.active or fake.health_active:
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    if not runner.run(settle(), FAKE_SETTLE_TIMEOUT + 5):
+        raise AssertionError(
+            f"the fake llama.cpp is still answering {fake.active} completion and "
+            f"{fake.health_active} health request(s) {FAKE_SETTLE_TIMEOUT:g}s after the test"
+        )
+
+
 @pytest.fixture
 def make_stack(runner: LoopThread, fake: FakeLlamaCpp) -> Iterator[Callable[..., Stack]]:
-    """Build a proxy with Settings overrides, in front of the (reset) fake llama.cpp."""
+    """Build a proxy with Settings overrides, in front of the (reset) fake llama.cpp.
+
+    The fake is shared by the session, so each test starts only once the previous test's
+    upstream work has ended, and waits for its own to end when it is done."""
     stacks: list[Stack] = []
+    wait_until_fake_is_idle(runner, fake)
     runner.call(fake.reset)
 
     def factory(**overrides: Any) -> Stack:
@@ -202,6 +230,7 @@ def make_stack(runner: LoopThread, fake: FakeLlamaCpp) -> Iterator[Callable[...,
     yield factory
     for stack in stacks:
         stop_stack(stack)
+    wait_until_fake_is_idle(runner, fake)
 
 
 @pytest.fixture

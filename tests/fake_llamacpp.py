@@ -504,11 +504,11 @@ class FakeLlamaCpp:
         self.disconnected.clear()
         self.close_connections = False
         self.events_sent = 0
-        self.active = 0
-        self.peak_active = 0
+        # `active` and `health_active` count work in progress, not history: zeroing them
+        # under a request still being answered would drive them negative when it ends.
+        self.peak_active = self.active
         self.health_requests = 0
-        self.health_active = 0
-        self.max_health_active = 0
+        self.max_health_active = self.health_active
         self.models_requests = 0
         self.body_bytes_sent = 0
 

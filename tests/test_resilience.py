@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -163,13 +165,7 @@ def test_non_streamed_dropped_connection_is_502(stack: Stack) -> None:
 def test_client_disconnect_mid_stream_cancels_the_upstream_request(stack: Stack) -> None:
     stack.fake.script.token_delay = 0.05
     stack.fake.script.tokens = [f" t{i}" for i in range(200)]
-    with httpx.stream(
-        "POST",
-        stack.url + "/v1/chat/completions",
-        json=STREAM_BODY,
-        headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
-        timeout=10,
-    ) as r:
+    with stack.http.stream("POST", "/v1/chat/completions", json=STREAM_BODY, headers=AUTH) as r:
         lines = r.iter_lines()
         seen = [next(lines) for _ in range(6)]
         assert any("t1" in line for line in seen)
@@ -204,7 +200,7 @@ def test_shutdown_draining_refuses_new_requests(stack: Stack) -> None:
     r = post(stack, "/v1/completions", {"prompt": "x"})
     assert r.status_code == 503
     assert error_of(r)["code"] == "shutting_down"
-    assert httpx.get(stack.url + "/health/ready").status_code == 503
+    assert stack.http.get("/health/ready").status_code == 503
     stack.ctx.draining = False
 
 
@@ -304,8 +300,8 @@ def test_unresolvable_host_maps_to_502() -> None:
 
 def test_health_stays_up_while_draining(stack: Stack) -> None:
     stack.ctx.draining = True
-    assert httpx.get(stack.url + "/health").status_code == 200
-    ready = httpx.get(stack.url + "/health/ready")
+    assert stack.http.get("/health").status_code == 200
+    ready = stack.http.get("/health/ready")
     assert ready.status_code == 503 and ready.json() == {"status": "draining"}
     stack.ctx.draining = False
 
@@ -313,24 +309,95 @@ def test_health_stays_up_while_draining(stack: Stack) -> None:
 # -- the upstream connection (docs/resilience.md, "The upstream connection") ------------
 
 
-def test_a_full_pool_does_not_outlast_the_deadline(make_stack: Any) -> None:
-    stack = make_stack(upstream_max_connections=1, upstream_first_byte_timeout=0.3)
-    total = 200
+def hold_the_only_connection(stack: Stack, client: httpx.Client) -> Iterator[str]:
+    """Open a stream that holds the pool's only upstream connection (once its first token
+    came, it holds it until it ends); yields its text, token by token."""
+    total = 1000
     stack.fake.script.tokens = [f" t{i}" for i in range(total)]
-    stack.fake.script.token_delay = 0.05  # a 10 s stream holds the only connection
-    with (
-        kept_alive(stack) as client,
-        client.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as s,
-    ):
-        lines = s.iter_lines()
-        next(lines)
+    stack.fake.script.token_delay = 0.05  # 50 s of stream: far longer than any test here
+    with client.stream(
+        "POST", "/v1/completions", json={"prompt": "hold", "stream": True}
+    ) as holder:
+        assert holder.status_code == 200, holder.read()
+        for event in sse_lines(holder.iter_lines()):
+            yield event["choices"][0]["text"]
+
+
+def sse_lines(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON events of an SSE stream, as they arrive."""
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def shorten_deadline(stack: Stack, seconds: float) -> None:
+    """--upstream-first-byte-timeout for the upstream calls made from now on."""
+    upstream = stack.ctx.upstream
+
+    def swap() -> None:
+        upstream._settings = dataclasses.replace(
+            upstream._settings, upstream_first_byte_timeout=seconds
+        )
+
+    stack.runner.call(swap)
+
+
+def test_a_full_pool_does_not_outlast_the_deadline(make_stack: Any) -> None:
+    # The stream that fills the pool is opened under a generous deadline, shortened only
+    # once it streams: under the short one it raced the deadline under test (on a loaded
+    # machine its answer could start after 0.3 s, fail with a 504 and free the connection,
+    # and the queued request then rightly got a 200).
+    stack = make_stack(upstream_max_connections=1, upstream_first_byte_timeout=60)
+    with kept_alive(stack) as client:
+        holder = hold_the_only_connection(stack, client)
+        assert next(holder) == " t0"
+        shorten_deadline(stack, 0.3)
         with kept_alive(stack) as other:
-            r = other.post("/v1/completions", json={"model": "m", "prompt": "y"})
+            r = other.post("/v1/completions", json={"model": "m", "prompt": "queued"})
             assert r.status_code == 504, r.text
             assert "stayed busy for 0.3s" in error_of(r)["message"]
             ready = other.get("/health/ready")  # probes have their own connections
             assert ready.status_code == 200 and ready.json()["status"] == "ready"
-        assert stack.fake.events_sent < total  # both answered while the stream still ran
+        assert next(holder) == " t1"  # the stream holding the connection was not disturbed
+        holder.close()
+    assert [body["prompt"] for body in stack.fake.requests] == ["hold"]  # never sent
+
+
+def test_a_client_that_leaves_while_waiting_for_a_connection_stops_waiting(
+    make_stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = make_stack(upstream_max_connections=1)  # the default deadline: 600 s
+    pool = stack.ctx.upstream._pool
+    acquire = pool.acquire
+    queued = 0  # requests waiting for a connection now
+
+    async def watched_acquire() -> Any:
+        # Who waits in the pool is not visible over HTTP: count them at its door.
+        nonlocal queued
+        queued += 1
+        try:
+            return await acquire()
+        finally:
+            queued -= 1
+
+    monkeypatch.setattr(pool, "acquire", watched_acquire)
+    with kept_alive(stack) as client:
+        holder = hold_the_only_connection(stack, client)
+        assert next(holder) == " t0"
+        assert queued == 0
+        # A second client asks, and waits for the connection the stream holds; then leaves.
+        with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+            sock.sendall(raw_completion_request({"prompt": "abandoned"}))
+            assert stack.wait_for(lambda: queued == 1)
+        # It left: it stops waiting now, while the stream still holds the connection.
+        assert stack.wait_for(lambda: queued == 0)
+        assert next(holder) == " t1"
+        holder.close()
+        # The connection is free again: the next client gets it, and llama.cpp never saw
+        # the request whose client left.
+        r = client.post("/v1/completions", json={"prompt": "third"})
+        assert r.status_code == 200, r.text
+    assert [body["prompt"] for body in stack.fake.requests] == ["hold", "third"]
 
 
 def test_a_trickling_non_streamed_answer_is_bounded_by_the_deadline(make_stack: Any) -> None:

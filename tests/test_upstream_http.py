@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -245,15 +246,10 @@ def test_connection_close_from_upstream_is_respected(stack: Stack) -> None:
 def test_abort_does_not_return_the_connection_to_the_pool(stack: Stack) -> None:
     stack.fake.script.token_delay = 0.05
     stack.fake.script.tokens = [f" t{i}" for i in range(100)]
-    import httpx
-
-    from .conftest import UNLIMITED_KEY
-
-    with httpx.stream(
+    with stack.http.stream(
         "POST",
-        stack.url + "/v1/chat/completions",
+        "/v1/chat/completions",
         json={"messages": CHAT, "stream": True},
-        timeout=10,
         headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
     ) as r:
         lines = r.iter_lines()
@@ -503,3 +499,31 @@ def test_upstream_credentials_are_never_shown() -> None:
     text = asyncio.run(scenario())
     assert "hunter2" not in text and "admin" not in text
     assert "127.0.0.1:9" in text  # where it is, so the operator can still tell
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_that_comes_with_its_deadline_is_not_relayed(
+    evil_stack: Any, stream: bool
+) -> None:
+    # The deadline and the answer's head become ready in the same turn of the event loop
+    # (a loaded machine descheduled the proxy while the answer arrived): the deadline's
+    # timer runs first and aborts the call. The head already buffered must not then be
+    # relayed as if it had come in time; that made a 200 stream that went on to say
+    # "did not start answering", and freed the connection under a stream that looked alive.
+    event = b'data: {"content": "late", "stop": false}\n\n'
+
+    async def respond(
+        evil: EvilUpstream, head: bytes, body: bytes, w: asyncio.StreamWriter
+    ) -> bool:
+        time.sleep(0.5)  # the loop stands still past the 0.3 s deadline...
+        if stream:  # ...while the answer arrives
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + event)
+        else:
+            w.write(completion("late"))
+        return True
+
+    _evil, stack = evil_stack(respond, upstream_first_byte_timeout=0.3)
+    with kept_alive(stack) as client:
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": stream})
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["message"] == "llama.cpp did not start answering within 0.3s"

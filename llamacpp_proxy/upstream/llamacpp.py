@@ -452,6 +452,10 @@ class LlamaCppClient:
             call.sent = True
             conn.writer.write(request)
             head = await read_head(conn)
+            if call.abort_reason is not None:
+                # The deadline (or the client leaving) won the race with a head that was
+                # already buffered: the call is over, so its answer is not relayed.
+                raise call.abort_reason
             call.started()
             if on_head is not None:
                 on_head(head)
