@@ -68,9 +68,9 @@ def test_message(client: anthropic.Anthropic) -> None:
     message = client.messages.create(
         model="smollm2",
         max_tokens=8,
-        temperature=0,
         system="You are terse.",
         messages=HI,  # type: ignore[arg-type]
+        extra_body={"temperature": 0},  # the SDK no longer takes it as an argument
     )
     assert message.type == "message" and message.id.startswith("msg_")
     assert message.content[0].type == "text" and message.content[0].text.strip()
@@ -83,8 +83,8 @@ def test_message_stream_and_count_tokens(client: anthropic.Anthropic) -> None:
     with client.messages.stream(
         model="smollm2",
         max_tokens=8,
-        temperature=0,
         messages=HI,  # type: ignore[arg-type]
+        extra_body={"temperature": 0},
     ) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
