@@ -70,6 +70,8 @@ TARGETS = {
     "token_rate": ">= 80,000 token events/s streamed (best of the stream points)",
     "cpu_per_token": "<= 15 us proxy CPU per streamed token",
     "rss_open": "< 200 MB RSS with 1,000 concurrent open streams",
+    "messages_cpu_ratio": "<= 1.2x: proxy CPU per token of a streamed /v1/messages (Anthropic) "
+    "over a streamed chat completion",
 }
 
 
@@ -876,6 +878,19 @@ def evaluate(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str
     cpus = [p["min_cpu_per_token_us"] for p in streams if p["min_cpu_per_token_us"] is not None]
     cpu = min(cpus) if cpus else None
     add("cpu_per_token", cpu, None if cpu is None else cpu <= 15, fmt(cpu, ".1f", " us"))
+    # Issue 16: translating to Anthropic's events costs at most 20% more CPU per token.
+    messages = [
+        p["min_cpu_per_token_us"]
+        for p in pts
+        if p["system"] == "proxy-messages" and p["min_cpu_per_token_us"] is not None
+    ]
+    ratio = min(messages) / cpu if messages and cpu else None
+    add(
+        "messages_cpu_ratio",
+        ratio,
+        None if ratio is None else ratio <= 1.2,
+        fmt(ratio, ".2f", "x") + (f" ({min(messages):.1f} us/token)" if messages else ""),
+    )
     held = [h for h in results.get("open_streams", []) if h["system"] == "proxy"]
     rss = held[0]["rss_open_mb"] if held else None
     complete = bool(held) and held[0]["streams_open"] == args.open_streams
@@ -1231,6 +1246,10 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]
         "chat-stream",
         {"model": "bench", "messages": MESSAGES, "max_tokens": TOKENS, "stream": True},
     )
+    messages_stream = b.body(
+        "messages-stream",
+        {"model": "bench", "messages": MESSAGES, "max_tokens": TOKENS, "stream": True},
+    )
     llama = b.body("llama", {"prompt": PROMPT, "n_predict": TOKENS, "stream": False})
     llama_stream = b.body("llama-stream", {"prompt": PROMPT, "n_predict": TOKENS, "stream": True})
 
@@ -1326,6 +1345,22 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]
         if args.profile:
             b.profile(
                 "stream-32", base, "/v1/chat/completions", chat_stream, UNLIMITED_KEY, proc.pid, 32
+            )
+        # The same streams through the Anthropic front door: the translation's cost.
+        check_chat(f"{base}/v1/messages", messages_stream, UNLIMITED_KEY, "message_stop")
+        b.probe_stream("proxy-messages", port, "/v1/messages", messages_stream, UNLIMITED_KEY)
+        b.warm(base, "/v1/messages", messages_stream, UNLIMITED_KEY, [proc.pid])
+        for c in args.stream_list:
+            b.point(
+                "proxy-messages",
+                "stream",
+                c,
+                base,
+                "/v1/messages",
+                messages_stream,
+                UNLIMITED_KEY,
+                [proc.pid],
+                label="messages stream",
             )
         b.ttfb(
             "proxy",

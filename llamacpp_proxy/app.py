@@ -14,6 +14,7 @@ from .frontdoor.handlers import (
     ReadyHandler,
     make_log_function,
 )
+from .frontdoor.messages import CountTokensHandler, MessagesHandler
 
 
 def make_app(ctx: AppContext) -> tornado.web.Application:
@@ -23,6 +24,8 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
         [
             (r"/v1/chat/completions", ChatCompletionsHandler, args),
             (r"/v1/completions", TextCompletionsHandler, args),
+            (r"/v1/messages", MessagesHandler, args),
+            (r"/v1/messages/count_tokens", CountTokensHandler, args),
             (r"/v1/models", ModelsHandler, args),
             (r"/v1/models/(.+)", ModelsHandler, args),
             (r"/health", HealthHandler, args),

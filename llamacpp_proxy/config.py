@@ -39,6 +39,10 @@ class Settings:
     """Seconds a generation may wait for a free slot before a 503 server_overloaded."""
     chat_template: str | None = None
     """Built-in template name or template file path; None uses the model's own (/props)."""
+    tools_policy: str = "refuse"
+    """What a request with tools gets when the model's template cannot express them:
+    "refuse" (400 tools_not_supported) or "drop" (answered without them, X-Tools-Dropped);
+    a model in the upstreams file may set its own."""
     allow_content_control_tokens: bool = False
     """Let control tokens written in message content reach the model as control tokens
     (then a user can forge turns); by default content is always plain text to the model."""
@@ -185,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_PATH",
         help="chat template: a built-in name (gemma3, chatml, llama3, mistral, "
         "qwen2.5) or a Jinja file; default: the model's own from llama.cpp",
+    )
+    p.add_argument(
+        "--tools-policy",
+        choices=("refuse", "drop"),
+        default=d.tools_policy,
+        help="when the chat template cannot express tools: refuse the request (400 "
+        "tools_not_supported) or drop the tools and answer without them (header "
+        "X-Tools-Dropped); an upstreams file model may set its own tools_policy",
     )
     p.add_argument(
         "--allow-content-control-tokens",
@@ -378,6 +390,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         chat_template=args.chat_template,
+        tools_policy=args.tools_policy,
         allow_content_control_tokens=args.allow_content_control_tokens,
         rate_limit_window=args.rate_limit_window,
         rate_limit_max_requests=args.rate_limit_max_requests,

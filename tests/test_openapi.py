@@ -97,9 +97,12 @@ def test_every_route_is_documented_and_every_documented_path_is_routed(api_stack
     [(m.upper(), p) for p, item in SPEC["paths"].items() for m in item],
 )
 def test_every_documented_operation_answers(api_stack: Stack, method: str, path: str) -> None:
-    body = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}}.get(
-        path, {"prompt": "hi"}
-    )
+    hi = [{"role": "user", "content": "hi"}]
+    body = {
+        "/v1/chat/completions": {"messages": hi},
+        "/v1/messages": {"model": "m", "max_tokens": 5, "messages": hi},
+        "/v1/messages/count_tokens": {"model": "m", "messages": hi},
+    }.get(path, {"prompt": "hi"})
     response = httpx.request(
         method,
         api_stack.url + path.replace("{model}", "fake-model.gguf"),

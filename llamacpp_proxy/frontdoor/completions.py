@@ -33,6 +33,7 @@ from ..guard.ratelimit import Cost
 from ..render.constraints import merge_constraints
 from ..render.control_tokens import mark_messages
 from ..render.tool_calls import ToolCallFilter, parse_tool_calls
+from ..render.tools_policy import DROPPED_HEADER, plain_tool_history
 from ..request import CompletionRequest
 from ..route.router import Lease, Router
 from ..upstream.llamacpp import ClientGone, LlamaCppClient, UpstreamCall
@@ -198,9 +199,7 @@ class CompletionsHandler(BaseHandler):
             raise self._early_error
         body = parse_json_body(b"".join(self._body_parts))
         self._body_parts = []
-        request = parse_chat_request(body) if self.chat else parse_text_request(body)
-        if request.echo and request.logprobs is not None:
-            raise _echo_logprobs_refused()
+        request = self.parse_request(body)
         self._tools = _active_tools(request)
         self._forced_tools = merge_constraints(request, self._tools)
         assert self.principal is not None  # completions require a key
@@ -213,6 +212,17 @@ class CompletionsHandler(BaseHandler):
         if self._client_gone:
             return  # left while /props was fetched: start nothing on llama.cpp
         self._generations = self._plan(request, prompts)
+        await self.respond(request, model)
+
+    def parse_request(self, body: dict[str, Any]) -> CompletionRequest:
+        """The validated request (another front door parses its own protocol here)."""
+        request = parse_chat_request(body) if self.chat else parse_text_request(body)
+        if request.echo and request.logprobs is not None:
+            raise _echo_logprobs_refused()
+        return request
+
+    async def respond(self, request: CompletionRequest, model: str) -> None:
+        """Run the planned generations and answer (another front door encodes its own)."""
         response_id, created = new_id(self.chat), int(time.time())
         if request.stream:
             await self._stream(request, ChunkEncoder(self.chat, response_id, created, model))
@@ -238,23 +248,15 @@ class CompletionsHandler(BaseHandler):
         upstream = pool.meta_client()
         props = await upstream.props()
         template = pool.template or pool.model_template(props)
+        messages = request.messages
         if self._tools and not template.uses_tools:
-            raise InvalidRequest(
-                f"The chat template {template.origin} cannot express tools; use a template "
-                "that does (llama3, qwen2.5) or send the request without 'tools'.",
-                param="tools",
-                code="tools_not_supported",
-            )
+            messages = self._drop_tools(messages, template.origin, pool)
         adds_bos = await upstream.adds_bos()
-        marked = (
-            None
-            if self.ctx.settings.allow_content_control_tokens
-            else mark_messages(request.messages)
-        )
+        marked = None if self.ctx.settings.allow_content_control_tokens else mark_messages(messages)
         prompt = await render_off_loop_if_large(
             body_size(self.request.headers.get("Content-Length")),
             template.render,
-            request.messages if marked is None else marked.messages,
+            messages if marked is None else marked.messages,
             bos_token=str(props.get("bos_token") or ""),
             eos_token=str(props.get("eos_token") or ""),
             tools=self._tools,
@@ -268,6 +270,26 @@ class CompletionsHandler(BaseHandler):
             tokens = await asyncio.gather(*(upstream.plain_tokens(t) for t in texts))
             prompt = marked.assemble(prompt, dict(zip(texts, tokens, strict=True)), adds_bos)
         return [prompt]
+
+    def _drop_tools(
+        self, messages: list[dict[str, Any]], origin: str, pool: PoolRuntime
+    ) -> list[dict[str, Any]]:
+        """The model's template cannot express tools: refuse, or (policy "drop") go on
+        without them, saying so in a header; a forced call cannot be dropped."""
+        assert self._tools is not None
+        policy = pool.pool.tools_policy or self.ctx.settings.tools_policy
+        if policy != "drop" or self._forced_tools:
+            forced = " and tool_choice forces a call" if self._forced_tools else ""
+            raise InvalidRequest(
+                f"The chat template {origin} cannot express tools{forced}; use a template "
+                "that does (llama3, qwen2.5) or send the request without 'tools' (or set "
+                "this model's tools_policy to 'drop').",
+                param="tools",
+                code="tools_not_supported",
+            )
+        self.set_header(DROPPED_HEADER, str(len(self._tools)))
+        self._tools = None
+        return plain_tool_history(messages)
 
     async def _served_model(self) -> str:
         assert self._pool is not None

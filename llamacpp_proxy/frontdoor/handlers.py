@@ -89,6 +89,10 @@ class BaseHandler(tornado.web.RequestHandler):
         header = self.request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         key = key.strip()
+        if not header and "x-api-key" in self.request.headers:
+            # What Anthropic's SDKs (and Claude Code with ANTHROPIC_API_KEY) send.
+            header = "x-api-key"
+            scheme, key = "bearer", self.request.headers["x-api-key"].strip()
         principal = self.ctx.keys.authenticate(key) if scheme.lower() == "bearer" else None
         if principal is not None:
             return principal
@@ -125,8 +129,13 @@ class BaseHandler(tornado.web.RequestHandler):
             )
         for name, value in error.headers.items():
             self.set_header(name, value)
-        self.set_status(error.status)
-        self.finish(_json(error.body()))
+        status, body = self.render_error(error)
+        self.set_status(status)
+        self.finish(_json(body))
+
+    def render_error(self, error: ProxyError) -> tuple[int, Any]:
+        """The status and body of an error in this endpoint's protocol (OpenAI's here)."""
+        return error.status, error.body()
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ProxyError):

@@ -28,8 +28,10 @@ MAX_NAME_LENGTH = 256
 """Longest model name or alias (clients send it back in every request)."""
 MAX_SERVERS_PER_MODEL = 256
 MAX_MODELS = 1024
+TOOLS_POLICIES = ("refuse", "drop")
+"""A model's answer to tools its template cannot express (render/tools_policy.py)."""
 
-_MODEL_FIELDS = frozenset({"servers", "aliases", "chat_template"})
+_MODEL_FIELDS = frozenset({"servers", "aliases", "chat_template", "tools_policy"})
 
 
 class UpstreamsFileError(ValueError):
@@ -60,6 +62,8 @@ class Pool:
     aliases: tuple[str, ...] = ()
     chat_template: str | None = None
     """Built-in template name or file path; None uses the servers' own (/props)."""
+    tools_policy: str | None = None
+    """"refuse" or "drop" tools the template cannot express; None: --tools-policy."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -249,7 +253,12 @@ def parse_upstreams(data: Mapping[str, Any], source: str) -> Routing:
             raise UpstreamsFileError(
                 f"{where} chat_template: must be a built-in template name or a file path"
             )
-        pools.append(Pool(name, pool_servers, aliases, template))
+        policy = spec.get("tools_policy")
+        if policy is not None and policy not in TOOLS_POLICIES:
+            raise UpstreamsFileError(
+                f"{where} tools_policy: must be one of {', '.join(TOOLS_POLICIES)}"
+            )
+        pools.append(Pool(name, pool_servers, aliases, template, policy))
     return Routing(tuple(pools))
 
 

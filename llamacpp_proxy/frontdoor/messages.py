@@ -1,0 +1,204 @@
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API on the chat
+completions pipeline.
+
+Only the edges differ from a chat completion: the body is parsed by `anthropic.py` into the
+same CompletionRequest, and the results are encoded as Anthropic's message, events and
+errors. Key check, limits, template, tool-call parsing, routing, the llama.cpp call and
+the streaming relay (one flush per upstream read, backpressure, cancellation, charging)
+are CompletionsHandler's.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from ..errors import ProxyError, UpstreamError
+from ..guard.ratelimit import Cost
+from ..render.constraints import merge_constraints
+from ..render.tool_calls import parse_tool_calls
+from ..request import CompletionRequest
+from ..upstream.llamacpp import ClientGone, MixedPrompt
+from . import anthropic
+from .completions import CompletionsHandler, Generation, _active_tools
+from .handlers import log
+from .openai_request import parse_json_body
+
+# The gateway's x-ratelimit-* headers under Anthropic's names.
+_RATELIMIT_NAMES = {
+    "x-ratelimit-limit-requests": "anthropic-ratelimit-requests-limit",
+    "x-ratelimit-remaining-requests": "anthropic-ratelimit-requests-remaining",
+    "x-ratelimit-reset-requests": "anthropic-ratelimit-requests-reset",
+    "x-ratelimit-limit-tokens": "anthropic-ratelimit-tokens-limit",
+    "x-ratelimit-remaining-tokens": "anthropic-ratelimit-tokens-remaining",
+    "x-ratelimit-reset-tokens": "anthropic-ratelimit-tokens-reset",
+}
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:([\d.]+)s)?")
+
+
+def _reset_time(duration: str, now: float) -> str | None:
+    """A `1m30s` reset duration as the RFC 3339 instant Anthropic's headers give."""
+    found = _DURATION.fullmatch(duration)
+    if found is None or not any(found.groups()):
+        return None
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in found.groups())
+    instant = datetime.fromtimestamp(now + hours * 3600 + minutes * 60 + seconds, UTC)
+    return instant.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class MessagesHandler(CompletionsHandler):
+    """POST /v1/messages."""
+
+    chat = True
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        admission = getattr(self, "admission", None)
+        if admission is not None:
+            self._ratelimit_headers(admission.headers)
+
+    def _ratelimit_headers(self, headers: dict[str, str]) -> None:
+        """The x-ratelimit-* headers again under Anthropic's names."""
+        now = time.time()
+        for name, value in headers.items():
+            alias = _RATELIMIT_NAMES.get(name)
+            if alias is None:
+                continue
+            if alias.endswith("-reset"):
+                value = _reset_time(value, now) or ""
+            if value:
+                self.set_header(alias, value)
+
+    def parse_request(self, body: dict[str, Any]) -> CompletionRequest:
+        request = anthropic.parse_messages_request(body)
+        # max_tokens is required by Anthropic and clients send their model's maximum
+        # (Claude Code: 32000), so over the gateway's --max-tokens-limit it is capped
+        # rather than refused; stop_reason "max_tokens" then reports the cap when reached.
+        limit = self.ctx.settings.max_tokens_limit
+        if request.max_tokens is not None and request.max_tokens > limit:
+            request.max_tokens = limit
+        return request
+
+    def render_error(self, error: ProxyError) -> tuple[int, Any]:
+        self._ratelimit_headers(error.headers)  # a 429's, which has no admission
+        return anthropic.error_status(error), anthropic.error_body(error)
+
+    async def respond(self, request: CompletionRequest, model: str) -> None:
+        message_id = anthropic.new_message_id()
+        if request.stream:
+            await self._stream_message(anthropic.EventEncoder(message_id, model))
+            return
+        [result] = await self._gather(self._complete_one)
+        text = str(result.get("content") or "")
+        calls = None
+        if self._tools:
+            parsed = parse_tool_calls(text, self._tools)
+            if parsed is not None:
+                content, calls = parsed
+                text = content or ""
+        self.write_json(anthropic.message_response(message_id, model, text, calls, result))
+
+    async def _stream_message(self, encoder: anthropic.EventEncoder) -> None:
+        try:
+            await self._gather(lambda g: self._relay(encoder, g))
+        except ProxyError as error:
+            if not self._streaming:
+                raise  # nothing sent yet: a plain error response with its status
+            self.stream_error = error.code
+            self._charge_unfinished()
+            log.warning(
+                "request %s: stream ended by an error after it started: %s %s",
+                self.request_id,
+                error.status,
+                error.message,
+            )
+            self._write(anthropic.error_event(error))
+            self.finish()
+            return
+        except ClientGone:
+            return
+        self.finish()
+
+    async def _relay(self, encoder: anthropic.EventEncoder, generation: Generation) -> None:
+        """One generation's llama.cpp events as Anthropic's, one flush per read."""
+        tool_filter = generation.tool_filter
+        write = self.write
+        started = False
+
+        def on_open() -> None:
+            generation.opened = True
+            self._start_stream()
+
+        def on_events(events: list[dict[str, Any]]) -> Any:
+            nonlocal started
+            if self._client_gone:
+                return None
+            generation.last_event = events[-1]
+            if not started:
+                # Sent with the first tokens, not at open: they carry the prompt's count.
+                started = True
+                write(encoder.start(anthropic.usage(events[0])))
+            for event in events:
+                text = event.get("content") or ""
+                if tool_filter is not None:
+                    text = tool_filter.feed(text)
+                if text:
+                    write(encoder.text(text))
+                if event.get("stop"):
+                    self._charge(generation, event)
+                    calls: list[dict[str, Any]] = []
+                    if tool_filter is not None:
+                        rest, calls = tool_filter.finish()
+                        if rest:
+                            write(encoder.text(rest))
+                        if calls:
+                            write(encoder.tool_uses(calls))
+                    write(encoder.finish(event, bool(calls)))
+            return self._flush_with_backpressure()
+
+        call, client = generation.call, generation.client
+        assert call is not None and client is not None
+        await client.stream(generation.body, call, on_open, on_events)
+
+
+class CountTokensHandler(MessagesHandler):
+    """POST /v1/messages/count_tokens: the rendered prompt's tokens, by llama.cpp's own
+    tokenizer. Counted as a request by the key's limits; it charges no tokens."""
+
+    async def post(self) -> None:
+        if self._early_error is not None:
+            raise self._early_error
+        body = parse_json_body(b"".join(self._body_parts))
+        self._body_parts = []
+        request = anthropic.parse_messages_request(body, count_only=True)
+        self._tools = _active_tools(request)
+        self._forced_tools = merge_constraints(request, self._tools)
+        assert self.principal is not None
+        self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
+        self.admission = await self.ctx.limiter.admit(self.principal, Cost(1, 0))
+        self.set_default_headers()
+        [prompt] = await self._prompts(request)
+        self.write_json({"input_tokens": await self._count(prompt)})
+
+    async def _count(self, prompt: str) -> int:
+        assert self._pool is not None
+        upstream = self._pool.meta_client()
+        if type(prompt) is not MixedPrompt:
+            tokens = await upstream.tokenize(prompt, add_special=True)
+            if tokens is None:
+                raise UpstreamError("llama.cpp has no /tokenize to count the prompt with")
+            return len(tokens)
+        # Content went as plain-text token ids: count those, tokenize the template text.
+        pieces = prompt.pieces
+        count = sum(1 for p in pieces if isinstance(p, int))
+        for piece in pieces:
+            if isinstance(piece, str):
+                tokens = await upstream.tokenize(piece)
+                if tokens is None:
+                    raise UpstreamError("llama.cpp has no /tokenize to count the prompt with")
+                count += len(tokens)
+        if pieces and isinstance(pieces[0], str) and await upstream.adds_bos():
+            count += 1
+        return count

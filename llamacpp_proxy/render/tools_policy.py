@@ -1,0 +1,42 @@
+"""What to do with tools a model's chat template cannot express (pure: no I/O).
+
+Per model (the upstreams file's `tools_policy`, else `--tools-policy`):
+- "refuse" (the default): a 400 `tools_not_supported`, as the gateway always answered;
+- "drop": the tools are not offered, the answer says so in `X-Tools-Dropped`, and earlier
+  tool calls and results in the conversation are written as plain text, so a template
+  without tool support can still render them (Claude Code sends its tools and their
+  history on every request, even to say hello).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DEFAULT_POLICY = "refuse"
+DROPPED_HEADER = "X-Tools-Dropped"
+
+
+def plain_tool_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with tool calls and tool results as ordinary text turns (a copy;
+    messages without tools are passed through as they are)."""
+    if not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return messages
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls:
+            lines = [message.get("content") or ""]
+            for call in calls:
+                fn = call["function"]
+                arguments = json.dumps(fn["arguments"], ensure_ascii=False)
+                lines.append(f"[called tool {fn['name']} with {arguments}]")
+            text = "\n".join(line for line in lines if line)
+            out.append({"role": "assistant", "content": text})
+        elif message["role"] == "tool":
+            out.append(
+                {"role": "user", "content": f"[tool result]\n{message.get('content') or ''}"}
+            )
+        else:
+            out.append(message)
+    return out
