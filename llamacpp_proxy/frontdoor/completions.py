@@ -433,16 +433,29 @@ class CompletionsHandler(BaseHandler):
     async def _lease(self, router: Router, generation: Generation, tried: frozenset[str]) -> Lease:
         """A slot for the generation: at once when one is free (no task), else a wait in
         the pool's queue that the client leaving cancels."""
+        principal = self.principal
+        assert principal is not None
+        # Fair between keys, in proportion to their weight (route/waitqueue.py).
+        key, weight = principal.name, principal.weight
         try:
-            lease = router.acquire_nowait(generation.prompt, self._session, tried)
+            lease = router.acquire_nowait(generation.prompt, self._session, tried, key, weight)
         except NoServerAvailable:
             assert self._pool is not None
             if not await self.ctx.routes.probe_down_now(self._pool):
                 raise
-            lease = router.acquire_nowait(generation.prompt, self._session, tried)
+            lease = router.acquire_nowait(generation.prompt, self._session, tried, key, weight)
         if lease is not None:
             return lease
-        wait = asyncio.ensure_future(router.acquire(generation.prompt, self._session, None, tried))
+        wait = asyncio.ensure_future(
+            router.acquire(
+                generation.prompt,
+                self._session,
+                None,
+                tried,
+                queue_key=key,
+                queue_weight=weight,
+            )
+        )
         self._waits.add(wait)
         try:
             return await wait
