@@ -178,7 +178,7 @@ def test_a_ledger_that_cannot_be_written_is_logged_once_and_requests_keep_flowin
             "/v1/completions", json={"prompt": f"p{i}"}, headers=auth(UNLIMITED_KEY)
         )
         assert r.status_code == 200
-        assert stack.wait_for(lambda: ledger.recorded == i + 1)
+        assert stack.wait_for(lambda n=i + 1: ledger.recorded == n)
         assert ledger.flush()  # one failed batch per request
     assert ledger.failed_writes == 3
     assert ledger.dropped_records == 3
