@@ -478,3 +478,22 @@ def test_two_gateways_share_budgets_through_redis(
         for proxy in proxies:
             proxy.stop()
         redis.stop()
+
+
+def test_requests_without_a_valid_key_leave_no_row(
+    stacks: Callable[..., Stack], tmp_path: Path
+) -> None:
+    db = tmp_path / "usage.db"
+    stack = stacks(usage_db=db)
+    ledger = stack.ctx.usage
+    assert ledger is not None
+    for _ in range(3):
+        r = stack.http.post(
+            "/v1/completions", json={"prompt": "x"}, headers=auth("sk-wrong-000000")
+        )
+        assert r.status_code == 401
+    ok = stack.http.post("/v1/completions", json={"prompt": "x"}, headers=auth(UNLIMITED_KEY))
+    assert ok.status_code == 200
+    assert stack.wait_for(lambda: ledger.recorded == 1)
+    assert ledger.flush()
+    assert [r["key"] for r in ledger_rows(db)] == ["unlimited"]

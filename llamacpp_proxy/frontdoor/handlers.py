@@ -176,7 +176,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if budgets is not None and principal is not None and principal.budget is not None:
             self.ctx.run_in_background(budgets.charge(principal, tokens))
         usage = self.ctx.usage
-        if usage is None:
+        if usage is None or principal is None:
+            # No key, no row: whoever sends requests without a valid key cannot fill the disk.
             return
         request = self.request
         started = request._start_time
@@ -184,7 +185,7 @@ class BaseHandler(tornado.web.RequestHandler):
         usage.record(
             UsageRecord(
                 time=time.time(),
-                key=principal.name if principal is not None else None,
+                key=principal.name,
                 model=self.usage_model,
                 server=self.usage_server,
                 endpoint=self.usage_endpoint or "",
