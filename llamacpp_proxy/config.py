@@ -60,6 +60,8 @@ class Settings:
     """Share limits between proxy processes through this Redis (may hold a password)."""
     redis_failure_mode: str = "closed"
     """When Redis is unreachable: "closed" answers 503, "open" admits without limits."""
+    usage_db: Path | None = None
+    """SQLite file of the usage ledger (one row per finished request); None: no ledger."""
     auth_failure_limit: int = 20
     """Failed authentications one client address may make per auth_failure_window."""
     auth_failure_window: float = 60.0
@@ -239,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'open' admits them unlimited",
     )
     p.add_argument(
+        "--usage-db",
+        type=Path,
+        metavar="PATH",
+        help="SQLite file of the usage ledger: one row per finished request, read by "
+        "llamacpp-proxy-usage; needed for budgets without --redis-url (default: no ledger)",
+    )
+    p.add_argument(
         "--auth-failure-limit",
         type=_positive_int,
         default=d.auth_failure_limit,
@@ -399,6 +408,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         api_keys_file=args.api_keys_file,
         redis_url=args.redis_url,
         redis_failure_mode=args.redis_failure_mode,
+        usage_db=args.usage_db,
         auth_failure_limit=args.auth_failure_limit,
         auth_failure_window=args.auth_failure_window,
         max_body_size=args.max_body_size,

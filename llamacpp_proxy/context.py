@@ -10,8 +10,10 @@ from typing import Any
 from .config import Settings
 from .guard.auth import KeyStore
 from .guard.auth_throttle import AuthFailureThrottle
+from .guard.budgets import Budgets
 from .guard.ratelimit import Limiter
 from .observe.logs import AccessLog
+from .observe.usage import UsageLedger
 from .upstream.llamacpp import LlamaCppClient
 from .upstreams import Routes
 
@@ -29,6 +31,10 @@ class AppContext:
     """One line per request (None: --no-access-log)."""
     auth_throttle: AuthFailureThrottle | None = None
     """Refuses addresses that keep presenting wrong keys."""
+    usage: UsageLedger | None = None
+    """The usage ledger (--usage-db), else None."""
+    budgets: Budgets | None = None
+    """Daily/monthly token budgets of the key file, else None."""
     draining: bool = False
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0

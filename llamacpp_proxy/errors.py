@@ -202,3 +202,10 @@ class NoServerAvailable(ProxyError):
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class BudgetExceeded(RateLimited):
+    """The key has used its token budget for the day or month (429 until it resets)."""
+
+    code = "budget_exceeded"
+    error_type = "tokens"

@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,8 +25,10 @@ from .config import ConfigError, Settings, load_settings
 from .context import AppContext
 from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
+from .guard.budgets import Budgets, LocalBudgets, RedisBudgets
 from .guard.ratelimit import InMemoryLimiter, Limiter
 from .observe.logs import AccessLog, BackgroundWriter, TextSink, configure_logging
+from .observe.usage import UsageLedger
 from .render.templates import TemplateLoadError, load_chat_template
 from .route.pools import UpstreamsFileError
 from .upstreams import Routes, describe, load_routing
@@ -35,7 +38,7 @@ log = logging.getLogger("llamacpp_proxy")
 
 def build_keys(settings: Settings) -> KeyStore:
     """The key store from the environment's keys and the key file."""
-    return build_key_store(
+    keys = build_key_store(
         unlimited_key=settings.unlimited_api_key,
         limited_key=settings.limited_api_key,
         limited_limits=Limits(
@@ -43,6 +46,41 @@ def build_keys(settings: Settings) -> KeyStore:
         ),
         key_file=settings.api_keys_file,
     )
+    check_budget_store(settings, keys)
+    return keys
+
+
+def check_budget_store(settings: Settings, keys: KeyStore) -> None:
+    """Budgets need somewhere to survive a restart: the ledger or Redis."""
+    if settings.usage_db is None and settings.redis_url is None:
+        budgeted = [p.name for p in keys.principals if p.budget is not None]
+        if budgeted:
+            raise KeyFileError(
+                f"keys {', '.join(budgeted)} have token budgets: pass --usage-db PATH (or "
+                "--redis-url) so that a restart does not reset them"
+            )
+
+
+def build_usage(settings: Settings, keys: KeyStore) -> tuple[UsageLedger | None, Budgets | None]:
+    """The usage ledger (--usage-db) and the budget counters (in Redis with --redis-url,
+    else in memory, rebuilt from the ledger)."""
+    ledger = None
+    if settings.usage_db is not None:
+        try:
+            ledger = UsageLedger(settings.usage_db)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"--usage-db {settings.usage_db}: cannot open it: {exc}") from exc
+    budgets: Budgets | None = None
+    if settings.redis_url is not None:
+        try:
+            budgets = RedisBudgets.from_url(settings.redis_url, settings.redis_failure_mode)
+        except ImportError as exc:
+            raise ConfigError(f"--redis-url needs the redis package ({exc})") from exc
+    elif ledger is not None:
+        local = LocalBudgets(ledger)
+        local.seed(keys.principals)  # so a restart does not reset a budget
+        budgets = local
+    return ledger, budgets
 
 
 def warn_unknown_models(keys: KeyStore, routes: Routes) -> None:
@@ -85,10 +123,13 @@ def build_context(settings: Settings, log_stream: TextSink | None = None) -> App
             ) from exc
     else:
         limiter = InMemoryLimiter()
+    usage, budgets = build_usage(settings, keys)
     return AppContext(
         settings=settings,
         keys=keys,
         limiter=limiter,
+        usage=usage,
+        budgets=budgets,
         access_log=(
             AccessLog(log_stream or sys.stderr, settings.log_json, _call_soon)
             if settings.access_log
@@ -329,7 +370,20 @@ async def shutdown(ctx: AppContext, server: HTTPServer) -> None:
                 await asyncio.wait_for(close_limiter(), timeout=5)
             except Exception as exc:
                 log.warning("closing the rate limiter failed: %s", exc)
+        await close_usage(ctx)
     log.info("stopped")
+
+
+async def close_usage(ctx: AppContext) -> None:
+    """Write the ledger's last rows (off the loop) and close the budget store."""
+    if ctx.usage is not None:
+        await asyncio.get_running_loop().run_in_executor(None, ctx.usage.close)
+    close_budgets = getattr(ctx.budgets, "close", None)
+    if close_budgets is not None:
+        try:
+            await asyncio.wait_for(close_budgets(), timeout=5)
+        except Exception as exc:
+            log.warning("closing the budget store failed: %s", exc)
 
 
 def reload(ctx: AppContext) -> None:

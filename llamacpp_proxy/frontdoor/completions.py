@@ -204,11 +204,13 @@ class CompletionsHandler(BaseHandler):
         self._forced_tools = merge_constraints(request, self._tools)
         assert self.principal is not None  # completions require a key
         # Before admission: a model the key cannot use costs it nothing.
+        self.usage_model = request.model
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
         self._session = self._session_key(request, body)
         await self._admit(request)
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
+        self.usage_model = model
         if self._client_gone:
             return  # left while /props was fetched: start nothing on llama.cpp
         self._generations = self._plan(request, prompts)
@@ -311,6 +313,9 @@ class CompletionsHandler(BaseHandler):
         generations = (1 if self.chat else len(request.prompts)) * request.n
         estimate = estimate_tokens(self._body_size) + self._max_tokens * generations
         assert self.principal is not None
+        budgets = self.ctx.budgets
+        if budgets is not None and self.principal.budget is not None:
+            await budgets.check(self.principal)  # 429 budget_exceeded, before any reservation
         self.admission = await self.ctx.limiter.admit(self.principal, Cost(generations, estimate))
         self.set_default_headers()
 
@@ -333,6 +338,9 @@ class CompletionsHandler(BaseHandler):
         generation.charged = True
         if generation.counts_prompt:
             self.prompt_tokens += int(result.get("tokens_evaluated") or 0)
+            timings = result.get("timings")
+            if isinstance(timings, dict):
+                self.cached_tokens += int(timings.get("cache_n") or 0)
         self.completion_tokens += int(result.get("tokens_predicted") or 0)
 
     def _charge_unfinished(self) -> None:
@@ -421,6 +429,7 @@ class CompletionsHandler(BaseHandler):
                 raise ClientGone()
             lease = await self._lease(router, generation, tried)
             key = lease.server.key
+            self.usage_server = lease.server.display
             try:
                 if self._client_gone or self._stopped:
                     raise ClientGone()
@@ -455,16 +464,29 @@ class CompletionsHandler(BaseHandler):
     async def _lease(self, router: Router, generation: Generation, tried: frozenset[str]) -> Lease:
         """A slot for the generation: at once when one is free (no task), else a wait in
         the pool's queue that the client leaving cancels."""
+        principal = self.principal
+        assert principal is not None
+        # Fair between keys, in proportion to their weight (route/waitqueue.py).
+        key, weight = principal.name, principal.weight
         try:
-            lease = router.acquire_nowait(generation.prompt, self._session, tried)
+            lease = router.acquire_nowait(generation.prompt, self._session, tried, key, weight)
         except NoServerAvailable:
             assert self._pool is not None
             if not await self.ctx.routes.probe_down_now(self._pool):
                 raise
-            lease = router.acquire_nowait(generation.prompt, self._session, tried)
+            lease = router.acquire_nowait(generation.prompt, self._session, tried, key, weight)
         if lease is not None:
             return lease
-        wait = asyncio.ensure_future(router.acquire(generation.prompt, self._session, None, tried))
+        wait = asyncio.ensure_future(
+            router.acquire(
+                generation.prompt,
+                self._session,
+                None,
+                tried,
+                queue_key=key,
+                queue_weight=weight,
+            )
+        )
         self._waits.add(wait)
         try:
             return await wait
@@ -573,6 +595,8 @@ class CompletionsHandler(BaseHandler):
         def on_events(events: list[dict[str, Any]]) -> Awaitable[None] | None:
             if self._client_gone:
                 return None
+            if self.first_token_at is None:
+                self.first_token_at = time.time()  # per read, not per token
             generation.last_event = events[-1]
             for event in events:
                 text = event.get("content") or ""
@@ -634,9 +658,11 @@ class ChatCompletionsHandler(CompletionsHandler):
     """POST /v1/chat/completions."""
 
     chat = True
+    usage_endpoint = "/v1/chat/completions"
 
 
 class TextCompletionsHandler(CompletionsHandler):
     """POST /v1/completions."""
 
     chat = False
+    usage_endpoint = "/v1/completions"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from http.client import responses
 from importlib import resources
@@ -26,6 +27,7 @@ from ..errors import (
 from ..guard.auth import Principal
 from ..guard.ratelimit import Admission
 from ..ids import unique_id
+from ..observe.usage import UsageRecord
 
 log = logging.getLogger("llamacpp_proxy")
 
@@ -42,6 +44,8 @@ class BaseHandler(tornado.web.RequestHandler):
     requires_key = True
     rate_limited = False
     refused_while_draining = True
+    usage_endpoint: str | None = None
+    """The endpoint's name in the usage ledger; None: not recorded."""
 
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -51,6 +55,13 @@ class BaseHandler(tornado.web.RequestHandler):
         self.completion_tokens = 0
         self.request_id = ""
         self._counted = False
+        # For the usage ledger, filled in by the endpoints that record usage.
+        self.usage_model: str | None = None
+        self.usage_server: str | None = None
+        self.cached_tokens = 0
+        self.first_token_at: float | None = None
+        self._recorded = False
+        self._client_left = False
 
     def set_default_headers(self) -> None:
         # Also runs again when send_error clears a response: keep what every answer carries.
@@ -149,6 +160,7 @@ class BaseHandler(tornado.web.RequestHandler):
         log.error("request %s: unexpected error", self.request_id, exc_info=(typ, value, tb))
 
     def on_connection_close(self) -> None:
+        self._client_left = True
         self.release()
 
     def release(self) -> None:
@@ -160,6 +172,42 @@ class BaseHandler(tornado.web.RequestHandler):
         if admission is not None and not admission.finished:
             tokens = self.prompt_tokens + self.completion_tokens
             self.ctx.run_in_background(self.ctx.limiter.finish(admission, tokens))
+        if self.usage_endpoint is not None and not self._recorded:
+            self._recorded = True
+            self._record_usage()
+
+    def _record_usage(self) -> None:
+        """Charge the key's budgets, then add the request to the ledger: once, at its end.
+        (In that order: a budget seen for the first time is read from the ledger.)"""
+        principal = self.principal
+        tokens = self.prompt_tokens + self.completion_tokens
+        budgets = self.ctx.budgets
+        if budgets is not None and principal is not None and principal.budget is not None:
+            self.ctx.run_in_background(budgets.charge(principal, tokens))
+        usage = self.ctx.usage
+        if usage is None or principal is None:
+            # No key, no row: whoever sends requests without a valid key cannot fill the disk.
+            return
+        request = self.request
+        started = request._start_time
+        first = self.first_token_at
+        usage.record(
+            UsageRecord(
+                time=time.time(),
+                key=principal.name,
+                model=self.usage_model,
+                server=self.usage_server,
+                endpoint=self.usage_endpoint or "",
+                # 499 (as nginx logs it): the client left before the answer ended.
+                status=499 if self._client_left and not self._finished else self.get_status(),
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                cached_tokens=self.cached_tokens,
+                duration=request.request_time(),
+                ttft=first - started if first is not None else None,
+                request_id=self.request_id,
+            )
+        )
 
     def on_finish(self) -> None:
         self.release()

@@ -44,6 +44,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Tokens a key may use per calendar day and month (None: no such budget)."""
+
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    timezone: str = "UTC"
+    """IANA zone whose midnight starts a day (and whose 1st a month)."""
+
+
+@dataclass(frozen=True)
 class Principal:
     """A named key holder. `limits` is None for a key that is never limited."""
 
@@ -51,6 +61,10 @@ class Principal:
     limits: Limits | None = None
     models: frozenset[str] | None = None
     """Model names (or aliases) this key may use; None: every model."""
+    budget: Budget | None = None
+    """Daily/monthly token budgets (guard/budgets.py); None: none."""
+    weight: float = 1.0
+    """Share of the slots when requests wait in a model's queue (route/waitqueue.py)."""
 
     @property
     def log_name(self) -> str:
@@ -142,7 +156,13 @@ def load_key_file(path: Path) -> dict[bytes, Principal]:
             models = parse_key_models(spec.get("models"), f"{path}: [keys.{name}]")
         except ValueError as exc:
             raise KeyFileError(str(exc)) from None
-        entries[digest] = Principal(name, _entry_limits(path, name, spec), models)
+        entries[digest] = Principal(
+            name,
+            _entry_limits(path, name, spec),
+            models,
+            _entry_budget(path, name, spec),
+            _entry_weight(path, name, spec),
+        )
     return entries
 
 
@@ -177,6 +197,10 @@ _ENTRY_FIELDS = {
     "tokens_per_minute",
     "max_concurrent",
     "models",
+    "tokens_per_day",
+    "tokens_per_month",
+    "budget_timezone",
+    "weight",
 }
 
 
@@ -219,3 +243,48 @@ def _entry_limits(path: Path, name: str, spec: dict[str, Any]) -> Limits | None:
     if not values:
         return None
     return Limits(window=float(window), **values)
+
+
+def _entry_budget(path: Path, name: str, spec: dict[str, Any]) -> Budget | None:
+    values: dict[str, int] = {}
+    for field_name in ("tokens_per_day", "tokens_per_month"):
+        value = spec.get(field_name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KeyFileError(f"{path}: [keys.{name}] '{field_name}' must be a positive integer")
+        values[field_name] = value
+    zone = spec.get("budget_timezone", "UTC")
+    if not isinstance(zone, str) or not _valid_zone(zone):
+        raise KeyFileError(
+            f"{path}: [keys.{name}] 'budget_timezone' must be an IANA time zone name "
+            "such as 'UTC' or 'Europe/Berlin'"
+        )
+    if "budget_timezone" in spec and not values:
+        raise KeyFileError(
+            f"{path}: [keys.{name}] 'budget_timezone' needs 'tokens_per_day' or 'tokens_per_month'"
+        )
+    if not values:
+        return None
+    return Budget(timezone=zone, **values)
+
+
+def _valid_zone(zone: str) -> bool:
+    from zoneinfo import ZoneInfo
+
+    try:
+        ZoneInfo(zone)
+    except (ValueError, KeyError, OSError):  # ZoneInfoNotFoundError is a KeyError
+        return False
+    return True
+
+
+def _entry_weight(path: Path, name: str, spec: dict[str, Any]) -> float:
+    weight = spec.get("weight", 1)
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not 0.01 <= weight <= 1000
+    ):
+        raise KeyFileError(f"{path}: [keys.{name}] 'weight' must be a number from 0.01 to 1000")
+    return float(weight)

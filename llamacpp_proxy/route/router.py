@@ -33,7 +33,7 @@ from .affinity import prefix_hashes as _prefix_hashes
 from .clock import Clock, LoopClock, Timer
 from .health import Outcome, ProbePolicy, ServerHealth, ServerStatus, State
 from .pools import Pool, Server
-from .waitqueue import FifoQueue
+from .waitqueue import FairQueue
 
 UNKNOWN_SLOTS = 1
 """Slots assumed before /props said: one is never an overload, whatever the server has."""
@@ -175,7 +175,7 @@ class Router:
         self._draining: dict[str, Upstream] = {}
         self._prefixes = PrefixMap(self.policy.max_prefixes)
         self._sessions = SessionMap(self.policy.max_sessions)
-        self._queue: FifoQueue[_Waiter] = FifoQueue(self.policy.max_queue)
+        self._queue: FairQueue[_Waiter] = FairQueue(self.policy.max_queue)
         self._turn = itertools.count()
         self._affinity = self.policy.mode == "affinity"
         self._round_robin = self.policy.mode == "round-robin"
@@ -190,6 +190,7 @@ class Router:
         deadline: float | None = None,
         exclude: frozenset[str] = frozenset(),
         queue_key: str | None = None,
+        queue_weight: float = 1.0,
     ) -> Lease:
         """A lease on a slot of the best server for this prompt.
 
@@ -197,7 +198,8 @@ class Router:
         clock (default: now + queue_timeout); `exclude` holds server keys that already
         failed this request (failover). Raises ServerOverloaded when the queue is full or
         the deadline passes, NoServerAvailable when no server of the pool is ready or
-        loading. Cancelling the caller while it waits
+        loading. While it waits, waiters are served fairly between `queue_key`s, in
+        proportion to their `queue_weight` (see waitqueue.py). Cancelling the caller while it waits
         passes its turn (and any slot just handed to it) to the next waiter.
         """
         now = self._clock.now()
@@ -216,9 +218,10 @@ class Router:
             if upstream is None:
                 raise self._overloaded("the wait queue is full" if self._queue.full else None)
         if upstream is None:
-            upstream = await self._wait(want, exclude, deadline, now, queue_key)
+            upstream = await self._wait(want, exclude, deadline, now, queue_key, queue_weight)
         else:
             upstream.inflight += 1
+            self._queue.served(queue_key, queue_weight)
         return self._lease(upstream, want, hashes, session_key)
 
     def acquire_nowait(
@@ -226,6 +229,8 @@ class Router:
         prompt: str | bytes | None,
         session_key: str | None = None,
         exclude: frozenset[str] = frozenset(),
+        queue_key: str | None = None,
+        queue_weight: float = 1.0,
     ) -> Lease | None:
         """`acquire`'s answer when it needs no wait, else None (then call `acquire`, which the
         caller can cancel). Lets the request path skip a task when a slot is free."""
@@ -240,6 +245,7 @@ class Router:
         if upstream is None:
             return None
         upstream.inflight += 1
+        self._queue.served(queue_key, queue_weight)  # the key's turn, for the fair queue
         return self._lease(upstream, want, hashes, session_key)
 
     def can_retry(self, exclude: frozenset[str]) -> bool:
@@ -264,10 +270,11 @@ class Router:
         deadline: float,
         now: float,
         queue_key: str | None,
+        queue_weight: float = 1.0,
     ) -> Upstream:
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(want, exclude, future)
-        self._queue.push(waiter, queue_key)
+        self._queue.push(waiter, queue_key, queue_weight)
         timers: list[Timer] = [self._clock.call_at(deadline, lambda: self._expire(waiter))]
         if want.warm is not None and now < want.warm_until < deadline:
             # When the warm wait ends, the waiter may take a cold slot free at that moment.
@@ -301,7 +308,7 @@ class Router:
             self._dispatch()
 
     def _dispatch(self) -> None:
-        """Offer free slots to waiters, first come first served."""
+        """Offer free slots to waiters, in the queue's fair order."""
         if not len(self._queue):
             return
         now = self._clock.now()

@@ -1,0 +1,318 @@
+"""The usage ledger: one row per finished request, in SQLite, written off the event loop.
+
+`record()` is what the request path calls, once, when a request ends: it appends a tuple to
+a list under a lock and returns (a few microseconds). A writer thread takes what has
+gathered every `flush_interval` seconds (or sooner, once `batch_size` rows wait) and inserts
+it in one transaction, so the loop never waits on the disk. When the database cannot be
+written (disk full, read-only, locked too long), the batch is dropped, the failure is logged
+once per streak and counted (`failed_writes`, `dropped_records`), and requests keep flowing.
+At most `max_pending` rows wait in memory: a writer that stalls cannot grow memory without
+bound.
+
+The ledger also keeps, in memory, each key's requests and tokens of the current UTC day
+(`today(key)`), seeded from the database when it opens: the status page reads them without
+touching the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llamacpp_proxy.usage")
+
+DAY = 86400.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    time REAL NOT NULL,               -- when the request ended, Unix seconds (UTC)
+    key TEXT,                         -- the key's name (never the secret); NULL: no key
+    model TEXT,
+    server TEXT,                      -- host:port of the llama.cpp server (the last one used)
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,          -- 499: the client left before the answer ended
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,   -- prompt tokens llama.cpp reused from its cache (cache_n)
+    duration REAL NOT NULL,           -- seconds
+    ttft REAL,                        -- seconds to the first streamed token; NULL: not streamed
+    request_id TEXT
+);
+CREATE INDEX IF NOT EXISTS usage_key_time ON usage (key, time);
+CREATE INDEX IF NOT EXISTS usage_time ON usage (time);
+"""
+
+COLUMNS = (
+    "time",
+    "key",
+    "model",
+    "server",
+    "endpoint",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "duration",
+    "ttft",
+    "request_id",
+)
+_INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One finished request."""
+
+    time: float
+    key: str | None
+    model: str | None
+    server: str | None
+    endpoint: str
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    duration: float = 0.0
+    ttft: float | None = None
+    request_id: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        """What budgets count: prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def row(self) -> tuple[Any, ...]:
+        """The values in COLUMNS order."""
+        return (
+            self.time,
+            self.key,
+            self.model,
+            self.server,
+            self.endpoint,
+            self.status,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            self.duration,
+            self.ttft,
+            self.request_id,
+        )
+
+
+@dataclass
+class DayUsage:
+    """One key's use during one UTC day."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+def connect(path: Path | str, timeout: float = 5.0) -> sqlite3.Connection:
+    """A connection to the ledger database, its schema created if missing."""
+    db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
+    # WAL: the report command (and other processes sharing the file) read while we write.
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(SCHEMA)
+    return db
+
+
+class UsageLedger:
+    """The ledger of one process; `record` from the event loop, everything else anywhere."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        flush_interval: float = 1.0,
+        batch_size: int = 500,
+        max_pending: int = 100_000,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self.max_pending = max_pending
+        self.now = now
+        self.failed_writes = 0
+        """Batches the database refused (each logged once per streak)."""
+        self.dropped_records = 0
+        """Records lost: in refused batches, or beyond max_pending."""
+        self.written_records = 0
+        self.recorded = 0
+        """Records handed to `record` (written, pending or dropped)."""
+        self._db = connect(self.path)  # raises at start when the path is unusable
+        self._pending: list[tuple[Any, ...]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._writing = False
+        self._closed = False
+        self._failing = False
+        self._day_start = 0.0
+        self._today: dict[str | None, DayUsage] = {}
+        self._seed_today()
+        self._thread = threading.Thread(target=self._run, name="usage-ledger", daemon=True)
+        self._thread.start()
+
+    # -- the request path ------------------------------------------------------------------
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue one finished request for writing; never blocks on the disk."""
+        row = rec.row()
+        with self._lock:
+            self.recorded += 1
+            if len(self._pending) >= self.max_pending:
+                self.dropped_records += 1
+                return
+            self._pending.append(row)
+            if len(self._pending) >= self.batch_size:
+                self._wake.notify()
+            self._count_today(rec)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def today(self, key: str | None) -> DayUsage:
+        """This UTC day's requests and tokens of `key` (a copy; from memory, no disk)."""
+        with self._lock:
+            self._roll_day(self.now())
+            day = self._today.get(key)
+            return DayUsage(**vars(day)) if day is not None else DayUsage()
+
+    def tokens_since(self, key: str, since: float) -> int:
+        """Prompt + completion tokens of `key` in requests that ended at or after `since`
+        (Unix seconds), rows not yet written included. Reads the disk: for start-up."""
+        with self._lock:
+            pending = sum(
+                row[6] + row[7] for row in self._pending if row[1] == key and row[0] >= since
+            )
+        # Its own connection: the writer's belongs to the writer thread.
+        with contextlib.closing(connect(self.path)) as db:
+            cur = db.execute(
+                "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage "
+                "WHERE key = ? AND time >= ?",
+                (key, since),
+            )
+            return int(cur.fetchone()[0]) + int(pending)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every record queued so far is written (or dropped); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._wake.notify()
+            while self._pending or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for at most `timeout` seconds) and stop the writer."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._db.close()
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending and not self._closed:
+                    self._wake.wait(self.flush_interval)
+                batch, self._pending = self._pending, []
+                closed = self._closed
+                self._writing = bool(batch)
+            if batch:
+                self._write(batch)
+            with self._lock:
+                self._writing = False
+                if not self._pending:
+                    self._idle.notify_all()
+                if closed and not self._pending:
+                    return
+
+    def _write(self, batch: list[tuple[Any, ...]]) -> None:
+        try:
+            with self._db:  # one transaction per batch
+                self._db.execute("BEGIN")
+                self._db.executemany(_INSERT, batch)
+        except sqlite3.Error as exc:
+            self.failed_writes += 1
+            self.dropped_records += len(batch)
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "usage ledger %s cannot be written (%s): dropping records until it can",
+                    self.path,
+                    exc,
+                )
+            return
+        self.written_records += len(batch)
+        if self._failing:
+            self._failing = False
+            log.warning("usage ledger %s is written again", self.path)
+
+    # -- today's counters ------------------------------------------------------------------
+
+    def _seed_today(self) -> None:
+        now = self.now()
+        self._day_start = now - now % DAY
+        rows = self._db.execute(
+            "SELECT key, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
+            "SUM(cached_tokens) FROM usage WHERE time >= ? GROUP BY key",
+            (self._day_start,),
+        )
+        for key, requests, prompt, completion, cached in rows:
+            self._today[key] = DayUsage(requests, prompt or 0, completion or 0, cached or 0)
+
+    def _roll_day(self, now: float) -> None:
+        if now - self._day_start >= DAY:
+            self._day_start = now - now % DAY
+            self._today.clear()
+
+    def _count_today(self, rec: UsageRecord) -> None:
+        self._roll_day(rec.time)
+        day = self._today.get(rec.key)
+        if day is None:
+            day = self._today[rec.key] = DayUsage()
+        day.requests += 1
+        day.prompt_tokens += rec.prompt_tokens
+        day.completion_tokens += rec.completion_tokens
+        day.cached_tokens += rec.cached_tokens
+
+
+def read_rows(
+    db: sqlite3.Connection, since: float | None = None, until: float | None = None
+) -> Iterable[tuple[Any, ...]]:
+    """Ledger rows (COLUMNS order) that ended in [since, until), oldest first."""
+    where, args = [], []
+    if since is not None:
+        where.append("time >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("time < ?")
+        args.append(until)
+    sql = f"SELECT {', '.join(COLUMNS)} FROM usage"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return db.execute(sql + " ORDER BY time", args)
