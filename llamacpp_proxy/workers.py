@@ -4,8 +4,9 @@ The parent binds the sockets, forks the workers (each builds its own event loop,
 connections, log writer and Redis client after the fork: none of those survive a fork), then
 only supervises: it forwards SIGTERM, SIGINT and SIGHUP to every worker and waits.
 
-A worker that exits when the parent did not ask it to (a crash, an OOM kill) is logged, and
-the parent then stops the other workers and exits with status 1. It does not restart it:
+A worker that dies (a crash, an OOM kill: any exit but a clean one after a stop signal) is
+logged, and the parent then stops the other workers and exits with status 1; a worker
+stopped on its own by a signal stops the others too, and the parent exits 0. It does not restart it:
 a proxy quietly serving at part of its capacity is harder to notice than one that exits,
 and the service manager (systemd `Restart=on-failure`, deploy/) restarts the whole set with
 a clean state; limits live in Redis (--workers needs --redis-url), so nothing is lost.
@@ -100,7 +101,12 @@ def run(
             continue
         index = workers.pop(pid)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        if stopping and clean:
+        if clean:
+            # Only a stop signal makes a worker exit 0; one sent to it alone (systemd's
+            # KillMode=control-group signals every process at once) still stops them all.
+            if not stopping:
+                log.info("worker %d (pid %d) stopped; stopping the others", index, pid)
+                forward(signal.SIGTERM, None)
             continue
         if not stopping:
             log.error(

@@ -152,3 +152,15 @@ def test_a_worker_that_dies_is_logged_and_stops_the_proxy(
     assert f"(pid {workers[0]}) exited unexpectedly (killed by SIGKILL)" in log
     assert proxy.proc.wait(timeout=15) == 1
     assert wait_gone(workers[1])
+
+
+def test_a_worker_stopped_on_its_own_stops_the_others_and_the_proxy_exits_0(
+    two_workers: tuple[ProxyProcess, list[int], Path],
+) -> None:
+    # systemd's default KillMode signals every process of the unit, workers included.
+    proxy, workers, _ = two_workers
+    os.kill(workers[1], signal.SIGTERM)
+    log = proxy.read_until("stopping the others")
+    assert f"(pid {workers[1]}) stopped; stopping the others" in log
+    assert proxy.proc.wait(timeout=15) == 0
+    assert wait_gone(workers[0])
