@@ -2,7 +2,8 @@
 
 The parent binds the sockets, forks the workers (each builds its own event loop, upstream
 connections, log writer and Redis client after the fork: none of those survive a fork), then
-only supervises: it forwards SIGTERM, SIGINT and SIGHUP to every worker and waits.
+only supervises: it forwards SIGTERM, SIGINT and SIGHUP to every worker and waits. A worker
+whose parent dies (even by SIGKILL) gets SIGTERM from the kernel and drains like any stop.
 
 A worker that dies (a crash, an OOM kill: any exit but a clean one after a stop signal) is
 logged, and the parent then stops the other workers and exits with status 1; a worker
@@ -15,6 +16,7 @@ a clean state; limits live in Redis (--workers needs --redis-url), so nothing is
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -28,6 +30,7 @@ log = logging.getLogger("llamacpp_proxy")
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOPPING = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def _exit_status(status: int) -> str:
@@ -37,19 +40,25 @@ def _exit_status(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
-def run(
-    count: int,
-    sockets: list[socket.socket],
-    serve: Callable[[int], int],
-    before_fork: Callable[[], None] = lambda: None,
-    after_fork: Callable[[], None] = lambda: None,
-) -> int:
+def _stop_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the parent dies (even by SIGKILL), so no orphan goes on
+    serving the port unsupervised (Linux; elsewhere the service manager has to)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run(count: int, sockets: list[socket.socket], serve: Callable[[int], int]) -> int:
     """Fork `count` workers that each run `serve(index)` (its return value is the worker's
     exit status) on the inherited `sockets`; supervise them; return the parent's status.
-    `before_fork`/`after_fork` let the parent stop and restart its threads (a thread does
-    not survive a fork, and a lock it held would stay held in the child)."""
+    The caller must have no threads running: a thread does not survive a fork, and a lock
+    it held would stay held in the child."""
     workers: dict[int, int] = {}  # pid -> index
     stopping = False
+    failed = False
+    parent = os.getpid()
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -64,13 +73,19 @@ def run(
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    before_fork()
     try:
         for index in range(count):
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                log.error("cannot start worker %d: %s; stopping the others", index, exc)
+                failed = True
+                forward(signal.SIGTERM, None)
+                break
             if pid == 0:
                 for sig in FORWARDED:
                     signal.signal(sig, signal.SIG_DFL)
+                _stop_with_parent(parent)
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
                 status = 1
                 try:
@@ -85,13 +100,11 @@ def run(
                     os._exit(status)
             workers[pid] = index
     finally:
-        after_fork()
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     for sock in sockets:
         sock.close()  # the workers hold their own copies; the parent never accepts
-    log.info("started %d workers: %s", count, ", ".join(map(str, workers)))
+    log.info("started %d workers: %s", len(workers), ", ".join(map(str, workers)))
 
-    failed = False
     while workers:
         try:
             pid, status = os.wait()  # EINTR is retried after `forward` runs (PEP 475)

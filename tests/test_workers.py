@@ -164,3 +164,15 @@ def test_a_worker_stopped_on_its_own_stops_the_others_and_the_proxy_exits_0(
     assert f"(pid {workers[1]}) stopped; stopping the others" in log
     assert proxy.proc.wait(timeout=15) == 0
     assert wait_gone(workers[0])
+
+
+def test_workers_stop_when_the_parent_is_killed(
+    two_workers: tuple[ProxyProcess, list[int], Path],
+) -> None:
+    # No orphan goes on serving the port unsupervised after a kill -9 of the parent.
+    proxy, workers, _ = two_workers
+    proxy.proc.kill()
+    proxy.proc.wait(timeout=10)
+    assert all(wait_gone(pid) for pid in workers)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(proxy.url + "/health", timeout=1)

@@ -6,6 +6,7 @@ deadlines of each call, and the translation of upstream failures into ProxyError
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -704,7 +705,10 @@ class BodyPump(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Decode and pass on what this read brought."""
         if self._done.done():
-            self._decoder.feed(data)  # after the end: kept as `extra` (no reuse)
+            # After the end: kept as `extra`, so the connection is not reused; after an
+            # error the connection is being closed, and what comes is of no interest.
+            with contextlib.suppress(ProtocolError):
+                self._decoder.feed(data)
             return
         try:
             piece = self._decoder.feed(data)
