@@ -1523,6 +1523,10 @@ def litellm_series(b: Bench, nginx: str, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("paced", "workers"):
+        import paced  # bench/paced.py: streams at a GPU's pace, several workers
+
+        return paced.main(argv)
     args = parse_args(argv)
     raise_fd_limit(args.open_streams * 3 + 512)
     tmp = Path(tempfile.mkdtemp(prefix="llamacpp-proxy-bench-"))

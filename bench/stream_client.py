@@ -8,6 +8,10 @@
         received its first event, print `OPEN n` (n = streams open), then wait for a line
         on stdin (or EOF), close them all, print `CLOSED` and exit.
 
+  pace: keep CONCURRENCY streams running (each ends, the next starts) for --ramp then
+        --duration seconds; count the SSE events and reads within the --duration window and
+        the CPU time of --cpu-pid processes over it (from /proc). Prints one JSON object.
+
 Requests are HTTP/1.1 with `Connection: close`, so a stream ends when the server closes.
 """
 
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -186,11 +191,102 @@ async def run_hold(args: argparse.Namespace, request: bytes) -> None:
     print("CLOSED", flush=True)
 
 
+def _cpu(pids: list[int], sys_only: bool = False) -> float:
+    """utime + stime (or stime alone) of these processes, in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[12]) + (0 if sys_only else int(fields[11]))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def run_pace(args: argparse.Namespace, request: bytes) -> dict[str, object]:
+    counting = False
+    stop = False
+    events = reads = streams = failed = 0
+    loop = asyncio.get_running_loop()
+
+    async def worker(delay: float) -> None:
+        nonlocal events, reads, streams, failed
+        await asyncio.sleep(delay)  # spread the streams' phases, as slots start apart
+        while not stop:
+            try:
+                reader, writer = await asyncio.open_connection(args.host, args.port)
+            except OSError:
+                failed += 1
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                writer.write(request)
+                tail = b""
+                first = True
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    if first:
+                        first = False
+                        if not data.startswith(b"HTTP/1.1 200"):
+                            failed += 1
+                            break
+                    if counting:
+                        window = tail + data
+                        events += window.count(b"data:") - tail.count(b"data:")
+                        reads += 1
+                        tail = window[-8:]
+                if counting:
+                    streams += 1
+            except OSError:
+                failed += 1
+            finally:
+                writer.close()
+
+    tasks = [
+        asyncio.ensure_future(worker(args.ramp * i / args.concurrency))
+        for i in range(args.concurrency)
+    ]
+    await asyncio.sleep(args.ramp + 1.0)
+    pids = [int(p) for p in args.cpu_pid]
+    own = os.getpid()
+    cpu0 = [_cpu([p]) for p in pids]
+    sys0 = [_cpu([p], sys_only=True) for p in pids]
+    self0 = _cpu([own])
+    t0 = loop.time()
+    counting = True
+    await asyncio.sleep(args.duration)
+    counting = False
+    wall = loop.time() - t0
+    cpu1 = [_cpu([p]) for p in pids]
+    sys1 = [_cpu([p], sys_only=True) for p in pids]
+    self1 = _cpu([own])
+    stop = True
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "concurrency": args.concurrency,
+        "wall_s": wall,
+        "events": events,
+        "events_per_s": events / wall,
+        "reads": reads,
+        "events_per_read": events / reads if reads else None,
+        "streams_completed": streams,
+        "failed": failed,
+        "cpu_s": {str(p): b - a for p, a, b in zip(pids, cpu0, cpu1, strict=True)},
+        "sys_cpu_s": {str(p): b - a for p, a, b in zip(pids, sys0, sys1, strict=True)},
+        "client_cpu_s": self1 - self0,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["ttfb", "hold"])
+    parser.add_argument("mode", choices=["ttfb", "hold", "pace"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", required=True)
@@ -199,12 +295,17 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--duration", type=float, default=10.0, help="pace: counted seconds")
+    parser.add_argument("--ramp", type=float, default=2.0, help="pace: seconds to start streams")
+    parser.add_argument("--cpu-pid", action="append", default=[], help="pace: measure its CPU")
     args = parser.parse_args()
     with open(args.body_file, "rb") as f:
         body = f.read()
     request = build_request(args.host, args.port, args.path, body, args.key)
     if args.mode == "ttfb":
         print(json.dumps(asyncio.run(run_ttfb(args, request))), flush=True)
+    elif args.mode == "pace":
+        print(json.dumps(asyncio.run(run_pace(args, request))), flush=True)
     else:
         asyncio.run(run_hold(args, request))
 

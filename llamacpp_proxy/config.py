@@ -89,6 +89,9 @@ class Settings:
     """Seconds a client may take to send its request body."""
     shutdown_timeout: float = 30.0
     """Seconds in-flight requests get to finish after SIGTERM/SIGINT."""
+    workers: int = 1
+    """Processes serving the listening socket (more than one needs redis_url, so that
+    limits hold across them)."""
     access_log: bool = True
     """One log line per request."""
     log_json: bool = False
@@ -351,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="time in-flight requests get after SIGTERM/SIGINT",
     )
     p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=d.workers,
+        metavar="N",
+        help="processes serving the port, to use more than one core (more than 1 needs "
+        "--redis-url; a worker that dies stops the proxy: docs/deployment.md)",
+    )
+    p.add_argument(
         "--no-access-log",
         dest="access_log",
         action="store_false",
@@ -383,6 +394,9 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         ("redis://", "rediss://", "unix://")
     ):
         raise ConfigError("--redis-url must start with redis://, rediss:// or unix://")
+    if args.workers > 1 and args.redis_url is None:
+        # Each worker would count limits on its own: a key would get N times its quota.
+        raise ConfigError("--workers above 1 needs --redis-url, so that limits hold across them")
     unlimited = environ.get("UNLIMITED_API_KEY") or None
     limited = environ.get("LIMITED_API_KEY") or None
     if not unlimited and not limited and args.api_keys_file is None:
@@ -422,6 +436,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         client_idle_timeout=args.client_idle_timeout,
         client_body_timeout=args.client_body_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        workers=args.workers,
         access_log=args.access_log,
         log_json=args.log_json,
         log_level=args.log_level,

@@ -19,7 +19,7 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
-from . import __version__
+from . import __version__, workers
 from .app import make_app
 from .config import ConfigError, Settings, load_settings
 from .context import AppContext
@@ -440,10 +440,28 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             file=sys.stderr,
         )
         return 1
+    if settings.workers > 1:
+        # The parent only supervises (workers.py); its log writer thread would not survive
+        # the fork, so it logs directly, and each worker builds everything anew.
+        log_stream.close()
+        configure_logging(settings.log_level, settings.log_json)
+        return workers.run(settings.workers, sockets, lambda _: serve_worker(settings, sockets))
     try:
         asyncio.run(serve(ctx, sockets, max_connections=connection_cap(settings)))
     finally:
         log_stream.close()  # writes what is queued, for at most 2 s
+    return 0
+
+
+def serve_worker(settings: Settings, sockets: list[socket.socket]) -> int:
+    """One process of --workers: its own log writer, context and event loop."""
+    log_stream = BackgroundWriter(sys.stderr)
+    configure_logging(settings.log_level, settings.log_json, log_stream)
+    try:
+        ctx = build_context(settings, log_stream)
+        asyncio.run(serve(ctx, sockets, max_connections=connection_cap(settings)))
+    finally:
+        log_stream.close()
     return 0
 
 

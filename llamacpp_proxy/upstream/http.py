@@ -184,6 +184,17 @@ class BodyDecoder:
         return self._feed_chunked(data)
 
     def _feed_chunked(self, data: bytes) -> bytes:
+        if not self._buffer and self.state is CHUNK_SIZE:
+            # Fast path for what llama.cpp sends at a GPU's pace: each read is exactly one
+            # whole chunk (one SSE event). Anything else takes the general loop below.
+            line_end = data.find(b"\r\n", 0, MAX_CHUNK_LINE + 2)
+            if line_end > 0:
+                size = _CHUNK_SIZE.fullmatch(data, 0, line_end)
+                if size is not None:
+                    start = line_end + 2
+                    stop = start + int(size.group(1), 16)
+                    if stop > start and len(data) == stop + 2 and data.endswith(b"\r\n"):
+                        return data[start:stop]
         buffer = self._buffer + data if self._buffer else data
         out: list[bytes] = []
         pos = 0

@@ -6,6 +6,7 @@ deadlines of each call, and the translation of upstream failures into ProxyError
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -486,6 +487,9 @@ class LlamaCppClient:
         declared = decoder.declared_length
         if on_body is None and head.status == 200 and declared is not None and declared > limit:
             raise UpstreamError("llama.cpp's response is too large")
+        if on_body is not None:
+            await self._pump(conn, decoder, call, on_body)
+            return b"", decoder.done and not decoder.extra and head.keep_alive
         pieces: list[bytes] = []
         size = 0
         read = conn.reader.read
@@ -498,18 +502,7 @@ class LlamaCppClient:
                     break
                 raise ConnectionLost("closed before the response was complete")
             piece = decoder.feed(data)
-            if on_body is not None:
-                if piece:
-                    backlog = on_body(piece)
-                    if backlog is not None:
-                        # The client reads slower than llama.cpp writes: stop reading (and
-                        # so hold llama.cpp back) until our copy is written out, instead of
-                        # buffering without bound.
-                        await backlog
-                        call.touch()
-                if call.abort_reason is not None:
-                    raise call.abort_reason
-            elif piece:
+            if piece:
                 pieces.append(piece)
                 size += len(piece)
                 if size > limit:
@@ -519,6 +512,40 @@ class LlamaCppClient:
                     return b"".join(pieces)[:limit], False
         reusable = decoder.done and not decoder.extra and head.keep_alive
         return b"".join(pieces), reusable
+
+    async def _pump(
+        self,
+        conn: Connection,
+        decoder: BodyDecoder,
+        call: UpstreamCall,
+        on_body: Callable[[bytes], Awaitable[None] | None],
+    ) -> None:
+        """Hand a streamed body to `on_body` from the transport's own callback (BodyPump)
+        until it ends; raises ConnectionLost (or the call's abort reason) if it does not."""
+        reader = conn.reader
+        # What the reader holds past the head: read() returns it without yielding, so no
+        # byte can arrive in between and land in the wrong place.
+        held = []
+        while conn.buffered():
+            held.append(await reader.read(READ_SIZE))
+        transport = conn.writer.transport
+        original = transport.get_protocol()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pump = BodyPump(decoder, on_body, call, done, transport)
+        transport.set_protocol(pump)
+        try:
+            for data in held:
+                pump.data_received(data)
+            if reader.at_eof() or reader.exception() is not None:
+                pump.connection_lost(reader.exception())
+            elif conn.closed:
+                pump.connection_lost(None)
+            await done
+        finally:
+            pump.close()
+            if not transport.is_closing():  # reusable: the next response goes to the reader
+                transport.resume_reading()  # type: ignore[attr-defined]
+                transport.set_protocol(original)
 
     # -- completions ------------------------------------------------------------------------
 
@@ -651,6 +678,104 @@ class LlamaCppClient:
                 raise UpstreamError("llama.cpp ended the stream before its final event")
         finally:
             call.done()
+
+
+class BodyPump(asyncio.Protocol):
+    """A streamed response body, handed to `on_body` straight from the transport's
+    data_received: at a GPU's pace every read is one event, and a StreamReader would cost a
+    buffer copy, a future and a task wake-up per event on top (docs/benchmarks.md, Paced).
+
+    While `on_body`'s backlog (a client slower than llama.cpp) is pending, reading pauses,
+    so llama.cpp is held back instead of its output buffered without bound. `done` ends
+    with None once the body ended exactly, else with the error (ConnectionLost, or the
+    call's abort reason)."""
+
+    def __init__(
+        self,
+        decoder: BodyDecoder,
+        on_body: Callable[[bytes], Awaitable[None] | None],
+        call: UpstreamCall,
+        done: asyncio.Future[None],
+        transport: asyncio.BaseTransport,
+    ) -> None:
+        self._decoder = decoder
+        self._on_body = on_body
+        self._call = call
+        self._done = done
+        self._transport = transport
+        self._backlog: asyncio.Future[None] | None = None
+        self._lost: tuple[Exception | None] | None = None  # the connection ended (and why)
+
+    def data_received(self, data: bytes) -> None:
+        """Decode and pass on what this read brought."""
+        if self._done.done():
+            # After the end: kept as `extra`, so the connection is not reused; after an
+            # error the connection is being closed, and what comes is of no interest.
+            with contextlib.suppress(ProtocolError):
+                self._decoder.feed(data)
+            return
+        try:
+            piece = self._decoder.feed(data)
+            backlog = self._on_body(piece) if piece else None
+        except Exception as exc:
+            self._finish(exc)
+            return
+        if self._call.abort_reason is not None:
+            self._finish(self._call.abort_reason)
+        elif backlog is not None:
+            self._transport.pause_reading()  # type: ignore[attr-defined]
+            self._backlog = asyncio.ensure_future(backlog)
+            self._backlog.add_done_callback(self._written)
+        elif self._decoder.done:
+            self._finish(None)
+
+    def _written(self, backlog: asyncio.Future[None]) -> None:
+        self._backlog = None
+        if self._done.done():
+            return
+        if not backlog.cancelled() and backlog.exception() is not None:
+            self._finish(backlog.exception())
+        elif self._call.abort_reason is not None:
+            self._finish(self._call.abort_reason)
+        elif self._decoder.done:
+            self._finish(None)
+        elif self._lost is not None:
+            self.connection_lost(self._lost[0])
+        else:
+            self._call.touch()
+            self._transport.resume_reading()  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        """The upstream closed its side: the body ends here if it is close-delimited."""
+        self.connection_lost(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection ended (closed by llama.cpp, or by our abort)."""
+        self._lost = (exc,)
+        if self._done.done() or (self._backlog is not None and self._call.abort_reason is None):
+            return  # once the backlog is written out, _written reports it
+        if self._call.abort_reason is not None:
+            self._finish(self._call.abort_reason)
+        elif self._decoder.until_eof and exc is None:
+            self._finish(None)
+        else:
+            self._finish(ConnectionLost("closed before the response was complete"))
+
+    def _finish(self, result: BaseException | None) -> None:
+        if self._done.done():
+            return
+        if result is None:
+            self._done.set_result(None)
+        else:
+            self._done.set_exception(result)
+
+    def close(self) -> None:
+        """The reader is gone: a backlog still pending (a client's write) runs its course,
+        but no longer reports here."""
+        if self._backlog is not None:
+            self._backlog.remove_done_callback(self._written)
+            self._backlog = None
 
 
 def _is_count(value: Any) -> bool:

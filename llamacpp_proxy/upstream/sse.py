@@ -36,6 +36,19 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
         """Consume a chunk; return every event it completed."""
+        if not self._pending and not self._data:
+            # Fast path for one whole llama.cpp event per read (a GPU's pace): a single
+            # `data: ...` line and its blank line, no CR anywhere.
+            end = len(chunk) - 2
+            if (
+                chunk.startswith(b"data: ")
+                and chunk.find(b"\n") == end
+                and chunk.endswith(b"\n\n")
+                and b"\r" not in chunk
+            ):
+                if end > MAX_LINE:
+                    raise EventTooLarge(f"an SSE line over {MAX_LINE} bytes")
+                return [("data", chunk[6:end])]
         if self._pending:
             self._pending.append(chunk)
             self._pending_size += len(chunk)
