@@ -12,6 +12,8 @@ from .guard.auth import KeyStore
 from .guard.auth_throttle import AuthFailureThrottle
 from .guard.ratelimit import Limiter
 from .observe.logs import AccessLog
+from .observe.metrics import Metrics
+from .observe.status import BudgetSource
 from .upstream.llamacpp import LlamaCppClient
 from .upstreams import Routes
 
@@ -29,6 +31,10 @@ class AppContext:
     """One line per request (None: --no-access-log)."""
     auth_throttle: AuthFailureThrottle | None = None
     """Refuses addresses that keep presenting wrong keys."""
+    metrics: Metrics | None = None
+    """Request and token counters for /metrics and /status (None: --no-metrics)."""
+    budgets: BudgetSource | None = None
+    """Key name -> its budgets, for the status page (set by the budgets module)."""
     draining: bool = False
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0

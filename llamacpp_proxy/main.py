@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -26,6 +27,8 @@ from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
 from .guard.ratelimit import InMemoryLimiter, Limiter
 from .observe.logs import AccessLog, BackgroundWriter, TextSink, configure_logging
+from .observe.metrics import Metrics
+from .observe.snapshot import model_snapshots
 from .render.templates import TemplateLoadError, load_chat_template
 from .route.pools import UpstreamsFileError
 from .upstreams import Routes, describe, load_routing
@@ -89,6 +92,7 @@ def build_context(settings: Settings, log_stream: TextSink | None = None) -> App
         settings=settings,
         keys=keys,
         limiter=limiter,
+        metrics=Metrics(partial(model_snapshots, routes)) if settings.metrics else None,
         access_log=(
             AccessLog(log_stream or sys.stderr, settings.log_json, _call_soon)
             if settings.access_log

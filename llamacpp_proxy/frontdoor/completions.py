@@ -206,6 +206,7 @@ class CompletionsHandler(BaseHandler):
         assert self.principal is not None  # completions require a key
         # Before admission: a model the key cannot use costs it nothing.
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
+        self.model = self._pool.pool.name
         self._session = self._session_key(request, body)
         await self._admit(request)
         prompts = await self._prompts(request)
@@ -311,6 +312,9 @@ class CompletionsHandler(BaseHandler):
         generation.charged = True
         if generation.counts_prompt:
             self.prompt_tokens += int(result.get("tokens_evaluated") or 0)
+            timings = result.get("timings")
+            if isinstance(timings, dict):  # only the final event has them (cache_n)
+                self.cached_tokens += int(timings.get("cache_n") or 0)
         self.completion_tokens += int(result.get("tokens_predicted") or 0)
 
     def _charge_unfinished(self) -> None:
@@ -444,6 +448,7 @@ class CompletionsHandler(BaseHandler):
             return lease
         wait = asyncio.ensure_future(router.acquire(generation.prompt, self._session, None, tried))
         self._waits.add(wait)
+        waited_from = time.monotonic()
         try:
             return await wait
         except asyncio.CancelledError:
@@ -452,6 +457,8 @@ class CompletionsHandler(BaseHandler):
             raise
         finally:
             self._waits.discard(wait)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.queue_waited(self.model, time.monotonic() - waited_from)
 
     async def _gather(self, run: Callable[[Generation], Awaitable[Any]]) -> list[Any]:
         """Run every generation, `_width()` at a time; the first failure aborts the rest."""
@@ -551,6 +558,8 @@ class CompletionsHandler(BaseHandler):
         def on_events(events: list[dict[str, Any]]) -> Awaitable[None] | None:
             if self._client_gone:
                 return None
+            if self.ttft is None:  # once per request: one test per read, nothing per token
+                self.ttft = self.request.request_time()
             generation.last_event = events[-1]
             for event in events:
                 text = event.get("content") or ""
@@ -612,9 +621,11 @@ class ChatCompletionsHandler(CompletionsHandler):
     """POST /v1/chat/completions."""
 
     chat = True
+    endpoint = "/v1/chat/completions"
 
 
 class TextCompletionsHandler(CompletionsHandler):
     """POST /v1/completions."""
 
     chat = False
+    endpoint = "/v1/completions"

@@ -42,6 +42,8 @@ class BaseHandler(tornado.web.RequestHandler):
     requires_key = True
     rate_limited = False
     refused_while_draining = True
+    endpoint = "other"
+    """The metrics' endpoint label: the route, never the client's URL (bounded)."""
 
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -51,6 +53,13 @@ class BaseHandler(tornado.web.RequestHandler):
         self.completion_tokens = 0
         self.request_id = ""
         self._counted = False
+        self.model = ""
+        """The configured model (pool) that served it, once chosen: the metrics' label."""
+        self.cached_tokens = 0
+        self.ttft: float | None = None
+        """Seconds from arrival to the first streamed token (None: not streamed, or none)."""
+        self.error: ProxyError | None = None
+        """The error answered, for the metrics (which limit refused a 429)."""
 
     def set_default_headers(self) -> None:
         # Also runs again when send_error clears a response: keep what every answer carries.
@@ -123,6 +132,7 @@ class BaseHandler(tornado.web.RequestHandler):
                 "The server had an error while processing your request. "
                 f"Request id: {self.request_id}."
             )
+        self.error = error
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_status(error.status)
@@ -202,6 +212,8 @@ class ModelsHandler(BaseHandler):
     only --llamacpp-server: what llama.cpp says it serves (the one model answers to any
     name, as it always did)."""
 
+    endpoint = "/v1/models"
+
     async def get(self, model_id: str | None = None) -> None:
         assert self.principal is not None
         allowed = self.principal.models
@@ -232,6 +244,7 @@ class OpenAPIHandler(BaseHandler):
     """GET /openapi.json: the OpenAPI description of this proxy's endpoints (no key needed)."""
 
     requires_key = False
+    endpoint = "/openapi.json"
 
     def get(self) -> None:
         spec = resources.files("llamacpp_proxy").joinpath("openapi.json").read_bytes()
@@ -243,6 +256,7 @@ class HealthHandler(BaseHandler):
 
     requires_key = False
     refused_while_draining = False  # draining is not dead: no restart for a clean shutdown
+    endpoint = "/health"
 
     def get(self) -> None:
         self.write_json({"status": "ok"})
@@ -254,6 +268,7 @@ class ReadyHandler(BaseHandler):
 
     requires_key = False
     refused_while_draining = False  # answers its own 503 "draining"
+    endpoint = "/health/ready"
 
     async def get(self) -> None:
         if self.ctx.draining:
@@ -265,9 +280,25 @@ class ReadyHandler(BaseHandler):
 
 
 def make_log_function(ctx: AppContext) -> Callable[[tornado.web.RequestHandler], None]:
-    """The Application's log_function: one access log line per request, if enabled."""
+    """The Application's log_function: one access log line per request, if enabled, and
+    the request's metrics (counted here, once, when it has ended)."""
 
     def log_request(handler: tornado.web.RequestHandler) -> None:
+        metrics = ctx.metrics
+        if metrics is not None and isinstance(handler, BaseHandler):
+            principal = handler.principal
+            metrics.request_finished(
+                principal.name if principal is not None else "",
+                handler.model,
+                handler.endpoint,
+                handler.get_status(),
+                handler.prompt_tokens,
+                handler.completion_tokens,
+                handler.cached_tokens,
+                handler.request.request_time(),
+                handler.ttft,
+                handler.error,
+            )
         access = ctx.access_log
         if access is None:
             return

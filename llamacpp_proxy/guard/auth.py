@@ -51,6 +51,8 @@ class Principal:
     limits: Limits | None = None
     models: frozenset[str] | None = None
     """Model names (or aliases) this key may use; None: every model."""
+    admin: bool = False
+    """May see the status page (`admin = true` in the key file)."""
 
     @property
     def log_name(self) -> str:
@@ -142,7 +144,10 @@ def load_key_file(path: Path) -> dict[bytes, Principal]:
             models = parse_key_models(spec.get("models"), f"{path}: [keys.{name}]")
         except ValueError as exc:
             raise KeyFileError(str(exc)) from None
-        entries[digest] = Principal(name, _entry_limits(path, name, spec), models)
+        admin = spec.get("admin", False)
+        if not isinstance(admin, bool):
+            raise KeyFileError(f"{path}: [keys.{name}] 'admin' must be true or false")
+        entries[digest] = Principal(name, _entry_limits(path, name, spec), models, admin)
     return entries
 
 
@@ -177,6 +182,7 @@ _ENTRY_FIELDS = {
     "tokens_per_minute",
     "max_concurrent",
     "models",
+    "admin",
 }
 
 
