@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -275,3 +277,37 @@ def test_day_tally_resets_at_utc_midnight() -> None:
     # The Prometheus counters are cumulative: they do not reset.
     text = metrics.exposition().decode()
     assert 'llamacpp_proxy_tokens_total{key="alice",kind="prompt",model="m"} 11.0' in text
+
+
+def test_grafana_dashboard_uses_only_series_the_gateway_exposes() -> None:
+    root = Path(__file__).resolve().parent.parent
+    dashboard = json.loads((root / "deploy/grafana/llamacpp-proxy.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {m for e in exprs for m in re.findall(r"llamacpp_proxy_[a-z_]+", e)}
+    snapshot = [ModelSnapshot("m", (ServerSnapshot("h:1", "ready", 1, 2),), 1, 1)]
+    metrics = Metrics(lambda: snapshot)
+    metrics.request_finished(
+        "k", "m", "/v1/chat/completions", 429, 3, 2, 1, 0.5, 0.1, RateLimited("x")
+    )
+    metrics.queue_waited("m", 0.2)
+    exposed = {
+        sample.name
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for sample in family.samples
+    }
+    assert used, "the dashboard has no queries"
+    assert used <= exposed, used - exposed
+    # Every series the issue lists is on the dashboard.
+    listed = {
+        "llamacpp_proxy_requests_total",
+        "llamacpp_proxy_tokens_total",
+        "llamacpp_proxy_request_duration_seconds_bucket",
+        "llamacpp_proxy_time_to_first_token_seconds_bucket",
+        "llamacpp_proxy_rate_limited_total",
+        "llamacpp_proxy_queue_depth",
+        "llamacpp_proxy_queue_wait_seconds_bucket",
+        "llamacpp_proxy_upstream_up",
+        "llamacpp_proxy_upstream_slots",
+        "llamacpp_proxy_in_flight",
+    }
+    assert listed <= used, listed - used
