@@ -5,6 +5,7 @@ from __future__ import annotations
 import tornado.web
 
 from .context import AppContext
+from .frontdoor.admin import MetricsHandler, StatusHandler
 from .frontdoor.completions import ChatCompletionsHandler, TextCompletionsHandler
 from .frontdoor.handlers import (
     HealthHandler,
@@ -31,6 +32,8 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
             (r"/health", HealthHandler, args),
             (r"/health/ready", ReadyHandler, args),
             (r"/openapi.json", OpenAPIHandler, args),
+            (r"/metrics", MetricsHandler, args),
+            (r"/status", StatusHandler, args),
             # Clients configured with a base URL without /v1 still work.
             (r"/chat/completions", ChatCompletionsHandler, args),
             (r"/completions", TextCompletionsHandler, args),

@@ -98,6 +98,12 @@ class Settings:
     """Access log lines as JSON objects."""
     log_level: str = "info"
     """Logging level."""
+    metrics: bool = True
+    """Count requests and tokens for GET /metrics and the status page."""
+    metrics_key: str | None = field(default=None, repr=False)
+    """Bearer key GET /metrics requires (METRICS_API_KEY); None: /metrics is open."""
+    admin_key: str | None = field(default=None, repr=False)
+    """Bearer key for GET /status (ADMIN_API_KEY), besides key-file keys with admin = true."""
 
     def __post_init__(self) -> None:
         if isinstance(self.llamacpp_server, str):  # the one-server spelling, as before
@@ -374,6 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="logging level",
     )
+    p.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="count nothing: GET /metrics answers 404 and the status page shows no figures "
+        "for today",
+    )
+    p.add_argument(
+        "--metrics-key",
+        metavar="KEY",
+        help="bearer key GET /metrics requires (or METRICS_API_KEY in the environment); "
+        "unset, /metrics is open: bind the proxy to a private address",
+    )
+    p.add_argument(
+        "--admin-key",
+        metavar="KEY",
+        help="bearer key for the status page GET /status (or ADMIN_API_KEY in the "
+        "environment); key-file keys with admin = true may see it too",
+    )
     return p
 
 
@@ -440,4 +465,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         access_log=args.access_log,
         log_json=args.log_json,
         log_level=args.log_level,
+        metrics=args.metrics,
+        metrics_key=args.metrics_key or environ.get("METRICS_API_KEY") or None,
+        admin_key=args.admin_key or environ.get("ADMIN_API_KEY") or None,
     )

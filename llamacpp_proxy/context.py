@@ -13,6 +13,7 @@ from .guard.auth_throttle import AuthFailureThrottle
 from .guard.budgets import Budgets
 from .guard.ratelimit import Limiter
 from .observe.logs import AccessLog
+from .observe.metrics import Metrics
 from .observe.usage import UsageLedger
 from .upstream.llamacpp import LlamaCppClient
 from .upstreams import Routes
@@ -35,6 +36,8 @@ class AppContext:
     """The usage ledger (--usage-db), else None."""
     budgets: Budgets | None = None
     """Daily/monthly token budgets of the key file, else None."""
+    metrics: Metrics | None = None
+    """Request and token counters for /metrics and /status (None: --no-metrics)."""
     draining: bool = False
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0

@@ -63,6 +63,14 @@ class AuthenticationFailed(ProxyError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(ProxyError):
+    """A valid key that may not use this endpoint (403), e.g. a non-admin key on /status."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"
+
+
 class NotFound(ProxyError):
     """Unknown path or model (404)."""
 

@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -28,6 +29,8 @@ from .guard.auth_throttle import AuthFailureThrottle
 from .guard.budgets import Budgets, LocalBudgets, RedisBudgets
 from .guard.ratelimit import InMemoryLimiter, Limiter
 from .observe.logs import AccessLog, BackgroundWriter, TextSink, configure_logging
+from .observe.metrics import Metrics
+from .observe.snapshot import model_snapshots
 from .observe.usage import UsageLedger
 from .render.templates import TemplateLoadError, load_chat_template
 from .route.pools import UpstreamsFileError
@@ -130,6 +133,7 @@ def build_context(settings: Settings, log_stream: TextSink | None = None) -> App
         limiter=limiter,
         usage=usage,
         budgets=budgets,
+        metrics=Metrics(partial(model_snapshots, routes)) if settings.metrics else None,
         access_log=(
             AccessLog(log_stream or sys.stderr, settings.log_json, _call_soon)
             if settings.access_log

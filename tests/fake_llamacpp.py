@@ -102,6 +102,7 @@ class Script:
     fail_prompt: str | None = None  # fail_status only for prompts containing this
     adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
     total_slots: int = 4  # /props total_slots
+    cache_n: int = 0  # final event's timings.cache_n: prompt tokens reused from the cache
     gate: asyncio.Event | None = None  # /completion waits for it before answering
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
 
@@ -203,7 +204,7 @@ class _Completion(_Base):
             "tokens_evaluated": n_prompt,
             "truncated": False,
             "model": "fake-model.gguf",
-            "timings": {"predicted_n": len(pieces)},
+            "timings": {"predicted_n": len(pieces), "cache_n": script.cache_n},
         }
         if not body.get("stream"):
             result = dict(final, content="".join(pieces))

@@ -206,6 +206,7 @@ class CompletionsHandler(BaseHandler):
         # Before admission: a model the key cannot use costs it nothing.
         self.usage_model = request.model
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
+        self.model = self._pool.pool.name
         self._session = self._session_key(request, body)
         await self._admit(request)
         prompts = await self._prompts(request)
@@ -339,7 +340,7 @@ class CompletionsHandler(BaseHandler):
         if generation.counts_prompt:
             self.prompt_tokens += int(result.get("tokens_evaluated") or 0)
             timings = result.get("timings")
-            if isinstance(timings, dict):
+            if isinstance(timings, dict):  # only the final event has them (cache_n)
                 self.cached_tokens += int(timings.get("cache_n") or 0)
         self.completion_tokens += int(result.get("tokens_predicted") or 0)
 
@@ -488,6 +489,7 @@ class CompletionsHandler(BaseHandler):
             )
         )
         self._waits.add(wait)
+        waited_from = time.monotonic()
         try:
             return await wait
         except asyncio.CancelledError:
@@ -496,6 +498,8 @@ class CompletionsHandler(BaseHandler):
             raise
         finally:
             self._waits.discard(wait)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.queue_waited(self.model, time.monotonic() - waited_from)
 
     async def _gather(self, run: Callable[[Generation], Awaitable[Any]]) -> list[Any]:
         """Run every generation, `_width()` at a time; the first failure aborts the rest."""
@@ -595,8 +599,8 @@ class CompletionsHandler(BaseHandler):
         def on_events(events: list[dict[str, Any]]) -> Awaitable[None] | None:
             if self._client_gone:
                 return None
-            if self.first_token_at is None:
-                self.first_token_at = time.time()  # per read, not per token
+            if self.ttft is None:  # once per request: one test per read, nothing per token
+                self.ttft = self.request.request_time()
             generation.last_event = events[-1]
             for event in events:
                 text = event.get("content") or ""
@@ -658,11 +662,13 @@ class ChatCompletionsHandler(CompletionsHandler):
     """POST /v1/chat/completions."""
 
     chat = True
-    usage_endpoint = "/v1/chat/completions"
+    endpoint = "/v1/chat/completions"
+    records_usage = True
 
 
 class TextCompletionsHandler(CompletionsHandler):
     """POST /v1/completions."""
 
     chat = False
-    usage_endpoint = "/v1/completions"
+    endpoint = "/v1/completions"
+    records_usage = True

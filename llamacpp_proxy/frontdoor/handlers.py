@@ -44,8 +44,10 @@ class BaseHandler(tornado.web.RequestHandler):
     requires_key = True
     rate_limited = False
     refused_while_draining = True
-    usage_endpoint: str | None = None
-    """The endpoint's name in the usage ledger; None: not recorded."""
+    endpoint = "other"
+    """The endpoint's label in the metrics: the route, never the client's URL (bounded)."""
+    records_usage = False
+    """Whether a finished request of this endpoint is a row of the usage ledger."""
 
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -55,11 +57,16 @@ class BaseHandler(tornado.web.RequestHandler):
         self.completion_tokens = 0
         self.request_id = ""
         self._counted = False
+        self.model = ""
+        """The configured model (pool) that served it, once chosen: the metrics' label."""
         # For the usage ledger, filled in by the endpoints that record usage.
         self.usage_model: str | None = None
         self.usage_server: str | None = None
         self.cached_tokens = 0
-        self.first_token_at: float | None = None
+        self.ttft: float | None = None
+        """Seconds from arrival to the first streamed token (None: not streamed, or none)."""
+        self.error: ProxyError | None = None
+        """The error answered, for the metrics (which limit refused a 429)."""
         self._recorded = False
         self._client_left = False
 
@@ -138,6 +145,7 @@ class BaseHandler(tornado.web.RequestHandler):
                 "The server had an error while processing your request. "
                 f"Request id: {self.request_id}."
             )
+        self.error = error
         for name, value in error.headers.items():
             self.set_header(name, value)
         status, body = self.render_error(error)
@@ -172,7 +180,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if admission is not None and not admission.finished:
             tokens = self.prompt_tokens + self.completion_tokens
             self.ctx.run_in_background(self.ctx.limiter.finish(admission, tokens))
-        if self.usage_endpoint is not None and not self._recorded:
+        if self.records_usage and not self._recorded:
             self._recorded = True
             self._record_usage()
 
@@ -189,22 +197,20 @@ class BaseHandler(tornado.web.RequestHandler):
             # No key, no row: whoever sends requests without a valid key cannot fill the disk.
             return
         request = self.request
-        started = request._start_time
-        first = self.first_token_at
         usage.record(
             UsageRecord(
                 time=time.time(),
                 key=principal.name,
                 model=self.usage_model,
                 server=self.usage_server,
-                endpoint=self.usage_endpoint or "",
+                endpoint=self.endpoint,
                 # 499 (as nginx logs it): the client left before the answer ended.
                 status=499 if self._client_left and not self._finished else self.get_status(),
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
                 cached_tokens=self.cached_tokens,
                 duration=request.request_time(),
-                ttft=first - started if first is not None else None,
+                ttft=self.ttft,
                 request_id=self.request_id,
             )
         )
@@ -259,6 +265,8 @@ class ModelsHandler(BaseHandler):
     only --llamacpp-server: what llama.cpp says it serves (the one model answers to any
     name, as it always did)."""
 
+    endpoint = "/v1/models"
+
     async def get(self, model_id: str | None = None) -> None:
         assert self.principal is not None
         allowed = self.principal.models
@@ -289,6 +297,7 @@ class OpenAPIHandler(BaseHandler):
     """GET /openapi.json: the OpenAPI description of this proxy's endpoints (no key needed)."""
 
     requires_key = False
+    endpoint = "/openapi.json"
 
     def get(self) -> None:
         spec = resources.files("llamacpp_proxy").joinpath("openapi.json").read_bytes()
@@ -300,6 +309,7 @@ class HealthHandler(BaseHandler):
 
     requires_key = False
     refused_while_draining = False  # draining is not dead: no restart for a clean shutdown
+    endpoint = "/health"
 
     def get(self) -> None:
         self.write_json({"status": "ok"})
@@ -311,6 +321,7 @@ class ReadyHandler(BaseHandler):
 
     requires_key = False
     refused_while_draining = False  # answers its own 503 "draining"
+    endpoint = "/health/ready"
 
     async def get(self) -> None:
         if self.ctx.draining:
@@ -322,9 +333,25 @@ class ReadyHandler(BaseHandler):
 
 
 def make_log_function(ctx: AppContext) -> Callable[[tornado.web.RequestHandler], None]:
-    """The Application's log_function: one access log line per request, if enabled."""
+    """The Application's log_function: one access log line per request, if enabled, and
+    the request's metrics (counted here, once, when it has ended)."""
 
     def log_request(handler: tornado.web.RequestHandler) -> None:
+        metrics = ctx.metrics
+        if metrics is not None and isinstance(handler, BaseHandler):
+            principal = handler.principal
+            metrics.request_finished(
+                principal.name if principal is not None else "",
+                handler.model,
+                handler.endpoint,
+                handler.get_status(),
+                handler.prompt_tokens,
+                handler.completion_tokens,
+                handler.cached_tokens,
+                handler.request.request_time(),
+                handler.ttft,
+                handler.error,
+            )
         access = ctx.access_log
         if access is None:
             return

@@ -52,6 +52,8 @@ class MessagesHandler(CompletionsHandler):
     """POST /v1/messages."""
 
     chat = True
+    endpoint = "/v1/messages"
+    records_usage = True
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -166,6 +168,9 @@ class MessagesHandler(CompletionsHandler):
 class CountTokensHandler(MessagesHandler):
     """POST /v1/messages/count_tokens: the rendered prompt's tokens, by llama.cpp's own
     tokenizer. Counted as a request by the key's limits; it charges no tokens."""
+
+    endpoint = "/v1/messages/count_tokens"
+    records_usage = False
 
     async def post(self) -> None:
         if self._early_error is not None:

@@ -65,6 +65,8 @@ class Principal:
     """Daily/monthly token budgets (guard/budgets.py); None: none."""
     weight: float = 1.0
     """Share of the slots when requests wait in a model's queue (route/waitqueue.py)."""
+    admin: bool = False
+    """May see the status page (`admin = true` in the key file)."""
 
     @property
     def log_name(self) -> str:
@@ -156,12 +158,16 @@ def load_key_file(path: Path) -> dict[bytes, Principal]:
             models = parse_key_models(spec.get("models"), f"{path}: [keys.{name}]")
         except ValueError as exc:
             raise KeyFileError(str(exc)) from None
+        admin = spec.get("admin", False)
+        if not isinstance(admin, bool):
+            raise KeyFileError(f"{path}: [keys.{name}] 'admin' must be true or false")
         entries[digest] = Principal(
             name,
             _entry_limits(path, name, spec),
             models,
             _entry_budget(path, name, spec),
             _entry_weight(path, name, spec),
+            admin,
         )
     return entries
 
@@ -201,6 +207,7 @@ _ENTRY_FIELDS = {
     "tokens_per_month",
     "budget_timezone",
     "weight",
+    "admin",
 }
 
 
