@@ -78,6 +78,14 @@ class Settings:
     """Access log lines as JSON objects."""
     log_level: str = "info"
     """Logging level."""
+    model_name: str | None = None
+    """The model id clients see in /v1/models; None: llama.cpp's alias, else the GGUF stem."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: the proxy serves HTTPS itself (re-read on SIGHUP)."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    cors_allow_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API ("*" for any); empty: no CORS headers."""
 
     @property
     def upstream_url(self) -> str:
@@ -277,12 +285,58 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="logging level",
     )
+    p.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="the model id clients see in /v1/models; default: llama.cpp's alias, else the "
+        "GGUF file's name without .gguf (never a path)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PATH",
+        help="PEM certificate chain: serve HTTPS (with --tls-key); re-read on SIGHUP",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="PATH", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--cors-allow-origins",
+        nargs="+",
+        default=list(d.cors_allow_origins),
+        metavar="ORIGIN",
+        help="browser origins (https://app.example) allowed to call the API, or '*'; "
+        "default: none (no CORS headers)",
+    )
+    # Modes, not settings: the config file cannot hold them.
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="TOML file of these options (names without --); flags given here override it",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration, key file, templates and every upstream, then exit "
+        "(0: all good; 1: the problems are listed)",
+    )
     return p
+
+
+NOT_SETTINGS = frozenset({"help", "version", "config", "check"})
+"""Parser destinations that are modes of the command, not settings a config file may hold."""
 
 
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Parse argv and the environment; argparse exits on bad flags, ConfigError on the rest."""
-    args = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.config is not None:
+        from .config_file import config_file_argv
+
+        # The file's options first: argparse keeps the last value, so flags override it.
+        args = parser.parse_args([*config_file_argv(args.config, parser), *argv])
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     url = urlsplit(args.llamacpp_server)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(
@@ -328,4 +382,8 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         access_log=args.access_log,
         log_json=args.log_json,
         log_level=args.log_level,
+        model_name=args.model_name,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        cors_allow_origins=tuple(args.cors_allow_origins),
     )
