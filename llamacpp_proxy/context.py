@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ class AppContext:
     draining: bool = False
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0
+    started: int = field(default_factory=lambda: int(time.time()))
+    """When this proxy started: the stable `created` of the models it lists."""
     upstream_health: Coalesced[tuple[bool, str]] = field(default_factory=lambda: Coalesced(0.0))
     """/health/ready's upstream check, one at a time whatever the burst (never reused: a
     readiness answer must be current)."""

@@ -95,6 +95,7 @@ class Script:
     fail_prompt: str | None = None  # fail_status only for prompts containing this
     health_delay: float = 0.0  # seconds /health takes to answer
     adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
+    model_alias: str | None = None  # llama-server --alias; None: the model's path, as llama.cpp
 
 
 class _Base(tornado.web.RequestHandler):
@@ -310,7 +311,11 @@ class _Completion(_Base):
 
 class _Props(_Base):
     def get(self) -> None:
+        self.fake.props_requests += 1
+        # As llama.cpp: started with -m PATH and no --alias, the alias is PATH itself.
+        alias = self.fake.script.model_alias or "/models/fake-model.gguf"
         props: dict[str, Any] = {
+            "model_alias": alias,
             "bos_token": "<s>",
             "eos_token": "</s>",
             "total_slots": 4,
@@ -370,7 +375,7 @@ class _Models(_Base):
                 "object": "list",
                 "data": [
                     {
-                        "id": "fake-model.gguf",
+                        "id": "/models/fake-model.gguf",  # as llama.cpp: the -m path
                         "object": "model",
                         "created": 1700000000,
                         "owned_by": "llamacpp",
@@ -397,6 +402,7 @@ class FakeLlamaCpp:
         self.health_active = 0
         self.max_health_active = 0
         self.model_lists = 0
+        self.props_requests = 0
         self.port = 0
         self._server: HTTPServer | None = None
 
@@ -440,6 +446,7 @@ class FakeLlamaCpp:
         self.health_active = 0
         self.max_health_active = 0
         self.model_lists = 0
+        self.props_requests = 0
 
 
 def main() -> None:

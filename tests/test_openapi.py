@@ -101,7 +101,7 @@ def test_every_documented_operation_answers(api_stack: Stack, method: str, path:
     )
     response = httpx.request(
         method,
-        api_stack.url + path.replace("{model}", "fake-model.gguf"),
+        api_stack.url + path.replace("{model}", "fake-model"),
         json=body if method == "POST" else None,
         headers=AUTH,
         timeout=10,

@@ -24,6 +24,7 @@ from tornado.iostream import StreamClosedError
 
 from ..errors import InvalidRequest, PayloadTooLarge, ProxyError, UpstreamUnavailable
 from ..guard.ratelimit import Cost
+from ..model_names import model_display_name
 from ..render.constraints import merge_constraints
 from ..render.control_tokens import mark_messages
 from ..render.tool_calls import ToolCallFilter, parse_tool_calls
@@ -238,9 +239,7 @@ class CompletionsHandler(BaseHandler):
         return [prompt]
 
     async def _served_model(self) -> str:
-        props = await self.ctx.upstream.props()
-        path = str(props.get("model_path") or "llama.cpp")
-        return path.rsplit("/", 1)[-1]
+        return model_display_name(await self.ctx.upstream.props(), self.ctx.settings)
 
     async def _admit(self, request: CompletionRequest) -> None:
         """Admit the request for what it may cost, or raise RateLimited (429).

@@ -25,6 +25,7 @@ from ..errors import (
 from ..guard.auth import Principal
 from ..guard.ratelimit import Admission
 from ..ids import unique_id
+from ..model_names import model_display_name, model_object
 
 log = logging.getLogger("llamacpp_proxy")
 
@@ -198,7 +199,7 @@ class ModelsHandler(BaseHandler):
     """GET /v1/models and /v1/models/{id}: what llama.cpp serves, in OpenAI's shape."""
 
     async def get(self, model_id: str | None = None) -> None:
-        models = await self.ctx.upstream_models.get(self.ctx.upstream.models)
+        models = await self.ctx.upstream_models.get(self._served)
         if model_id is None:
             self.write_json({"object": "list", "data": models})
             return
@@ -209,6 +210,11 @@ class ModelsHandler(BaseHandler):
         raise NotFound(
             f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
         )
+
+    async def _served(self) -> list[dict[str, Any]]:
+        props = await self.ctx.upstream.props()
+        name = model_display_name(props, self.ctx.settings)
+        return [model_object(name, self.ctx.started)]
 
 
 class OpenAPIHandler(BaseHandler):
