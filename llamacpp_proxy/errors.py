@@ -63,6 +63,14 @@ class AuthenticationFailed(ProxyError):
     code = "invalid_api_key"
 
 
+class Forbidden(ProxyError):
+    """The request is understood and refused (a browser origin --cors-allow-origins omits)."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "forbidden"
+
+
 class NotFound(ProxyError):
     """Unknown path or model (404)."""
 
