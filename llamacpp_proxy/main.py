@@ -10,13 +10,14 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream
-from tornado.netutil import bind_sockets
+from tornado.iostream import IOStream, SSLIOStream
+from tornado.netutil import bind_sockets, ssl_wrap_socket
 
 from . import __version__
 from .app import make_app
@@ -160,11 +161,30 @@ class ProxyServer(HTTPServer):
             if self._backoff:
                 log.info("accepting connections again")
                 self._backoff = 0.0
-            stream = IOStream(
-                connection,
-                max_buffer_size=self.max_buffer_size,
-                read_chunk_size=self.read_chunk_size,
-            )
+            # ssl_options is read per connection: a SIGHUP swaps in a new certificate, which
+            # new connections get while open ones keep theirs. The handshake runs on the
+            # stream's first read, in the loop, never blocking it.
+            tls = self.ssl_options
+            stream: IOStream
+            if tls is not None:
+                try:
+                    connection = ssl_wrap_socket(
+                        connection, tls, server_side=True, do_handshake_on_connect=False
+                    )
+                except (ssl.SSLError, OSError):
+                    connection.close()
+                    continue
+                stream = SSLIOStream(
+                    connection,
+                    max_buffer_size=self.max_buffer_size,
+                    read_chunk_size=self.read_chunk_size,
+                )
+            else:
+                stream = IOStream(
+                    connection,
+                    max_buffer_size=self.max_buffer_size,
+                    read_chunk_size=self.read_chunk_size,
+                )
             self.handle_stream(stream, address)
 
     def _accept_failed(self, exc: OSError) -> None:
@@ -222,6 +242,43 @@ def connection_cap(settings: Settings) -> int:
     return settings.max_connections
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context from --tls-cert/--tls-key (None: plain HTTP); ConfigError
+    says what is wrong with the pair."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"--tls-cert {settings.tls_cert} / --tls-key {settings.tls_key}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from exc
+    return context
+
+
+def reload_tls(ctx: AppContext, server: HTTPServer) -> None:
+    """SIGHUP: re-read the certificate and key for new connections; on any error keep the
+    previous pair (an expired certificate is better than a server that cannot answer)."""
+    if ctx.settings.tls_cert is None:
+        return
+    try:
+        context = tls_context(ctx.settings)
+    except ConfigError as exc:
+        log.error("TLS reload failed, keeping the previous certificate: %s", exc)
+        return
+    server.ssl_options = context
+    log.info("TLS certificate reloaded from %s", ctx.settings.tls_cert)
+
+
+def reload(ctx: AppContext, server: HTTPServer) -> None:
+    """SIGHUP: the key file and the TLS certificate, each kept as it was if it fails."""
+    reload_keys(ctx)
+    reload_tls(ctx, server)
+
+
 def make_server(ctx: AppContext, max_connections: int | None = None) -> ProxyServer:
     """The HTTP server for the app, with the client-side timeouts and caps."""
     settings = ctx.settings
@@ -232,6 +289,7 @@ def make_server(ctx: AppContext, max_connections: int | None = None) -> ProxySer
         body_timeout=settings.client_body_timeout,
         # Handlers answer 413 from Content-Length; this hard cap also covers chunked bodies.
         max_body_size=settings.max_body_size,
+        ssl_options=tls_context(settings),
     )
 
 
@@ -255,12 +313,13 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_keys, ctx)
+    loop.add_signal_handler(signal.SIGHUP, reload, ctx, server)
     server.serve(sockets)
     log.info(
-        "llamacpp-proxy %s listening on %s:%s (up to %d connections), llama.cpp at %s, "
+        "llamacpp-proxy %s listening on %s://%s:%s (up to %d connections), llama.cpp at %s, "
         "chat template %s, keys: %s",
         __version__,
+        "https" if server.ssl_options is not None else "http",
         settings.host,
         ",".join(map(str, server.ports)),
         server.max_connections,
@@ -332,6 +391,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log_stream = BackgroundWriter(sys.stderr)
         configure_logging(settings.log_level, settings.log_json, log_stream)
         ctx = build_context(settings, log_stream)
+        tls_context(settings)  # a bad certificate or key stops the start, said plainly
     except (ConfigError, KeyFileError, TemplateLoadError) as exc:
         if log_stream is not None:
             log_stream.close()
