@@ -21,7 +21,7 @@ from tornado.netutil import bind_sockets, ssl_wrap_socket
 
 from . import __version__
 from .app import make_app
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, build_parser, load_settings
 from .context import AppContext
 from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
@@ -384,6 +384,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the server; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
+    if build_parser().parse_args(argv).check:
+        from .check import run_check
+
+        return run_check(argv, environ, sys.stdout)
     log_stream: BackgroundWriter | None = None
     try:
         settings = load_settings(argv, environ)
