@@ -114,3 +114,12 @@ def test_a_broken_config_file_or_no_key(tmp_path: Path, capsys: pytest.CaptureFi
     assert status == 1 and f"{config}:2: unknown setting 'listen'" in out
     status, out = check([], capsys, env={})
     assert status == 1 and "no API key is configured" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from llamacpp_proxy import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"], {})
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"llamacpp-proxy-server {__version__}"
