@@ -105,6 +105,15 @@ class Settings:
     admin_key: str | None = field(default=None, repr=False)
     """Bearer key for GET /status (ADMIN_API_KEY), besides key-file keys with admin = true."""
 
+    model_name: str | None = None
+    """The model id clients see in /v1/models; None: llama.cpp's alias, else the GGUF stem."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: the proxy serves HTTPS itself (re-read on SIGHUP)."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    cors_allow_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API ("*" for any); empty: no CORS headers."""
+
     def __post_init__(self) -> None:
         if isinstance(self.llamacpp_server, str):  # the one-server spelling, as before
             object.__setattr__(self, "llamacpp_server", (self.llamacpp_server,))
@@ -399,12 +408,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer key for the status page GET /status (or ADMIN_API_KEY in the "
         "environment); key-file keys with admin = true may see it too",
     )
+    p.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="the model id clients see in /v1/models; default: llama.cpp's alias, else the "
+        "GGUF file's name without .gguf (never a path)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PATH",
+        help="PEM certificate chain: serve HTTPS (with --tls-key); re-read on SIGHUP",
+    )
+    p.add_argument("--tls-key", type=Path, metavar="PATH", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--cors-allow-origins",
+        nargs="+",
+        default=list(d.cors_allow_origins),
+        metavar="ORIGIN",
+        help="browser origins (https://app.example) allowed to call the API, or '*'; "
+        "default: none (no CORS headers)",
+    )
+    # Modes, not settings: the config file cannot hold them.
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="TOML file of these options (names without --); flags given here override it",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration, key file, templates and every upstream, then exit "
+        "(0: all good; 1: the problems are listed)",
+    )
     return p
+
+
+NOT_SETTINGS = frozenset({"help", "version", "config", "check"})
+"""Parser destinations that are modes of the command, not settings a config file may hold."""
 
 
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Parse argv and the environment; argparse exits on bad flags, ConfigError on the rest."""
-    args = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.config is not None:
+        from .config_file import config_file_argv
+
+        # The file's options first: argparse keeps the last value, so flags override it.
+        args = parser.parse_args([*config_file_argv(args.config, parser), *argv])
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if args.upstreams_file is not None and args.llamacpp_server:
         # Two lists of servers would leave it unclear which one a reload changes.
         raise ConfigError("--upstreams-file lists the servers: do not also give --llamacpp-server")
@@ -468,4 +523,8 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         metrics=args.metrics,
         metrics_key=args.metrics_key or environ.get("METRICS_API_KEY") or None,
         admin_key=args.admin_key or environ.get("ADMIN_API_KEY") or None,
+        model_name=args.model_name,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        cors_allow_origins=tuple(args.cors_allow_origins),
     )

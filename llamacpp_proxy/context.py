@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,8 @@ class AppContext:
     draining: bool = False
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0
+    started: int = field(default_factory=lambda: int(time.time()))
+    """When this proxy started: the stable `created` of the models it lists."""
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property

@@ -11,18 +11,19 @@ import resource
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream
-from tornado.netutil import bind_sockets
+from tornado.iostream import IOStream, SSLIOStream
+from tornado.netutil import bind_sockets, ssl_wrap_socket
 
 from . import __version__, workers
 from .app import make_app
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, build_parser, load_settings
 from .context import AppContext
 from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
@@ -222,11 +223,30 @@ class ProxyServer(HTTPServer):
             if self._backoff:
                 log.info("accepting connections again")
                 self._backoff = 0.0
-            stream = IOStream(
-                connection,
-                max_buffer_size=self.max_buffer_size,
-                read_chunk_size=self.read_chunk_size,
-            )
+            # ssl_options is read per connection: a SIGHUP swaps in a new certificate, which
+            # new connections get while open ones keep theirs. The handshake runs on the
+            # stream's first read, in the loop, never blocking it.
+            tls = self.ssl_options
+            stream: IOStream
+            if tls is not None:
+                try:
+                    connection = ssl_wrap_socket(
+                        connection, tls, server_side=True, do_handshake_on_connect=False
+                    )
+                except (ssl.SSLError, OSError):
+                    connection.close()
+                    continue
+                stream = SSLIOStream(
+                    connection,
+                    max_buffer_size=self.max_buffer_size,
+                    read_chunk_size=self.read_chunk_size,
+                )
+            else:
+                stream = IOStream(
+                    connection,
+                    max_buffer_size=self.max_buffer_size,
+                    read_chunk_size=self.read_chunk_size,
+                )
             self.handle_stream(stream, address)
 
     def _accept_failed(self, exc: OSError) -> None:
@@ -284,6 +304,37 @@ def connection_cap(settings: Settings) -> int:
     return settings.max_connections
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context from --tls-cert/--tls-key (None: plain HTTP); ConfigError
+    says what is wrong with the pair."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"--tls-cert {settings.tls_cert} / --tls-key {settings.tls_key}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from exc
+    return context
+
+
+def reload_tls(ctx: AppContext, server: HTTPServer) -> None:
+    """SIGHUP: re-read the certificate and key for new connections; on any error keep the
+    previous pair (an expired certificate is better than a server that cannot answer)."""
+    if ctx.settings.tls_cert is None:
+        return
+    try:
+        context = tls_context(ctx.settings)
+    except ConfigError as exc:
+        log.error("TLS reload failed, keeping the previous certificate: %s", exc)
+        return
+    server.ssl_options = context
+    log.info("TLS certificate reloaded from %s", ctx.settings.tls_cert)
+
+
 def make_server(ctx: AppContext, max_connections: int | None = None) -> ProxyServer:
     """The HTTP server for the app, with the client-side timeouts and caps."""
     settings = ctx.settings
@@ -294,6 +345,7 @@ def make_server(ctx: AppContext, max_connections: int | None = None) -> ProxySer
         body_timeout=settings.client_body_timeout,
         # Handlers answer 413 from Content-Length; this hard cap also covers chunked bodies.
         max_body_size=settings.max_body_size,
+        ssl_options=tls_context(settings),
     )
 
 
@@ -317,14 +369,15 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, ctx)
+    loop.add_signal_handler(signal.SIGHUP, reload, ctx, server)
     ctx.routes.start()
     server.serve(sockets)
     template = ctx.routes.template
     log.info(
-        "llamacpp-proxy %s listening on %s:%s (up to %d connections), routing %s, "
+        "llamacpp-proxy %s listening on %s://%s:%s (up to %d connections), routing %s, "
         "chat template %s, keys: %s",
         __version__,
+        "https" if server.ssl_options is not None else "http",
         settings.host,
         ",".join(map(str, server.ports)),
         server.max_connections,
@@ -390,12 +443,14 @@ async def close_usage(ctx: AppContext) -> None:
             log.warning("closing the budget store failed: %s", exc)
 
 
-def reload(ctx: AppContext) -> None:
-    """SIGHUP: re-read the upstreams file (if any) and the key file, each kept as it was
-    when its new version cannot be used."""
+def reload(ctx: AppContext, server: HTTPServer | None = None) -> None:
+    """SIGHUP: re-read the upstreams file (if any), the key file and the TLS certificate
+    (if any), each kept as it was when its new version cannot be used."""
     if ctx.settings.upstreams_file is not None:
         reload_upstreams(ctx)
     reload_keys(ctx)
+    if server is not None:
+        reload_tls(ctx, server)
 
 
 def reload_upstreams(ctx: AppContext) -> None:
@@ -423,6 +478,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the server; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
+    if build_parser().parse_args(argv).check:
+        from .check import run_check
+
+        return run_check(argv, environ, sys.stdout)
     log_stream: BackgroundWriter | None = None
     try:
         settings = load_settings(argv, environ)
@@ -430,6 +489,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log_stream = BackgroundWriter(sys.stderr)
         configure_logging(settings.log_level, settings.log_json, log_stream)
         ctx = build_context(settings, log_stream)
+        tls_context(settings)  # a bad certificate or key stops the start, said plainly
     except (ConfigError, KeyFileError, TemplateLoadError) as exc:
         if log_stream is not None:
             log_stream.close()

@@ -105,6 +105,7 @@ class Script:
     cache_n: int = 0  # final event's timings.cache_n: prompt tokens reused from the cache
     gate: asyncio.Event | None = None  # /completion waits for it before answering
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
+    model_alias: str | None = None  # llama-server --alias; None: the model's path, as llama.cpp
 
 
 class _Base(tornado.web.RequestHandler):
@@ -374,7 +375,11 @@ class _Completion(_Base):
 
 class _Props(_Base):
     def get(self) -> None:
+        self.fake.props_requests += 1
+        # As llama.cpp: started with -m PATH and no --alias, the alias is PATH itself.
+        alias = self.fake.script.model_alias or "/models/fake-model.gguf"
         props: dict[str, Any] = {
+            "model_alias": alias,
             "bos_token": "<s>",
             "eos_token": "</s>",
             "total_slots": self.fake.script.total_slots,
@@ -434,7 +439,7 @@ class _Models(_Base):
                 "object": "list",
                 "data": [
                     {
-                        "id": "fake-model.gguf",
+                        "id": "/models/fake-model.gguf",  # as llama.cpp: the -m path
                         "object": "model",
                         "created": 1700000000,
                         "owned_by": "llamacpp",
@@ -462,6 +467,7 @@ class FakeLlamaCpp:
         self.max_health_active = 0
         self.models_requests = 0
         self.body_bytes_sent = 0  # of a huge_body answer
+        self.props_requests = 0
         self.port = 0
         self._server: HTTPServer | None = None
 
@@ -512,6 +518,7 @@ class FakeLlamaCpp:
         self.max_health_active = self.health_active
         self.models_requests = 0
         self.body_bytes_sent = 0
+        self.props_requests = 0
 
 
 def main() -> None:

@@ -142,7 +142,7 @@ def test_grammar_llamacpp_rejects_is_a_400_with_its_message(stack: Stack) -> Non
 def test_model_defaults_to_what_llamacpp_serves(stack: Stack) -> None:
     r = post(stack, "/v1/chat/completions", {"messages": CHAT})
     assert r.status_code == 200
-    assert r.json()["model"] == "fake-model.gguf"
+    assert r.json()["model"] == "fake-model"
 
 
 # -- text completions --------------------------------------------------------------------
@@ -444,9 +444,9 @@ def test_models_list_and_retrieve(stack: Stack) -> None:
     raw = client.models.with_raw_response.list()
     body = raw.http_response.json()
     assert_schema(body, "ListModelsResponse")
-    assert [m["id"] for m in body["data"]] == ["fake-model.gguf"]
-    model = client.models.retrieve("fake-model.gguf")
-    assert model.id == "fake-model.gguf" and model.owned_by == "llamacpp"
+    assert [m["id"] for m in body["data"]] == ["fake-model"]
+    model = client.models.retrieve("fake-model")
+    assert model.id == "fake-model" and model.owned_by == "llamacpp"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     with pytest.raises(openai.AuthenticationError):

@@ -229,4 +229,4 @@ def test_a_burst_on_ready_and_models_costs_one_upstream_request_at_a_time(stack:
         assert set(pool.map(ready, range(64))) == {200}
         assert set(pool.map(models, range(64))) == {200}
     assert stack.fake.max_health_active == 1  # one upstream check at a time, not 64
-    assert stack.fake.models_requests <= 2  # and the model list is reused
+    assert stack.fake.props_requests <= 2  # and the model's /props is reused

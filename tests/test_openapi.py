@@ -106,7 +106,7 @@ def test_every_documented_operation_answers(api_stack: Stack, method: str, path:
     }.get(path, {"prompt": "hi"})
     response = httpx.request(
         method,
-        api_stack.url + path.replace("{model}", "fake-model.gguf"),
+        api_stack.url + path.replace("{model}", "fake-model"),
         json=body if method == "POST" else None,
         headers={"Authorization": f"Bearer {ADMIN_KEY}"} if path == "/status" else AUTH,
         timeout=10,

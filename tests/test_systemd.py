@@ -20,6 +20,8 @@ UNITS = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 PROXY_UNIT = UNITS / "llamacpp-proxy.service"
 LLAMA_UNIT = UNITS / "llama-server.service"
 KEYS_EXAMPLE = UNITS / "keys.env.example"
+CONFIG = UNITS / "config.toml"
+INSTALLED_CONFIG = "/etc/llamacpp-proxy/config.toml"  # where the unit reads CONFIG from
 
 
 def directives(unit: Path) -> dict[str, list[str]]:
@@ -44,10 +46,10 @@ def directives(unit: Path) -> dict[str, list[str]]:
     return found
 
 
-def exec_argv(unit: Path, key: str = "ExecStart") -> list[str]:
+def exec_argv(unit: Path, key: str = "ExecStart", index: int = 0) -> list[str]:
     """The unit's command line, split as systemd splits it (no specifiers or $ variables
     are used in it, so shell-style splitting is exact)."""
-    (value,) = directives(unit)[f"Service.{key}"]
+    value = directives(unit)[f"Service.{key}"][index]
     command = value.lstrip("-@:+!")
     assert "%" not in command and "$" not in command, command
     return shlex.split(command)
@@ -96,8 +98,14 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert about_ours == [], output
 
 
+def shipped_config(argv: list[str]) -> list[str]:
+    """argv reading deploy/systemd/config.toml where the unit reads its installed copy."""
+    assert argv[argv.index("--config") + 1] == INSTALLED_CONFIG
+    return [str(CONFIG) if arg == INSTALLED_CONFIG else arg for arg in argv]
+
+
 def test_proxy_exec_start_is_accepted_by_the_proxy() -> None:
-    argv = exec_argv(PROXY_UNIT)
+    argv = shipped_config(exec_argv(PROXY_UNIT))
     assert Path(argv[0]).name == "llamacpp-proxy-server"
     build_parser().parse_args(argv[1:])  # exits (SystemExit) on an unknown flag
     settings = load_settings(argv[1:], {"UNLIMITED_API_KEY": "x"})
@@ -165,13 +173,16 @@ def test_proxy_unit_orders_after_llama_server_and_reloads_with_sighup() -> None:
     found = directives(PROXY_UNIT)
     assert "llama-server.service" in found["Unit.After"][0].split()
     assert found["Unit.Wants"] == ["llama-server.service"]
-    assert found["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # --check first (same config): a broken edit fails the reload and is never sent SIGHUP.
+    check = exec_argv(PROXY_UNIT, "ExecReload", 0)
+    assert check == [exec_argv(PROXY_UNIT)[0], "--check", *exec_argv(PROXY_UNIT)[1:]]
+    assert found["Service.ExecReload"][1] == "/bin/kill -HUP $MAINPID"
 
 
 def test_proxy_unit_sets_a_descriptor_limit_that_holds_its_connection_cap() -> None:
     """Item 14: the unit set no LimitNOFILE, so 1,100 idle clients exhausted 1,024 fds."""
     found = directives(PROXY_UNIT)
     nofile = int(found["Service.LimitNOFILE"][0])
-    exec_start = found["Service.ExecStart"][0].split()
-    cap = int(exec_start[exec_start.index("--max-connections") + 1])
+    argv = shipped_config(exec_argv(PROXY_UNIT))
+    cap = load_settings(argv[1:], {"UNLIMITED_API_KEY": "x"}).max_connections
     assert nofile >= 2 * cap + 64  # what main.connection_cap needs to keep the cap as set

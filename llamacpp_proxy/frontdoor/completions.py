@@ -30,6 +30,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..guard.ratelimit import Cost
+from ..model_names import model_display_name
 from ..render.constraints import merge_constraints
 from ..render.control_tokens import mark_messages
 from ..render.tool_calls import ToolCallFilter, parse_tool_calls
@@ -299,8 +300,7 @@ class CompletionsHandler(BaseHandler):
         if self.ctx.routes.from_file:
             return self._pool.pool.name
         props = await self._pool.meta_client().props()
-        path = str(props.get("model_path") or "llama.cpp")
-        return path.rsplit("/", 1)[-1]
+        return model_display_name(props, self.ctx.settings)
 
     async def _admit(self, request: CompletionRequest) -> None:
         """Admit the request for what it may cost, or raise RateLimited (429).

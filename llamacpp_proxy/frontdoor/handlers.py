@@ -21,12 +21,14 @@ from ..errors import (
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
+    PermissionDenied,
     ProxyError,
     ServiceShuttingDown,
 )
 from ..guard.auth import Principal
 from ..guard.ratelimit import Admission
 from ..ids import unique_id
+from ..model_names import model_display_name, model_object
 from ..observe.usage import UsageRecord
 
 log = logging.getLogger("llamacpp_proxy")
@@ -36,6 +38,23 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 def _json(value: Any) -> bytes:
     return fastjson.dumps(value)
+
+
+# CORS (--cors-allow-origins): what a browser may send and read. The OpenAI SDKs add their
+# x-stainless-* headers (and openai-* ones) to every request, so those pass too.
+_CORS_HEADERS = frozenset({"authorization", "content-type", "x-request-id"})
+_CORS_HEADER_PREFIXES = ("x-stainless-", "openai-")
+_CORS_EXPOSE = (
+    "X-Request-Id, Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+    "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
+    "x-ratelimit-reset-tokens"
+)
+_CORS_MAX_AGE = "600"  # browsers cache a preflight answer this many seconds
+
+
+def _cors_header_allowed(name: str) -> bool:
+    name = name.strip().lower()
+    return name in _CORS_HEADERS or name.startswith(_CORS_HEADER_PREFIXES)
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -81,11 +100,61 @@ class BaseHandler(tornado.web.RequestHandler):
         if admission is not None:
             for name, value in admission.headers.items():
                 self.set_header(name, value)
+        cors_origin = getattr(self, "cors_origin", None)
+        if cors_origin is not None:
+            self.set_header("Access-Control-Allow-Origin", cors_origin)
+            self.set_header("Access-Control-Expose-Headers", _CORS_EXPOSE)
+            self.set_header("Vary", "Origin")
+
+    def _cors(self) -> bool:
+        """Let an allowed Origin read the answer; True for a preflight from it, which needs
+        no key (browsers never send one with it) and is answered by options()."""
+        origins = self.ctx.settings.cors_allow_origins
+        origin = self.request.headers.get("Origin")
+        allowed = origin is not None and ("*" in origins or origin in origins)
+        if allowed:
+            self.cors_origin = "*" if "*" in origins else origin
+            self.set_default_headers()
+        elif origin is not None:
+            self.set_header("Vary", "Origin")  # a cache must not serve it to another origin
+        if self.request.method != "OPTIONS" or (
+            "Access-Control-Request-Method" not in self.request.headers
+        ):
+            return False
+        if not allowed:
+            raise PermissionDenied(
+                f"The origin {origin!r} may not call this API.", code="cors_refused"
+            )
+        self.preflight = True
+        return True
+
+    def options(self, *args: str) -> None:
+        """A CORS preflight's answer. Sent here, after the (empty) body is read, not from
+        prepare(): a streamed-body handler that finishes early drops the kept-alive
+        connection under the client's next request."""
+        early: ProxyError | None = getattr(self, "_early_error", None)
+        if early is not None:
+            raise early
+        if not getattr(self, "preflight", False):
+            raise MethodNotAllowed(
+                f"Method OPTIONS is not allowed on {self.request.path}.",
+            )
+        requested = self.request.headers.get("Access-Control-Request-Headers", "")
+        headers = [h.strip() for h in requested.split(",") if _cors_header_allowed(h)]
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        if headers:
+            self.set_header("Access-Control-Allow-Headers", ", ".join(headers))
+        self.set_header("Access-Control-Max-Age", _CORS_MAX_AGE)
+        self.finish()
 
     async def prepare(self) -> None:
         incoming = self.request.headers.get("X-Request-Id", "")
         self.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else unique_id("req_")
         self.set_header("X-Request-Id", self.request_id)
+        if self.ctx.settings.cors_allow_origins and self._cors():
+            return
         if self.ctx.draining and self.refused_while_draining:
             raise ServiceShuttingDown(
                 "The server is shutting down; retry on another instance.",
@@ -251,6 +320,8 @@ class NotFoundHandler(BaseHandler):
 
     async def prepare(self) -> None:
         await super().prepare()
+        if getattr(self, "preflight", False):
+            return  # a CORS preflight: options() answers it
         raise NotFound(
             f"Unknown request URL: {self.request.method} {self.request.path}. "
             "Please check the URL for typos.",
@@ -272,17 +343,16 @@ class ModelsHandler(BaseHandler):
         allowed = self.principal.models
         routes = self.ctx.routes
         if routes.from_file:
-            models = [
-                {"id": name, "object": "model", "created": routes.created, "owned_by": "llamacpp"}
-                for name in routes.model_ids(allowed)
-            ]
+            models = [model_object(name, routes.created) for name in routes.model_ids(allowed)]
         else:
             try:
                 pool = routes.lookup(None, allowed)
             except ModelNotFound:
                 models = []
             else:
-                models = await pool.meta_client().models()
+                props = await pool.meta_client().props()
+                name = model_display_name(props, self.ctx.settings)
+                models = [model_object(name, self.ctx.started)]
         if model_id is None:
             self.write_json({"object": "list", "data": models})
             return

@@ -1,8 +1,10 @@
-"""End-to-end fixtures: a real llama-server with the Gemma 3 270M model, and the proxy started
-as a real process through its console script, both once per session on free loopback ports;
-a second pair serves SmolLM2-135M-Instruct, a ChatML model with its own template (/props).
+"""End-to-end fixtures: a real llama-server with SmolLM2-135M-Instruct (a chat model with its
+own ChatML template, from /props), and the proxy started as a real process through its console
+script, both once per session on free loopback ports; a second pair serves Gemma 3 270M (a
+base model, with the proxy's gemma3 template).
 
-Where the binary and the model come from: LLAMA_SERVER_BIN and LLAMA_MODEL, else the cache
+Where the binary and the models come from: LLAMA_SERVER_BIN, LLAMA_MODEL (SmolLM2) and
+LLAMA_GEMMA_MODEL, else the cache
 that scripts/install-llama-server fills. When either is missing the tests are skipped, unless
 LLAMACPP_PROXY_REQUIRE_E2E=1 (scripts/test and CI set it): then they fail, so a missing
 llama-server can never pass CI silently.
@@ -39,7 +41,8 @@ CACHE = Path(
 )
 REQUIRED = os.environ.get("LLAMACPP_PROXY_REQUIRE_E2E") == "1"
 RATE_LIMIT = 2  # --rate-limit-max-requests of the session's proxy (LIMITED_API_KEY)
-MODEL = "gemma-3-270m"  # what clients send as `model`; the proxy serves whatever llama.cpp has
+MODEL = "smollm2-135m-instruct"  # the session proxy's --model-name: what clients send as `model`
+GEMMA_MODEL = "gemma-3-270m"
 LOOPBACK_ENV = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 
 SERVICES = pytest.StashKey[list["Service"]]()
@@ -51,8 +54,17 @@ def llama_server_bin() -> Path:
 
 
 def llama_model() -> Path:
-    """The GGUF model the e2e tests load."""
-    return Path(os.environ.get("LLAMA_MODEL") or CACHE / "models" / "gemma-3-270m-q4_k_m.gguf")
+    """The GGUF model the e2e tests load by default (SmolLM2-135M-Instruct, ChatML)."""
+    return Path(
+        os.environ.get("LLAMA_MODEL") or CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
+def gemma_model() -> Path:
+    """The second model (Gemma 3 270M, a base model with no template of its own)."""
+    return Path(
+        os.environ.get("LLAMA_GEMMA_MODEL") or CACHE / "models" / "gemma-3-270m-q4_k_m.gguf"
+    )
 
 
 def unavailable(reason: str) -> NoReturn:
@@ -65,13 +77,6 @@ def unavailable(reason: str) -> NoReturn:
         )
     pytest.skip(
         f"{reason}; run scripts/install-llama-server, or set LLAMA_SERVER_BIN and LLAMA_MODEL"
-    )
-
-
-def chatml_model() -> Path:
-    """The ChatML GGUF model (SmolLM2-135M-Instruct) the prompt tests also load."""
-    return Path(
-        os.environ.get("LLAMA_CHATML_MODEL") or CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     )
 
 
@@ -249,7 +254,8 @@ def e2e_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Service]:
-    """llama-server with the Gemma model: 2 slots of 1024 tokens, /slots exposed."""
+    """llama-server with SmolLM2-135M-Instruct (ChatML; /props names <|im_start|> as its BOS
+    token, but llama.cpp adds no BOS for it): 2 slots of 1024 tokens, /slots exposed."""
     binary, model = require_llama_files()
 
     def argv(port: int) -> list[str]:
@@ -267,70 +273,9 @@ def llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Ser
             "2",
             "--slots",
             "--no-webui",
-            # This GGUF carries no chat template (llama-server would fall back to ChatML):
-            # give llama-server's own chat endpoint Gemma 3's, for the prompt comparison.
-            "--chat-template-file",
-            str(resources.files("llamacpp_proxy.render") / "chat_templates" / "gemma3.jinja"),
         ]
 
     service = start_service(request.config, "llama-server", argv, "/health", e2e_logs, timeout=180)
-    yield service
-    service.stop()
-
-
-@pytest.fixture(scope="session")
-def chatml_llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Service]:
-    """llama-server with SmolLM2-135M-Instruct (ChatML; /props names <|im_start|> as its
-    BOS token, but llama.cpp adds no BOS for it): 1 slot of 2048 tokens."""
-    binary, model = require_llama_files(chatml_model())
-
-    def argv(port: int) -> list[str]:
-        return [
-            str(binary),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-m",
-            str(model),
-            "-c",
-            "2048",
-            "-np",
-            "1",
-            "--no-webui",
-        ]
-
-    service = start_service(
-        request.config, "llama-server-chatml", argv, "/health", e2e_logs, timeout=180
-    )
-    yield service
-    service.stop()
-
-
-@pytest.fixture(scope="session")
-def chatml_proxy(
-    request: pytest.FixtureRequest, chatml_llama_server: Service, e2e_logs: Path
-) -> Iterator[Service]:
-    """A proxy in front of the SmolLM2 server, with the model's own template (/props)."""
-    script = console_script()
-    env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY)
-
-    def argv(port: int) -> list[str]:
-        return [
-            script,
-            "--llamacpp-server",
-            chatml_llama_server.url,
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--shutdown-timeout",
-            "5",
-        ]
-
-    service = start_service(
-        request.config, "proxy-chatml", argv, "/health/ready", e2e_logs, timeout=30, env=env
-    )
     yield service
     service.stop()
 
@@ -341,7 +286,8 @@ def proxy(
     llama_server: Service,
     e2e_logs: Path,
 ) -> Iterator[Service]:
-    """The proxy, started through its console script exactly as an operator would."""
+    """The proxy, started through its console script exactly as an operator would, with the
+    model's own template (/props)."""
     script = console_script()
     env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY, LIMITED_API_KEY=LIMITED_KEY)
 
@@ -350,8 +296,8 @@ def proxy(
             script,
             "--llamacpp-server",
             llama_server.url,
-            "--chat-template-jinja",
-            "gemma3",
+            "--model-name",
+            MODEL,
             "--port",
             str(port),
             "--host",
@@ -367,6 +313,68 @@ def proxy(
     # /health/ready answers 200 only once the proxy reaches llama.cpp with its model loaded.
     service = start_service(
         request.config, "proxy", argv, "/health/ready", e2e_logs, timeout=30, env=env
+    )
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def gemma_llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Service]:
+    """llama-server with the Gemma model: 2 slots of 1024 tokens."""
+    binary, model = require_llama_files(gemma_model())
+
+    def argv(port: int) -> list[str]:
+        return [
+            str(binary),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-m",
+            str(model),
+            "-c",
+            "2048",
+            "-np",
+            "2",
+            "--no-webui",
+            # This GGUF carries no chat template (llama-server would fall back to ChatML):
+            # give llama-server's own chat endpoint Gemma 3's, for the prompt comparison.
+            "--chat-template-file",
+            str(resources.files("llamacpp_proxy.render") / "chat_templates" / "gemma3.jinja"),
+        ]
+
+    service = start_service(
+        request.config, "llama-server-gemma", argv, "/health", e2e_logs, timeout=180
+    )
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def gemma_proxy(
+    request: pytest.FixtureRequest, gemma_llama_server: Service, e2e_logs: Path
+) -> Iterator[Service]:
+    """A proxy in front of the Gemma server, with the proxy's gemma3 template."""
+    script = console_script()
+    env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY)
+
+    def argv(port: int) -> list[str]:
+        return [
+            script,
+            "--llamacpp-server",
+            gemma_llama_server.url,
+            "--chat-template-jinja",
+            "gemma3",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--shutdown-timeout",
+            "5",
+        ]
+
+    service = start_service(
+        request.config, "proxy-gemma", argv, "/health/ready", e2e_logs, timeout=30, env=env
     )
     yield service
     service.stop()

@@ -27,7 +27,7 @@ HI = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def drop_proxy(
-    request: pytest.FixtureRequest, chatml_llama_server: Service, e2e_logs: Path
+    request: pytest.FixtureRequest, llama_server: Service, e2e_logs: Path
 ) -> Iterator[Service]:
     """A proxy in front of the SmolLM2 server that drops tools its template cannot express."""
     env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY)
@@ -36,7 +36,7 @@ def drop_proxy(
         return [
             console_script(),
             "--llamacpp-server",
-            chatml_llama_server.url,
+            llama_server.url,
             "--port",
             str(port),
             "--host",
@@ -57,9 +57,9 @@ def drop_proxy(
 
 
 @pytest.fixture(scope="module")
-def client(chatml_proxy: Service) -> Iterator[anthropic.Anthropic]:
+def client(proxy: Service) -> Iterator[anthropic.Anthropic]:
     with anthropic.Anthropic(
-        base_url=chatml_proxy.url, api_key=UNLIMITED_KEY, max_retries=0, timeout=60
+        base_url=proxy.url, api_key=UNLIMITED_KEY, max_retries=0, timeout=60
     ) as c:
         yield c
 
@@ -95,8 +95,8 @@ def test_message_stream_and_count_tokens(client: anthropic.Anthropic) -> None:
     assert counted.input_tokens == total  # llama.cpp's tokenizer, the same rendered prompt
 
 
-def test_wrong_key_is_a_typed_401(chatml_proxy: Service) -> None:
-    wrong = anthropic.Anthropic(base_url=chatml_proxy.url, api_key="sk-wrong", max_retries=0)
+def test_wrong_key_is_a_typed_401(proxy: Service) -> None:
+    wrong = anthropic.Anthropic(base_url=proxy.url, api_key="sk-wrong", max_retries=0)
     with wrong as c, pytest.raises(anthropic.AuthenticationError):
         c.messages.create(model="smollm2", max_tokens=4, messages=HI)  # type: ignore[arg-type]
 

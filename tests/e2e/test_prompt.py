@@ -44,10 +44,14 @@ def pair(request: pytest.FixtureRequest) -> tuple[str, Service, Service]:
     if request.param == "chatml":
         return (
             "chatml",
-            request.getfixturevalue("chatml_proxy"),
-            request.getfixturevalue("chatml_llama_server"),
+            request.getfixturevalue("proxy"),
+            request.getfixturevalue("llama_server"),
         )
-    return "gemma", request.getfixturevalue("proxy"), request.getfixturevalue("llama_server")
+    return (
+        "gemma",
+        request.getfixturevalue("gemma_proxy"),
+        request.getfixturevalue("gemma_llama_server"),
+    )
 
 
 def _greedy(client: openai.OpenAI, messages: list[dict[str, Any]]) -> tuple[int, str]:
@@ -178,7 +182,7 @@ def lm_eval_bin() -> Path:
 
 
 def test_lm_eval_multiple_choice_through_the_proxy_is_an_error_not_chance(
-    chatml_proxy: Service, lm_eval_bin: Path, tmp_path: Path
+    proxy: Service, lm_eval_bin: Path, tmp_path: Path
 ) -> None:
     # Its loglikelihood requests are echo + logprobs + max_tokens 1, which llama.cpp cannot
     # answer: the proxy refuses them, and the harness must fail rather than report a score.
@@ -196,7 +200,7 @@ def test_lm_eval_multiple_choice_through_the_proxy_is_an_error_not_chance(
     )
     model_args = ",".join(
         [
-            f"base_url={chatml_proxy.url}/v1/completions",
+            f"base_url={proxy.url}/v1/completions",
             f"model={MODEL}",
             "tokenizer_backend=huggingface",
             f"tokenizer={tokenizer}",

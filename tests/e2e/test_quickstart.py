@@ -142,6 +142,9 @@ def test_quickstart_serves_the_printed_snippets_and_stops_on_ctrl_c(
     out = quickstart.output
     proxy_port, llama_port = int(quickstart_env["PROXY_PORT"]), int(quickstart_env["LLAMA_PORT"])
     assert f"ready at http://127.0.0.1:{proxy_port}/v1" in out
+    # The quickstart's own smoke test: SmolLM2's answer, printed before the banner.
+    smoke = re.search(r"^smollm2-135m-instruct: (.+)$", out, re.M)
+    assert smoke and "Paris" in smoke.group(1), out
     proxy_pid = int(re.search(r"proxy: +pid (\d+)", out).group(1))  # type: ignore[union-attr]
     llama_pid = int(re.search(r"llama-server: +pid (\d+)", out).group(1))  # type: ignore[union-attr]
 

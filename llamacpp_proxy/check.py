@@ -1,0 +1,170 @@
+"""llamacpp-proxy-server --check: everything a start would read and reach, checked without
+serving, every problem listed; exit 0 when a start would work (systemctl reload runs it first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from .config import ConfigError, Settings, load_settings
+from .errors import ProxyError
+from .guard.auth import KeyFileError
+from .model_names import model_display_name
+from .render.templates import ChatTemplate, TemplateLoadError, load_chat_template
+from .route.pools import UpstreamsFileError
+from .upstream.llamacpp import LlamaCppClient
+
+UPSTREAM_CHECK_EXTRA = 10.0
+"""Seconds an upstream may take to answer /health and /props, beyond the connect timeout."""
+
+SAMPLE_CONVERSATION: list[dict[str, Any]] = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+]
+
+
+class Report:
+    """The lines --check prints: what is fine, and every problem."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.problems = 0
+
+    def ok(self, what: str, detail: str) -> None:
+        print(f"ok       {what}: {detail}", file=self.out)
+
+    def problem(self, what: str, detail: str) -> None:
+        self.problems += 1
+        print(f"PROBLEM  {what}: {detail}", file=self.out)
+
+
+def _render(report: Report, what: str, template: ChatTemplate, props: Mapping[str, Any]) -> None:
+    try:
+        prompt = template.render(
+            SAMPLE_CONVERSATION,
+            bos_token=str(props.get("bos_token") or ""),
+            eos_token=str(props.get("eos_token") or ""),
+        )
+    except ProxyError as exc:
+        report.problem(what, f"{template.origin} cannot render a sample conversation: {exc}")
+        return
+    if "And of Italy?" not in prompt:
+        report.problem(what, f"{template.origin} leaves the user's message out of the prompt")
+        return
+    report.ok(what, f"{template.origin} renders a sample conversation ({len(prompt)} chars)")
+
+
+def upstream_servers(settings: Settings) -> list[tuple[str, str | None]]:
+    """Every llama.cpp server the proxy would send requests to, with its model's own
+    template (the upstreams file's chat_template), if any."""
+    from .upstreams import load_routing  # it builds on modules main imports too
+
+    routing = load_routing(settings)
+    return [(server.url, pool.chat_template) for pool in routing.pools for server in pool.servers]
+
+
+async def _check_upstream(
+    report: Report,
+    settings: Settings,
+    url: str,
+    template: ChatTemplate | None,
+    operator_template: bool,
+) -> None:
+    what = f"upstream {url}"
+    client = LlamaCppClient(settings, base_url=url)
+    try:
+        ready, why = await client.health()
+        if not ready:
+            report.problem(what, why)
+            return
+        props = await client.props()
+    except ProxyError as exc:
+        report.problem(what, exc.message)
+        return
+    finally:
+        client.close()
+    own = props.get("chat_template")
+    report.ok(
+        what,
+        f"model {model_display_name(props, settings)!r}, "
+        f"{props.get('total_slots', '?')} slot(s), "
+        f"{'its own chat template' if own else 'no chat template of its own'}",
+    )
+    if operator_template:
+        if template is not None:  # (else its load error is listed already)
+            _render(report, what, template, props)
+    elif isinstance(own, str) and own.strip():
+        try:
+            _render(report, what, ChatTemplate(own, "the model's template (/props)"), props)
+        except TemplateLoadError as exc:
+            report.problem(what, f"{exc}; give one with --chat-template-jinja")
+    else:
+        report.problem(what, "the model has no chat template; give one with --chat-template-jinja")
+
+
+def run_check(argv: Sequence[str], environ: Mapping[str, str], out: TextIO) -> int:
+    """Check the configuration as a start with these arguments would read it; 0 if all is
+    well, 1 with every problem listed."""
+    from .main import build_keys, tls_context  # main imports this module's caller
+
+    report = Report(out)
+    try:
+        settings = load_settings(argv, environ)
+    except ConfigError as exc:
+        report.problem("configuration", str(exc))
+        return 1
+    report.ok("configuration", "read")
+    try:
+        keys = build_keys(settings)
+        report.ok("keys", ", ".join(keys.names))
+    except (KeyFileError, OSError) as exc:
+        report.problem("keys", str(exc))
+    template: ChatTemplate | None = None
+    if settings.chat_template:
+        try:
+            template = load_chat_template(settings.chat_template)
+        except TemplateLoadError as exc:
+            report.problem("chat template", str(exc))
+    try:
+        if tls_context(settings) is not None:
+            report.ok("TLS", f"{settings.tls_cert} and {settings.tls_key}")
+    except ConfigError as exc:
+        report.problem("TLS", str(exc))
+
+    try:
+        servers = upstream_servers(settings)
+    except (UpstreamsFileError, OSError) as exc:
+        report.problem("upstreams", str(exc))
+        servers = []
+    pool_templates: dict[str, ChatTemplate | None] = {}
+    for spec in {spec for _, spec in servers if spec}:
+        try:
+            pool_templates[spec] = load_chat_template(spec)
+        except TemplateLoadError as exc:
+            report.problem("chat template", str(exc))
+            pool_templates[spec] = None
+
+    async def one(url: str, spec: str | None) -> None:
+        # /props may take the first-byte timeout (10 minutes by default): a check is quicker.
+        own = pool_templates.get(spec) if spec else template
+        try:
+            await asyncio.wait_for(
+                _check_upstream(report, settings, url, own, bool(spec or settings.chat_template)),
+                settings.upstream_connect_timeout + UPSTREAM_CHECK_EXTRA,
+            )
+        except TimeoutError:
+            report.problem(f"upstream {url}", "no answer in time")
+
+    async def upstreams() -> None:
+        await asyncio.gather(*(one(url, spec) for url, spec in servers))
+
+    asyncio.run(upstreams())
+    if report.problems:
+        print(f"{report.problems} problem(s)", file=out)
+        return 1
+    print("all good", file=out)
+    return 0

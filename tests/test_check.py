@@ -1,0 +1,125 @@
+"""--check: reads what a start would read, reaches every upstream, renders the template with
+a sample conversation, and lists every problem (exit 1) or says all is good (exit 0)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from llamacpp_proxy.main import main
+
+from .conftest import UNLIMITED_KEY, LoopThread
+from .fake_llamacpp import FakeLlamaCpp
+
+ENV = {"UNLIMITED_API_KEY": UNLIMITED_KEY}
+
+
+@pytest.fixture
+def upstream(runner: LoopThread, fake: FakeLlamaCpp) -> FakeLlamaCpp:
+    runner.call(fake.reset)
+    return fake
+
+
+def check(
+    argv: list[str], capsys: pytest.CaptureFixture[str], env: dict[str, str] = ENV
+) -> tuple[int, str]:
+    status = main(["--check", *argv], env)
+    return status, capsys.readouterr().out
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_good_setup_exits_0_and_reports_the_upstream(
+    upstream: FakeLlamaCpp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'llamacpp-server = "{upstream.url}"\n')
+    status, out = check(["--config", str(config)], capsys)
+    assert status == 0, out
+    assert f"upstream {upstream.url}: model 'fake-model', 4 slot(s), its own chat template" in out
+    assert "the model's template (/props) renders a sample conversation" in out
+    assert out.rstrip().endswith("all good")
+    # With an operator's template instead of the model's:
+    status, out = check(
+        ["--llamacpp-server", upstream.url, "--chat-template-jinja", "gemma3"], capsys
+    )
+    assert status == 0 and "'gemma3' (built in) renders a sample conversation" in out, out
+
+
+def test_a_model_without_a_template(
+    upstream: FakeLlamaCpp, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upstream.script.chat_template = None
+    status, out = check(["--llamacpp-server", upstream.url], capsys)
+    assert status == 1
+    assert "the model has no chat template; give one with --chat-template-jinja" in out
+
+
+def test_a_template_that_cannot_render(
+    upstream: FakeLlamaCpp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ raise_exception('only one turn') }}{% endfor %}")
+    status, out = check(
+        ["--llamacpp-server", upstream.url, "--chat-template-jinja", str(template)], capsys
+    )
+    assert status == 1 and "cannot render a sample conversation: only one turn" in out, out
+    template.write_text("{% for m in messages %}")
+    status, out = check(
+        ["--llamacpp-server", upstream.url, "--chat-template-jinja", str(template)], capsys
+    )
+    assert status == 1 and "does not parse" in out, out
+
+
+def test_every_problem_is_listed_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text("[keys.alice]\nkey_sha256 = 'short'\n")
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not a certificate")
+    argv = [
+        "--llamacpp-server",
+        f"http://127.0.0.1:{closed_port()}",
+        "--api-keys-file",
+        str(keys),
+        "--chat-template-jinja",
+        str(tmp_path / "missing.jinja"),
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(cert),
+        "--upstream-connect-timeout",
+        "2",
+    ]
+    status, out = check(argv, capsys)
+    assert status == 1
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    assert [p.split()[1] for p in problems] == ["keys:", "chat", "TLS:", "upstream"], out
+    assert "refused the connection" in problems[3]
+    assert "key_sha256' must be 64 hex digits" in out
+    assert out.rstrip().endswith("4 problem(s)")
+
+
+def test_a_broken_config_file_or_no_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("port = 8000\nlisten = 1\n")
+    status, out = check(["--config", str(config)], capsys)
+    assert status == 1 and f"{config}:2: unknown setting 'listen'" in out
+    status, out = check([], capsys, env={})
+    assert status == 1 and "no API key is configured" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from llamacpp_proxy import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"], {})
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"llamacpp-proxy-server {__version__}"
