@@ -47,7 +47,18 @@ VALUES: dict[str, object] = {
     "tls-cert": "/etc/llamacpp-proxy/cert.pem",
     "tls-key": "/etc/llamacpp-proxy/key.pem",
     "cors-allow-origins": ["https://a.example", "https://b.example"],
+    "routing": "round-robin",
+    "max-queue": 5,
+    "queue-timeout": 6.5,
+    "tools-policy": "drop",
+    "usage-db": "/var/lib/llamacpp-proxy/usage.db",
+    "workers": 2,
+    "no-metrics": True,
+    "metrics-key": "mk-test-0123456789",
+    "admin-key": "ak-test-0123456789",
 }
+# Options that exclude one in VALUES: each is checked on its own.
+EXCLUSIVE: dict[str, object] = {"upstreams-file": "/etc/llamacpp-proxy/upstreams.toml"}
 
 
 def toml(value: object) -> str:
@@ -79,7 +90,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_every_option_has_a_test_value() -> None:
-    assert set(VALUES) == set(settings_actions(build_parser()))
+    assert set(VALUES) | set(EXCLUSIVE) == set(settings_actions(build_parser()))
 
 
 def test_every_option_in_the_file_means_what_the_flag_means(tmp_path: Path) -> None:
@@ -93,6 +104,15 @@ def test_every_option_in_the_file_means_what_the_flag_means(tmp_path: Path) -> N
     assert from_file != load_settings([], ENV)
     assert from_file.port == 9001 and from_file.access_log is False
     assert from_file.cors_allow_origins == ("https://a.example", "https://b.example")
+
+
+def test_an_option_that_excludes_another_means_in_the_file_what_its_flag_means(
+    tmp_path: Path,
+) -> None:
+    for key, value in EXCLUSIVE.items():
+        from_file = load_settings(["--config", str(write(tmp_path, f"{key} = {toml(value)}"))], ENV)
+        assert from_file == load_settings(flags({key: value}), ENV)
+        assert from_file != load_settings([], ENV)
 
 
 def test_flags_override_the_file_and_the_environment_still_gives_keys(tmp_path: Path) -> None:
