@@ -366,6 +366,43 @@ def test_a_waiter_holding_for_its_warm_server_does_not_hold_back_others() -> Non
     run(main())
 
 
+def test_a_saturated_pool_gives_a_freed_slot_to_the_conversation_waiting_for_that_server() -> None:
+    """scripts/bench-routing (9 conversations on 6 slots): the freed slot went to the head
+    of the queue, a stranger, and the conversation warm there went cold elsewhere."""
+
+    async def main() -> None:
+        router, clock = make_router(n=2, slots=1)
+        a = conversation(3, 2)
+        first = await router.acquire(a[0])
+        home = host(first)
+        first.release()
+        # Both servers busy with other conversations.
+        busy = [await router.acquire(f"other conversation {i} " * 40) for i in range(2)]
+        assert {host(lease) for lease in busy} == {"a:1", "b:1"}
+        stranger = asyncio.create_task(router.acquire("a new conversation " * 40))
+        await settle()
+        turn = asyncio.create_task(router.acquire(a[1]))  # behind the stranger
+        await settle()
+        clock.advance(10.0)  # past the warm wait: everything is full anyway
+        await settle()
+        assert not stranger.done() and not turn.done()
+        (home_busy,) = [lease for lease in busy if host(lease) == home]
+        home_busy.release()
+        await settle()
+        assert turn.done(), "the slot freed on its server went to the head of the queue"
+        lease = turn.result()
+        assert host(lease) == home and lease.continuation
+        assert not stranger.done()  # it takes the next slot, wherever it frees
+        (elsewhere,) = [b for b in busy if b is not home_busy]
+        elsewhere.release()
+        cold = await asyncio.wait_for(stranger, 1)
+        assert host(cold) != home
+        lease.release()
+        cold.release()
+
+    run(main())
+
+
 def test_a_full_queue_takes_a_cold_slot_rather_than_refuse() -> None:
     async def main() -> None:
         router, _ = make_router(n=2, slots=1, max_queue=0)

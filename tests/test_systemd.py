@@ -1,5 +1,8 @@
 """The systemd units in deploy/systemd: systemd accepts them, the proxy accepts its ExecStart
 command line, no key is in a unit, and the sandboxing the deployment doc promises is there.
+Also the several-servers set-ups (docs/deployment.md): the llama-server@.service template
+with one environment file per instance, the gateway drop-ins for two GPUs and two models,
+and the example upstreams file they name.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pytest
 
 from llamacpp_proxy.config import build_parser, load_settings
 from llamacpp_proxy.render.templates import load_chat_template
+from llamacpp_proxy.route.pools import load_upstreams_file
 
 UNITS = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 PROXY_UNIT = UNITS / "llamacpp-proxy.service"
@@ -22,6 +26,13 @@ LLAMA_UNIT = UNITS / "llama-server.service"
 KEYS_EXAMPLE = UNITS / "keys.env.example"
 CONFIG = UNITS / "config.toml"
 INSTALLED_CONFIG = "/etc/llamacpp-proxy/config.toml"  # where the unit reads CONFIG from
+TEMPLATE_UNIT = UNITS / "llama-server@.service"
+INSTANCES = UNITS / "llama-server"  # NAME.env.example: /etc/llamacpp-proxy/llama-server/NAME.env
+DROP_INS = UNITS / "llamacpp-proxy.service.d"
+TWO_GPUS = DROP_INS / "two-gpus.conf.example"
+TWO_MODELS = DROP_INS / "two-models.conf.example"
+UPSTREAMS_EXAMPLE = UNITS.parent / "upstreams.toml.example"
+ALL_UNITS = (PROXY_UNIT, LLAMA_UNIT, TEMPLATE_UNIT, TWO_GPUS, TWO_MODELS)
 
 
 def directives(unit: Path) -> dict[str, list[str]]:
@@ -55,6 +66,25 @@ def exec_argv(unit: Path, key: str = "ExecStart", index: int = 0) -> list[str]:
     return shlex.split(command)
 
 
+def stubbed(unit: Path, stubs: Path) -> str:
+    """The unit's text with every Exec command that is not installed here pointed at a
+    stand-in executable in `stubs` (verify fails a unit whose command does not exist)."""
+    text = unit.read_text()
+    for key, values in directives(unit).items():
+        if not key.startswith("Service.Exec"):
+            continue
+        for value in values:
+            if not value:
+                continue  # `ExecStart=` alone resets the list (drop-ins)
+            command = shlex.split(value.lstrip("-@:+!"))[0]
+            if not os.access(command, os.X_OK):
+                stub = stubs / Path(command).name
+                stub.write_text("#!/bin/sh\nexit 0\n")
+                stub.chmod(0o755)
+                text = text.replace(command, str(stub))
+    return text
+
+
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
@@ -62,40 +92,44 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         if os.environ.get("LLAMACPP_PROXY_REQUIRE_E2E") == "1":
             pytest.fail(message + "; LLAMACPP_PROXY_REQUIRE_E2E=1 requires this check")
         pytest.skip(message)
-    # verify fails a unit whose ExecStart binary does not exist, and /opt/llamacpp-proxy or
-    # /var/cache/llamacpp-proxy are not installed here: check copies whose missing commands
-    # point at stand-in executables in a temp folder, everything else unchanged.
+    # Copies whose missing commands (/opt/llamacpp-proxy, /var/cache/llamacpp-proxy are not
+    # installed here) point at stand-ins, everything else unchanged. The gateway unit is
+    # verified alone and with each drop-in (from its own unit folder, so systemd applies
+    # it: a drop-in that kept two ExecStart= lines would be refused).
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    copies = []
-    for unit in (PROXY_UNIT, LLAMA_UNIT):
-        text = unit.read_text()
-        for key, values in directives(unit).items():
-            if not key.startswith("Service.Exec"):
-                continue
-            for value in values:
-                command = shlex.split(value.lstrip("-@:+!"))[0]
-                if not os.access(command, os.X_OK):
-                    stub = stubs / Path(command).name
-                    stub.write_text("#!/bin/sh\nexit 0\n")
-                    stub.chmod(0o755)
-                    text = text.replace(command, str(stub))
-        copy = tmp_path / unit.name
-        copy.write_text(text)
-        copies.append(copy)
+    checks: list[tuple[Path, list[Path]]] = []
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for unit in (PROXY_UNIT, LLAMA_UNIT, TEMPLATE_UNIT):
+        (plain / unit.name).write_text(stubbed(unit, stubs))
+    checks.append((plain, [plain / u.name for u in (PROXY_UNIT, LLAMA_UNIT, TEMPLATE_UNIT)]))
+    for drop_in in (TWO_GPUS, TWO_MODELS):
+        folder = tmp_path / drop_in.name.removesuffix(".conf.example")
+        (folder / DROP_INS.name).mkdir(parents=True)
+        (folder / PROXY_UNIT.name).write_text(stubbed(PROXY_UNIT, stubs))
+        (folder / DROP_INS.name / drop_in.name.removesuffix(".example")).write_text(
+            stubbed(drop_in, stubs)
+        )
+        checks.append((folder, [folder / PROXY_UNIT.name]))
 
-    done = subprocess.run(
-        [tool, "verify", "--man=no", *map(str, copies)], capture_output=True, text=True, timeout=120
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
-    # Unknown or misspelt directives are only warnings: none may name our units.
-    about_ours = [
-        line
-        for line in output.splitlines()
-        if any(unit.name in line for unit in (PROXY_UNIT, LLAMA_UNIT))
+    names = [unit.name for unit in ALL_UNITS] + [
+        d.name.removesuffix(".example") for d in (TWO_GPUS, TWO_MODELS)
     ]
-    assert about_ours == [], output
+    for folder, units in checks:
+        done = subprocess.run(
+            [tool, "verify", "--man=no", *map(str, units)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            # The trailing ":" keeps systemd's own unit folders after ours.
+            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{folder}:"},
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        # Unknown or misspelt directives are only warnings: none may name our files.
+        about_ours = [line for line in output.splitlines() if any(n in line for n in names)]
+        assert about_ours == [], output
 
 
 def shipped_config(argv: list[str]) -> list[str]:
@@ -125,7 +159,7 @@ def test_proxy_exec_start_is_accepted_by_the_proxy() -> None:
 
 
 def test_units_hold_no_key_material() -> None:
-    for unit in (PROXY_UNIT, LLAMA_UNIT):
+    for unit in (*ALL_UNITS, *INSTANCES.glob("*.env.example"), UPSTREAMS_EXAMPLE):
         text = unit.read_text()
         assert "API_KEY=" not in text, f"{unit.name} must not contain keys"
         assert not re.search(r"\bsk-[A-Za-z0-9_-]{8,}", text), f"{unit.name} holds a key"
@@ -144,7 +178,9 @@ def test_keys_example_has_only_placeholders() -> None:
     assert all(value.startswith("replace-me") for value in values.values()), values
 
 
-@pytest.mark.parametrize("unit", [PROXY_UNIT, LLAMA_UNIT], ids=lambda unit: unit.stem)
+@pytest.mark.parametrize(
+    "unit", [PROXY_UNIT, LLAMA_UNIT, TEMPLATE_UNIT], ids=lambda unit: unit.stem
+)
 def test_units_are_sandboxed_and_restart_on_failure(unit: Path) -> None:
     found = directives(unit)
     expected = {
@@ -186,3 +222,94 @@ def test_proxy_unit_sets_a_descriptor_limit_that_holds_its_connection_cap() -> N
     argv = shipped_config(exec_argv(PROXY_UNIT))
     cap = load_settings(argv[1:], {"UNLIMITED_API_KEY": "x"}).max_connections
     assert nofile >= 2 * cap + 64  # what main.connection_cap needs to keep the cap as set
+
+
+# -- several llama-servers: the template unit, its instances, the gateway's drop-ins ------
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """An EnvironmentFile's assignments (comments and blank lines dropped)."""
+    pairs = [line.split("=", 1) for line in path.read_text().splitlines()]
+    return {p[0]: p[1] for p in pairs if p[0].strip() and not p[0].startswith("#")}
+
+
+def instance_ports() -> dict[str, int]:
+    """Instance name -> the port its environment file gives llama-server."""
+    return {
+        path.name.removesuffix(".env.example"): int(env_file(path)["LLAMA_ARG_PORT"])
+        for path in INSTANCES.glob("*.env.example")
+    }
+
+
+def drop_in_argv(drop_in: Path) -> list[str]:
+    """The gateway command line a drop-in sets: it must first reset the unit's own."""
+    values = directives(drop_in)["Service.ExecStart"]
+    assert values[0] == "" and len(values) == 2, f"{drop_in.name}: ExecStart= then one command"
+    assert "%" not in values[1] and "$" not in values[1], values[1]
+    return shlex.split(values[1])
+
+
+def test_template_unit_reads_one_environment_file_per_instance_and_binds_loopback() -> None:
+    found = directives(TEMPLATE_UNIT)
+    assert found["Service.EnvironmentFile"] == ["/etc/llamacpp-proxy/llama-server/%i.env"]
+    assert found["Unit.AssertPathExists"] == ["/etc/llamacpp-proxy/llama-server/%i.env"]
+    argv = exec_argv(TEMPLATE_UNIT)
+    assert Path(argv[0]).name == "llama-server"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"  # a flag beats LLAMA_ARG_HOST
+
+
+def test_instance_environment_files_set_only_llama_server_settings_on_distinct_ports() -> None:
+    instances = sorted(INSTANCES.glob("*.env.example"))
+    assert {p.name for p in instances} >= {"gpu0.env.example", "gpu1.env.example"}
+    for path in instances:
+        values = env_file(path)
+        # llama-server reads LLAMA_ARG_* in place of its flags; anything else would be
+        # silently ignored (a typo), and the host stays the unit's loopback.
+        assert all(k.startswith("LLAMA_ARG_") or k == "CUDA_VISIBLE_DEVICES" for k in values)
+        assert "LLAMA_ARG_HOST" not in values, path.name
+        assert {"LLAMA_ARG_PORT", "LLAMA_ARG_MODEL"} <= set(values), path.name
+    ports = instance_ports()
+    assert len(set(ports.values())) == len(ports), ports
+    # One model on two GPUs: the same model and slots on both, different devices.
+    gpu0, gpu1 = (env_file(INSTANCES / f"gpu{i}.env.example") for i in (0, 1))
+    assert gpu0["LLAMA_ARG_MODEL"] == gpu1["LLAMA_ARG_MODEL"]
+    assert gpu0["LLAMA_ARG_N_PARALLEL"] == gpu1["LLAMA_ARG_N_PARALLEL"]
+    assert gpu0["CUDA_VISIBLE_DEVICES"] != gpu1["CUDA_VISIBLE_DEVICES"]
+
+
+def test_two_gpu_drop_in_puts_both_instances_in_one_pool() -> None:
+    argv = drop_in_argv(TWO_GPUS)
+    build_parser().parse_args(argv[1:])
+    settings = load_settings(argv[1:], {"UNLIMITED_API_KEY": "x"})
+    assert settings.host == "127.0.0.1"
+    ports = instance_ports()
+    assert settings.llamacpp_server == tuple(
+        f"http://127.0.0.1:{ports[name]}" for name in ("gpu0", "gpu1")
+    )
+    found = directives(TWO_GPUS)
+    wanted = "llama-server@gpu0.service llama-server@gpu1.service"
+    assert found["Unit.Wants"] == [wanted] and found["Unit.After"] == [wanted]
+    (stop_timeout,) = directives(PROXY_UNIT)["Service.TimeoutStopSec"]
+    assert float(stop_timeout) > settings.shutdown_timeout + 5
+
+
+def test_two_model_drop_in_and_the_example_upstreams_file_name_the_instances() -> None:
+    argv = drop_in_argv(TWO_MODELS)
+    settings = load_settings(argv[1:], {"UNLIMITED_API_KEY": "x"})
+    assert settings.upstreams_file == Path("/etc/llamacpp-proxy/upstreams.toml")
+    routing = load_upstreams_file(UPSTREAMS_EXAMPLE)
+    ports = instance_ports()
+    served = {pool.name: [s.display for s in pool.servers] for pool in routing.pools}
+    assert served == {
+        "qwen2.5-7b": [f"127.0.0.1:{ports['gpu0']}", f"127.0.0.1:{ports['gpu1']}"],
+        "qwen2.5-coder-7b": [f"127.0.0.1:{ports['coder']}"],
+    }
+    for pool in routing.pools:
+        if pool.chat_template is not None:
+            load_chat_template(pool.chat_template)
+    wanted = {f"llama-server@{name}.service" for name in ports}
+    found = directives(TWO_MODELS)
+    assert set(found["Unit.Wants"][0].split()) == wanted
+    assert set(found["Unit.After"][0].split()) == wanted
+    # SIGHUP re-reads the upstreams file: the base unit's reload sends it.
+    assert directives(PROXY_UNIT)["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
