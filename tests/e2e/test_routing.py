@@ -27,10 +27,10 @@ from tests.conftest import UNLIMITED_KEY
 
 from .conftest import (
     Service,
-    chatml_model,
     child_env,
     console_script,
     http_json,
+    llama_model,
     require_llama_files,
     sdk_client,
     start_service,
@@ -101,7 +101,7 @@ def llama_argv(binary: Path, model: Path, port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def llama_pair(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[list[Service]]:
     """Two llama-servers of the SmolLM2 model."""
-    binary, model = require_llama_files(chatml_model())
+    binary, model = require_llama_files(llama_model())
     servers: list[Service] = []
     try:
         for i in range(2):
