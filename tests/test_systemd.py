@@ -312,4 +312,6 @@ def test_two_model_drop_in_and_the_example_upstreams_file_name_the_instances() -
     assert set(found["Unit.Wants"][0].split()) == wanted
     assert set(found["Unit.After"][0].split()) == wanted
     # SIGHUP re-reads the upstreams file: the base unit's reload sends it.
-    assert directives(PROXY_UNIT)["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    reload = directives(TWO_MODELS)["Service.ExecReload"]
+    assert reload[-1] == "/bin/kill -HUP $MAINPID"  # after `--check` of the same command line
+    assert "--check" in reload[-2] and "--upstreams-file" in reload[-2]

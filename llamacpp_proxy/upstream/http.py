@@ -36,7 +36,9 @@ MAX_INTERIM = 8  # 1xx responses skipped before the final one
 MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included
 MAX_TRAILERS = 32  # trailer fields after the last chunk
 READ_SIZE = 64 * 1024
-IDLE_TTL = 4.0  # llama.cpp's HTTP server drops idle keep-alive connections after 5 s
+# llama.cpp's HTTP server drops idle keep-alive connections after 5 s; a wide margin, since a
+# busy machine may delay a send by a second or more after the connection was picked.
+IDLE_TTL = 2.5
 
 # Exact grammars (RFC 9112), on bytes so that only ASCII digits are digits ("²²²" is not).
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: [\t \x21-\x7e\x80-\xff]*)?")

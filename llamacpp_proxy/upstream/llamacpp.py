@@ -489,7 +489,10 @@ class LlamaCppClient:
             raise UpstreamError("llama.cpp's response is too large")
         if on_body is not None:
             await self._pump(conn, decoder, call, on_body)
-            return b"", decoder.done and not decoder.extra and head.keep_alive
+            # Never reused: llama-server (b11434) closes the connection a moment after every
+            # streamed answer without saying Connection: close, and a request sent on it in
+            # that moment is lost (a POST that may have reached it is never sent again).
+            return b"", False
         pieces: list[bytes] = []
         size = 0
         read = conn.reader.read
@@ -543,7 +546,7 @@ class LlamaCppClient:
             await done
         finally:
             pump.close()
-            if not transport.is_closing():  # reusable: the next response goes to the reader
+            if not transport.is_closing():  # the reader owns the transport again until closed
                 transport.resume_reading()  # type: ignore[attr-defined]
                 transport.set_protocol(original)
 
