@@ -276,6 +276,7 @@ def run_series(args: argparse.Namespace, bench: b.Bench, procs: b.Processes) -> 
 def run_paced(args: argparse.Namespace, tmp: Path, procs: b.Processes) -> dict[str, Any]:
     bench = b.Bench(args, tmp, procs)
     results: dict[str, Any] = {"mode": "paced", **run_series(args, bench, procs)}
+    results["goals"] = goals(results, None)
     if args.profile:
         rig = PacedRig(args, bench, procs, args.search_rate)
         try:
@@ -456,7 +457,7 @@ def paced_markdown(paced: dict[str, Any], goal_rows: list[dict[str, Any]] | None
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if results["mode"] == "paced":
-        lines += paced_markdown(results, None)
+        lines += paced_markdown(results, results.get("goals"))
     else:
         lines += [
             "### Non-streamed chat, several workers (with --redis-url)",
