@@ -156,6 +156,9 @@ class PacedRig:
         r["streams"] = streams
         r["rep"] = rep
         r["sustained"] = sustained(r, rate)
+        # The machine's CPU not spent by the proxy, the fake or the client: other load.
+        ours = r["proxy_cpu_pct"] + r["fake_cpu_pct"] + r["client_cpu_pct"]
+        r["others_pct"] = max(0.0, r["machine_busy_pct"] - ours / (os.cpu_count() or 1))
         if direct:
             # The floor: the same client straight at the fake (no proxy), same N and rate.
             d = pace_point(
@@ -183,8 +186,13 @@ class PacedRig:
             f"({r['proxy_cpu_pct']:.0f}% of a core, {r['proxy_sys_share']:.0%} kernel), "
             f"{r['events_per_read'] or 0:.2f} events/read, RSS {r['proxy_rss_mb']:.0f} MB; "
             f"token delay p50/p99/max {dl['p50'] or 0:.1f}/{dl['p99'] or 0:.1f}/"
-            f"{dl['max'] or 0:.1f} ms (direct {dd.get('p50') or 0:.1f}/{dd.get('p99') or 0:.1f}/"
-            f"{dd.get('max') or 0:.1f}); fake {r['fake_cpu_pct']:.0f}%, client "
+            f"{dl['max'] or 0:.1f} ms ("
+            + (
+                f"direct {dd.get('p50') or 0:.1f}/{dd.get('p99') or 0:.1f}/{dd.get('max') or 0:.1f}"
+                if dd
+                else "no direct run"
+            )
+            + f"); fake {r['fake_cpu_pct']:.0f}%, client "
             f"{r['client_cpu_pct']:.0f}%, machine {r['machine_busy_pct']:.0f}% busy, failed "
             f"{r['failed']}; {'kept up' if r['sustained'] else 'FELL BEHIND'}"
         )
@@ -400,7 +408,7 @@ def paced_markdown(paced: dict[str, Any], goal_rows: list[dict[str, Any]] | None
         "",
         "| streams x events/s | offered | delivered: proxy / direct | proxy CPU/event | "
         "proxy CPU (kernel) | events/read | token delay p50/p99/max ms: proxy | direct | "
-        "added p50/p99 ms | proxy RSS | fake / client CPU | machine busy | kept up |",
+        "added p50/p99 ms | proxy RSS | fake / client CPU | machine busy (others) | kept up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
@@ -432,7 +440,8 @@ def paced_markdown(paced: dict[str, Any], goal_rows: list[dict[str, Any]] | None
                 else " | "
             )
             + f"{r['proxy_rss_mb']:.0f} MB | {r['fake_cpu_pct']:.0f}% / "
-            f"{r['client_cpu_pct']:.0f}% | {r['machine_busy_pct']:.0f}% | "
+            f"{r['client_cpu_pct']:.0f}% | {r['machine_busy_pct']:.0f}% "
+            f"({r.get('others_pct', 0):.0f}%) | "
             f"{'yes' if r['sustained'] else '**no**'} |"
         )
     search = paced.get("search")
@@ -444,7 +453,8 @@ def paced_markdown(paced: dict[str, Any], goal_rows: list[dict[str, Any]] | None
         "Token delay: from the fake's write of an event (its CLOCK_MONOTONIC stamp, in the "
         "token's text) to the client's read of it; direct: the same client straight at the "
         "fake; added = proxy - direct at the same percentile. Kept up: ≥ 95% of the offered "
-        "events delivered and p99 delay under one token interval.",
+        "events delivered and p99 delay under one token interval. Machine busy: all of the "
+        "machine's cores; others: what the proxy, the fake and the client did not use.",
     ]
     if goal_rows:
         lines += ["", "| goal (issue 13) | measured | result |", "|---|---:|---|"]
