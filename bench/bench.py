@@ -1060,6 +1060,21 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{h['hwm_mb']:.1f} MB | {h['rss_after_close_mb']:.1f} MB | "
                 f"{h['seconds_to_open']:.1f} |"
             )
+    if results.get("paced") or results.get("ttft_llama"):
+        import paced
+        import ttft
+
+        lines.append("")
+        if results.get("paced"):
+            lines.extend(paced.paced_markdown(results["paced"], None))
+            lines.append("")
+        lines.extend(ttft.markdown(results.get("ttft_llama")))
+        lines.append("")
+        lines.append("| goal (issue 13) | measured | result |")
+        lines.append("|---|---:|---|")
+        for g in results.get("goals_issue13", []):
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[g["pass"]]
+            lines.append(f"| {g['goal']} | {g['text']} | {verdict} |")
     lines.append("")
     lines.append("### Targets (issue 7)")
     lines.append("")
@@ -1195,12 +1210,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="after the proxy's points, one extra run at 32 clients/streams under "
         "py-spy; top functions in bench-results/<timestamp>-profile/",
     )
+    p.add_argument(
+        "--paced-points",
+        default="100x50,1000x20",
+        help="paced streams (issue 13): STREAMSxRATE points, each with its direct floor",
+    )
+    p.add_argument(
+        "--paced-search-top",
+        type=int,
+        default=8000,
+        help="largest N tried in the search for the N kept up with at 20 events/s "
+        "(--quick: 2000, one probe; 0: no search)",
+    )
+    p.add_argument(
+        "--ttft-samples",
+        type=int,
+        default=200,
+        help="direct/proxy pairs for the time to first token against the real llama-server "
+        "(0: skip; --quick skips it)",
+    )
+    p.add_argument("--no-paced", action="store_true", help="skip the paced streams")
     p.add_argument("--out-dir", default=str(ROOT / "bench-results"))
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.reps, args.no_variants = min(args.duration, 2.0), 1, True
         args.open_streams = min(args.open_streams, 200)
+        args.paced_search_top = min(args.paced_search_top, 2000)
+        args.ttft_samples = 0
     args.warmup = 1.0
     args.open_timeout = 60.0
     args.conn_list = [int(c) for c in args.connections.split(",") if c]
@@ -1391,6 +1428,8 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]
     finally:
         procs.stop(proc)
 
+    paced_and_ttft(b, args, results)
+
     # LiteLLM's proxy relaying canned OpenAI responses from the same nginx.
     results["litellm"] = {}
     if args.no_litellm:
@@ -1431,6 +1470,44 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]
         )
     results["targets"] = evaluate(results, args)
     return results
+
+
+def paced_and_ttft(b: Bench, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Issue 13: streams at a GPU's pace (bench/paced.py), each point with its direct floor,
+    the largest N kept up with at 20 events/s, and the time to first token the proxy adds
+    in front of the real llama-server (bench/ttft.py)."""
+    import paced
+    import ttft
+
+    notes = results["notes"]
+    if not args.no_paced:
+        cfg = argparse.Namespace(**vars(args))
+        cfg.points = paced.parse_points(args.paced_points)
+        cfg.rate = cfg.search_rate = 20.0
+        cfg.search_top = args.paced_search_top
+        cfg.search_steps = 0 if args.quick else 2
+        cfg.tokens = TOKENS
+        cfg.ramp = 1.5 if args.quick else 3.0
+        cfg.reps = 1
+        results["paced"] = paced.run_series(cfg, b, b.procs)
+    if args.ttft_samples:
+        cfg = argparse.Namespace(**vars(args))
+        cfg.samples = args.ttft_samples
+        try:
+            results["ttft_llama"] = ttft.run_ttft(cfg, b, b.procs)
+        except RuntimeError as exc:  # report why, keep every other figure
+            results["ttft_llama"] = {"error": str(exc)}
+        if results["ttft_llama"].get("error"):
+            notes.append(f"time to first token vs llama-server: {results['ttft_llama']['error']}")
+    else:
+        notes.append(
+            "time to first token against the real llama-server: not run (--quick, or "
+            "--ttft-samples 0); `scripts/bench ttft` runs it alone (about 2-3 minutes)."
+        )
+    if results.get("paced") or results.get("ttft_llama"):
+        results["goals_issue13"] = paced.goals(
+            results.get("paced") or {}, results.get("ttft_llama")
+        )
 
 
 def litellm_series(b: Bench, nginx: str, args: argparse.Namespace) -> None:
@@ -1527,6 +1604,10 @@ def main(argv: list[str]) -> int:
         import paced  # bench/paced.py: streams at a GPU's pace, several workers
 
         return paced.main(argv)
+    if argv and argv[0] == "ttft":
+        import ttft  # bench/ttft.py: time to first token against the real llama-server
+
+        return ttft.main(argv)
     args = parse_args(argv)
     raise_fd_limit(args.open_streams * 3 + 512)
     tmp = Path(tempfile.mkdtemp(prefix="llamacpp-proxy-bench-"))

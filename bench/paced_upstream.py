@@ -6,6 +6,9 @@ per read. Real llama.cpp writes one event per token, each its own chunk of a chu
 response, every 1/rate seconds per slot. This server does that: each streamed /completion
 gets `--rate` events per second (the first after `--first-ms`), one chunked write per event
 on asyncio timers, `n_predict` tokens (default `--tokens`) and the final `stop: true` event.
+Each event's text is `@` and the CLOCK_MONOTONIC microsecond it was written at (a token's
+text passes through the proxy unchanged), so a client on this machine computes the delay
+between the fake's write and its own read for every token (bench/stream_client.py pace).
 It keeps connections alive as llama.cpp does, and answers /props, /v1/models, /health from
 bench/canned/. One process: at 20,000 events/s it uses a fraction of a core (the bench
 reports its CPU next to the proxy's, so a fake that cannot keep up shows).
@@ -20,6 +23,7 @@ import asyncio
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 CANNED = Path(__file__).resolve().parent / "canned"
@@ -59,6 +63,19 @@ EVENTS = [
 ]
 
 
+# An event whose content is `@<monotonic microseconds>`, filled in at write time. The
+# client parses the stamp back (bench/stream_client.py); bytes `%` keeps it cheap.
+STAMPED = (
+    b'data: {"index":0,"content":"@%d","tokens":[1000],"stop":false,"id_slot":0,'
+    b'"tokens_predicted":1,"tokens_evaluated":31}\n\n'
+)
+
+
+def stamped_event() -> bytes:
+    data = STAMPED % (time.monotonic_ns() // 1000)
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 def _final(n: int) -> bytes:
     event = {
         "index": 0,
@@ -93,6 +110,7 @@ class Paced(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.busy = False
+        self.close_after = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -113,10 +131,15 @@ class Paced(asyncio.Protocol):
                 return
             head = self.buffer[:end].decode("latin-1")
             length = 0
+            # A client straight at the fake (the bench's floor) asks to close after a stream.
+            self.close_after = False
             for line in head.split("\r\n")[1:]:
                 name, _, value = line.partition(":")
-                if name.strip().lower() == "content-length":
+                name = name.strip().lower()
+                if name == "content-length":
                     length = int(value)
+                elif name == "connection" and value.strip().lower() == "close":
+                    self.close_after = True
             if len(self.buffer) < end + 4 + length:
                 return
             body = self.buffer[end + 4 : end + 4 + length]
@@ -147,7 +170,7 @@ class Paced(asyncio.Protocol):
         assert self.transport is not None
         server = self.server
         if i < n:
-            self.transport.write(EVENTS[i % len(EVENTS)])
+            self.transport.write(stamped_event())
             server.events += 1
             self.timer = asyncio.get_running_loop().call_later(server.interval, self.tick, i + 1, n)
             return
@@ -155,6 +178,9 @@ class Paced(asyncio.Protocol):
         server.streams += 1
         self.timer = None
         self.busy = False
+        if self.close_after:
+            self.transport.close()
+            return
         if self.buffer:
             self.data_received(b"")
 

@@ -10,7 +10,11 @@
 
   pace: keep CONCURRENCY streams running (each ends, the next starts) for --ramp then
         --duration seconds; count the SSE events and reads within the --duration window and
-        the CPU time of --cpu-pid processes over it (from /proc). Prints one JSON object.
+        the CPU time of --cpu-pid processes over it (from /proc), and their RSS at its end.
+        With bench/paced_upstream.py behind, every event's text is `@<CLOCK_MONOTONIC µs
+        it was written at>`: per event, the delay from that write to this client's read
+        (p50/p99/max, in ms), the proxy's added delay once the direct figure is subtracted.
+        Prints one JSON object.
 
 Requests are HTTP/1.1 with `Connection: close`, so a stream ends when the server closes.
 """
@@ -22,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -204,10 +209,26 @@ def _cpu(pids: list[int], sys_only: bool = False) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+STAMP = re.compile(rb'"@(\d+)"')
+
+
+def _rss_kb(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
 async def run_pace(args: argparse.Namespace, request: bytes) -> dict[str, object]:
     counting = False
     stop = False
     events = reads = streams = failed = 0
+    delays: list[int] = []  # µs from the fake's write of an event to our read of it
     loop = asyncio.get_running_loop()
 
     async def worker(delay: float) -> None:
@@ -223,11 +244,20 @@ async def run_pace(args: argparse.Namespace, request: bytes) -> dict[str, object
             try:
                 writer.write(request)
                 tail = b""
+                pending = b""  # an event cut by a read boundary waits for its end
                 first = True
                 while True:
                     data = await reader.read(65536)
                     if not data:
                         break
+                    if counting:
+                        now = time.monotonic_ns() // 1000
+                        pending += data
+                        cut = pending.rfind(b"\n\n")
+                        if cut >= 0:
+                            delays.extend(now - int(m) for m in STAMP.findall(pending, 0, cut))
+                            pending = pending[cut + 2 :]
+                        pending = pending[-65536:]  # bounded whatever the server sends
                     if first:
                         first = False
                         if not data.startswith(b"HTTP/1.1 200"):
@@ -263,6 +293,7 @@ async def run_pace(args: argparse.Namespace, request: bytes) -> dict[str, object
     cpu1 = [_cpu([p]) for p in pids]
     sys1 = [_cpu([p], sys_only=True) for p in pids]
     self1 = _cpu([own])
+    rss = {str(p): _rss_kb(p) for p in pids}
     stop = True
     for task in tasks:
         task.cancel()
@@ -279,7 +310,18 @@ async def run_pace(args: argparse.Namespace, request: bytes) -> dict[str, object
         "cpu_s": {str(p): b - a for p, a, b in zip(pids, cpu0, cpu1, strict=True)},
         "sys_cpu_s": {str(p): b - a for p, a, b in zip(pids, sys0, sys1, strict=True)},
         "client_cpu_s": self1 - self0,
+        "rss_kb": rss,
+        "stamped_events": len(delays),
+        "delay_ms": {
+            "p50": _ms(pct(delays, 50)),
+            "p99": _ms(pct(delays, 99)),
+            "max": _ms(max(delays, default=None)),
+        },
     }
+
+
+def _ms(us: float | None) -> float | None:
+    return None if us is None else us / 1000
 
 
 def main() -> None:

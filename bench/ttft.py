@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Time to first token added by the proxy, against the real llama-server (stdlib only;
+docs/benchmarks.md, "Time to first token against llama-server").
+
+  scripts/bench ttft [--samples 200]
+
+Starts llama-server with the e2e tests' ChatML model (SmolLM2-135M-Instruct, from
+scripts/install-llama-server's cache; LLAMA_SERVER_BIN / LLAMACPP_PROXY_CACHE override) on a
+free loopback port, 1 slot, and the proxy in front of it. Then, SAMPLES times, one streamed
+request straight at llama-server's /completion and one through the proxy's /v1/completions,
+with the same short prompt (so llama-server's prompt cache serves both alike), in a random
+order each time so that the machine's noise hits both sides alike. Per request: the time
+from sending it to reading the first event that carries text. Reported: p50/p99 of each
+side, and the added time = proxy - direct per pair, its median with a 95% bootstrap
+confidence interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench as b  # bench/bench.py: processes, ports, the proxy
+
+PROMPT = "The capital of France is"  # plain text: the proxy sends it as it is
+TOKENS = 4  # short answers: what is measured ends at the first token
+
+
+def llama_files() -> tuple[Path, Path]:
+    cache = Path(
+        os.environ.get("LLAMACPP_PROXY_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamacpp-proxy"
+    )
+    binary = Path(os.environ.get("LLAMA_SERVER_BIN") or cache / "bin" / "llama-server")
+    model = cache / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return binary, model
+
+
+def first_token_ms(port: int, path: str, body: bytes, key: str | None, field: str) -> float:
+    """Send one streamed request on a new connection; ms until the first event whose
+    `field` (a dotted path into the event's JSON) is a non-empty string. Reads to the end."""
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {b.HOST}:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    if key:
+        head.append(f"Authorization: Bearer {key}")
+    request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    first: float | None = None
+    with socket.create_connection((b.HOST, port), timeout=60) as s:
+        t0 = time.perf_counter()
+        s.sendall(request)
+        buf = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            if first is not None:
+                continue
+            buf += data
+            while first is None and b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                line = event[event.find(b"data: ") :]
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                value: Any = json.loads(line[6:].split(b"\r\n", 1)[0])
+                for part in field.split("."):
+                    value = value[int(part)] if isinstance(value, list) else value.get(part)
+                if isinstance(value, str) and value:
+                    first = time.perf_counter()
+    if first is None:
+        raise RuntimeError(f"no token in the stream from {path}: {buf[:300]!r}")
+    return (first - t0) * 1000
+
+
+def bootstrap_median(values: list[float], reps: int = 2000, seed: int = 13) -> tuple[float, float]:
+    rng = random.Random(seed)
+    n = len(values)
+    meds = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(reps))
+    return meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
+
+
+def run_ttft(args: argparse.Namespace, bench: b.Bench, procs: b.Processes) -> dict[str, Any]:
+    binary, model = llama_files()
+    if not binary.exists() or not model.exists():
+        return {"error": f"llama-server or the model is missing ({binary}, {model}): "
+                "run scripts/install-llama-server"}  # fmt: skip
+    port = b.free_port()
+    server = procs.start(
+        "llama-server",
+        [str(binary), "--host", b.HOST, "--port", str(port), "-m", str(model),
+         "-c", "2048", "-np", "1", "--no-webui"],
+    )  # fmt: skip
+    try:
+        b.wait_ready(f"http://{b.HOST}:{port}/health", server, 180)
+    except RuntimeError as exc:
+        procs.stop(server)
+        return {"error": f"llama-server did not start: {exc}: {procs.log_tail('llama-server')}"}
+    proxy, proxy_port = bench.start_proxy("proxy-ttft", f"http://{b.HOST}:{port}", [])
+    direct_body = json.dumps(
+        {"prompt": PROMPT, "n_predict": TOKENS, "stream": True, "cache_prompt": True}
+    ).encode()
+    proxy_body = json.dumps(
+        {"model": "bench", "prompt": PROMPT, "max_tokens": TOKENS, "stream": True}
+    ).encode()
+
+    def direct() -> float:
+        return first_token_ms(port, "/completion", direct_body, None, "content")
+
+    def via_proxy() -> float:
+        return first_token_ms(
+            proxy_port, "/v1/completions", proxy_body, b.UNLIMITED_KEY, "choices.0.text"
+        )
+
+    try:
+        for _ in range(10):  # warm both paths (and llama-server's prompt cache)
+            direct()
+            via_proxy()
+        rng = random.Random(7)
+        pairs: list[tuple[float, float]] = []
+        busy0, t0 = b.machine_busy(), time.monotonic()
+        load0 = Path("/proc/loadavg").read_text().split()[:3]
+        failures: list[str] = []
+        while len(pairs) < args.samples:
+            try:
+                if rng.random() < 0.5:
+                    d = direct()
+                    p = via_proxy()
+                else:
+                    p = via_proxy()
+                    d = direct()
+            except (OSError, RuntimeError) as exc:  # counted and reported, the pair dropped
+                failures.append(str(exc)[:200])
+                if len(failures) > max(10, args.samples // 10):
+                    raise RuntimeError(f"too many failed requests: {failures[:3]}") from None
+                continue
+            pairs.append((d, p))
+        wall = time.monotonic() - t0
+        busy = (b.machine_busy() - busy0) / wall / (os.cpu_count() or 1) * 100
+    finally:
+        procs.stop(proxy)
+        procs.stop(server)
+    ds = [d for d, _ in pairs]
+    ps = [p for _, p in pairs]
+    diffs = [p - d for d, p in pairs]
+    lo, hi = bootstrap_median(diffs)
+    result = {
+        "samples": len(pairs),
+        "model": model.name,
+        "direct_ms": {"p50": statistics.median(ds), "p99": b_pct(ds, 99)},
+        "proxy_ms": {"p50": statistics.median(ps), "p99": b_pct(ps, 99)},
+        "added_ms": {
+            "p50": statistics.median(diffs),
+            "ci95": [lo, hi],
+            "mean": statistics.fmean(diffs),
+            "p90": b_pct(diffs, 90),
+        },
+        "failed_requests": len(failures),
+        "failures": failures[:5],
+        "machine_busy_pct": busy,
+        "loadavg_start": load0,
+    }
+    b.log(
+        f"ttft vs llama-server, {len(pairs)} pairs: direct p50 {result['direct_ms']['p50']:.2f} ms,"
+        f" proxy p50 {result['proxy_ms']['p50']:.2f} ms; added p50 {result['added_ms']['p50']:.2f}"
+        f" ms (95% CI {lo:.2f} to {hi:.2f}); machine {busy:.0f}% busy"
+    )
+    return result
+
+
+def b_pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
+
+
+def markdown(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return []
+    lines = ["### Time to first token against llama-server (issue 13)", ""]
+    if t.get("error"):
+        return [*lines, f"Not measured: {t['error']}"]
+    a = t["added_ms"]
+    lines += [
+        f"{t['samples']} pairs, {t['model']}, short prompt, {TOKENS} tokens, one request at a "
+        f"time, direct and proxy in random order per pair; machine {t['machine_busy_pct']:.0f}% "
+        f"busy (load average {' '.join(t['loadavg_start'])} at start).",
+        "",
+        "| | p50 ms | p99 ms |",
+        "|---|---:|---:|",
+        f"| llama-server direct (/completion) | {t['direct_ms']['p50']:.2f} | "
+        f"{t['direct_ms']['p99']:.2f} |",
+        f"| through the proxy (/v1/completions) | {t['proxy_ms']['p50']:.2f} | "
+        f"{t['proxy_ms']['p99']:.2f} |",
+        "",
+        f"Added by the proxy (median of the paired differences): **{a['p50']:.2f} ms**, 95% "
+        f"bootstrap CI {a['ci95'][0]:.2f} to {a['ci95'][1]:.2f} ms (mean {a['mean']:.2f}, "
+        f"p90 {a['p90']:.2f}).",
+    ]
+    if t.get("failed_requests"):
+        lines.append(
+            f"{t['failed_requests']} requests failed (their pairs dropped), e.g. "
+            f"`{t['failures'][0][:160]}`"
+        )
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    import shutil
+    import tempfile
+    from datetime import UTC, datetime
+
+    p = argparse.ArgumentParser(prog="scripts/bench ttft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("mode", choices=["ttft"])
+    p.add_argument("--samples", type=int, default=200, help="direct/proxy pairs")
+    p.add_argument("--out-dir", default=str(b.ROOT / "bench-results"))
+    args = p.parse_args(argv)
+    args.levers = ""
+    tmp = Path(tempfile.mkdtemp(prefix="llamacpp-proxy-ttft-"))
+    os.chmod(tmp, 0o755)
+    procs = b.Processes(tmp)
+    try:
+        result = run_ttft(args, b.Bench(args, tmp, procs), procs)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["git"] = b.git_state()
+    result["command"] = "scripts/bench " + " ".join(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-ttft.json"
+    out.write_text(json.dumps(result, indent=2))
+    text = "\n".join(markdown(result)) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    b.log(f"results in {out}")
+    return 1 if result.get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
