@@ -538,22 +538,27 @@ class CompletionsHandler(BaseHandler):
         except ProxyError as error:
             if not self._streaming:
                 raise  # nothing sent yet: a plain error response with its status
-            self.stream_error = error.code
-            self._charge_unfinished()
-            log.warning(
-                "request %s: stream ended by an error after it started: %s %s",
-                self.request_id,
-                error.status,
-                error.message,
-            )
-            self._write(error_event(error))
-            self.finish()
+            self._fail_started_stream(error, error_event(error))
             return
         except ClientGone:
             return
         if request.include_usage:
             self.write(encoder.usage(self._usage()))
         self.write(DONE)
+        self.finish()
+
+    def _fail_started_stream(self, error: ProxyError, event: bytes) -> None:
+        """A failure after the stream began can no longer change the status: it is one final
+        error event (in the front door's shape), then the stream ends."""
+        self.stream_error = error.code
+        self._charge_unfinished()
+        log.warning(
+            "request %s: stream ended by an error after it started: %s %s",
+            self.request_id,
+            error.status,
+            error.message,
+        )
+        self._write(event)
         self.finish()
 
     def _start_stream(self) -> None:

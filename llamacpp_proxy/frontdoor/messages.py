@@ -23,7 +23,6 @@ from ..request import CompletionRequest
 from ..upstream.llamacpp import ClientGone, MixedPrompt
 from . import anthropic
 from .completions import CompletionsHandler, Generation, _active_tools
-from .handlers import log
 from .openai_request import parse_json_body
 
 # The gateway's x-ratelimit-* headers under Anthropic's names.
@@ -108,16 +107,7 @@ class MessagesHandler(CompletionsHandler):
         except ProxyError as error:
             if not self._streaming:
                 raise  # nothing sent yet: a plain error response with its status
-            self.stream_error = error.code
-            self._charge_unfinished()
-            log.warning(
-                "request %s: stream ended by an error after it started: %s %s",
-                self.request_id,
-                error.status,
-                error.message,
-            )
-            self._write(anthropic.error_event(error))
-            self.finish()
+            self._fail_started_stream(error, anthropic.error_event(error))
             return
         except ClientGone:
             return
