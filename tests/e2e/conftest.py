@@ -97,6 +97,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def llama_server_argv(
+    binary: Path, model: Path, port: int, slots: int = 2, *extra: str
+) -> list[str]:
+    """llama-server on 127.0.0.1:port with `model`, `slots` slots sharing a 2048 context."""
+    return [
+        str(binary),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-m",
+        str(model),
+        "-c",
+        "2048",
+        "-np",
+        str(slots),
+        "--no-webui",
+        *extra,
+    ]
+
+
 def http_status(url: str, timeout: float = 2.0) -> int | None:
     """The status of GET url, or None when nothing answers."""
     try:
@@ -259,21 +280,7 @@ def llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Ser
     binary, model = require_llama_files()
 
     def argv(port: int) -> list[str]:
-        return [
-            str(binary),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-m",
-            str(model),
-            "-c",
-            "2048",
-            "-np",
-            "2",
-            "--slots",
-            "--no-webui",
-        ]
+        return llama_server_argv(binary, model, port, 2, "--slots")
 
     service = start_service(request.config, "llama-server", argv, "/health", e2e_logs, timeout=180)
     yield service
@@ -323,25 +330,12 @@ def gemma_llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterat
     """llama-server with the Gemma model: 2 slots of 1024 tokens."""
     binary, model = require_llama_files(gemma_model())
 
+    # This GGUF carries no chat template (llama-server would fall back to ChatML): give
+    # llama-server's own chat endpoint Gemma 3's, for the prompt comparison.
+    template = resources.files("llamacpp_proxy.render") / "chat_templates" / "gemma3.jinja"
+
     def argv(port: int) -> list[str]:
-        return [
-            str(binary),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-m",
-            str(model),
-            "-c",
-            "2048",
-            "-np",
-            "2",
-            "--no-webui",
-            # This GGUF carries no chat template (llama-server would fall back to ChatML):
-            # give llama-server's own chat endpoint Gemma 3's, for the prompt comparison.
-            "--chat-template-file",
-            str(resources.files("llamacpp_proxy.render") / "chat_templates" / "gemma3.jinja"),
-        ]
+        return llama_server_argv(binary, model, port, 2, "--chat-template-file", str(template))
 
     service = start_service(
         request.config, "llama-server-gemma", argv, "/health", e2e_logs, timeout=180

@@ -31,6 +31,7 @@ from .conftest import (
     console_script,
     http_json,
     llama_model,
+    llama_server_argv,
     require_llama_files,
     sdk_client,
     start_service,
@@ -78,24 +79,7 @@ def counters(server: Service) -> Counters:
 
 def llama_argv(binary: Path, model: Path, port: int) -> list[str]:
     """One small, fast server: 1 slot, a small context, 1 thread (two share 2 cores)."""
-    return [
-        str(binary),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-m",
-        str(model),
-        "-c",
-        "2048",
-        "-np",
-        "1",
-        "-t",
-        "1",
-        "--metrics",
-        "--slots",
-        "--no-webui",
-    ]
+    return llama_server_argv(binary, model, port, 1, "-t", "1", "--metrics", "--slots")
 
 
 @pytest.fixture(scope="module")
