@@ -433,7 +433,6 @@ class _Health(_Base):
 
 class _Models(_Base):
     def get(self) -> None:
-        self.fake.models_requests += 1
         self.send_json(
             {
                 "object": "list",
@@ -465,7 +464,6 @@ class FakeLlamaCpp:
         self.health_requests = 0
         self.health_active = 0
         self.max_health_active = 0
-        self.models_requests = 0
         self.body_bytes_sent = 0  # of a huge_body answer
         self.props_requests = 0
         self.port = 0
@@ -516,7 +514,6 @@ class FakeLlamaCpp:
         self.peak_active = self.active
         self.health_requests = 0
         self.max_health_active = self.health_active
-        self.models_requests = 0
         self.body_bytes_sent = 0
         self.props_requests = 0
 

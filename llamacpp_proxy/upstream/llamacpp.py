@@ -1,6 +1,6 @@
-"""The llama.cpp API: /completion (request mapping, SSE events), /props, /tokenize,
-/v1/models and /health over the kept-alive connections of upstream/http.py, with the
-deadlines of each call, and the translation of upstream failures into ProxyErrors at this boundary.
+"""The llama.cpp API: /completion (request mapping, SSE events), /props, /tokenize and
+/health over the kept-alive connections of upstream/http.py, with the deadlines of each
+call, and the translation of upstream failures into ProxyErrors at this boundary.
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ from .sse import EventTooLarge, SSEDecoder
 log = logging.getLogger("llamacpp_proxy.upstream")
 
 PROPS_TTL = 60.0  # seconds a /props answer is reused (chat template, BOS/EOS, model path)
-MODELS_TTL = 5.0  # seconds a /v1/models answer is reused
 HEALTH_TTL = 0.0  # readiness must reflect llama.cpp now: share only the probe in flight
-PROBE_CONNECTIONS = 2  # connections of their own for /health, /props, /v1/models
+PROBE_CONNECTIONS = 2  # connections of their own for /health, /props, /slots
 ERROR_BODY_LIMIT = 64 * 1024  # read this much of an error body, then close the connection
 MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed answer (n_probs makes them large)
 MAX_MESSAGE = 1000  # characters of llama.cpp's error message passed on
@@ -261,7 +260,6 @@ class LlamaCppClient:
         self.where = self._pool.display
         """llama.cpp's host:port (never the URL: it may hold a password)."""
         self._props = Shared(self._fetch_props, PROPS_TTL, now)
-        self._models = Shared(self._fetch_models, MODELS_TTL, now)
         self._health = Shared(self._fetch_health, HEALTH_TTL, now)
         # Answers that hold for one model: dropped when /props names another.
         self._model: object = None
@@ -352,44 +350,6 @@ class LlamaCppClient:
                 self._plain_chars -= len(oldest)
         self._plain_tokens[text] = cached  # most recently used last
         return cached
-
-    async def models(self) -> list[dict[str, Any]]:
-        """The models llama.cpp serves, as OpenAI model objects (cached briefly)."""
-        return await self._models.get()
-
-    async def _fetch_models(self) -> list[dict[str, Any]]:
-        response = await self._get("/v1/models")
-        created = int(time.time())
-        if response.status == 200:
-            body = self._json_or_raise(response, "/v1/models")
-            data = body.get("data") if isinstance(body, dict) else None
-            if isinstance(data, list) and data:
-                models = []
-                for m in data:
-                    if not isinstance(m, dict) or not isinstance(m.get("id"), str):
-                        continue
-                    stamp = m.get("created")
-                    owner = m.get("owned_by")
-                    models.append(
-                        {
-                            "id": m["id"],
-                            "object": "model",
-                            "created": stamp if _is_count(stamp) else created,
-                            "owned_by": owner if isinstance(owner, str) and owner else "llamacpp",
-                        }
-                    )
-                if models:
-                    return models
-        props = await self.props()
-        path = str(props.get("model_path") or "llama.cpp")
-        return [
-            {
-                "id": path.rsplit("/", 1)[-1],
-                "object": "model",
-                "created": created,
-                "owned_by": "llamacpp",
-            }
-        ]
 
     async def health(self) -> tuple[bool, str]:
         """(ready, why): llama.cpp is reachable and has its model loaded. One probe in
