@@ -56,9 +56,16 @@ def _token_array(value: list[Any], where: str) -> list[int]:
             f"{where} has {len(value)} tokens; the limit is {MAX_INPUT_TOKENS} per input.",
             "input_too_long",
         )
-    if not all(_is_token(t) for t in value):
-        raise _bad("input", f"{where} must hold token ids: integers from 0 to {MAX_TOKEN_ID}.")
+    for token in value:
+        if not _is_token(token):
+            raise _not_token(token, where)
     return value
+
+
+def _not_token(value: Any, where: str) -> InvalidRequest:
+    # JSON Schema takes 2.0 for an integer; the words say why it is refused all the same.
+    kind = "; a token id must be an integer, not float" if type(value) is float else ""
+    return _bad("input", f"{where} must hold token ids: integers from 0 to {MAX_TOKEN_ID}{kind}.")
 
 
 def _text(value: str, where: str) -> str:
@@ -89,7 +96,7 @@ def _inputs(value: Any) -> list[str] | list[list[int]]:
     if not value:
         raise _bad("input", "'input' is an empty array; send at least one input.")
     first = value[0]
-    if type(first) is int:
+    if type(first) is int or type(first) is float:
         return [_token_array(value, "'input'")]
     if len(value) > MAX_INPUTS:
         raise _bad(
@@ -132,8 +139,12 @@ def parse_embeddings_request(body: dict[str, Any]) -> EmbeddingsRequest:
         request.encoding_format = encoding
     dimensions = body.get("dimensions")
     if dimensions is not None:
-        if type(dimensions) is not int or dimensions < 1:
-            raise _bad("dimensions", "'dimensions' must be a positive integer.")
+        if type(dimensions) is float:
+            raise _bad("dimensions", "'dimensions' must be an integer, not float.")
+        if type(dimensions) is not int or not 1 <= dimensions <= MAX_TOKEN_ID:
+            raise _bad(
+                "dimensions", f"'dimensions' must be a positive integer up to {MAX_TOKEN_ID}."
+            )
         request.dimensions = dimensions
     user = body.get("user")
     if user is not None and not isinstance(user, str):
