@@ -404,6 +404,10 @@ class _Embeddings(_Base):
         finally:
             fake.active -= 1
 
+    def on_connection_close(self) -> None:
+        self.fake.client_disconnects += 1
+        self.fake.disconnected.set()
+
     def _error(self, status: int, message: str, kind: str) -> None:
         self.send_json({"error": {"code": status, "message": message, "type": kind}}, status)
 

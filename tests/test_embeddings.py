@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import math
+import socket
 import sqlite3
 import struct
 from collections.abc import Iterator
@@ -354,6 +355,48 @@ def test_max_concurrent_and_the_fair_queue_hold_embeddings_too(
         assert second.json()["error"]["code"] == "concurrency_limit_exceeded"
         stack.runner.call(gate.set)
         assert sent.result(20).status_code == 200
+
+
+def test_a_daily_budget_is_spent_by_embeddings(make_stack: Any, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.team]\nkey = "sk-embed-budget-0003"\ntokens_per_day = 50\n')
+    stack = make_stack(usage_db=tmp_path / "usage.db", api_keys_file=keys)
+    ledger = stack.ctx.usage
+    assert ledger is not None
+    body = {"model": "m", "input": list(range(1, 41))}  # 40 tokens, as llama.cpp counts them
+    assert post(stack, body, "sk-embed-budget-0003").status_code == 200
+    assert stack.wait_for(lambda: ledger.recorded == 1)
+    assert post(stack, body, "sk-embed-budget-0003").status_code == 200  # 80 of 50 now
+    assert stack.wait_for(lambda: ledger.recorded == 2)
+    spent = post(stack, body, "sk-embed-budget-0003")
+    assert spent.status_code == 429 and spent.json()["error"]["code"] == "budget_exceeded"
+    assert len(stack.fake.embedding_requests) == 2
+    ledger.close()
+
+
+def test_a_client_that_leaves_cancels_llamacpps_call_and_is_charged_its_estimate(
+    make_stack: Any, key_file: Path
+) -> None:
+    stack = make_stack(api_keys_file=key_file)
+    gate = stack.runner.call(asyncio.Event)
+    stack.fake.script.gate = gate  # llama.cpp is computing when the client leaves
+    raw = json.dumps({"model": "m", "input": "y" * 200}).encode()  # estimated 50 tokens
+    try:
+        with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {TOKENS_KEY}\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+                + raw
+            )
+            assert stack.wait_for(lambda: len(stack.fake.embedding_requests) == 1)
+        # The gateway closes its llama.cpp connection (llama.cpp then drops the work).
+        assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1)
+    finally:
+        stack.runner.call(gate.set)  # never leave the shared fake waiting
+    assert stack.wait_for(lambda: stack.ctx.limiter.in_flight("tokens") == 0)
+    probe = post(stack, {"model": "m", "input": [1]}, TOKENS_KEY)
+    assert probe.status_code == 200
+    assert int(probe.headers["x-ratelimit-remaining-tokens"]) == 100 - 50 - 1
 
 
 def test_the_ledger_and_the_metrics_count_embeddings(make_stack: Any, tmp_path: Path) -> None:
