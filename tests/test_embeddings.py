@@ -357,6 +357,37 @@ def test_max_concurrent_and_the_fair_queue_hold_embeddings_too(
         assert sent.result(20).status_code == 200
 
 
+def test_a_full_pool_queues_embeddings_in_the_gateway_then_refuses_503(
+    make_stack: Any, fake: FakeLlamaCpp
+) -> None:
+    fake.script.total_slots = 1
+    stack = make_stack(max_queue=1)
+    router = stack.ctx.routes.pools["default"].router
+    key = next(iter(router.pool.servers)).key
+    assert stack.wait_for(lambda: getattr(router.upstream(key), "total_slots", None) == 1)
+    gate = stack.runner.call(asyncio.Event)
+    fake.script.gate = gate
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            running = threads.submit(post, stack, {"model": "m", "input": "first"})
+            assert stack.wait_for(lambda: fake.active == 1)
+            with httpx.Client(base_url=stack.url, timeout=20) as other:
+                queued = threads.submit(
+                    other.post, "/v1/embeddings", json={"input": "second"}, headers=AUTH
+                )
+                assert stack.wait_for(lambda: router.waiting == 1)
+                refused = post(stack, {"model": "m", "input": "third"})
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "server_overloaded"
+                assert len(fake.embedding_requests) == 1  # llama.cpp saw only its one slot's
+                stack.runner.call(gate.set)
+                assert running.result(10).status_code == 200
+                assert queued.result(10).status_code == 200
+    finally:
+        stack.runner.call(gate.set)
+    assert [r["input"] for r in fake.embedding_requests] == [["first"], ["second"]]
+
+
 def test_a_daily_budget_is_spent_by_embeddings(make_stack: Any, tmp_path: Path) -> None:
     keys = tmp_path / "keys.toml"
     keys.write_text('[keys.team]\nkey = "sk-embed-budget-0003"\ntokens_per_day = 50\n')
