@@ -7,6 +7,7 @@ import tornado.web
 from .context import AppContext
 from .frontdoor.admin import MetricsHandler, StatusHandler
 from .frontdoor.completions import ChatCompletionsHandler, TextCompletionsHandler
+from .frontdoor.embeddings_handler import EmbeddingsHandler
 from .frontdoor.handlers import (
     HealthHandler,
     ModelsHandler,
@@ -25,6 +26,7 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
         [
             (r"/v1/chat/completions", ChatCompletionsHandler, args),
             (r"/v1/completions", TextCompletionsHandler, args),
+            (r"/v1/embeddings", EmbeddingsHandler, args),
             (r"/v1/messages", MessagesHandler, args),
             (r"/v1/messages/count_tokens", CountTokensHandler, args),
             (r"/v1/models", ModelsHandler, args),
@@ -37,6 +39,7 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
             # Clients configured with a base URL without /v1 still work.
             (r"/chat/completions", ChatCompletionsHandler, args),
             (r"/completions", TextCompletionsHandler, args),
+            (r"/embeddings", EmbeddingsHandler, args),
             (r"/models", ModelsHandler, args),
         ],
         default_handler_class=NotFoundHandler,

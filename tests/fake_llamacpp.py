@@ -11,8 +11,10 @@ drop the connection mid-stream, or send malformed events.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +108,11 @@ class Script:
     gate: asyncio.Event | None = None  # /completion waits for it before answering
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
     model_alias: str | None = None  # llama-server --alias; None: the model's path, as llama.cpp
+    # /v1/embeddings, as llama-server answers it started with --embeddings --pooling mean:
+    embeddings: bool = True  # False: as without --embeddings (501 not_supported_error)
+    embedding_size: int = 8  # the model's width (SmolLM2's is 576)
+    n_batch: int = 512  # an input over this many tokens is refused (llama-server -b/-ub)
+    embeddings_answer: Any = None  # a 200 answer sent as is (bytes or JSON) instead
 
 
 class _Base(tornado.web.RequestHandler):
@@ -373,6 +380,102 @@ class _Completion(_Base):
         self.fake.disconnected.set()
 
 
+def embedding_of(item: str | list[int], size: int) -> list[float]:
+    """The fake's embedding of one input: a unit vector that depends on every byte (or
+    token id), so equal inputs have equal vectors and different ones different vectors."""
+    values = list(item.encode()) if isinstance(item, str) else item
+    vector = [0.0] * size
+    for position, value in enumerate(values):
+        vector[(value + position) % size] += 1.0 + (value % 7) / 7
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    # Rounded through float32, as llama.cpp computes them.
+    return [struct.unpack("<f", struct.pack("<f", v / norm))[0] for v in vector]
+
+
+class _Embeddings(_Base):
+    """POST /v1/embeddings (b11434's OpenAI-shaped answer: model, object, usage, data)."""
+
+    async def post(self) -> None:
+        fake = self.fake
+        fake.active += 1
+        fake.peak_active = max(fake.peak_active, fake.active)
+        try:
+            await self._post()
+        finally:
+            fake.active -= 1
+
+    def on_connection_close(self) -> None:
+        self.fake.client_disconnects += 1
+        self.fake.disconnected.set()
+
+    def _error(self, status: int, message: str, kind: str) -> None:
+        self.send_json({"error": {"code": status, "message": message, "type": kind}}, status)
+
+    async def _post(self) -> None:
+        fake, script = self.fake, self.fake.script
+        body = json.loads(self.request.body)
+        fake.embedding_requests.append(body)
+        if script.stall_before:
+            await asyncio.sleep(script.stall_before)
+        if script.gate is not None:
+            await script.gate.wait()
+        if not script.embeddings:
+            message = "This server does not support embeddings. Start it with `--embeddings`"
+            self._error(501, message, "not_supported_error")
+            return
+        if script.fail_status is not None:
+            payload = script.fail_body or {
+                "error": {"code": script.fail_status, "message": "fake failure", "type": "x"}
+            }
+            self.set_status(script.fail_status)
+            self.finish(payload if isinstance(payload, bytes | str) else json.dumps(payload))
+            return
+        if script.embeddings_answer is not None:
+            answer = script.embeddings_answer
+            self.finish(answer if isinstance(answer, bytes) else json.dumps(answer))
+            return
+        inputs = body.get("input", body.get("content"))
+        if inputs is None:
+            self._error(400, '"input" or "content" must be provided', "invalid_request_error")
+            return
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not inputs:
+            self._error(400, '"input" must not be empty', "invalid_request_error")
+            return
+        data, total = [], 0
+        for index, item in enumerate(inputs):
+            if not item:
+                self._error(400, "Input content cannot be empty", "invalid_request_error")
+                return
+            tokens = (
+                count_prompt_tokens(item, script.adds_bos) if isinstance(item, str) else len(item)
+            )
+            if tokens > script.n_batch:
+                self._error(
+                    500,
+                    f"input ({tokens} tokens) is too large to process. increase the physical "
+                    f"batch size (current batch size: {script.n_batch})",
+                    "server_error",
+                )
+                return
+            total += tokens
+            vector = embedding_of(item, script.embedding_size)
+            embedding: Any = vector
+            if body.get("encoding_format") == "base64":
+                raw = struct.pack(f"<{len(vector)}f", *vector)
+                embedding = base64.b64encode(raw).decode()
+            data.append({"embedding": embedding, "index": index, "object": "embedding"})
+        self.send_json(
+            {
+                "model": body.get("model") or "/models/fake-model.gguf",
+                "object": "list",
+                "usage": {"prompt_tokens": total, "total_tokens": total},
+                "data": data,
+            }
+        )
+
+
 class _Props(_Base):
     def get(self) -> None:
         self.fake.props_requests += 1
@@ -455,6 +558,7 @@ class FakeLlamaCpp:
         self.script = Script()
         self.requests: list[dict[str, Any]] = []
         self.tokenize_requests: list[dict[str, Any]] = []
+        self.embedding_requests: list[dict[str, Any]] = []
         self.client_disconnects = 0
         self.disconnected = asyncio.Event()
         self.close_connections = False  # answer with Connection: close
@@ -483,6 +587,7 @@ class FakeLlamaCpp:
                 (r"/tokenize", _Tokenize, {"fake": self}),
                 (r"/health", _Health, {"fake": self}),
                 (r"/v1/models", _Models, {"fake": self}),
+                (r"/v1/embeddings", _Embeddings, {"fake": self}),
             ]
         )
         sockets = bind_sockets(port, "127.0.0.1")
@@ -505,6 +610,7 @@ class FakeLlamaCpp:
         self.script = Script()
         self.requests.clear()
         self.tokenize_requests.clear()
+        self.embedding_requests.clear()
         self.client_disconnects = 0
         self.disconnected.clear()
         self.close_connections = False

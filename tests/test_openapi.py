@@ -51,6 +51,7 @@ DECIDED_DOWNSTREAM = {
     "upstream_invalid_request",  # llama.cpp refuses, e.g. a grammar that does not parse
     "context_length_exceeded",
     "max_tokens_above_limit",  # the operator's --max-tokens-limit (the description says so)
+    "unsupported_dimensions",  # only the model's own width (known from llama.cpp's answer)
 }
 
 
@@ -103,6 +104,7 @@ def test_every_documented_operation_answers(api_stack: Stack, method: str, path:
         "/v1/chat/completions": {"messages": hi},
         "/v1/messages": {"model": "m", "max_tokens": 5, "messages": hi},
         "/v1/messages/count_tokens": {"model": "m", "messages": hi},
+        "/v1/embeddings": {"model": "m", "input": "hi"},
     }.get(path, {"prompt": "hi"})
     response = httpx.request(
         method,
@@ -161,6 +163,8 @@ OPERATIONS = [
     pytest.param("POST", "/v1/chat/completions", "negative", id="chat-invalid"),
     pytest.param("POST", "/v1/completions", "positive", id="text-valid"),
     pytest.param("POST", "/v1/completions", "negative", id="text-invalid"),
+    pytest.param("POST", "/v1/embeddings", "positive", id="embeddings-valid"),
+    pytest.param("POST", "/v1/embeddings", "negative", id="embeddings-invalid"),
     pytest.param("GET", "/v1/models", "positive", id="models"),
     pytest.param("GET", "/v1/models/{model}", "positive", id="model"),
     pytest.param("GET", "/health", "positive", id="health"),

@@ -36,6 +36,7 @@ from ..render.control_tokens import mark_messages
 from ..render.tool_calls import ToolCallFilter, parse_tool_calls
 from ..render.tools_policy import DROPPED_HEADER, plain_tool_history
 from ..request import CompletionRequest
+from ..route.pools import check_kind
 from ..route.router import Lease, Router
 from ..upstream.llamacpp import ClientGone, LlamaCppClient, UpstreamCall
 from ..upstream.sse import DONE
@@ -207,6 +208,7 @@ class CompletionsHandler(BaseHandler):
         # Before admission: a model the key cannot use costs it nothing.
         self.usage_model = request.model
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
+        check_kind(self._pool.pool, "chat", request.model)
         self.model = self._pool.pool.name
         self._session = self._session_key(request, body)
         await self._admit(request)

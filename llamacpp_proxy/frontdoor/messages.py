@@ -20,6 +20,7 @@ from ..guard.ratelimit import Cost
 from ..render.constraints import merge_constraints
 from ..render.tool_calls import parse_tool_calls
 from ..request import CompletionRequest
+from ..route.pools import check_kind
 from ..upstream.llamacpp import ClientGone, MixedPrompt
 from . import anthropic
 from .completions import CompletionsHandler, Generation, _active_tools
@@ -172,6 +173,7 @@ class CountTokensHandler(MessagesHandler):
         self._forced_tools = merge_constraints(request, self._tools)
         assert self.principal is not None
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
+        check_kind(self._pool.pool, "chat", request.model)
         self.admission = await self.ctx.limiter.admit(self.principal, Cost(1, 0))
         self.set_default_headers()
         [prompt] = await self._prompts(request)

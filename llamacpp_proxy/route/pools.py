@@ -30,8 +30,13 @@ MAX_SERVERS_PER_MODEL = 256
 MAX_MODELS = 1024
 TOOLS_POLICIES = ("refuse", "drop")
 """A model's answer to tools its template cannot express (render/tools_policy.py)."""
+KINDS = ("chat", "embedding")
+"""What a model of the upstreams file serves: generations (/v1/chat/completions,
+/v1/completions, /v1/messages) or vectors (/v1/embeddings)."""
 
-_MODEL_FIELDS = frozenset({"servers", "aliases", "chat_template", "tools_policy"})
+_MODEL_FIELDS = frozenset({"servers", "aliases", "chat_template", "tools_policy", "kind"})
+# Settings of how a chat is rendered: meaningless for a model that only embeds.
+_CHAT_ONLY_FIELDS = ("chat_template", "tools_policy")
 
 
 class UpstreamsFileError(ValueError):
@@ -64,6 +69,9 @@ class Pool:
     """Built-in template name or file path; None uses the servers' own (/props)."""
     tools_policy: str | None = None
     """"refuse" or "drop" tools the template cannot express; None: --tools-policy."""
+    kind: str | None = None
+    """"chat" or "embedding" (the upstreams file's `kind`); None: either (the pool of
+    --llamacpp-server, whose one server is asked and answers for itself)."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -158,6 +166,25 @@ class Routing:
             if k in old_servers and old_servers[k][0].name != p.name
         )
         return RoutingDiff(added, removed, moved)
+
+
+def check_kind(pool: Pool, kind: str, model: str | None) -> None:
+    """Refuse (400) a request for `kind` ("chat" or "embedding") to a model of the other
+    kind; a pool of unknown kind (--llamacpp-server) takes both and llama.cpp decides."""
+    if pool.kind is None or pool.kind == kind:
+        return
+    name = model or pool.name
+    if pool.kind == "embedding":
+        message = (
+            f"The model '{name}' is an embedding model: it answers POST /v1/embeddings "
+            "only, not chat or text completions."
+        )
+    else:
+        message = (
+            f"The model '{name}' is not an embedding model: POST /v1/embeddings needs a "
+            'model whose upstreams file entry says kind = "embedding".'
+        )
+    raise InvalidRequest(message, param="model", code="model_kind_mismatch")
 
 
 def _pool_allowed(pool: Pool, allowed: frozenset[str]) -> bool:
@@ -258,7 +285,17 @@ def parse_upstreams(data: Mapping[str, Any], source: str) -> Routing:
             raise UpstreamsFileError(
                 f"{where} tools_policy: must be one of {', '.join(TOOLS_POLICIES)}"
             )
-        pools.append(Pool(name, pool_servers, aliases, template, policy))
+        kind = spec.get("kind", "chat")
+        if kind not in KINDS:
+            raise UpstreamsFileError(f"{where} kind: must be one of {', '.join(KINDS)}")
+        if kind == "embedding":
+            for chat_only in _CHAT_ONLY_FIELDS:
+                if chat_only in spec:
+                    raise UpstreamsFileError(
+                        f"{where} {chat_only}: an embedding model renders no chat (remove it, "
+                        'or drop kind = "embedding")'
+                    )
+        pools.append(Pool(name, pool_servers, aliases, template, policy, kind))
     return Routing(tuple(pools))
 
 

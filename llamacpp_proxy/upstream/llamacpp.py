@@ -6,10 +6,15 @@ call, and the translation of upstream failures into ProxyErrors at this boundary
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
+import math
+import re
 import socket
+import sys
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -51,6 +56,14 @@ MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed answer (n_probs makes them lar
 MAX_MESSAGE = 1000  # characters of llama.cpp's error message passed on
 PLAIN_TOKENS_CACHE_CHARS = 1 << 20  # characters of text whose plain-text tokens are kept
 PLAIN_TOKENS_CACHE_ENTRY = 64 * 1024  # longer texts are tokenized every time
+MAX_EMBEDDING_DIMS = 16384
+"""Widest embedding a server is taken to answer (the widest models today have 4096-8192):
+with the count of inputs it bounds how much of an /v1/embeddings answer is read."""
+# Per input: its float32 vector in base64 (4 bytes -> 5.34 characters) and the item's JSON.
+EMBEDDING_ITEM_BYTES = 6 * MAX_EMBEDDING_DIMS + 256
+EMBEDDING_SLACK = 64 * 1024  # the answer's own fields (model path, usage)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_INPUT_TOO_LARGE = re.compile(r"input \((\d+) tokens\) is too large.*?batch size: (\d+)")
 
 
 class MixedPrompt(str):
@@ -192,6 +205,15 @@ class Response:
 
     status: int
     body: bytes
+
+
+@dataclass
+class EmbeddingsResult:
+    """llama.cpp's embeddings, one float32 vector per input in input order, and the tokens
+    its tokenizer counted over all inputs."""
+
+    vectors: list[array[float]]
+    prompt_tokens: int
 
 
 EventSink = Callable[[list[dict[str, Any]]], "Awaitable[None] | None"]
@@ -394,6 +416,7 @@ class LlamaCppClient:
         on_head: Callable[[ResponseHead], None] | None = None,
         on_body: Callable[[bytes], Awaitable[None] | None] | None = None,
         pool: ConnectionPool | None = None,
+        limit: int = MAX_RESPONSE,
     ) -> Response:
         """One request on a pooled connection, sent once: a request that may have reached
         llama.cpp is never repeated (it may be generating already). With `on_body`, a 200
@@ -421,7 +444,7 @@ class LlamaCppClient:
             if on_head is not None:
                 on_head(head)
             data, reusable = await self._read_body(
-                conn, head, method, call, on_body if head.status == 200 else None
+                conn, head, method, call, on_body if head.status == 200 else None, limit
             )
             return Response(head.status, data)
         except (ConnectionLost, ConnectionError, OSError, ProtocolError) as exc:
@@ -438,12 +461,13 @@ class LlamaCppClient:
         method: str,
         call: UpstreamCall,
         on_body: Callable[[bytes], Awaitable[None] | None] | None,
+        ok_limit: int = MAX_RESPONSE,
     ) -> tuple[bytes, bool]:
         """(collected body, connection reusable). A collected body is bounded as it is
         read: an error body is cut at ERROR_BODY_LIMIT (and the connection closed), a 200
-        body over MAX_RESPONSE is an error."""
+        body over `ok_limit` (MAX_RESPONSE unless the caller knows better) is an error."""
         decoder = BodyDecoder(head, method)
-        limit = MAX_RESPONSE if head.status == 200 else ERROR_BODY_LIMIT
+        limit = ok_limit if head.status == 200 else ERROR_BODY_LIMIT
         declared = decoder.declared_length
         if on_body is None and head.status == 200 and declared is not None and declared > limit:
             raise UpstreamError("llama.cpp's response is too large")
@@ -541,6 +565,26 @@ class LlamaCppClient:
             # After the extensions, so that nothing passed through can replace it.
             body["json_schema"] = request.json_schema
         return body
+
+    # -- embeddings -------------------------------------------------------------------------
+
+    async def embeddings(
+        self, inputs: list[str] | list[list[int]], call: UpstreamCall
+    ) -> EmbeddingsResult:
+        """llama.cpp's /v1/embeddings (a server started with --embeddings and a pooling type)
+        of every input, one call. Asked in base64: a quarter of the bytes of decimal floats
+        and nothing to parse per number. The answer is read up to what `len(inputs)` vectors
+        can take and checked whole (count, indexes, sizes, finite values): anything else is a
+        502, and llama.cpp's refusals are the client's 400s."""
+        body = _encode({"input": inputs, "encoding_format": "base64"})
+        limit = EMBEDDING_SLACK + len(inputs) * EMBEDDING_ITEM_BYTES
+        try:
+            response = await self._exchange("POST", "/v1/embeddings", body, call, limit=limit)
+            if response.status != 200:
+                raise embeddings_status_error(response.status, response.body)
+            return parse_embeddings(response.body, len(inputs))
+        finally:
+            call.done()
 
     def new_call(self) -> UpstreamCall:
         """A handle for one upstream request, armed with the configured timeouts."""
@@ -739,6 +783,88 @@ class BodyPump(asyncio.Protocol):
         if self._backlog is not None:
             self._backlog.remove_done_callback(self._written)
             self._backlog = None
+
+
+def _bad_embeddings(problem: str) -> UpstreamError:
+    return UpstreamError(f"llama.cpp answered /v1/embeddings with {problem}")
+
+
+def parse_embeddings(data: bytes, count: int) -> EmbeddingsResult:
+    """A 200 /v1/embeddings answer (base64 vectors) for `count` inputs, checked: one vector
+    per index 0..count-1, all of one width, every value a finite float32; the usage's
+    prompt_tokens a count. Anything else raises UpstreamError (502)."""
+    try:
+        answer = fastjson.loads(data)
+    except ValueError:
+        raise _bad_embeddings("malformed JSON") from None
+    items = answer.get("data") if type(answer) is dict else None
+    if type(items) is not list:
+        raise _bad_embeddings("no 'data' list")
+    if len(items) != count:
+        raise _bad_embeddings(f"{len(items)} embeddings for {count} inputs")
+    vectors: list[array[float] | None] = [None] * count
+    width = -1
+    for item in items:
+        index = item.get("index") if type(item) is dict else None
+        if type(index) is not int or not 0 <= index < count or vectors[index] is not None:
+            raise _bad_embeddings("an item without its own index among the inputs")
+        text = item.get("embedding")
+        if type(text) is not str:
+            raise _bad_embeddings("an embedding that is not base64 text")
+        try:
+            raw = binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise _bad_embeddings("an embedding that is not valid base64") from None
+        if width < 0:
+            width = len(raw)
+        if not raw or len(raw) % 4 or len(raw) != width:
+            raise _bad_embeddings("embeddings of no, broken or different sizes")
+        vector = array("f")
+        vector.frombytes(raw)
+        if not _LITTLE_ENDIAN:
+            vector.byteswap()  # llama.cpp's base64 is little-endian float32
+        # One sum in C: any NaN or infinity makes it non-finite; float32 values cannot
+        # overflow a double's sum.
+        if not math.isfinite(sum(vector)):
+            raise _bad_embeddings("an embedding holding NaN or infinity")
+        vectors[index] = vector
+    usage = answer.get("usage")
+    tokens = usage.get("prompt_tokens") if type(usage) is dict else None
+    if type(tokens) is not int or tokens < 0:
+        raise _bad_embeddings("no 'usage.prompt_tokens' count")
+    return EmbeddingsResult([v for v in vectors if v is not None], tokens)
+
+
+def embeddings_status_error(status: int, body: bytes) -> ProxyError:
+    """llama.cpp's refusal of /v1/embeddings as the client's error: a server that computes
+    no embeddings, or an input it cannot take, is a 400 naming what to change (never a 5xx
+    for what the request or the server's flags decide)."""
+    error = upstream_status_error(status, body)
+    message = error.message
+    if status == 501 or "not support embeddings" in message:
+        return InvalidRequest(
+            "This model's llama.cpp server computes no embeddings: start llama-server with "
+            f"--embeddings --pooling mean. (llama.cpp: {message})",
+            param="model",
+            code="embeddings_not_supported",
+        )
+    if "Pooling type" in message:
+        return InvalidRequest(
+            "This model's llama.cpp server pools no embedding per input: start llama-server "
+            f"with --pooling mean (or cls, last). (llama.cpp: {message})",
+            param="model",
+            code="embeddings_not_supported",
+        )
+    found = _INPUT_TOO_LARGE.search(message)
+    if found is not None:
+        return ContextLengthExceeded(
+            f"An input is {found[1]} tokens; this model's server embeds at most {found[2]} "
+            "tokens per input (llama-server --batch-size and --ubatch-size). Shorten it.",
+            param="input",
+        )
+    if isinstance(error, InvalidRequest):
+        error.param = "input"  # empty content, invalid token ids, context exceeded
+    return error
 
 
 def _is_count(value: Any) -> bool:

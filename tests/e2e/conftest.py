@@ -374,6 +374,63 @@ def gemma_proxy(
     service.stop()
 
 
+EMBED_MODEL = "smollm2-embed"  # the embedding model's name in the upstreams file
+
+
+@pytest.fixture(scope="session")
+def embedding_llama_server(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Service]:
+    """llama-server with SmolLM2 computing embeddings (`--embeddings --pooling mean`: one
+    576-float vector per input on /v1/embeddings), 2 slots, /slots exposed."""
+    binary, model = require_llama_files()
+
+    def argv(port: int) -> list[str]:
+        extra = ("--embeddings", "--pooling", "mean", "--slots")
+        return llama_server_argv(binary, model, port, 2, *extra)
+
+    service = start_service(
+        request.config, "llama-server-embed", argv, "/health", e2e_logs, timeout=180
+    )
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def embeddings_proxy(
+    request: pytest.FixtureRequest,
+    llama_server: Service,
+    embedding_llama_server: Service,
+    e2e_logs: Path,
+) -> Iterator[Service]:
+    """A proxy whose upstreams file holds the chat model (the session's llama-server) and
+    the embedding model (kind = "embedding"), routed by `model`."""
+    upstreams = e2e_logs / "embeddings-upstreams.toml"
+    upstreams.write_text(
+        f'[models."{MODEL}"]\nservers = ["{llama_server.url}"]\n\n'
+        f'[models."{EMBED_MODEL}"]\nkind = "embedding"\nservers = ["{embedding_llama_server.url}"]\n'
+    )
+    script = console_script()
+    env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY)
+
+    def argv(port: int) -> list[str]:
+        return [
+            script,
+            "--upstreams-file",
+            str(upstreams),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--shutdown-timeout",
+            "5",
+        ]
+
+    service = start_service(
+        request.config, "proxy-embeddings", argv, "/health/ready", e2e_logs, timeout=30, env=env
+    )
+    yield service
+    service.stop()
+
+
 def sdk_client(proxy: Service, key: str) -> openai.OpenAI:
     """The official SDK pointed at the proxy; no retries, so a 429 reaches the test."""
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0, timeout=60)
