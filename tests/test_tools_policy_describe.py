@@ -6,6 +6,7 @@ template has no place for tools."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -455,3 +456,26 @@ def test_filter_holds_only_a_possible_marker() -> None:
     assert f.feed(" wor") == " wor"  # plain text streams as it comes
     assert f.feed("ld <to") == "ld "  # "<to" may start <tool_call>
     assert f.feed("p>") == "<top>"
+
+
+# -- what Claude Code's runs are checked by (tests/e2e/test_claude_code.py) ------------------
+
+
+def test_streamed_message_is_in_the_ledger_as_streamed(make_stack: Any, tmp_path: Path) -> None:
+    """The ledger tells a streamed request by its time to first token: /v1/messages set
+    none, so Claude Code's requests (always streamed) looked non-streamed."""
+    stack = make_stack(usage_db=tmp_path / "usage.db")
+    with anthropic.Anthropic(
+        base_url=stack.url, api_key=UNLIMITED_KEY, max_retries=0, timeout=20
+    ) as client:
+        client.messages.create(model="m", max_tokens=5, messages=ASK)  # type: ignore[arg-type]
+        with client.messages.stream(model="m", max_tokens=5, messages=ASK) as stream:  # type: ignore[arg-type]
+            stream.get_final_message()
+    ledger = stack.ctx.usage
+    assert ledger is not None
+    assert stack.wait_for(lambda: ledger.recorded == 2)
+    assert ledger.flush()
+    with sqlite3.connect(tmp_path / "usage.db") as db:
+        rows = db.execute("SELECT endpoint, status, ttft FROM usage ORDER BY time").fetchall()
+    assert [(endpoint, status) for endpoint, status, _ in rows] == [("/v1/messages", 200)] * 2
+    assert rows[0][2] is None and rows[1][2] is not None
