@@ -26,7 +26,7 @@ from llamacpp_proxy.route.pools import UpstreamsFileError, load_upstreams_file
 from .conftest import UNLIMITED_KEY, Stack
 from .fake_llamacpp import prompt_text
 
-WEATHER = {
+WEATHER: Any = {
     "name": "get_weather",
     "description": "Current weather in a city",
     "input_schema": {
@@ -75,7 +75,7 @@ CALL_TOKENS = [
     "</tool_call>",
 ]
 MALFORMED_TOKENS = ["Let me check.", "\n<tool_call>", '{"name": "get_weather", "arguments": ']
-ASK = [{"role": "user", "content": "Weather in Paris?"}]
+ASK: Any = [{"role": "user", "content": "Weather in Paris?"}]
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def test_described_prompt_reaches_llamacpp_exactly(
         max_tokens=50,
         system="Be brief.",
         tools=[WEATHER],
-        messages=ASK,  # type: ignore[list-item]
+        messages=ASK,
     )
     assert raw.headers["x-tools-described"] == "1"
     assert sent(described) == chatml(
@@ -131,14 +131,14 @@ def test_described_prompt_reaches_llamacpp_exactly(
     chat = gpt.chat.completions.with_raw_response.create(
         model="m",
         messages=ASK,
-        tools=[OPENAI_WEATHER],  # type: ignore[list-item]
+        tools=[OPENAI_WEATHER],
     )
     assert chat.headers["x-tools-described"] == "1"
     assert sent(described) == chatml(
         ("system", f"{DESCRIPTION}{AUTO}"), ("user", "Weather in Paris?")
     )
     # No tools: no description, no header, the prompt as ever.
-    plain = gpt.chat.completions.with_raw_response.create(model="m", messages=ASK)  # type: ignore[arg-type]
+    plain = gpt.chat.completions.with_raw_response.create(model="m", messages=ASK)
     assert "x-tools-described" not in plain.headers
     assert sent(described) == chatml(("user", "Weather in Paris?"))
 
@@ -152,7 +152,7 @@ def test_tool_choice_none_describes_nothing_and_forced_choices_say_so(
             max_tokens=50,
             tools=[WEATHER],
             tool_choice=tool_choice,
-            messages=ASK,  # type: ignore[list-item]
+            messages=ASK,
         )
 
     none = create({"type": "none"})
@@ -197,7 +197,7 @@ def test_described_call_comes_back_as_tool_use(
     message = claude.messages.create(**kwargs)
     assert message.stop_reason == "tool_use"
     assert [b.type for b in message.content] == ["text", "tool_use"]
-    assert message.content[0].text == "Let me check."  # type: ignore[union-attr]
+    assert message.content[0].text == "Let me check."
     tool_use = message.content[1]
     assert tool_use.type == "tool_use" and tool_use.name == "get_weather"
     assert tool_use.input == {"city": "Paris"} and tool_use.id.startswith("toolu_")
@@ -221,7 +221,7 @@ def test_described_call_comes_back_as_openai_tool_calls(
     completion = gpt.chat.completions.create(
         model="m",
         messages=ASK,
-        tools=[OPENAI_WEATHER],  # type: ignore[arg-type]
+        tools=[OPENAI_WEATHER],
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -235,7 +235,7 @@ def test_described_call_comes_back_as_openai_tool_calls(
             model="m",
             messages=ASK,
             tools=[OPENAI_WEATHER],
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -243,7 +243,7 @@ def test_described_call_comes_back_as_openai_tool_calls(
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert text.strip() == "Let me check."
     assert [tc.function.name for tc in calls] == ["get_weather"]  # type: ignore[union-attr]
-    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[union-attr, arg-type]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[arg-type, union-attr]
     assert reasons[-1] == "tool_calls"
 
 
@@ -256,13 +256,13 @@ def test_malformed_described_call_stays_text(
     message = claude.messages.create(**kwargs)
     assert message.stop_reason == "end_turn"
     assert [b.type for b in message.content] == ["text"]
-    assert message.content[0].text == whole  # type: ignore[union-attr]
+    assert message.content[0].text == whole
     with claude.messages.stream(**kwargs) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "end_turn"
     assert "".join(b.text for b in final.content if b.type == "text") == whole
 
-    completion = gpt.chat.completions.create(model="m", messages=ASK, tools=[OPENAI_WEATHER])  # type: ignore[arg-type]
+    completion = gpt.chat.completions.create(model="m", messages=ASK, tools=[OPENAI_WEATHER])
     assert completion.choices[0].finish_reason == "stop"
     assert completion.choices[0].message.content == whole
     assert not completion.choices[0].message.tool_calls
@@ -271,7 +271,7 @@ def test_malformed_described_call_stays_text(
             model="m",
             messages=ASK,
             tools=[OPENAI_WEATHER],
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
         )
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
@@ -289,17 +289,17 @@ def test_round_trip_with_a_tool_result(
     described: Stack, claude: anthropic.Anthropic, gpt: openai.OpenAI
 ) -> None:
     described.fake.script.tokens = list(CALL_TOKENS)
-    first = claude.messages.create(model="m", max_tokens=50, tools=[WEATHER], messages=ASK)  # type: ignore[list-item]
+    first = claude.messages.create(model="m", max_tokens=50, tools=[WEATHER], messages=ASK)
     tool_use = first.content[1]
     assert tool_use.type == "tool_use"
     described.fake.script.tokens = ["It is ", "18 °C."]
     second = claude.messages.create(
         model="m",
         max_tokens=50,
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER],
         messages=[
-            *ASK,  # type: ignore[list-item]
-            {"role": "assistant", "content": first.content},  # type: ignore[typeddict-item]
+            *ASK,
+            {"role": "assistant", "content": first.content},
             {
                 "role": "user",
                 "content": [
@@ -325,7 +325,7 @@ def test_round_trip_with_a_tool_result(
         model="m",
         tools=[OPENAI_WEATHER],
         messages=[
-            *ASK,  # type: ignore[list-item]
+            *ASK,
             {
                 "role": "assistant",
                 "content": "Let me check.",
@@ -368,7 +368,7 @@ def test_describe_per_model_in_the_upstreams_file(
             model="described",
             max_tokens=50,
             tools=[WEATHER],
-            messages=ASK,  # type: ignore[list-item]
+            messages=ASK,
         )
     assert message.stop_reason == "tool_use"
     assert message.content[1].input == {"city": "Paris"}  # type: ignore[union-attr]
@@ -396,7 +396,7 @@ def test_described_tools_over_the_context_are_a_400_in_each_shape(
         for t in big
     ]
     with pytest.raises(openai.BadRequestError) as too_long:
-        gpt.chat.completions.create(model="m", messages=ASK, tools=openai_tools)  # type: ignore[arg-type]
+        gpt.chat.completions.create(model="m", messages=ASK, tools=openai_tools)
     assert too_long.value.code == "context_length_exceeded"
     # The description is bounded by what was sent: each schema once, compact.
     prompt_bytes = len(
@@ -405,7 +405,7 @@ def test_described_tools_over_the_context_are_a_400_in_each_shape(
     assert prompt_bytes < len(json.dumps(big)) + 600
     # And the gateway keeps serving on the same connections.
     described.fake.script.n_ctx = 4096
-    assert claude.messages.create(model="m", max_tokens=5, messages=ASK).content  # type: ignore[arg-type]
+    assert claude.messages.create(model="m", max_tokens=5, messages=ASK).content
 
 
 def _openai(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -468,8 +468,8 @@ def test_streamed_message_is_in_the_ledger_as_streamed(make_stack: Any, tmp_path
     with anthropic.Anthropic(
         base_url=stack.url, api_key=UNLIMITED_KEY, max_retries=0, timeout=20
     ) as client:
-        client.messages.create(model="m", max_tokens=5, messages=ASK)  # type: ignore[arg-type]
-        with client.messages.stream(model="m", max_tokens=5, messages=ASK) as stream:  # type: ignore[arg-type]
+        client.messages.create(model="m", max_tokens=5, messages=ASK)
+        with client.messages.stream(model="m", max_tokens=5, messages=ASK) as stream:
             stream.get_final_message()
     ledger = stack.ctx.usage
     assert ledger is not None
