@@ -66,7 +66,8 @@ def claude_bin() -> Path:
 class ScriptedLlamaCpp:
     """A llama.cpp stand-in on its own thread: the first /completion is answered with
     `first_reply` (in llama.cpp's streamed events), everything else is forwarded to the real
-    server, streamed through as it comes. Records the /completion bodies it received."""
+    server, streamed through as it comes (a forwarded /completion with one more stop
+    string, a line break). Records the /completion bodies it received."""
 
     def __init__(self, upstream: str, first_reply: str) -> None:
         self.upstream = upstream
@@ -110,6 +111,12 @@ class ScriptedLlamaCpp:
                     if len(stand_in.completions) == 1:
                         self._scripted(body)
                         return
+                    # The real model's answer ends at its first line break: greedy, the
+                    # 135M model sometimes runs on to the cap after the tool result, and
+                    # every answer cut makes Claude Code resume, then exit 1.
+                    body["stop"] = [*(body.get("stop") or []), "\n"]
+                    await self._forward(path, json.dumps(body).encode())
+                    return
                 await self._forward(path)
 
             def _scripted(self, body: dict[str, Any]) -> None:
@@ -138,7 +145,7 @@ class ScriptedLlamaCpp:
                 }
                 self.finish(b"data: " + json.dumps(final).encode() + b"\n\n")
 
-            async def _forward(self, path: str) -> None:
+            async def _forward(self, path: str, body: bytes | None = None) -> None:
                 def on_chunk(chunk: bytes) -> None:
                     self.write(chunk)
                     self.flush()
@@ -152,7 +159,7 @@ class ScriptedLlamaCpp:
                 request = tornado.httpclient.HTTPRequest(
                     f"{stand_in.upstream}/{path}",
                     method=self.request.method or "GET",
-                    body=self.request.body if self.request.method == "POST" else None,
+                    body=body or (self.request.body if self.request.method == "POST" else None),
                     headers={"Content-Type": "application/json"},
                     header_callback=on_header,
                     streaming_callback=on_chunk,
