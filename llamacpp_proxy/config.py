@@ -212,11 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tools-policy",
-        choices=("refuse", "drop"),
+        choices=("refuse", "drop", "describe"),
         default=d.tools_policy,
         help="when the chat template cannot express tools: refuse the request (400 "
-        "tools_not_supported) or drop the tools and answer without them (header "
-        "X-Tools-Dropped); an upstreams file model may set its own tools_policy",
+        "tools_not_supported), drop the tools and answer without them (header "
+        "X-Tools-Dropped), or describe them in the system prompt and parse the model's "
+        "<tool_call> blocks back into tool calls (header X-Tools-Described); an "
+        "upstreams file model may set its own tools_policy",
     )
     p.add_argument(
         "--allow-content-control-tokens",

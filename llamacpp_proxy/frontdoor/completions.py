@@ -34,6 +34,12 @@ from ..model_names import model_display_name
 from ..render.constraints import merge_constraints
 from ..render.control_tokens import mark_messages
 from ..render.tool_calls import ToolCallFilter, parse_tool_calls
+from ..render.tools_describe import (
+    DESCRIBED_HEADER,
+    DescribedCallFilter,
+    describe_tools,
+    described_conversation,
+)
 from ..render.tools_policy import DROPPED_HEADER, plain_tool_history
 from ..request import CompletionRequest
 from ..route.pools import check_kind
@@ -160,6 +166,7 @@ class CompletionsHandler(BaseHandler):
         self._tools: list[dict[str, Any]] | None = None
         self.stream_error: str | None = None
         self._forced_tools = False
+        self._described = False  # tools policy "describe": calls are parsed from text
         self._early_error: ProxyError | None = None
         self._pool: PoolRuntime | None = None
         self._session: str | None = None
@@ -255,8 +262,8 @@ class CompletionsHandler(BaseHandler):
         props = await upstream.props()
         template = pool.template or pool.model_template(props)
         messages = request.messages
-        if self._tools and not template.uses_tools:
-            messages = self._drop_tools(messages, template.origin, pool)
+        if request.tools and not template.uses_tools:
+            messages = self._apply_tools_policy(request, template.origin, pool)
         adds_bos = await upstream.adds_bos()
         marked = None if self.ctx.settings.allow_content_control_tokens else mark_messages(messages)
         prompt = await render_off_loop_if_large(
@@ -265,7 +272,7 @@ class CompletionsHandler(BaseHandler):
             messages if marked is None else marked.messages,
             bos_token=str(props.get("bos_token") or ""),
             eos_token=str(props.get("eos_token") or ""),
-            tools=self._tools,
+            tools=None if self._described else self._tools,
             llama_adds_bos=adds_bos,
         )
         check_prompt_size(prompt, self.ctx.settings.max_body_size)
@@ -277,19 +284,30 @@ class CompletionsHandler(BaseHandler):
             prompt = marked.assemble(prompt, dict(zip(texts, tokens, strict=True)), adds_bos)
         return [prompt]
 
-    def _drop_tools(
-        self, messages: list[dict[str, Any]], origin: str, pool: PoolRuntime
+    def _apply_tools_policy(
+        self, request: CompletionRequest, origin: str, pool: PoolRuntime
     ) -> list[dict[str, Any]]:
-        """The model's template cannot express tools: refuse, or (policy "drop") go on
-        without them, saying so in a header; a forced call cannot be dropped."""
-        assert self._tools is not None
+        """The model's template cannot express tools: the messages to render, by the
+        model's tools policy (render/tools_policy.py): refuse (400), drop them (saying so in
+        a header; a forced call cannot be dropped), or describe them in the system prompt
+        and parse calls back from the text."""
         policy = pool.pool.tools_policy or self.ctx.settings.tools_policy
+        messages = request.messages
+        if self._tools is None:  # tool_choice "none": nothing offered, only the history
+            if policy == "describe":
+                return described_conversation(messages, None)
+            return plain_tool_history(messages) if policy == "drop" else messages
+        if policy == "describe":
+            self._described = True
+            self.set_header(DESCRIBED_HEADER, str(len(self._tools)))
+            description = describe_tools(self._tools, request.tool_choice)
+            return described_conversation(messages, description)
         if policy != "drop" or self._forced_tools:
             forced = " and tool_choice forces a call" if self._forced_tools else ""
             raise InvalidRequest(
                 f"The chat template {origin} cannot express tools{forced}; use a template "
                 "that does (llama3, qwen2.5) or send the request without 'tools' (or set "
-                "this model's tools_policy to 'drop').",
+                "this model's tools_policy to 'describe', or 'drop').",
                 param="tools",
                 code="tools_not_supported",
             )
@@ -333,7 +351,8 @@ class CompletionsHandler(BaseHandler):
                 body = upstream.completion_body(request, prompt, j)
                 generation = Generation(choice, prompt, body, j == 0)
                 if self._tools:
-                    generation.tool_filter = ToolCallFilter(self._tools, self._forced_tools)
+                    kind = DescribedCallFilter if self._described else ToolCallFilter
+                    generation.tool_filter = kind(self._tools, self._forced_tools)
                 generations.append(generation)
         return generations
 

@@ -132,6 +132,7 @@ class MessagesHandler(CompletionsHandler):
             if not started:
                 # Sent with the first tokens, not at open: they carry the prompt's count.
                 started = True
+                self.ttft = self.request.request_time()  # the ledger's mark of a stream
                 write(encoder.start(anthropic.usage(events[0])))
             for event in events:
                 text = event.get("content") or ""

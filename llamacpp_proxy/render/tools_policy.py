@@ -5,7 +5,13 @@ Per model (the upstreams file's `tools_policy`, else `--tools-policy`):
 - "drop": the tools are not offered, the answer says so in `X-Tools-Dropped`, and earlier
   tool calls and results in the conversation are written as plain text, so a template
   without tool support can still render them (Claude Code sends its tools and their
-  history on every request, even to say hello).
+  history on every request, even to say hello);
+- "describe": the tools are written into the system prompt and the model's calls parsed
+  back from its text (render/tools_describe.py), as LiteLLM's `add_function_to_prompt`.
+
+"refuse" stays the default: the other two change what the model is asked (drop: without the
+tools; describe: a prompt longer by every schema, which a small context may not hold), so
+the operator chooses them per model, knowing the model.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ MAX_NAME_LENGTH = 256
 """Longest model name or alias (clients send it back in every request)."""
 MAX_SERVERS_PER_MODEL = 256
 MAX_MODELS = 1024
-TOOLS_POLICIES = ("refuse", "drop")
+TOOLS_POLICIES = ("refuse", "drop", "describe")
 """A model's answer to tools its template cannot express (render/tools_policy.py)."""
 KINDS = ("chat", "embedding")
 """What a model of the upstreams file serves: generations (/v1/chat/completions,
@@ -68,7 +68,7 @@ class Pool:
     chat_template: str | None = None
     """Built-in template name or file path; None uses the servers' own (/props)."""
     tools_policy: str | None = None
-    """"refuse" or "drop" tools the template cannot express; None: --tools-policy."""
+    """"refuse", "drop" or "describe" tools the template cannot express; None: --tools-policy."""
     kind: str | None = None
     """"chat" or "embedding" (the upstreams file's `kind`); None: either (the pool of
     --llamacpp-server, whose one server is asked and answers for itself)."""
