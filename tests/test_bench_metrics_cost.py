@@ -33,4 +33,4 @@ def test_metrics_cost_reports_metrics_and_the_ledger(tmp_path: Path) -> None:
     [ledger_run] = result["rounds"]["ledger"]
     # Every request of the ledger run was written: warm-up 50 + 20 requests + 5 streams.
     assert ledger_run["ledger_rows"] == ledger_run["ledger_expected"] == 75
-    assert result["micro"]["ledger_record_us"] > 0
+    assert result["micro"]["ledger_record_us"] > 0 and result["micro"]["ledger_write_us"] > 0
