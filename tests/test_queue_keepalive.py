@@ -19,6 +19,8 @@ import httpx
 import openai
 import pytest
 
+from llamacpp_proxy.route.health import Outcome
+
 from .conftest import UNLIMITED_KEY, Stack, assert_schema
 from .fake_llamacpp import DEFAULT_TOKENS, FakeLlamaCpp, prompt_text
 
@@ -241,6 +243,28 @@ def test_a_queued_anthropic_stream_that_times_out(one_slot: Callable[..., OneSlo
     assert holder.result(10).status_code == 200
 
 
+def test_a_queued_stream_whose_servers_all_go_down_ends_with_upstream_unavailable(
+    one_slot: Callable[..., OneSlot],
+) -> None:
+    gw = one_slot()
+    holder = gw.hold_the_slot()
+    key = next(iter(gw.router.pool.servers)).key
+    body = {"prompt": "queued", "stream": True}
+    with gw.stack.http.stream("POST", "/v1/completions", json=body, headers=AUTH) as r:
+        lines = sse_lines(r)
+        assert next(lines) == ": queued"
+        # What a failed probe or a refused connection reports: the pool's one server is down.
+        gw.stack.runner.call(lambda: gw.router.observe_probe(key, Outcome.REFUSED))
+        rest = [line for line in lines if line != ": queued"]
+    [event] = rest
+    error = json.loads(event.removeprefix("data: "))
+    assert_schema(error, "ErrorResponse")
+    assert error["error"]["code"] == "upstream_unavailable"
+    assert "No server of model 'default' is up" in error["error"]["message"]
+    gw.release()
+    assert holder.result(10).status_code == 200
+
+
 # -- what does not change ---------------------------------------------------------------------
 
 
@@ -307,7 +331,9 @@ def test_a_client_leaving_while_kept_alive_frees_its_place(
         httpx.Client(base_url=gw.stack.url, timeout=10) as leaving,
         leaving.stream("POST", "/v1/completions", json=body, headers=AUTH) as r,
     ):
-        assert next(sse_lines(r)) == ": queued"  # the keep-alive runs
+        # Held in a name: a line iterator dropped mid-stream would close the connection now.
+        lines = sse_lines(r)
+        assert next(lines) == ": queued"  # the keep-alive runs
         assert gw.queued(1)
     # Closed before its end: httpx drops the connection, and the gateway its place.
     assert gw.stack.wait_for(lambda: gw.router.waiting == 0)
