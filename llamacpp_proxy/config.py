@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a streamed request still queued after this long gets 200 and an SSE comment "
         "(': queued') every as many seconds, so the connection stays alive; a refusal after "
-        "that is the stream's error event instead of a 503/429 status; 0: off",
+        "that is the stream's error event instead of a 503 status; 0: off",
     )
     p.add_argument(
         "--chat-template-jinja",
