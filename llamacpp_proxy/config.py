@@ -37,6 +37,10 @@ class Settings:
     """Generations per pool that may wait in the gateway for a free slot; more: 503."""
     queue_timeout: float = 30.0
     """Seconds a generation may wait for a free slot before a 503 server_overloaded."""
+    queue_keepalive: float = 10.0
+    """Seconds a streamed request waits in the queue before its answer commits to 200 + SSE
+    and sends an SSE comment (`: queued`), again every as many seconds; 0: never. A
+    refusal after that is the stream's error event, not a 503 status an SDK would retry."""
     chat_template: str | None = None
     """Built-in template name or template file path; None uses the model's own (/props)."""
     tools_policy: str = "refuse"
@@ -145,6 +149,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, not {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -202,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.queue_timeout,
         metavar="SECONDS",
         help="longest wait for a free slot before 503 server_overloaded",
+    )
+    p.add_argument(
+        "--queue-keepalive",
+        type=_non_negative_float,
+        default=d.queue_keepalive,
+        metavar="SECONDS",
+        help="a streamed request still queued after this long gets 200 and an SSE comment "
+        "(': queued') every as many seconds, so the connection stays alive; a refusal after "
+        "that is the stream's error event instead of a 503 status; 0: off",
     )
     p.add_argument(
         "--chat-template-jinja",
@@ -494,6 +514,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         routing=args.routing,
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
+        queue_keepalive=args.queue_keepalive,
         chat_template=args.chat_template,
         tools_policy=args.tools_policy,
         allow_content_control_tokens=args.allow_content_control_tokens,

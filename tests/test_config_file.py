@@ -50,6 +50,7 @@ VALUES: dict[str, object] = {
     "routing": "round-robin",
     "max-queue": 5,
     "queue-timeout": 6.5,
+    "queue-keepalive": 2.5,
     "tools-policy": "drop",
     "usage-db": "/var/lib/llamacpp-proxy/usage.db",
     "workers": 2,

@@ -68,6 +68,10 @@ from .openai_response import (
 )
 from .prompt_bounds import body_size, check_prompt_size, render_off_loop_if_large
 
+QUEUED_COMMENT = b": queued\n\n"
+"""What a streamed request waiting in the queue sends every --queue-keepalive seconds: an
+SSE comment, which every SSE client (the OpenAI and Anthropic SDKs included) skips."""
+
 
 def _echo_logprobs_refused() -> InvalidRequest:
     """echo with logprobs asks for the prompt tokens' logprobs, which llama.cpp's server
@@ -171,6 +175,10 @@ class CompletionsHandler(BaseHandler):
         self._pool: PoolRuntime | None = None
         self._session: str | None = None
         self._waits: set[asyncio.Future[Lease]] = set()
+        self.keepalive_while_queued = False
+        """Streamed: a wait in the queue commits to 200 + SSE after --queue-keepalive
+        seconds and sends comments (set by the front door once the body says stream)."""
+        self._keepalive: asyncio.TimerHandle | None = None
 
     async def prepare(self) -> None:
         # The body is streamed, so prepare() runs before it is read. An error sent now would
@@ -209,6 +217,7 @@ class CompletionsHandler(BaseHandler):
         body = parse_json_body(b"".join(self._body_parts))
         self._body_parts = []
         request = self.parse_request(body)
+        self.keepalive_while_queued = request.stream
         self._tools = _active_tools(request)
         self._forced_tools = merge_constraints(request, self._tools)
         assert self.principal is not None  # completions require a key
@@ -510,6 +519,8 @@ class CompletionsHandler(BaseHandler):
             )
         )
         self._waits.add(wait)
+        if self.keepalive_while_queued and self._keepalive is None:
+            self._arm_keepalive()
         waited_from = time.monotonic()
         try:
             return await wait
@@ -519,8 +530,32 @@ class CompletionsHandler(BaseHandler):
             raise
         finally:
             self._waits.discard(wait)
+            if not self._waits and self._keepalive is not None:
+                self._keepalive.cancel()
+                self._keepalive = None
             if self.ctx.metrics is not None:
                 self.ctx.metrics.queue_waited(self.model, time.monotonic() - waited_from)
+
+    def _arm_keepalive(self) -> None:
+        """One timer for this request while it waits (none for one admitted at once)."""
+        every = self.ctx.settings.queue_keepalive
+        if every > 0:
+            loop = asyncio.get_running_loop()
+            self._keepalive = loop.call_later(every, self._queued_keepalive, every)
+
+    def _queued_keepalive(self, every: float) -> None:
+        """Still queued after --queue-keepalive seconds: the answer commits to 200 + SSE (a
+        refusal from now on is the stream's error event, not a 503/429 status) and a
+        comment goes out now and every `every` seconds, so the client, and any proxy between,
+        sees a live connection. Before that a refusal is a plain status an SDK retries."""
+        if self._client_gone or not self._waits:
+            self._keepalive = None
+            return
+        self._start_stream()
+        self._write(QUEUED_COMMENT)
+        self._keepalive = asyncio.get_running_loop().call_later(
+            every, self._queued_keepalive, every
+        )
 
     async def _gather(self, run: Callable[[Generation], Awaitable[Any]]) -> list[Any]:
         """Run every generation, `_width()` at a time; the first failure aborts the rest."""
@@ -662,6 +697,9 @@ class CompletionsHandler(BaseHandler):
 
     def on_connection_close(self) -> None:
         self._client_gone = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         for wait in self._waits:
             wait.cancel()  # leaves the pool's queue; a slot granted meanwhile passes on
         for generation in self._generations:

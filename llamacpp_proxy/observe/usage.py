@@ -1,13 +1,13 @@
 """The usage ledger: one row per finished request, in SQLite, written off the event loop.
 
-`record()` is what the request path calls, once, when a request ends: it appends a tuple to
-a list under a lock and returns (a few microseconds). A writer thread takes what has
-gathered every `flush_interval` seconds (or sooner, once `batch_size` rows wait) and inserts
-it in one transaction, so the loop never waits on the disk. When the database cannot be
-written (disk full, read-only, locked too long), the batch is dropped, the failure is logged
-once per streak and counted (`failed_writes`, `dropped_records`), and requests keep flowing.
-At most `max_pending` rows wait in memory: a writer that stalls cannot grow memory without
-bound.
+`record()` is what the request path calls, once, when a request ends: it appends the record
+(a tuple: the row itself) to a list under a lock and returns (about a microsecond). A writer
+thread takes what has gathered every `flush_interval` seconds (or sooner, once `batch_size`
+rows wait) and inserts it in one transaction, so the loop never waits on the disk. When the
+database cannot be written (disk full, read-only, locked too long), the batch is dropped, the
+failure is logged once per streak and counted (`failed_writes`, `dropped_records`), and
+requests keep flowing. At most `max_pending` rows wait in memory: a writer that stalls cannot
+grow memory without bound.
 
 The ledger also keeps, in memory, each key's requests and tokens of the current UTC day
 (`today(key)`), seeded from the database when it opens: the status page reads them without
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger("llamacpp_proxy.usage")
 
@@ -66,9 +66,13 @@ COLUMNS = (
 _INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One finished request."""
+class UsageRecord(NamedTuple):
+    """One finished request; itself the row, in COLUMNS order.
+
+    A tuple rather than a frozen dataclass: it is built once per request on the event loop,
+    and a frozen dataclass's __init__ sets each of its 12 fields through object.__setattr__
+    (3.0 µs against 0.6 µs for the tuple, measured on the shared machine; the rest of
+    `record` is another 0.6 µs)."""
 
     time: float
     key: str | None
@@ -89,21 +93,8 @@ class UsageRecord:
         return self.prompt_tokens + self.completion_tokens
 
     def row(self) -> tuple[Any, ...]:
-        """The values in COLUMNS order."""
-        return (
-            self.time,
-            self.key,
-            self.model,
-            self.server,
-            self.endpoint,
-            self.status,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.cached_tokens,
-            self.duration,
-            self.ttft,
-            self.request_id,
-        )
+        """The values in COLUMNS order (the record itself)."""
+        return self
 
 
 @dataclass
@@ -173,13 +164,12 @@ class UsageLedger:
 
     def record(self, rec: UsageRecord) -> None:
         """Queue one finished request for writing; never blocks on the disk."""
-        row = rec.row()
         with self._lock:
             self.recorded += 1
             if len(self._pending) >= self.max_pending:
                 self.dropped_records += 1
                 return
-            self._pending.append(row)
+            self._pending.append(rec)  # the record is the row: nothing to build here
             if len(self._pending) >= self.batch_size:
                 self._wake.notify()
             self._count_today(rec)
