@@ -446,7 +446,7 @@ def test_typed_errors_on_one_client(stack: Stack) -> None:
             ({"temperature": 3}, "temperature"),
             ({"tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name"),
             ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
-            ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
+            ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
             ({"store": "yes"}, "store"),
         ]
         for extra, param in cases:

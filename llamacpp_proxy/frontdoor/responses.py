@@ -342,7 +342,7 @@ def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> An
         name = choice.get("name")
         names = {t["function"]["name"] for t in tools or ()}
         if not isinstance(name, str) or name not in names:
-            raise _bad("tool_choice.name", f"names no function tool in 'tools': {name!r}")
+            raise _bad("tool_choice", f"names no function tool in 'tools': {name!r}")
         return {"type": "function", "function": {"name": name}}
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         mode = choice.get("mode")
@@ -438,8 +438,10 @@ def _accepted_extras(body: dict[str, Any]) -> None:
         raise _bad("truncation", "must be 'auto' or 'disabled'")
     for name in ("top_logprobs", "max_tool_calls"):
         value = body.get(name)
-        if value is not None and (not _is_int(value) or value < 0):
-            raise _bad(name, "must be a non-negative integer")
+        if value is not None and not _is_int(value):
+            raise _bad(name, f"must be an integer, not {type(value).__name__}")
+        if value is not None and value < 0:
+            raise _bad(name, "must not be negative")
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and not all(isinstance(v, str) for v in metadata.values()):
         raise _bad("metadata", "values must be strings")
@@ -465,8 +467,11 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesRequest:
     request.tool_choice = _tool_choice(body, request.tools)
     max_output = body.get("max_output_tokens")
     if max_output is not None:
-        if not _is_int(max_output) or not 1 <= max_output <= MAX_INT32:
-            raise _bad("max_output_tokens", f"must be an integer of at least 1, not {max_output!r}")
+        if not _is_int(max_output):
+            name = type(max_output).__name__
+            raise _bad("max_output_tokens", f"must be an integer, not {name}")
+        if not 1 <= max_output <= MAX_INT32:
+            raise _bad("max_output_tokens", f"must be between 1 and {MAX_INT32}, not {max_output}")
         request.max_tokens = max_output
     request.temperature = _number(body, "temperature", 0, 2)
     request.top_p = _number(body, "top_p", 0, 1)
