@@ -382,6 +382,26 @@ def test_codex_request_shape(make_stack: Any) -> None:
     assert [t["name"] for t in final["tools"]] == ["get_weather", "list_dir"]
 
 
+CODEX_INPUT = [
+    {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "d1"}]},
+    {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "d2"}]},
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "u1"}]},
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "u2"}]},
+]
+
+
+def test_codex_input_renders_with_a_template_that_insists_on_alternating_roles(
+    make_stack: Any,
+) -> None:
+    # Before: Codex's two developer and two user messages in a row were passed as four turns,
+    # and Gemma 3's template refused them (400 invalid_chat_template_input).
+    stack = make_stack(chat_template="gemma3")
+    response = post(stack, {"model": "m", "input": CODEX_INPUT, "instructions": "i"})
+    assert response.status_code == 200, response.text
+    prompt = stack.fake.requests[-1]["prompt"]
+    assert "i\n\nd1\n\nd2\n\nu1\n\nu2" in prompt
+
+
 def test_tools_policy_drop_applies(make_stack: Any) -> None:
     stack = make_stack(tools_policy="drop")  # the fake's ChatML cannot express tools
     response = post(stack, {"model": "m", "input": "Hi", "tools": [WEATHER]})
@@ -618,6 +638,24 @@ def test_parser_names_the_bad_field(body: dict[str, Any], param: str) -> None:
         door.parse_responses_request(body)
     assert caught.value.param == param
     assert caught.value.status == 400
+
+
+def test_adjacent_messages_of_one_role_are_merged() -> None:
+    parsed = door.parse_responses_request({"input": CODEX_INPUT, "instructions": "i"})
+    assert parsed.request.messages == [
+        {"role": "system", "content": "i\n\nd1\n\nd2"},
+        {"role": "user", "content": "u1\n\nu2"},
+    ]
+    calls = door.parse_responses_request(
+        {
+            "input": [
+                {"role": "user", "content": "q"},
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {"role": "assistant", "content": "after the call"},
+            ]
+        }
+    )
+    assert [m["role"] for m in calls.request.messages] == ["user", "assistant", "assistant"]
 
 
 def test_hosted_tools_are_dropped_not_refused() -> None:

@@ -144,6 +144,17 @@ def _arguments(value: Any, param: str) -> dict[str, Any]:
     return parsed
 
 
+def _add_message(out: list[dict[str, Any]], role: str, text: str) -> None:
+    """Append a message, merged into the previous one when that is a plain message of the
+    same role. Codex sends two developer messages and two user messages in a row, which
+    templates that insist on alternating roles (Gemma 3's, Mistral's) refuse."""
+    last = out[-1] if out else None
+    if last is not None and last["role"] == role and "tool_calls" not in last:
+        last["content"] = f"{last['content']}\n\n{text}"
+    else:
+        out.append({"role": role, "content": text})
+
+
 def _input(value: Any) -> list[dict[str, Any]]:
     """`input` as the template's messages (function calls as an assistant's tool_calls,
     their outputs as tool messages)."""
@@ -176,9 +187,7 @@ def _input(value: Any) -> list[dict[str, Any]]:
             content = item.get("content")
             if content is None:
                 raise _missing(f"{param}.content")
-            out.append(
-                {"role": MESSAGE_ROLES[role], "content": _text_content(content, f"{param}.content")}
-            )
+            _add_message(out, MESSAGE_ROLES[role], _text_content(content, f"{param}.content"))
         elif kind == "function_call":
             call_id, name = item.get("call_id"), item.get("name")
             if not isinstance(call_id, str) or not call_id:
@@ -461,7 +470,10 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesRequest:
     if instructions is not None:
         if not isinstance(instructions, str):
             raise _bad("instructions", "must be a string")
-        messages.insert(0, {"role": "system", "content": instructions})
+        if messages[0]["role"] == "system":  # one system turn, for the same templates
+            messages[0]["content"] = f"{instructions}\n\n{messages[0]['content']}"
+        else:
+            messages.insert(0, {"role": "system", "content": instructions})
     request.messages = messages
     request.tools = _tools(body, parsed)
     request.tool_choice = _tool_choice(body, request.tools)
