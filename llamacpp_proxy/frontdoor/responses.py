@@ -28,8 +28,13 @@ from .openai_request import MAX_MESSAGES, MAX_TOOL_CALLS, MAX_TOOLS
 
 MAX_INT32 = 2**31 - 1
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
-MESSAGE_ROLES["developer"] = "system"  # what chat templates know it as
+# A message item's role -> the template's (templates know no "developer": it is the system).
+MESSAGE_ROLES = {
+    "user": "user",
+    "assistant": "assistant",
+    "system": "system",
+    "developer": "system",
+}
 # Hosted tools: OpenAI runs them; a local model cannot. Dropped (docs/compatibility.md).
 HOSTED_TOOLS = frozenset(
     {
