@@ -17,6 +17,7 @@ from .frontdoor.handlers import (
     make_log_function,
 )
 from .frontdoor.messages import CountTokensHandler, MessagesHandler
+from .frontdoor.responses_handler import ResponsesHandler
 
 
 def make_app(ctx: AppContext) -> tornado.web.Application:
@@ -29,6 +30,7 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
             (r"/v1/embeddings", EmbeddingsHandler, args),
             (r"/v1/messages", MessagesHandler, args),
             (r"/v1/messages/count_tokens", CountTokensHandler, args),
+            (r"/v1/responses", ResponsesHandler, args),
             (r"/v1/models", ModelsHandler, args),
             (r"/v1/models/(.+)", ModelsHandler, args),
             (r"/health", HealthHandler, args),
@@ -41,6 +43,7 @@ def make_app(ctx: AppContext) -> tornado.web.Application:
             (r"/completions", TextCompletionsHandler, args),
             (r"/embeddings", EmbeddingsHandler, args),
             (r"/models", ModelsHandler, args),
+            (r"/responses", ResponsesHandler, args),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,

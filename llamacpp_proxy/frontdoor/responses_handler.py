@@ -1,0 +1,127 @@
+"""POST /v1/responses: OpenAI's Responses API (stateless) on the chat completions pipeline.
+
+Only the edges differ from a chat completion: the body is parsed by `responses.py` into the
+same CompletionRequest, and the results are encoded as the `response` object and its
+streamed events. Key check, limits, template, tools policy, tool-call parsing, routing, the
+llama.cpp call and the streaming relay (one flush per upstream read, backpressure,
+cancellation, charging) are CompletionsHandler's. Errors are OpenAI's, as for chat.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..errors import InvalidRequest, ProxyError
+from ..render.tool_calls import parse_tool_calls
+from ..request import CompletionRequest
+from ..upstream.llamacpp import ClientGone
+from . import responses
+from .completions import CompletionsHandler, Generation
+
+
+class ResponsesHandler(CompletionsHandler):
+    """POST /v1/responses."""
+
+    chat = True
+    endpoint = "/v1/responses"
+    records_usage = True
+    _parsed: responses.ResponsesRequest  # set by parse_request, read by respond
+
+    def parse_request(self, body: dict[str, Any]) -> CompletionRequest:
+        parsed = responses.parse_responses_request(body)
+        request = parsed.request
+        limit = self.ctx.settings.max_tokens_limit
+        if request.max_tokens is not None and request.max_tokens > limit:
+            # Chat's check would name 'max_tokens', a field this protocol does not have.
+            raise InvalidRequest(
+                f"'max_output_tokens' is {request.max_tokens}; this server allows at most "
+                f"{limit} (--max-tokens-limit)",
+                param="max_output_tokens",
+                code="max_tokens_above_limit",
+            )
+        self._parsed = parsed
+        return request
+
+    def _response_usage(self) -> dict[str, Any]:
+        return responses.usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+    async def respond(self, request: CompletionRequest, model: str) -> None:
+        parsed = self._parsed
+        response_id, created = responses.new_response_id(), int(time.time())
+        if request.stream:
+            encoder = responses.EventEncoder(
+                response_id, created, model, parsed.echo, parsed.namespaces
+            )
+            await self._stream_response(encoder)
+            return
+        [result] = await self._gather(self._complete_one)
+        text = str(result.get("content") or "")
+        calls = None
+        if self._tools:
+            found = parse_tool_calls(text, self._tools)
+            if found is not None:
+                content, calls = found
+                text = content or ""
+        status = responses.status_of(result.get("stop_type"), bool(calls))
+        output = responses.final_output(text, calls, status, parsed.namespaces)
+        self.write_json(
+            responses.response_object(
+                response_id,
+                created,
+                model,
+                parsed.echo,
+                status=status,
+                output=output,
+                usage_=self._response_usage(),
+            )
+        )
+
+    async def _stream_response(self, encoder: responses.EventEncoder) -> None:
+        try:
+            await self._gather(lambda g: self._relay(encoder, g))
+        except ProxyError as error:
+            if not self._streaming:
+                raise  # nothing sent yet: a plain error response with its status
+            self._fail_started_stream(error, encoder.error(error))
+            return
+        except ClientGone:
+            return
+        self.finish()
+
+    async def _relay(self, encoder: responses.EventEncoder, generation: Generation) -> None:
+        """One generation's llama.cpp events as Responses events, one flush per read."""
+        tool_filter = generation.tool_filter
+        write = self.write
+        text_event = encoder.text
+
+        def on_open() -> None:
+            generation.opened = True
+            self._start_stream()
+            self._write(encoder.start())
+
+        def on_events(events: list[dict[str, Any]]) -> Any:
+            if self._client_gone:
+                return None
+            if self.ttft is None:  # once per request: one test per read, nothing per token
+                self.ttft = self.request.request_time()
+            generation.last_event = events[-1]
+            for event in events:
+                text = event.get("content") or ""
+                if tool_filter is not None:
+                    text = tool_filter.feed(text)
+                if text:
+                    write(text_event(text))
+                if event.get("stop"):
+                    self._charge(generation, event)
+                    calls: list[dict[str, Any]] = []
+                    if tool_filter is not None:
+                        rest, calls = tool_filter.finish()
+                        if rest:
+                            write(text_event(rest))
+                    write(encoder.finish(event.get("stop_type"), calls, self._response_usage()))
+            return self._flush_with_backpressure()
+
+        call, client = generation.call, generation.client
+        assert call is not None and client is not None
+        await client.stream(generation.body, call, on_open, on_events)
