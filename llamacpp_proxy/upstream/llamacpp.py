@@ -35,6 +35,7 @@ from .http import (
     ConnectionLost,
     ConnectionPool,
     ProtocolError,
+    ReadsIntoScratch,
     ResponseHead,
     encode_request,
     read_head,
@@ -643,7 +644,7 @@ class LlamaCppClient:
             call.done()
 
 
-class BodyPump(asyncio.Protocol):
+class BodyPump(ReadsIntoScratch):
     """A streamed response body, handed to `on_body` straight from the transport's
     data_received: at a GPU's pace every read is one event, and a StreamReader would cost a
     buffer copy, a future and a task wake-up per event on top (docs/benchmarks.md, Paced).
