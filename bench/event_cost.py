@@ -2,11 +2,16 @@
 """Microseconds per streamed event spent in the proxy's pure per-event code, in-process:
 the chunked-body decoder, the SSE decoder, the event's JSON parse and check, and the
 OpenAI chunk encoding, each fed one whole event per call (as at a GPU's pace). Steadier
-than the end-to-end figure on a shared machine (docs/benchmarks.md, "Paced")."""
+than the end-to-end figure on a shared machine (docs/benchmarks.md, "Paced").
+
+Then the upstream read itself, on a socketpair (a send and a read of one event, so the
+figure includes a send): asyncio's Protocol path (`recv(256 KiB)`) against the scratch
+buffer the proxy reads into (`recv_into`, then the copy out), upstream/http.py `_Scratch`."""
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -18,7 +23,7 @@ from paced_upstream import EVENTS
 
 from llamacpp_proxy import fastjson
 from llamacpp_proxy.frontdoor.openai_response import ChunkEncoder
-from llamacpp_proxy.upstream.http import BodyDecoder, ResponseHead
+from llamacpp_proxy.upstream.http import READ_SIZE, BodyDecoder, ResponseHead
 from llamacpp_proxy.upstream.llamacpp import event_problem
 from llamacpp_proxy.upstream.sse import SSEDecoder
 
@@ -36,6 +41,9 @@ def per_call(fn: object, args: list[object], reps: int = 3) -> float:
 
 
 def main() -> None:
+    # First, while the process is as fresh as the proxy's: once a large block has been
+    # freed, glibc serves 256 KiB from the heap and recv(256 KiB) looks cheap.
+    reads = read_costs(EVENTS[0])
     chunks = [EVENTS[i % len(EVENTS)] for i in range(N)]
     sse = [c.split(b"\r\n", 1)[1][:-2] for c in chunks]
     payloads = [s[6:-2] for s in sse]
@@ -50,9 +58,35 @@ def main() -> None:
         "chunk encode": per_call(lambda t: encoder.content(0, t), texts),
     }
     rows["total"] = sum(rows.values())
+    rows.update(reads)
     for name, us in rows.items():
-        print(f"{name:20} {us:6.2f} us/event")
+        print(f"{name:36} {us:6.2f} us/event")
     print(json.dumps({k: round(v, 3) for k, v in rows.items()}))
+
+
+def read_costs(event: bytes, n: int = 50_000) -> dict[str, float]:
+    """A send and a read of one event: the read as asyncio's Protocol path does it, and as
+    the proxy's BufferedProtocols do. (In a fresh process, glibc serves each 256 KiB with
+    mmap and gives it back with munmap: that is most of the difference.)"""
+    a, b = socket.socketpair()
+    view = memoryview(bytearray(READ_SIZE))
+
+    def recv(_: object) -> None:
+        a.send(event)
+        b.recv(256 * 1024)  # asyncio's selector transport: max_size
+
+    def recv_into(_: object) -> None:
+        a.send(event)
+        bytes(view[: b.recv_into(view)])
+
+    try:
+        return {
+            "send + recv(256 KiB) (asyncio)": per_call(recv, [None] * n),
+            "send + recv_into scratch (proxy)": per_call(recv_into, [None] * n),
+        }
+    finally:
+        a.close()
+        b.close()
 
 
 if __name__ == "__main__":

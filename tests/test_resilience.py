@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -264,6 +265,36 @@ def test_a_client_that_stops_reading_holds_llamacpp_back(make_stack: Any) -> Non
             tail = (tail + data)[-64:]
     assert stack.fake.events_sent == total + 1
     assert received > total * 2000
+
+
+def test_a_client_that_stops_reading_holds_back_both_choices_then_gets_both(
+    make_stack: Any,
+) -> None:
+    # n=2: both choices write into the one client connection. While the client reads
+    # nothing both wait for it, and once it reads both must go on. (The wait was on
+    # Tornado's flush future, which the other choice's next write replaces: left
+    # unresolved, its choice stalled until the idle timeout and the stream ended in an
+    # error event.)
+    tokens = 10_000  # 2 x 20 MB: far more than the socket buffers on the way hold
+    stack = make_stack(max_tokens_limit=tokens, upstream_idle_timeout=5.0)
+    stack.fake.script.tokens = ["x" * 2000] * tokens
+    body = {"prompt": "x", "stream": True, "n": 2, "max_tokens": tokens}
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.sendall(raw_completion_request(body))
+        last = -1
+        while stack.fake.events_sent != last:  # until the buffers on the way are full
+            last = stack.fake.events_sent
+            stack.wait_for(lambda seen=last: stack.fake.events_sent > seen, timeout=0.5)
+        assert stack.fake.events_sent < tokens  # held back: under half of the 2 x tokens
+        data, sock_deadline = b"", time.monotonic() + 30
+        sock.settimeout(10)
+        while b"data: [DONE]" not in data[-64:] and time.monotonic() < sock_deadline:
+            piece = sock.recv(1 << 20)
+            assert piece, "the stream ended without [DONE]"
+            data += piece
+    assert b'"error"' not in data[-4096:]
+    assert data.count(b'"finish_reason":"') == 2  # both choices ran to their end
 
 
 def test_connect_timeout_is_504(make_stack: Any) -> None:

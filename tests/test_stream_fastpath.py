@@ -184,3 +184,37 @@ def test_a_failed_client_write_ends_the_body_with_its_error() -> None:
 
     got, error, _ = pump_run(steps)
     assert got == [EVENT] and isinstance(error, UpstreamError)
+
+
+def test_the_event_check_fast_test_agrees_with_the_field_by_field_checks() -> None:
+    # event_problem recognises the common partial event in one expression and leaves
+    # everything else to the field-by-field checks: both must give the same answer.
+    from llamacpp_proxy.upstream.llamacpp import _event_problem, event_problem
+
+    base = {"index": 0, "content": " fox", "tokens": [1], "stop": False, "id_slot": 0}
+    values: dict[str, list[Any]] = {
+        "content": [" fox", "", None, 3, b"x", [" fox"]],
+        "stop": [False, True, None, 0, 1, "false"],
+        "tokens_predicted": [None, 0, 7, -1, 1.0, True, "3"],
+        "tokens_evaluated": [None, 0, 31, -2, 2.5, False],
+        "stop_type": [None, "eos", "limit", 1, ""],
+        "completion_probabilities": [
+            None,
+            [],
+            [{"token": " fox", "logprob": -0.1, "bytes": [32], "top_logprobs": []}],
+            "x",
+            [{"token": 1}],
+        ],
+    }
+    corpus = [dict(base)]
+    for name, options in values.items():
+        for value in options:
+            event = dict(base)
+            if value is None:
+                event.pop(name, None)
+            else:
+                event[name] = value
+            corpus.append(event)
+            corpus.append({**event, "stop": True, "stop_type": "eos", "tokens_predicted": 5})
+    for event in corpus:
+        assert event_problem(event) == _event_problem(event), event

@@ -338,6 +338,38 @@ def test_a_cancelled_waiter_passes_its_turn_on() -> None:
     asyncio.run(scenario())
 
 
+def test_reads_of_event_loops_in_two_threads_never_mix() -> None:
+    # Upstream reads land in one scratch buffer per thread (upstream/http.py, _Scratch;
+    # BodyPump reads through the same one): two loops reading at once get their own bytes.
+    size = 2 * 1024 * 1024
+
+    def pattern(fill: int) -> bytes:
+        return bytes((fill + i) % 251 for i in range(4096))
+
+    async def scenario(fill: int) -> bytes:
+        piece = pattern(fill)
+
+        async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for _ in range(size // len(piece)):
+                writer.write(piece)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        pool = ConnectionPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", 1, 5)
+        conn = await pool.acquire()
+        got = []
+        while data := await asyncio.wait_for(conn.reader.read(65536), 10):
+            got.append(data)
+        pool.release(conn, False)
+        server.close()
+        return b"".join(got)
+
+    with ThreadPoolExecutor(2) as threads:
+        results = list(threads.map(lambda fill: asyncio.run(scenario(fill)), [0, 100]))
+    assert results == [pattern(fill) * (size // 4096) for fill in (0, 100)]
+
+
 # -- against a misbehaving upstream ------------------------------------------------------
 
 

@@ -632,13 +632,30 @@ class CompletionsHandler(BaseHandler):
         self.flush().add_done_callback(_ignore_closed)
 
     def _flush_with_backpressure(self) -> Awaitable[None] | None:
-        """Flush; hand back the flush only while it is still pending (a slow client)."""
+        """Flush; hand back a wait only while the client has not taken every byte yet.
+
+        Whether bytes are left is asked of the IOStream (`writing()`), not of the flush
+        future: waiting whenever that future was pending paused the upstream read, made a
+        task and resumed the read for most events at one event per read, even for clients
+        that keep up (measured: 60-71 -> 42-49 µs of proxy CPU per event, the kernel's share
+        30-34% -> 21-24%; docs/benchmarks.md, "What changed, step by step"). What is left
+        is waited for with IOStream.write(b""), which resolves once every byte queued
+        before it is sent. The connection's flush future cannot serve there: its next
+        write replaces it, so when another choice of the same request (n > 1) writes
+        first, it is never resolved and this choice's upstream stays paused."""
         flushed = self.flush()
         if flushed.done():
             flushed.exception()  # a closed client is handled by on_connection_close
+        else:
+            flushed.add_done_callback(_ignore_closed)
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is None or not stream.writing():
             return None
-        flushed.add_done_callback(_ignore_closed)
-        return _settled(flushed)
+        try:
+            drained: Awaitable[None] = stream.write(b"")
+        except StreamClosedError:
+            return None  # the client left: on_connection_close handles it
+        return _settled(drained)
 
     async def _stream_one(
         self, request: CompletionRequest, encoder: ChunkEncoder, generation: Generation

@@ -40,6 +40,7 @@ from .http import (
     ConnectionLost,
     ConnectionPool,
     ProtocolError,
+    ReadsIntoScratch,
     ResponseHead,
     encode_request,
     read_head,
@@ -650,8 +651,17 @@ class LlamaCppClient:
             events = []
             failure: ProxyError | None = None
             try:
+                # parse() and the stop test, inlined: this loop runs once per token.
                 for field, payload in decoder.feed(chunk):
-                    event = parse(field, payload)
+                    try:
+                        event = loads(payload)
+                    except ValueError:
+                        raise UpstreamError("llama.cpp sent a malformed stream event") from None
+                    if field != "data" or type(event) is not dict or "error" in event:
+                        raise _unusual_event(field, event)
+                    problem = event_problem(event)
+                    if problem is not None:
+                        raise UpstreamError(f"llama.cpp sent a stream event with {problem}")
                     if event.get("stop"):
                         final = True
                     events.append(event)
@@ -687,7 +697,7 @@ class LlamaCppClient:
             call.done()
 
 
-class BodyPump(asyncio.Protocol):
+class BodyPump(ReadsIntoScratch):
     """A streamed response body, handed to `on_body` straight from the transport's
     data_received: at a GPU's pace every read is one event, and a StreamReader would cost a
     buffer copy, a future and a task wake-up per event on top (docs/benchmarks.md, Paced).
@@ -873,7 +883,28 @@ def _is_count(value: Any) -> bool:
 
 def event_problem(event: dict[str, Any]) -> str | None:
     """What is wrong with a /completion result or stream event, in the fields the proxy
-    reads (None: nothing). Runs once per streamed token, so it only checks types."""
+    reads (None: nothing). Runs once per streamed token, so it only checks types, and the
+    common partial event (a text, `stop: false`, counts, nothing else the proxy reads) is
+    recognised in one expression before the field-by-field checks that name a problem."""
+    get = event.get
+    content = get("content")
+    stop = get("stop")
+    predicted = get("tokens_predicted")
+    evaluated = get("tokens_evaluated")
+    if (
+        type(content) is str
+        and (stop is False or stop is None)
+        and (predicted is None or (type(predicted) is int and predicted >= 0))
+        and (evaluated is None or (type(evaluated) is int and evaluated >= 0))
+        and get("stop_type") is None
+        and get("completion_probabilities") is None
+    ):
+        return None
+    return _event_problem(event)
+
+
+def _event_problem(event: dict[str, Any]) -> str | None:
+    """event_problem, field by field (the fast test above is exactly its None case)."""
     get = event.get
     if type(get("content")) is not str:
         return "a 'content' that is not a string"
