@@ -96,10 +96,12 @@ def test_anthropic_429_with_retry_after(keyed_proxy: Service) -> None:
         assert raw.parse().content
         assert raw.headers["anthropic-ratelimit-requests-limit"] == "1"
         assert raw.headers["anthropic-ratelimit-requests-remaining"] == "0"
-        with pytest.raises(anthropic.RateLimitError) as caught:
-            # Streamed, as Claude Code asks: the refusal comes before any event.
-            with client.messages.stream(model=MODEL, max_tokens=4, messages=HI) as stream:
-                stream.get_final_message()
+        # Streamed, as Claude Code asks: the refusal comes before any event.
+        with (
+            pytest.raises(anthropic.RateLimitError) as caught,
+            client.messages.stream(model=MODEL, max_tokens=4, messages=HI) as stream,
+        ):
+            stream.get_final_message()
     response = caught.value.response
     assert response.status_code == 429
     assert 1 <= int(response.headers["retry-after"]) <= 60
@@ -149,9 +151,11 @@ def test_anthropic_400_names_the_field_and_overflow_is_anthropics(
 
 
 def test_responses_401(keyed_proxy: Service) -> None:
-    with gpt(keyed_proxy, "sk-e2e-not-a-key-000") as client:
-        with pytest.raises(openai.AuthenticationError) as caught:
-            client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=4)
+    with (
+        gpt(keyed_proxy, "sk-e2e-not-a-key-000") as client,
+        pytest.raises(openai.AuthenticationError) as caught,
+    ):
+        client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=4)
     assert caught.value.status_code == 401
 
 
