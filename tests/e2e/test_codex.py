@@ -174,7 +174,7 @@ def llama(request: pytest.FixtureRequest, e2e_logs: Path) -> Iterator[Service]:
     binary, model = require_llama_files()
 
     def argv(port: int) -> list[str]:
-        return llama_server_argv(binary, model, port, 1, "-c", "8192")
+        return llama_server_argv(binary, model, port, 1, "-c", "8192", "--temp", "0")
 
     service = start_service(
         request.config, "llama-server-codex", argv, "/health", e2e_logs, timeout=180

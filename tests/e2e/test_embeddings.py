@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import base64
 import math
+import sqlite3
 import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +19,16 @@ import pytest
 
 from tests.conftest import UNLIMITED_KEY, assert_schema
 
-from .conftest import EMBED_MODEL, MODEL, Service, http_json, sdk_client
+from .conftest import (
+    EMBED_MODEL,
+    MODEL,
+    Service,
+    child_env,
+    console_script,
+    http_json,
+    sdk_client,
+    start_service,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -118,3 +131,98 @@ def test_a_llamacpp_without_embeddings_is_a_clear_400(openai_client: openai.Open
     body = refused.value.body
     assert isinstance(body, dict) and body["code"] == "embeddings_not_supported"
     assert "--embeddings" in body["message"]
+
+
+# -- keys, limits and charges ---------------------------------------------------------------
+
+EMBED_KEY = "sk-e2e-embed-budget-0001"
+EMBED_TPM = 300  # tokens a minute for EMBED_KEY
+
+
+@pytest.fixture(scope="module")
+def keyed_embeddings_proxy(
+    request: pytest.FixtureRequest, embedding_llama_server: Service, e2e_logs: Path
+) -> Iterator[tuple[Service, Path]]:
+    """A proxy in front of the embedding server whose key has a tokens-a-minute budget, with
+    a usage ledger."""
+    upstreams = e2e_logs / "keyed-embeddings-upstreams.toml"
+    upstreams.write_text(
+        f'[models."{EMBED_MODEL}"]\nkind = "embedding"\n'
+        f'servers = ["{embedding_llama_server.url}"]\n'
+    )
+    keys = e2e_logs / "keyed-embeddings-keys.toml"
+    keys.write_text(f'[keys.embed]\nkey = "{EMBED_KEY}"\ntokens_per_minute = {EMBED_TPM}\n')
+    ledger = e2e_logs / "keyed-embeddings-usage.db"
+
+    def argv(port: int) -> list[str]:
+        return [
+            console_script(),
+            "--upstreams-file", str(upstreams),
+            "--api-keys-file", str(keys),
+            "--usage-db", str(ledger),
+            "--port", str(port),
+            "--host", "127.0.0.1",
+            "--shutdown-timeout", "5",
+        ]  # fmt: skip
+
+    service = start_service(
+        request.config,
+        "proxy-embeddings-keyed",
+        argv,
+        "/health/ready",
+        e2e_logs,
+        timeout=30,
+        env=child_env(),
+    )
+    yield service, ledger
+    service.stop()
+
+
+def ledger_rows(ledger: Path, wanted: int) -> list[tuple[Any, ...]]:
+    """(key, model, endpoint, status, prompt_tokens, completion_tokens) of the ledger, once
+    at least `wanted` rows are written (it writes in batches), within 30 s."""
+    deadline = time.monotonic() + 30
+    rows: list[tuple[Any, ...]] = []
+    while time.monotonic() < deadline:
+        if ledger.exists():
+            with sqlite3.connect(ledger) as db:
+                rows = db.execute(
+                    "SELECT key, model, endpoint, status, prompt_tokens, completion_tokens "
+                    "FROM usage ORDER BY time"
+                ).fetchall()
+            if len(rows) >= wanted:
+                return rows
+        time.sleep(0.2)
+    return rows
+
+
+def test_tokens_per_minute_charge_llamacpps_count_and_refuse_with_a_typed_429(
+    keyed_embeddings_proxy: tuple[Service, Path], embedding_llama_server: Service
+) -> None:
+    proxy, ledger = keyed_embeddings_proxy
+    with sdk_client(proxy, EMBED_KEY) as client:
+        # More token ids than the whole minute's budget: refused at admission, no wait helps.
+        with pytest.raises(openai.RateLimitError) as too_large:
+            client.embeddings.create(model=EMBED_MODEL, input=[list(range(1, EMBED_TPM + 2))])
+        assert "retry-after" not in too_large.value.response.headers
+
+        answer = client.embeddings.create(model=EMBED_MODEL, input=[SAME, OTHER])
+        charged = answer.usage.prompt_tokens
+        assert charged == sum(len(llama_tokens(embedding_llama_server, t)) for t in (SAME, OTHER))
+        # Once the request is in the ledger it is settled: llama.cpp's count, not the estimate.
+        rows = ledger_rows(ledger, 2)
+        assert rows == [
+            ("embed", EMBED_MODEL, "/v1/embeddings", 429, 0, 0),  # refused: charged nothing
+            ("embed", EMBED_MODEL, "/v1/embeddings", 200, charged, 0),
+        ]
+
+        probe = client.embeddings.with_raw_response.create(model=EMBED_MODEL, input=[[1]])
+        assert probe.parse().usage.prompt_tokens == 1
+        remaining = int(probe.headers["x-ratelimit-remaining-tokens"])
+        assert remaining == EMBED_TPM - charged - 1  # the probe's estimate: its one token id
+
+        # Within the budget alone, over what is left of it: a 429 to retry after a while.
+        with pytest.raises(openai.RateLimitError) as spent:
+            client.embeddings.create(model=EMBED_MODEL, input=[list(range(1, remaining + 2))])
+    assert spent.value.code == "tokens_rate_limit_exceeded"
+    assert 1 <= int(spent.value.response.headers["retry-after"]) <= 60
