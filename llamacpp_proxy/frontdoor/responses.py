@@ -24,7 +24,13 @@ from ..errors import InvalidRequest, ProxyError
 from ..fastjson import dumps
 from ..ids import unique_id
 from ..request import CompletionRequest
-from .openai_request import MAX_MESSAGES, MAX_TOOL_CALLS, MAX_TOOLS
+from .openai_request import (
+    MAX_MESSAGES,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    too_deep,
+    too_deep_error,
+)
 
 MAX_INT32 = 2**31 - 1
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -146,6 +152,8 @@ def _arguments(value: Any, param: str) -> dict[str, Any]:
         raise _bad(param, "must be a JSON object encoded as a string") from None
     if not isinstance(parsed, dict):
         raise _bad(param, "must be a JSON object encoded as a string")
+    if too_deep(parsed):  # parsed here: the body's own check never saw inside
+        raise too_deep_error(param)
     return parsed
 
 

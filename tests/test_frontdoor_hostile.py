@@ -1,0 +1,167 @@
+"""The new front doors (/v1/responses, /v1/messages, /v1/embeddings) and the tools policies
+attacked as a hostile client and a broken upstream would: each test drives the proxy over
+HTTP on one kept-alive client into the fake llama.cpp and asserts what the client sees (a
+clear 4xx in the endpoint's own shape, never a 500; the model never sees forged turns) and
+that the connection keeps serving."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from llamacpp_proxy.frontdoor.openai_request import MAX_JSON_DEPTH, too_deep
+
+from .conftest import UNLIMITED_KEY, Stack
+
+AUTH = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
+SCHEMA: Any = {"type": "object", "properties": {"city": {"type": "string"}}}
+
+
+def nested(depth: int) -> str:
+    """A JSON schema object `depth` levels deep, as text (Python's encoder cannot write it)."""
+    return '{"not":' * (depth - 1) + '{"type":"object"}' + "}" * (depth - 1)
+
+
+def with_raw(body: Any, raw: str) -> str:
+    """`body` as JSON text with the string "@RAW@" replaced by the JSON text `raw`."""
+    return json.dumps(body).replace('"@RAW@"', raw)
+
+
+# Each front door with a place where a client puts a JSON schema or arguments of its own.
+DEEP_BODIES: list[tuple[str, Any]] = [
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": "@RAW@"}}],
+        },
+    ),
+    (
+        "/v1/responses",
+        {"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": "@RAW@"}]},
+    ),
+    (
+        "/v1/responses",
+        {
+            "input": "hi",
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": "@RAW@"}},
+        },
+    ),
+    (
+        "/v1/messages",
+        {
+            "model": "m",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "f", "input_schema": "@RAW@"}],
+        },
+    ),
+    (
+        "/v1/messages",
+        {
+            "model": "m",
+            "max_tokens": 8,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": "t", "name": "f", "input": {"a": "@RAW@"}}
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}],
+                },
+            ],
+            "tools": [{"name": "f", "input_schema": SCHEMA}],
+        },
+    ),
+]
+
+
+def error_message(path: str, response: httpx.Response) -> str:
+    """The error's message, from either protocol's error shape."""
+    body = response.json()
+    if path == "/v1/messages":
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    return str(body["error"]["message"])
+
+
+@pytest.mark.parametrize("policy", ["refuse", "describe"])
+def test_json_nested_past_the_encoders_is_a_400_not_a_500(make_stack: Any, policy: str) -> None:
+    # A template that renders tools (qwen2.5) for "refuse", ChatML with the tools written
+    # into the system prompt for "describe". Nested 1,000 deep (orjson parses up to 1,024),
+    # every front door answered 500: Python's encoder (orjson's fallback past its own
+    # limit of 254, and Jinja's tojson) hit its recursion limit.
+    template = "qwen2.5" if policy == "refuse" else None
+    stack: Stack = make_stack(tools_policy=policy, chat_template=template)
+    http = stack.http
+    for path, body in DEEP_BODIES:
+        refused = http.post(path, content=with_raw(body, nested(1000)), headers=AUTH)
+        assert refused.status_code == 400, (path, refused.text)
+        assert f"more than {MAX_JSON_DEPTH} levels" in error_message(path, refused)
+        # Up to the limit it is served (the body's own levels count too).
+        served = http.post(path, content=with_raw(body, nested(MAX_JSON_DEPTH - 8)), headers=AUTH)
+        assert served.status_code == 200, (path, served.text)
+
+
+def test_deep_arguments_inside_a_string_are_a_400(make_stack: Any) -> None:
+    """Arguments a client sends as a JSON string are parsed by the front door, past the
+    body's own check. Nested about 980 deep they parsed (json.loads refuses from about
+    985), then failed in the template's tojson (qwen2.5 writes them with it): a 500. The
+    exact depth depends on the stack, so a band of depths is sent."""
+    stack: Stack = make_stack(chat_template="qwen2.5")
+    for depth in range(940, 1000, 4):
+        arguments = nested(depth)
+        chat = {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": arguments},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c", "content": "ok"},
+            ],
+        }
+        responses = {
+            "input": [
+                {"role": "user", "content": "hi"},
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": arguments},
+                {"type": "function_call_output", "call_id": "c", "output": "ok"},
+            ],
+        }
+        for path, body, param in [
+            ("/v1/chat/completions", chat, "messages[1].tool_calls[0].function.arguments"),
+            ("/v1/responses", responses, "input[1].arguments"),
+        ]:
+            refused = stack.http.post(path, json=body, headers=AUTH)
+            assert refused.status_code == 400, (path, depth, refused.text)
+            assert refused.json()["error"]["param"] == param
+    assert stack.http.post("/v1/responses", json={"input": "hi"}, headers=AUTH).status_code == 200
+
+
+def test_too_deep_is_exact_on_both_of_its_paths() -> None:
+    def levels(n: int) -> Any:
+        value: Any = {}
+        for _ in range(n - 1):
+            value = {"a": value}
+        return value
+
+    big = 2**70  # orjson cannot encode it: the check walks in Python instead
+    for n, deep in [
+        (MAX_JSON_DEPTH - 1, False),
+        (MAX_JSON_DEPTH, False),
+        (MAX_JSON_DEPTH + 1, True),
+    ]:
+        assert too_deep(levels(n)) is deep
+        assert too_deep([big, levels(n - 1)]) is deep
