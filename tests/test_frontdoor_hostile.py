@@ -305,3 +305,23 @@ def test_control_tokens_in_tools_and_call_arguments_reach_the_model_as_text(
     if path == "/v1/messages":  # count_tokens renders (and marks) the same prompt
         counted = stack.http.post("/v1/messages/count_tokens", json=body, headers=AUTH)
         assert counted.status_code == 200, counted.text
+
+
+# -- bounds on what one request makes the template render ----------------------------------
+
+
+def test_tool_result_blocks_count_toward_the_message_bound(stack: Stack) -> None:
+    """Each tool_result block becomes a template message of its own: 60,000 of them in one
+    user turn (3.6 MB) were all rendered, past the 4,096-message bound that keeps one
+    request's render short (docs/resilience.md)."""
+    results = [{"type": "tool_result", "tool_use_id": "a", "content": "r"}] * 4097
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": results}]}
+    refused = stack.http.post("/v1/messages", json=body, headers=AUTH)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["message"].startswith("messages.0: ")
+    assert "4096 messages and tool_result blocks" in refused.json()["error"]["message"]
+    assert stack.fake.requests == []  # nothing was rendered for llama.cpp
+    body["messages"][0]["content"] = results[:4096]
+    stack.fake.script.n_ctx = 100_000  # the 4,096 results' prompt fits
+    served = stack.http.post("/v1/messages", json=body, headers=AUTH)
+    assert served.status_code == 200, served.text

@@ -209,6 +209,13 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if tool_calls > MAX_TOOL_CALLS:
             raise _bad(param, f"the messages hold more than {MAX_TOOL_CALLS} tool_use blocks")
         out.extend(turn.messages)
+        # Each tool_result block is a message of its own for the template: the bound on
+        # what one request makes the template render counts those, not Anthropic's turns.
+        if len(out) > MAX_MESSAGES:
+            raise _bad(
+                param,
+                f"the messages hold more than {MAX_MESSAGES} messages and tool_result blocks",
+            )
     return out
 
 
