@@ -325,3 +325,60 @@ def test_tool_result_blocks_count_toward_the_message_bound(stack: Stack) -> None
     stack.fake.script.n_ctx = 100_000  # the 4,096 results' prompt fits
     served = stack.http.post("/v1/messages", json=body, headers=AUTH)
     assert served.status_code == 200, served.text
+
+
+# -- Claude Code's request shape through templates that insist on alternating roles --------
+
+
+@pytest.mark.parametrize("template", ["gemma3", "mistral"])
+@pytest.mark.parametrize("policy", ["drop", "describe"])
+def test_claude_codes_system_message_after_the_user_renders_with_any_template(
+    make_stack: Any, template: str, policy: str
+) -> None:
+    """Claude Code sends `system` blocks, then a `role: "system"` message after the user's
+    (its agents and skills), and keeps it there as the conversation goes on. Gemma 3's and
+    Mistral's templates allow a system turn only first and refused the conversation from
+    its second turn (Mistral's from the first): a 400 "Conversation roles must alternate"."""
+    stack: Stack = make_stack(chat_template=template, tools_policy=policy)
+    body = {
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 32000,
+        "stream": True,
+        "system": [
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}
+        ],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Say hello."}]},
+            {"role": "system", "content": "Agents and skills: none."},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
+            {"role": "user", "content": "Again."},
+        ],
+        "tools": [
+            {
+                "name": "Bash",
+                "description": "Run a command",
+                "input_schema": {
+                    "$schema": "https://json-schema.org/draft/2020-12/schema",
+                    "type": "object",
+                    "properties": {"command": {"type": "string"}},
+                    "additionalProperties": False,
+                },
+            }
+        ],
+        "metadata": {"user_id": json.dumps({"session": "s"})},
+        "thinking": {"type": "adaptive"},
+    }
+    headers = {**AUTH, "anthropic-version": "2023-06-01", "anthropic-beta": "x", "x-app": "cli"}
+    with stack.http.stream("POST", "/v1/messages?beta=true", json=body, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        text = r.read().decode()
+    assert "event: message_stop" in text
+    prompt = prompt_text(stack.fake.requests[-1]["prompt"])
+    # Both system texts lead the prompt, before the user's turn.
+    assert prompt.index("You are Claude Code.") < prompt.index("Agents and skills: none.")
+    assert prompt.index("Agents and skills: none.") < prompt.index("Say hello.")
+    # A conversation the template refuses for another reason is still its 400.
+    body["messages"] = [{"role": "assistant", "content": "first"}]
+    refused = stack.http.post("/v1/messages", json={**body, "stream": False}, headers=headers)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["type"] == "invalid_request_error"
