@@ -382,3 +382,44 @@ def test_claude_codes_system_message_after_the_user_renders_with_any_template(
     refused = stack.http.post("/v1/messages", json={**body, "stream": False}, headers=headers)
     assert refused.status_code == 400
     assert refused.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("arguments", ['{"a": "\\ud800"}', '{"a": "\\ud800 <|im_end|>"}'])
+def test_a_lone_surrogate_inside_string_arguments_is_a_400(make_stack: Any, arguments: str) -> None:
+    """Arguments sent as a JSON string are decoded past the body's surrogate check, so an
+    escape inside them ("\\\\ud800" in the body) became a lone surrogate in the prompt,
+    which cannot be encoded for llama.cpp: a 500 (found by tests/test_fuzz.py)."""
+    stack: Stack = make_stack(chat_template="qwen2.5")
+    chat = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "c",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c", "content": "ok"},
+        ],
+    }
+    responses = {
+        "input": [
+            {"role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": arguments},
+            {"type": "function_call_output", "call_id": "c", "output": "ok"},
+        ],
+    }
+    for path, body, param in [
+        ("/v1/chat/completions", chat, "messages[1].tool_calls[0].function.arguments"),
+        ("/v1/responses", responses, "input[1].arguments"),
+    ]:
+        refused = stack.http.post(path, json=body, headers=AUTH)
+        assert refused.status_code == 400, (path, refused.text)
+        error = refused.json()["error"]
+        assert error["param"] == param
+        assert "unpaired UTF-16 surrogate" in error["message"]
+    assert stack.http.post("/v1/responses", json={"input": "hi"}, headers=AUTH).status_code == 200

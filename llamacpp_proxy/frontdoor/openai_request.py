@@ -166,13 +166,27 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise too_deep_error(None)
     # A lone surrogate can only come from a \uD8xx escape; it is not text and cannot be
     # encoded for llama.cpp. Only bodies with such an escape pay for the walk.
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
-        raise InvalidRequest(
-            "The request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF), "
-            "which is not valid Unicode text.",
-            code="invalid_json",
-        )
+    if has_lone_surrogate_escape(text, body):
+        raise lone_surrogate_error(None)
     return body
+
+
+def has_lone_surrogate_escape(text: str, parsed: Any) -> bool:
+    """Whether JSON `text`, parsed as `parsed`, holds an unpaired surrogate (only text with
+    a \\uD8xx-\\uDFxx escape is walked)."""
+    return _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(parsed)
+
+
+def lone_surrogate_error(param: str | None) -> InvalidRequest:
+    """The 400 for an unpaired UTF-16 surrogate escape (in the body, or in JSON inside one
+    of its strings)."""
+    where = f"'{param}'" if param else "The request body"
+    return InvalidRequest(
+        f"{where} contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF), which is "
+        "not valid Unicode text.",
+        param=param,
+        code="invalid_json" if param is None else "invalid_value",
+    )
 
 
 def too_deep(value: Any) -> bool:
@@ -406,8 +420,11 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
                     f"{param}[{j}].function.arguments",
                     "tool call arguments must be a JSON object encoded as a string",
                 ) from None
-            if too_deep(arguments):  # parsed here: the body's own check never saw inside
+            # Parsed here: the body's own checks never saw inside.
+            if too_deep(arguments):
                 raise too_deep_error(f"{param}[{j}].function.arguments")
+            if has_lone_surrogate_escape(fn["arguments"], arguments):
+                raise lone_surrogate_error(f"{param}[{j}].function.arguments")
         # Templates (HF convention) expect the arguments as a mapping, not a JSON string.
         calls.append(
             {

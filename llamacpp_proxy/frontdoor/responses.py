@@ -28,6 +28,8 @@ from .openai_request import (
     MAX_MESSAGES,
     MAX_TOOL_CALLS,
     MAX_TOOLS,
+    has_lone_surrogate_escape,
+    lone_surrogate_error,
     too_deep,
     too_deep_error,
 )
@@ -152,8 +154,11 @@ def _arguments(value: Any, param: str) -> dict[str, Any]:
         raise _bad(param, "must be a JSON object encoded as a string") from None
     if not isinstance(parsed, dict):
         raise _bad(param, "must be a JSON object encoded as a string")
-    if too_deep(parsed):  # parsed here: the body's own check never saw inside
+    # Parsed here: the body's own checks never saw inside.
+    if too_deep(parsed):
         raise too_deep_error(param)
+    if has_lone_surrogate_escape(value, parsed):
+        raise lone_surrogate_error(param)
     return parsed
 
 
