@@ -423,3 +423,20 @@ def test_a_lone_surrogate_inside_string_arguments_is_a_400(make_stack: Any, argu
         assert error["param"] == param
         assert "unpaired UTF-16 surrogate" in error["message"]
     assert stack.http.post("/v1/responses", json={"input": "hi"}, headers=AUTH).status_code == 200
+
+
+def test_a_tool_call_without_arguments_is_still_served(make_stack: Any) -> None:
+    """`arguments` left out of a chat tool call means {} (the previous commit's check read
+    the key itself: a 500, found by tests/test_fuzz.py)."""
+    stack: Stack = make_stack(chat_template="qwen2.5")
+    body = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}],
+            },
+            {"role": "tool", "tool_call_id": "c", "content": "ok"},
+        ],
+    }
+    assert stack.http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200

@@ -413,8 +413,9 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
             raise _bad(f"{param}[{j}]", f"'{param}[{j}]' must have a function with a name")
         arguments = fn.get("arguments", "{}")
         if isinstance(arguments, str):
+            text = arguments
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = json.loads(text) if text.strip() else {}
             except (ValueError, RecursionError):
                 raise _bad(
                     f"{param}[{j}].function.arguments",
@@ -423,7 +424,7 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
             # Parsed here: the body's own checks never saw inside.
             if too_deep(arguments):
                 raise too_deep_error(f"{param}[{j}].function.arguments")
-            if has_lone_surrogate_escape(fn["arguments"], arguments):
+            if has_lone_surrogate_escape(text, arguments):
                 raise lone_surrogate_error(f"{param}[{j}].function.arguments")
         # Templates (HF convention) expect the arguments as a mapping, not a JSON string.
         calls.append(
