@@ -440,3 +440,105 @@ def test_a_tool_call_without_arguments_is_still_served(make_stack: Any) -> None:
         ],
     }
     assert stack.http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+
+
+BASH_TOOL: Any = {"name": "Bash", "input_schema": {"type": "object"}}
+TOOL_TURNS: list[tuple[str, Any]] = [
+    # Claude Code: a tool result and the user's text (a system reminder) in one turn.
+    (
+        "/v1/messages",
+        {
+            "model": "m",
+            "max_tokens": 8,
+            "tools": [BASH_TOOL],
+            "messages": [
+                {"role": "user", "content": "run ls"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "ok"},
+                        {
+                            "type": "tool_use",
+                            "id": "t1",
+                            "name": "Bash",
+                            "input": {"command": "ls"},
+                        },
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"},
+                        {"type": "text", "text": "be brief"},
+                    ],
+                },
+            ],
+        },
+    ),
+    # Two parallel calls: two results in a row.
+    (
+        "/v1/messages",
+        {
+            "model": "m",
+            "max_tokens": 8,
+            "tools": [BASH_TOOL],
+            "messages": [
+                {"role": "user", "content": "run ls"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {
+                            "type": "tool_use",
+                            "id": "t1",
+                            "name": "Bash",
+                            "input": {"command": "ls"},
+                        },
+                        {
+                            "type": "tool_use",
+                            "id": "t2",
+                            "name": "Bash",
+                            "input": {"command": "pwd"},
+                        },
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"},
+                        {"type": "tool_result", "tool_use_id": "t2", "content": "/"},
+                    ],
+                },
+            ],
+        },
+    ),
+    # Codex: a function call's output, then the user's next message.
+    (
+        "/v1/responses",
+        {
+            "tools": [{"type": "function", "name": "Bash", "parameters": {"type": "object"}}],
+            "input": [
+                {"role": "user", "content": "run ls"},
+                {"type": "function_call", "call_id": "c", "name": "Bash", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": "a.txt"},
+                {"role": "user", "content": "thanks"},
+            ],
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("template", ["gemma3", "mistral"])
+@pytest.mark.parametrize(("path", "body"), TOOL_TURNS)
+def test_dropped_tools_history_alternates_roles(
+    make_stack: Any, template: str, path: str, body: Any
+) -> None:
+    """Under "drop", tool results are written as user text; next to the user's own text,
+    or to another result, that made two user turns in a row, which Gemma 3's and Mistral's
+    templates refuse (400 "Conversation roles must alternate"): a tool turn of Claude Code or
+    Codex could not go through a model whose template has no tools."""
+    stack: Stack = make_stack(chat_template=template, tools_policy="drop")
+    answer = stack.http.post(path, json=body, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["X-Tools-Dropped"] == "1"
+    prompt = prompt_text(stack.fake.requests[-1]["prompt"])
+    assert "[tool result]\na.txt" in prompt  # the results still reach the model
