@@ -19,10 +19,10 @@ call's argument cannot forge a turn either. A template that writes such a string
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Sequence
+from json.encoder import encode_basestring
 from typing import Any
 
 from .. import fastjson
@@ -42,6 +42,7 @@ CONTROL_SHAPE = re.compile(
 # has no `<`, and its `[` is never followed by `/` or an upper-case letter, so a dump
 # without a match holds no string of that shape.
 _SHAPE_START = re.compile(rb"<(?:[|/A-Za-z_]|\xef\xbd\x9c)|\[/?[A-Z]")
+_BRACKET_START = re.compile(rb"\[/?[A-Z]")
 
 
 def looks_like_control(text: str) -> bool:
@@ -87,18 +88,24 @@ class MarkedMessages:
     def _json(self, value: Any) -> Any:
         """A copy of a JSON value whose strings (keys too) that look like control tokens are
         markers, each standing for the string as `tojson` writes it between the quotes."""
-        if type(value) is str:
-            if not looks_like_control(value):
-                return value
-            marker = f"\ue000{self._nonce}.{self._count}\ue001"
-            self._count += 1
-            self.marks[marker] = json.dumps(value, ensure_ascii=False)[1:-1]
-            return marker
-        if type(value) is dict:
-            return {self._json(k): self._json(v) for k, v in value.items()}
-        if type(value) is list:
+        kind = type(value)
+        if kind is str:
+            return self._json_string(value)
+        if kind is dict:
+            return {self._json_string(k): self._json(v) for k, v in value.items()}
+        if kind is list:
             return [self._json(v) for v in value]
         return value
+
+    def _json_string(self, text: str) -> str:
+        # Every shape starts with < or [: most strings have neither (a memchr each).
+        if ("<" not in text and "[" not in text) or CONTROL_SHAPE.search(text) is None:
+            return text
+        marker = f"\ue000{self._nonce}.{self._count}\ue001"
+        self._count += 1
+        # What json.dumps(ensure_ascii=False), and so the templates' tojson, writes.
+        self.marks[marker] = encode_basestring(text)[1:-1]
+        return marker
 
     def texts(self) -> list[str]:
         """The distinct contents to tokenize as plain text."""
@@ -144,7 +151,12 @@ class MarkedMessages:
 
 
 def _json_may_hold_control(value: Any) -> bool:
-    return _SHAPE_START.search(fastjson.dumps(value)) is not None
+    dump = fastjson.dumps(value)
+    # The `[` branch has a literal first byte the regex engine scans for quickly; the `<`
+    # branch only runs for a dump that has a `<` at all (a memchr), rare in schemas.
+    if b"<" in dump:
+        return _SHAPE_START.search(dump) is not None
+    return _BRACKET_START.search(dump) is not None
 
 
 def mark_messages(
