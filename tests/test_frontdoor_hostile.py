@@ -542,3 +542,41 @@ def test_dropped_tools_history_alternates_roles(
     assert answer.headers["X-Tools-Dropped"] == "1"
     prompt = prompt_text(stack.fake.requests[-1]["prompt"])
     assert "[tool result]\na.txt" in prompt  # the results still reach the model
+
+
+# -- a broken llama.cpp ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_n", ["x", [1], {"a": 1}, 1.5])
+def test_a_malformed_cache_count_from_llamacpp_is_no_500(make_stack: Any, cache_n: Any) -> None:
+    """llama.cpp's final result carries timings.cache_n, which the gateway reads for the
+    cached-token counts. One that is no count ("x", a list) failed the answer of every
+    endpoint (500, or a stream cut before its end)."""
+    stack: Stack = make_stack()
+    stack.fake.script.cache_n = cache_n
+    cases: list[tuple[str, Any]] = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/responses", {"input": "hi"}),
+        (
+            "/v1/messages",
+            {"model": "m", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]},
+        ),
+    ]
+    for path, body in cases:
+        for stream in (False, True):
+            answer = stack.http.post(path, json={**body, "stream": stream}, headers=AUTH)
+            assert answer.status_code == 200, (path, stream, answer.text)
+            if stream:  # the stream ran to its end
+                assert answer.text.rstrip().endswith(
+                    {
+                        "/v1/chat/completions": "data: [DONE]",
+                        "/v1/responses": "}",
+                        "/v1/messages": 'data: {"type":"message_stop"}',
+                    }[path]
+                ), (path, answer.text[-200:])
+            elif path == "/v1/responses":  # counted as none
+                assert answer.json()["usage"]["input_tokens_details"]["cached_tokens"] == 0
+    streamed = stack.http.post(
+        "/v1/responses", json={"input": "hi", "stream": True}, headers=AUTH
+    ).text
+    assert "event: response.completed" in streamed

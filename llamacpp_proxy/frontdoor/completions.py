@@ -379,7 +379,12 @@ class CompletionsHandler(BaseHandler):
             self.prompt_tokens += int(result.get("tokens_evaluated") or 0)
             timings = result.get("timings")
             if isinstance(timings, dict):  # only the final event has them (cache_n)
-                self.cached_tokens += int(timings.get("cache_n") or 0)
+                # Not checked per event (event_problem runs per token): a count that is no
+                # count, from a broken llama.cpp, counts nothing rather than failing the
+                # answer.
+                cached = timings.get("cache_n")
+                if type(cached) is int and cached > 0:
+                    self.cached_tokens += cached
         self.completion_tokens += int(result.get("tokens_predicted") or 0)
 
     def _charge_unfinished(self) -> None:
