@@ -209,7 +209,27 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if tool_calls > MAX_TOOL_CALLS:
             raise _bad(param, f"the messages hold more than {MAX_TOOL_CALLS} tool_use blocks")
         out.extend(turn.messages)
+        # Each tool_result block is a message of its own for the template: the bound on
+        # what one request makes the template render counts those, not Anthropic's turns.
+        if len(out) > MAX_MESSAGES:
+            raise _bad(
+                param,
+                f"the messages hold more than {MAX_MESSAGES} messages and tool_result blocks",
+            )
     return out
+
+
+def system_folded(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The conversation with every system message (the `system` field and the
+    `role: "system"` messages inside `messages`) joined into one leading system message, for
+    a template that allows a system turn only first (Gemma 3's, Mistral's); None when there
+    is nothing to fold. Claude Code sends a system message after the user's (its agents and
+    skills), which those templates refuse."""
+    systems = [m["content"] for m in messages if m["role"] == "system"]
+    if len(systems) < 2 and (not systems or messages[0]["role"] == "system"):
+        return None
+    rest = [m for m in messages if m["role"] != "system"]
+    return [{"role": "system", "content": "\n\n".join(systems)}, *rest]
 
 
 def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:

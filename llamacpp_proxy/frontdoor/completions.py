@@ -274,14 +274,22 @@ class CompletionsHandler(BaseHandler):
         if request.tools and not template.uses_tools:
             messages = self._apply_tools_policy(request, template.origin, pool)
         adds_bos = await upstream.adds_bos()
-        marked = None if self.ctx.settings.allow_content_control_tokens else mark_messages(messages)
+        tools = None if self._described else self._tools
+        marked = (
+            None
+            if self.ctx.settings.allow_content_control_tokens
+            else mark_messages(messages, tools)
+        )
+        if marked is not None:
+            messages = marked.messages
+            tools = tools if marked.tools is None else marked.tools
         prompt = await render_off_loop_if_large(
             body_size(self.request.headers.get("Content-Length")),
             template.render,
-            messages if marked is None else marked.messages,
+            messages,
             bos_token=str(props.get("bos_token") or ""),
             eos_token=str(props.get("eos_token") or ""),
-            tools=None if self._described else self._tools,
+            tools=tools,
             llama_adds_bos=adds_bos,
         )
         check_prompt_size(prompt, self.ctx.settings.max_body_size)
@@ -371,7 +379,12 @@ class CompletionsHandler(BaseHandler):
             self.prompt_tokens += int(result.get("tokens_evaluated") or 0)
             timings = result.get("timings")
             if isinstance(timings, dict):  # only the final event has them (cache_n)
-                self.cached_tokens += int(timings.get("cache_n") or 0)
+                # Not checked per event (event_problem runs per token): a count that is no
+                # count, from a broken llama.cpp, counts nothing rather than failing the
+                # answer.
+                cached = timings.get("cache_n")
+                if type(cached) is int and cached > 0:
+                    self.cached_tokens += cached
         self.completion_tokens += int(result.get("tokens_predicted") or 0)
 
     def _charge_unfinished(self) -> None:

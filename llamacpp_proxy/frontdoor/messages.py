@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import ProxyError, UpstreamError
+from ..errors import ChatTemplateRejected, ProxyError, UpstreamError
 from ..guard.ratelimit import Cost
 from ..render.constraints import merge_constraints
 from ..render.tool_calls import parse_tool_calls
@@ -82,6 +82,19 @@ class MessagesHandler(CompletionsHandler):
         if request.max_tokens is not None and request.max_tokens > limit:
             request.max_tokens = limit
         return request
+
+    async def _prompts(self, request: CompletionRequest) -> list[str]:
+        try:
+            return await super()._prompts(request)
+        except ChatTemplateRejected:
+            # A template that allows a system turn only first (Gemma 3's, Mistral's) refused
+            # a system message further on: render once more with the system text folded
+            # into the leading one. Templates that take it where it was keep it there.
+            folded = anthropic.system_folded(request.messages)
+            if folded is None:
+                raise
+            request.messages = folded
+            return await super()._prompts(request)
 
     def render_error(self, error: ProxyError) -> tuple[int, Any]:
         self._ratelimit_headers(error.headers)  # a 429's, which has no admission

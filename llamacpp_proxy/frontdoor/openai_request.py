@@ -13,6 +13,11 @@ import re
 from typing import Any
 
 from .. import fastjson
+
+try:
+    from orjson import dumps as _orjson_dumps
+except ImportError:  # pragma: no cover - a platform without orjson wheels
+    _orjson_dumps = None  # type: ignore[assignment]
 from ..errors import InvalidRequest
 from ..request import CompletionRequest
 
@@ -28,6 +33,12 @@ MAX_INT32 = 2**31 - 1  # llama.cpp reads integer parameters as 32-bit
 MAX_MESSAGES = 4096
 MAX_TOOL_CALLS = 4096  # over all messages: each is parsed here and serialized by the template
 MAX_TOOLS = 128
+MAX_JSON_DEPTH = 254
+"""Levels of nesting a body (and a tool call's arguments) may have: as deep as orjson
+encodes. The gateway re-encodes what clients send (tool schemas and call arguments into the
+prompt, json_schema to llama.cpp, the Responses echo), and Python's encoder, orjson's
+fallback, fails near its recursion limit (1000) while orjson parses up to 1024 levels: a
+body in between was a 500 with a RecursionError."""
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -150,15 +161,66 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
             f"The request body must be a JSON object, not {type(body).__name__}.",
             code="invalid_json",
         )
+    # Fewer brackets than the limit cannot nest that deep (a count in C, no walk).
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and too_deep(body):
+        raise too_deep_error(None)
     # A lone surrogate can only come from a \uD8xx escape; it is not text and cannot be
     # encoded for llama.cpp. Only bodies with such an escape pay for the walk.
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
-        raise InvalidRequest(
-            "The request body contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF), "
-            "which is not valid Unicode text.",
-            code="invalid_json",
-        )
+    if has_lone_surrogate_escape(text, body):
+        raise lone_surrogate_error(None)
     return body
+
+
+def has_lone_surrogate_escape(text: str, parsed: Any) -> bool:
+    """Whether JSON `text`, parsed as `parsed`, holds an unpaired surrogate (only text with
+    a \\uD8xx-\\uDFxx escape is walked)."""
+    return _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(parsed)
+
+
+def lone_surrogate_error(param: str | None) -> InvalidRequest:
+    """The 400 for an unpaired UTF-16 surrogate escape (in the body, or in JSON inside one
+    of its strings)."""
+    where = f"'{param}'" if param else "The request body"
+    return InvalidRequest(
+        f"{where} contains an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF), which is "
+        "not valid Unicode text.",
+        param=param,
+        code="invalid_json" if param is None else "invalid_value",
+    )
+
+
+def too_deep(value: Any) -> bool:
+    """Whether a parsed JSON value nests deeper than MAX_JSON_DEPTH levels."""
+    if _orjson_dumps is not None:
+        # orjson's encoder stops at exactly this depth, in C: tens of µs for a 90 KB body
+        # where a walk in Python takes most of a millisecond.
+        try:
+            _orjson_dumps(value)
+            return False
+        except TypeError as exc:
+            if "Recursion" in str(exc):
+                return True
+            # else an integer beyond 64 bits: walk instead
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if type(item) is dict else item if type(item) is list else ()
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                if depth >= MAX_JSON_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def too_deep_error(param: str | None) -> InvalidRequest:
+    """The 400 for JSON nested deeper than MAX_JSON_DEPTH."""
+    where = f"'{param}'" if param else "The request body"
+    return InvalidRequest(
+        f"{where} nests JSON more than {MAX_JSON_DEPTH} levels deep.",
+        param=param,
+        code="invalid_json" if param is None else "invalid_value",
+    )
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -351,13 +413,19 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
             raise _bad(f"{param}[{j}]", f"'{param}[{j}]' must have a function with a name")
         arguments = fn.get("arguments", "{}")
         if isinstance(arguments, str):
+            text = arguments
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = json.loads(text) if text.strip() else {}
             except (ValueError, RecursionError):
                 raise _bad(
                     f"{param}[{j}].function.arguments",
                     "tool call arguments must be a JSON object encoded as a string",
                 ) from None
+            # Parsed here: the body's own checks never saw inside.
+            if too_deep(arguments):
+                raise too_deep_error(f"{param}[{j}].function.arguments")
+            if has_lone_surrogate_escape(text, arguments):
+                raise lone_surrogate_error(f"{param}[{j}].function.arguments")
         # Templates (HF convention) expect the arguments as a mapping, not a JSON string.
         calls.append(
             {

@@ -24,7 +24,15 @@ from ..errors import InvalidRequest, ProxyError
 from ..fastjson import dumps
 from ..ids import unique_id
 from ..request import CompletionRequest
-from .openai_request import MAX_MESSAGES, MAX_TOOL_CALLS, MAX_TOOLS
+from .openai_request import (
+    MAX_MESSAGES,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
+    has_lone_surrogate_escape,
+    lone_surrogate_error,
+    too_deep,
+    too_deep_error,
+)
 
 MAX_INT32 = 2**31 - 1
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -146,6 +154,11 @@ def _arguments(value: Any, param: str) -> dict[str, Any]:
         raise _bad(param, "must be a JSON object encoded as a string") from None
     if not isinstance(parsed, dict):
         raise _bad(param, "must be a JSON object encoded as a string")
+    # Parsed here: the body's own checks never saw inside.
+    if too_deep(parsed):
+        raise too_deep_error(param)
+    if has_lone_surrogate_escape(value, parsed):
+        raise lone_surrogate_error(param)
     return parsed
 
 

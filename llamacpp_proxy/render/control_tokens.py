@@ -8,14 +8,24 @@ marker; the marker's place in the prompt gets the content's token ids from llama
 (the template's own text, control tokens included) and token ids (the content). Content with
 nothing of that shape, nearly all of it, costs one regex search per message and the prompt
 stays one string (pure: no I/O here; the tokenizing is the upstream's).
+
+Client text also reaches the prompt outside message content: the tools (names,
+descriptions, schemas) and the arguments of earlier tool calls, which templates write with
+`tojson`. Their strings that look like control tokens are marked too, standing for the text
+`tojson` would have written between the quotes (JSON-escaped), so a tool description or a
+call's argument cannot forge a turn either. A template that writes such a string without
+`tojson` shows the model its JSON-escaped form (only for strings of that shape).
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
+from json.encoder import encode_basestring
 from typing import Any
 
+from .. import fastjson
 from ..errors import ChatTemplateRejected
 from ..upstream.llamacpp import MixedPrompt
 
@@ -26,6 +36,13 @@ from ..upstream.llamacpp import MixedPrompt
 CONTROL_SHAPE = re.compile(
     r"<[|\uff5c][^<>\s]{1,64}[|\uff5c]>|</?[A-Za-z_][\w.:-]{0,63}>|\[/?[A-Z][A-Z0-9_]{1,31}\]"
 )
+
+
+# What every CONTROL_SHAPE starts with, in a compact JSON dump (bytes): JSON's own syntax
+# has no `<`, and its `[` is never followed by `/` or an upper-case letter, so a dump
+# without a match holds no string of that shape.
+_SHAPE_START = re.compile(rb"<(?:[|/A-Za-z_]|\xef\xbd\x9c)|\[/?[A-Z]")
+_BRACKET_START = re.compile(rb"\[/?[A-Z]")
 
 
 def looks_like_control(text: str) -> bool:
@@ -39,13 +56,24 @@ _MARKER = re.compile("(\ue000[0-9a-f]{16}\\.\\d+\ue001)")
 class MarkedMessages:
     """Messages whose suspicious content is replaced by markers, and what each stands for."""
 
-    __slots__ = ("_nonce", "marks", "messages")
+    __slots__ = ("_count", "_nonce", "marks", "messages", "tools")
 
-    def __init__(self, messages: list[dict[str, Any]], flagged: list[int]) -> None:
+    def __init__(
+        self,
+        messages: list[dict[str, Any]],
+        flagged: list[int],
+        with_calls: Sequence[int] = (),
+        tools: list[dict[str, Any]] | None = None,
+    ) -> None:
         # A fresh nonce per request: content cannot guess a marker and so cannot forge one.
         self._nonce = secrets.token_hex(8)
         self.marks: dict[str, str] = {}
         self.messages = list(messages)
+        self._count = len(messages)  # JSON strings' markers are numbered after the contents'
+        self.tools = None if tools is None else self._json(tools)
+        for i in with_calls:
+            calls = messages[i]["tool_calls"]
+            self.messages[i] = {**messages[i], "tool_calls": self._json(calls)}
         for i in flagged:
             content: str = messages[i]["content"]
             core = content.strip()
@@ -55,7 +83,29 @@ class MarkedMessages:
             trail = content[len(content.rstrip()) :]
             marker = f"\ue000{self._nonce}.{i}\ue001"
             self.marks[marker] = core
-            self.messages[i] = {**messages[i], "content": lead + marker + trail}
+            self.messages[i] = {**self.messages[i], "content": lead + marker + trail}
+
+    def _json(self, value: Any) -> Any:
+        """A copy of a JSON value whose strings (keys too) that look like control tokens are
+        markers, each standing for the string as `tojson` writes it between the quotes."""
+        kind = type(value)
+        if kind is str:
+            return self._json_string(value)
+        if kind is dict:
+            return {self._json_string(k): self._json(v) for k, v in value.items()}
+        if kind is list:
+            return [self._json(v) for v in value]
+        return value
+
+    def _json_string(self, text: str) -> str:
+        # Every shape starts with < or [: most strings have neither (a memchr each).
+        if ("<" not in text and "[" not in text) or CONTROL_SHAPE.search(text) is None:
+            return text
+        marker = f"\ue000{self._nonce}.{self._count}\ue001"
+        self._count += 1
+        # What json.dumps(ensure_ascii=False), and so the templates' tojson, writes.
+        self.marks[marker] = encode_basestring(text)[1:-1]
+        return marker
 
     def texts(self) -> list[str]:
         """The distinct contents to tokenize as plain text."""
@@ -100,9 +150,20 @@ class MarkedMessages:
         return MixedPrompt("".join(text), pieces)
 
 
-def mark_messages(messages: list[dict[str, Any]]) -> MarkedMessages | None:
-    """Markers for every message whose content may hold a control token; None (the fast
-    path) when no content does."""
+def _json_may_hold_control(value: Any) -> bool:
+    dump = fastjson.dumps(value)
+    # The `[` branch has a literal first byte the regex engine scans for quickly; the `<`
+    # branch only runs for a dump that has a `<` at all (a memchr), rare in schemas.
+    if b"<" in dump:
+        return _SHAPE_START.search(dump) is not None
+    return _BRACKET_START.search(dump) is not None
+
+
+def mark_messages(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> MarkedMessages | None:
+    """Markers for every message content, and every string of the tools and of earlier
+    tool calls, that may hold a control token; None (the fast path) when none does."""
     search = CONTROL_SHAPE.search
     flagged = [
         i
@@ -112,4 +173,13 @@ def mark_messages(messages: list[dict[str, Any]]) -> MarkedMessages | None:
         and ("<" in content or "[" in content)
         and search(content) is not None
     ]
-    return MarkedMessages(messages, flagged) if flagged else None
+    # Tools and calls: one dump in C and one search per request that has them.
+    with_calls = [
+        i
+        for i, message in enumerate(messages)
+        if message.get("tool_calls") and _json_may_hold_control(message["tool_calls"])
+    ]
+    marked_tools = tools is not None and _json_may_hold_control(tools)
+    if not (flagged or with_calls or marked_tools):
+        return None
+    return MarkedMessages(messages, flagged, with_calls, tools if marked_tools else None)

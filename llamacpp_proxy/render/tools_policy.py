@@ -29,6 +29,7 @@ def plain_tool_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         return messages
     out: list[dict[str, Any]] = []
+    last_has_result = False  # out[-1] is a user message holding a tool result
     for message in messages:
         calls = message.get("tool_calls")
         if calls:
@@ -39,10 +40,25 @@ def plain_tool_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 lines.append(f"[called tool {fn['name']} with {arguments}]")
             text = "\n".join(line for line in lines if line)
             out.append({"role": "assistant", "content": text})
-        elif message["role"] == "tool":
-            out.append(
-                {"role": "user", "content": f"[tool result]\n{message.get('content') or ''}"}
-            )
-        else:
-            out.append(message)
+            last_has_result = False
+            continue
+        is_result = message["role"] == "tool"
+        if is_result:
+            message = {"role": "user", "content": f"[tool result]\n{message.get('content') or ''}"}
+        previous = out[-1] if out else None
+        if (
+            message["role"] == "user"
+            and previous is not None
+            and previous["role"] == "user"
+            and (is_result or last_has_result)
+            and isinstance(previous.get("content"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            # Results of parallel calls, and the user's text sent with them, are one user
+            # turn: Gemma's and Mistral's templates refuse two user turns in a row.
+            out[-1] = {"role": "user", "content": f"{previous['content']}\n{message['content']}"}
+            last_has_result = True
+            continue
+        out.append(message)
+        last_has_result = is_result
     return out
