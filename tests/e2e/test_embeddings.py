@@ -225,4 +225,6 @@ def test_tokens_per_minute_charge_llamacpps_count_and_refuse_with_a_typed_429(
         with pytest.raises(openai.RateLimitError) as spent:
             client.embeddings.create(model=EMBED_MODEL, input=[list(range(1, remaining + 2))])
     assert spent.value.code == "tokens_rate_limit_exceeded"
-    assert 1 <= int(spent.value.response.headers["retry-after"]) <= 60
+    # Whole seconds rounded up past the moment the window frees room (never early): a
+    # minute's window can say 61 when the refusal comes within a millisecond of the charge.
+    assert 1 <= int(spent.value.response.headers["retry-after"]) <= 61
