@@ -28,7 +28,7 @@ import contextlib
 import json
 from typing import Any
 
-from .tool_calls import ToolCallFilter, parse_tool_calls
+from .tool_calls import ToolCallFilter
 from .tools_policy import append_turn
 
 CALL_OPEN = "<tool_call>"
@@ -185,8 +185,4 @@ class DescribedCallFilter(ToolCallFilter):
         held, self._held = self._held, ""
         if self._mode != "call" or not held:
             return held, []
-        parsed = parse_tool_calls(held, self._tools)
-        if parsed is None:
-            return held, []
-        content, calls = parsed
-        return content or "", calls
+        return self._parsed(held)
