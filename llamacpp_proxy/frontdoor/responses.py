@@ -76,6 +76,15 @@ def _missing(param: str) -> InvalidRequest:
     )
 
 
+def _bounded_array(value: Any, param: str, what: str, limit: int, unit: str) -> None:
+    """The 400 for a `value` that is no array (it `must be {what}`) or holds more than
+    `limit` entries (OpenAI's code for an over-long array)."""
+    if not isinstance(value, list):
+        raise _bad(param, f"must be {what}")
+    if len(value) > limit:
+        raise _bad(param, f"at most {limit} {unit}, got {len(value)}", "array_above_max_length")
+
+
 @dataclass
 class ResponsesRequest:
     """A parsed Responses body: the pipeline's request and what the answer echoes back."""
@@ -158,12 +167,7 @@ def _input(value: Any) -> list[dict[str, Any]]:
         raise _missing("input")
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise _bad("input", "must be a string or an array of input items")
-    if len(value) > MAX_MESSAGES:
-        raise _bad(
-            "input", f"at most {MAX_MESSAGES} items, got {len(value)}", "array_above_max_length"
-        )
+    _bounded_array(value, "input", "a string or an array of input items", MAX_MESSAGES, "items")
     out: list[dict[str, Any]] = []
     calls = 0
     for i, item in enumerate(value):
@@ -267,12 +271,7 @@ def _tools(body: dict[str, Any], parsed: ResponsesRequest) -> list[dict[str, Any
     tools = body.get("tools")
     if tools is None:
         return None
-    if not isinstance(tools, list):
-        raise _bad("tools", "must be an array")
-    if len(tools) > MAX_TOOLS:
-        raise _bad(
-            "tools", f"at most {MAX_TOOLS} tools, got {len(tools)}", "array_above_max_length"
-        )
+    _bounded_array(tools, "tools", "an array", MAX_TOOLS, "tools")
     out: list[dict[str, Any]] = []
     echoed: list[dict[str, Any]] = []
     seen: set[str] = set()
