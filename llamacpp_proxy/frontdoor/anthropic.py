@@ -23,9 +23,9 @@ from ..errors import ContextLengthExceeded, InvalidRequest, ProxyError, ServerOv
 from ..fastjson import dumps
 from ..ids import unique_id
 from ..request import CompletionRequest
+from .fields import MAX_INT32, is_int, number, typed
 from .openai_request import MAX_MESSAGES, MAX_STOP, MAX_TOOL_CALLS, MAX_TOOLS
 
-MAX_INT32 = 2**31 - 1
 ROLES = ("user", "assistant", "system")  # system: Claude Code sends it inside messages
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # Anthropic's own rule for tool names
 
@@ -38,21 +38,6 @@ def _bad(param: str, message: str) -> InvalidRequest:
 
 def _missing(param: str) -> InvalidRequest:
     return InvalidRequest(f"{param}: Field required", param=param, code="missing_required")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise _bad(name, f"must be a number, not {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise _bad(name, f"must be between {lo:g} and {hi:g}, not {value}")
-    return float(value)
 
 
 def _text_blocks(value: Any, param: str) -> str:
@@ -317,11 +302,9 @@ def _ignored_extras(body: dict[str, Any]) -> None:
         if kind not in ("enabled", "disabled", "adaptive"):
             raise _bad("thinking.type", "must be 'enabled', 'disabled' or 'adaptive'")
     for name in ("context_management", "output_config"):
-        if body.get(name) is not None and not isinstance(body[name], dict):
-            raise _bad(name, "must be an object")
+        typed(body, name, dict, "an object", _bad)
     for name in ("service_tier", "container"):
-        if body.get(name) is not None and not isinstance(body[name], str):
-            raise _bad(name, "must be a string")
+        typed(body, name, str, "a string", _bad)
 
 
 def parse_messages_request(body: dict[str, Any], *, count_only: bool = False) -> CompletionRequest:
@@ -341,21 +324,18 @@ def parse_messages_request(body: dict[str, Any], *, count_only: bool = False) ->
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise _missing("max_tokens")
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_INT32:
+    if not is_int(max_tokens) or not 1 <= max_tokens <= MAX_INT32:
         raise _bad("max_tokens", f"must be an integer of at least 1, not {max_tokens!r}")
     request.max_tokens = max_tokens
-    request.temperature = _number(body, "temperature", 0, 1)
-    request.top_p = _number(body, "top_p", 0, 1)
+    request.temperature = number(body, "temperature", 0, 1, _bad)
+    request.top_p = number(body, "top_p", 0, 1, _bad)
     top_k = body.get("top_k")
     if top_k is not None:
-        if not _is_int(top_k) or not 0 <= top_k <= MAX_INT32:
+        if not is_int(top_k) or not 0 <= top_k <= MAX_INT32:
             raise _bad("top_k", "must be a non-negative integer")
         request.extensions["top_k"] = top_k
     request.stop = _stop_sequences(body)
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _bad("stream", "must be a boolean")
-    request.stream = bool(stream)
+    request.stream = bool(typed(body, "stream", bool, "a boolean", _bad))
     metadata = body.get("metadata")
     if metadata is not None:
         if not isinstance(metadata, dict):

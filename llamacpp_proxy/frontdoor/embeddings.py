@@ -43,6 +43,13 @@ def _bad(param: str, message: str, code: str = "invalid_value") -> InvalidReques
     return InvalidRequest(message, param=param, code=code)
 
 
+def _too_long(where: str, size: int, unit: str, limit: int) -> InvalidRequest:
+    """The 400 for one input over its size limit (token ids or characters)."""
+    return _bad(
+        "input", f"{where} has {size} {unit}; the limit is {limit} per input.", "input_too_long"
+    )
+
+
 def _is_token(value: Any) -> bool:
     return type(value) is int and 0 <= value <= MAX_TOKEN_ID
 
@@ -51,11 +58,7 @@ def _token_array(value: list[Any], where: str) -> list[int]:
     if not value:
         raise _bad("input", f"{where} is an empty array of tokens; send at least one token id.")
     if len(value) > MAX_INPUT_TOKENS:
-        raise _bad(
-            "input",
-            f"{where} has {len(value)} tokens; the limit is {MAX_INPUT_TOKENS} per input.",
-            "input_too_long",
-        )
+        raise _too_long(where, len(value), "tokens", MAX_INPUT_TOKENS)
     for token in value:
         if not _is_token(token):
             raise _not_token(token, where)
@@ -72,11 +75,7 @@ def _text(value: str, where: str) -> str:
     if not value:
         raise _bad("input", f"{where} is an empty string; there is nothing to embed.")
     if len(value) > MAX_INPUT_CHARS:
-        raise _bad(
-            "input",
-            f"{where} has {len(value)} characters; the limit is {MAX_INPUT_CHARS} per input.",
-            "input_too_long",
-        )
+        raise _too_long(where, len(value), "characters", MAX_INPUT_CHARS)
     return value
 
 

@@ -5,7 +5,7 @@ Only the edges differ from a chat completion: the body is parsed by `anthropic.p
 same CompletionRequest, and the results are encoded as Anthropic's message, events and
 errors. Key check, limits, template, tool-call parsing, routing, the llama.cpp call and
 the streaming relay (one flush per upstream read, backpressure, cancellation, charging)
-are CompletionsHandler's.
+are CompletionsHandler's (the wrappers around them ProtocolHandler's).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 from ..errors import ChatTemplateRejected, ProxyError, UpstreamError
 from ..guard.ratelimit import Cost
 from ..render.constraints import merge_constraints
-from ..render.tool_calls import parse_tool_calls
 from ..request import CompletionRequest
 from ..route.pools import check_kind
-from ..upstream.llamacpp import ClientGone, MixedPrompt
+from ..upstream.llamacpp import MixedPrompt
 from . import anthropic
-from .completions import CompletionsHandler, Generation, _active_tools
+from .completions import Generation, _active_tools
 from .openai_request import parse_json_body
+from .protocol_handler import ProtocolHandler
 
 # The gateway's x-ratelimit-* headers under Anthropic's names.
 _RATELIMIT_NAMES = {
@@ -48,7 +48,7 @@ def _reset_time(duration: str, now: float) -> str | None:
     return instant.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class MessagesHandler(CompletionsHandler):
+class MessagesHandler(ProtocolHandler):
     """POST /v1/messages."""
 
     chat = True
@@ -103,29 +103,11 @@ class MessagesHandler(CompletionsHandler):
     async def respond(self, request: CompletionRequest, model: str) -> None:
         message_id = anthropic.new_message_id()
         if request.stream:
-            await self._stream_message(anthropic.EventEncoder(message_id, model))
+            encoder = anthropic.EventEncoder(message_id, model)
+            await self._stream_events(lambda g: self._relay(encoder, g), anthropic.error_event)
             return
-        [result] = await self._gather(self._complete_one)
-        text = str(result.get("content") or "")
-        calls = None
-        if self._tools:
-            parsed = parse_tool_calls(text, self._tools)
-            if parsed is not None:
-                content, calls = parsed
-                text = content or ""
+        result, text, calls = await self._complete_with_calls()
         self.write_json(anthropic.message_response(message_id, model, text, calls, result))
-
-    async def _stream_message(self, encoder: anthropic.EventEncoder) -> None:
-        try:
-            await self._gather(lambda g: self._relay(encoder, g))
-        except ProxyError as error:
-            if not self._streaming:
-                raise  # nothing sent yet: a plain error response with its status
-            self._fail_started_stream(error, anthropic.error_event(error))
-            return
-        except ClientGone:
-            return
-        self.finish()
 
     async def _relay(self, encoder: anthropic.EventEncoder, generation: Generation) -> None:
         """One generation's llama.cpp events as Anthropic's, one flush per read."""

@@ -24,6 +24,7 @@ from ..errors import InvalidRequest, ProxyError
 from ..fastjson import dumps
 from ..ids import unique_id
 from ..request import CompletionRequest
+from .fields import MAX_INT32, is_int, number, typed
 from .openai_request import (
     MAX_MESSAGES,
     MAX_TOOL_CALLS,
@@ -34,7 +35,6 @@ from .openai_request import (
     too_deep_error,
 )
 
-MAX_INT32 = 2**31 - 1
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # A message item's role -> the template's (templates know no "developer": it is the system).
 MESSAGE_ROLES = {
@@ -76,26 +76,13 @@ def _missing(param: str) -> InvalidRequest:
     )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise _bad(name, f"must be a number, not {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise _bad(name, f"must be between {lo:g} and {hi:g}, not {value}")
-    return float(value)
-
-
-def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
-    value = body.get(name)
-    if value is not None and not isinstance(value, kind):
-        raise _bad(name, f"must be {what}")
-    return value
+def _bounded_array(value: Any, param: str, what: str, limit: int, unit: str) -> None:
+    """The 400 for a `value` that is no array (it `must be {what}`) or holds more than
+    `limit` entries (OpenAI's code for an over-long array)."""
+    if not isinstance(value, list):
+        raise _bad(param, f"must be {what}")
+    if len(value) > limit:
+        raise _bad(param, f"at most {limit} {unit}, got {len(value)}", "array_above_max_length")
 
 
 @dataclass
@@ -180,12 +167,7 @@ def _input(value: Any) -> list[dict[str, Any]]:
         raise _missing("input")
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise _bad("input", "must be a string or an array of input items")
-    if len(value) > MAX_MESSAGES:
-        raise _bad(
-            "input", f"at most {MAX_MESSAGES} items, got {len(value)}", "array_above_max_length"
-        )
+    _bounded_array(value, "input", "a string or an array of input items", MAX_MESSAGES, "items")
     out: list[dict[str, Any]] = []
     calls = 0
     for i, item in enumerate(value):
@@ -289,12 +271,7 @@ def _tools(body: dict[str, Any], parsed: ResponsesRequest) -> list[dict[str, Any
     tools = body.get("tools")
     if tools is None:
         return None
-    if not isinstance(tools, list):
-        raise _bad("tools", "must be an array")
-    if len(tools) > MAX_TOOLS:
-        raise _bad(
-            "tools", f"at most {MAX_TOOLS} tools, got {len(tools)}", "array_above_max_length"
-        )
+    _bounded_array(tools, "tools", "an array", MAX_TOOLS, "tools")
     out: list[dict[str, Any]] = []
     echoed: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -444,7 +421,7 @@ def _accepted_extras(body: dict[str, Any]) -> None:
     """Type-check what is accepted and ignored (Codex's extras among them), so a typo is
     still a clear 400."""
     for name in ("store", "parallel_tool_calls", "background"):
-        _typed(body, name, bool, "a boolean")
+        typed(body, name, bool, "a boolean", _bad)
     for name in (
         "prompt_cache_key",
         "safety_identifier",
@@ -452,9 +429,9 @@ def _accepted_extras(body: dict[str, Any]) -> None:
         "user",
         "prompt_cache_retention",
     ):
-        _typed(body, name, str, "a string")
+        typed(body, name, str, "a string", _bad)
     for name in ("reasoning", "client_metadata", "metadata", "stream_options"):
-        _typed(body, name, dict, "an object")
+        typed(body, name, dict, "an object", _bad)
     include = body.get("include")
     if include is not None and (
         not isinstance(include, list) or not all(isinstance(s, str) for s in include)
@@ -465,7 +442,7 @@ def _accepted_extras(body: dict[str, Any]) -> None:
         raise _bad("truncation", "must be 'auto' or 'disabled'")
     for name in ("top_logprobs", "max_tool_calls"):
         value = body.get(name)
-        if value is not None and not _is_int(value):
+        if value is not None and not is_int(value):
             raise _bad(name, f"must be an integer, not {type(value).__name__}")
         if value is not None and value < 0:
             raise _bad(name, "must not be negative")
@@ -497,16 +474,16 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesRequest:
     request.tool_choice = _tool_choice(body, request.tools)
     max_output = body.get("max_output_tokens")
     if max_output is not None:
-        if not _is_int(max_output):
+        if not is_int(max_output):
             name = type(max_output).__name__
             raise _bad("max_output_tokens", f"must be an integer, not {name}")
         if not 1 <= max_output <= MAX_INT32:
             raise _bad("max_output_tokens", f"must be between 1 and {MAX_INT32}, not {max_output}")
         request.max_tokens = max_output
-    request.temperature = _number(body, "temperature", 0, 2)
-    request.top_p = _number(body, "top_p", 0, 1)
+    request.temperature = number(body, "temperature", 0, 2, _bad)
+    request.top_p = number(body, "top_p", 0, 1, _bad)
     request.json_schema = _text_format(body, parsed)
-    stream = _typed(body, "stream", bool, "a boolean")
+    stream = typed(body, "stream", bool, "a boolean", _bad)
     request.stream = bool(stream)
     user = body.get("safety_identifier") or body.get("user")
     request.user = user or None  # names the conversation for server affinity

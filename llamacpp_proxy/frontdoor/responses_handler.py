@@ -4,7 +4,8 @@ Only the edges differ from a chat completion: the body is parsed by `responses.p
 same CompletionRequest, and the results are encoded as the `response` object and its
 streamed events. Key check, limits, template, tools policy, tool-call parsing, routing, the
 llama.cpp call and the streaming relay (one flush per upstream read, backpressure,
-cancellation, charging) are CompletionsHandler's. Errors are OpenAI's, as for chat.
+cancellation, charging) are CompletionsHandler's, the wrappers around them ProtocolHandler's.
+Errors are OpenAI's, as for chat.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import InvalidRequest, ProxyError
-from ..render.tool_calls import parse_tool_calls
+from ..errors import InvalidRequest
 from ..request import CompletionRequest
-from ..upstream.llamacpp import ClientGone
 from . import responses
-from .completions import CompletionsHandler, Generation
+from .completions import Generation
+from .protocol_handler import ProtocolHandler
 
 
-class ResponsesHandler(CompletionsHandler):
+class ResponsesHandler(ProtocolHandler):
     """POST /v1/responses."""
 
     chat = True
@@ -53,16 +53,9 @@ class ResponsesHandler(CompletionsHandler):
             encoder = responses.EventEncoder(
                 response_id, created, model, parsed.echo, parsed.namespaces
             )
-            await self._stream_response(encoder)
+            await self._stream_events(lambda g: self._relay(encoder, g), encoder.error)
             return
-        [result] = await self._gather(self._complete_one)
-        text = str(result.get("content") or "")
-        calls = None
-        if self._tools:
-            found = parse_tool_calls(text, self._tools)
-            if found is not None:
-                content, calls = found
-                text = content or ""
+        result, text, calls = await self._complete_with_calls()
         status = responses.status_of(result.get("stop_type"), bool(calls))
         output = responses.final_output(text, calls, status, parsed.namespaces)
         self.write_json(
@@ -76,18 +69,6 @@ class ResponsesHandler(CompletionsHandler):
                 usage_=self._response_usage(),
             )
         )
-
-    async def _stream_response(self, encoder: responses.EventEncoder) -> None:
-        try:
-            await self._gather(lambda g: self._relay(encoder, g))
-        except ProxyError as error:
-            if not self._streaming:
-                raise  # nothing sent yet: a plain error response with its status
-            self._fail_started_stream(error, encoder.error(error))
-            return
-        except ClientGone:
-            return
-        self.finish()
 
     async def _relay(self, encoder: responses.EventEncoder, generation: Generation) -> None:
         """One generation's llama.cpp events as Responses events, one flush per read."""

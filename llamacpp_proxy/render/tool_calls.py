@@ -140,6 +140,11 @@ class ToolCallFilter:
         held, self._held = self._held, ""
         if self._mode == "text" or not held:
             return held, []
+        return self._parsed(held)
+
+    def _parsed(self, held: str) -> tuple[str, list[dict[str, Any]]]:
+        """What was held, as (text before the calls, calls), or as (text, []) when it does
+        not parse as calls of the offered tools."""
         parsed = parse_tool_calls(held, self._tools)
         if parsed is None:
             return held, []

@@ -28,7 +28,8 @@ import contextlib
 import json
 from typing import Any
 
-from .tool_calls import ToolCallFilter, parse_tool_calls
+from .tool_calls import ToolCallFilter
+from .tools_policy import append_turn
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -135,20 +136,7 @@ def described_conversation(
         if is_result:
             name = message.get("name") or names.get(str(message.get("tool_call_id")))
             message = {"role": "user", "content": _result_text(name, message.get("content"))}
-        previous = out[-1] if out else None
-        if (
-            message["role"] == "user"
-            and previous is not None
-            and previous["role"] == "user"
-            and (is_result or last_has_result)
-            and isinstance(previous.get("content"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            out[-1] = {"role": "user", "content": f"{previous['content']}\n{message['content']}"}
-            last_has_result = True
-            continue
-        out.append(message)
-        last_has_result = is_result
+        last_has_result = append_turn(out, message, is_result, last_has_result)
     if not system_done:
         out.insert(0, {"role": "system", "content": description})
     return out
@@ -197,8 +185,4 @@ class DescribedCallFilter(ToolCallFilter):
         held, self._held = self._held, ""
         if self._mode != "call" or not held:
             return held, []
-        parsed = parse_tool_calls(held, self._tools)
-        if parsed is None:
-            return held, []
-        content, calls = parsed
-        return content or "", calls
+        return self._parsed(held)

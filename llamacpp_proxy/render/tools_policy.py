@@ -45,20 +45,28 @@ def plain_tool_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         is_result = message["role"] == "tool"
         if is_result:
             message = {"role": "user", "content": f"[tool result]\n{message.get('content') or ''}"}
-        previous = out[-1] if out else None
-        if (
-            message["role"] == "user"
-            and previous is not None
-            and previous["role"] == "user"
-            and (is_result or last_has_result)
-            and isinstance(previous.get("content"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            # Results of parallel calls, and the user's text sent with them, are one user
-            # turn: Gemma's and Mistral's templates refuse two user turns in a row.
-            out[-1] = {"role": "user", "content": f"{previous['content']}\n{message['content']}"}
-            last_has_result = True
-            continue
-        out.append(message)
-        last_has_result = is_result
+        last_has_result = append_turn(out, message, is_result, last_has_result)
     return out
+
+
+def append_turn(
+    out: list[dict[str, Any]], message: dict[str, Any], is_result: bool, last_has_result: bool
+) -> bool:
+    """Append a message to a conversation written without tools (plain_tool_history's, or
+    the "describe" policy's), merging a user message into the user message before it when
+    either holds a tool result; whether out[-1] now holds one. Results of parallel calls,
+    and the user's text sent with them, are one user turn: Gemma's and Mistral's templates
+    refuse two user turns in a row."""
+    previous = out[-1] if out else None
+    if (
+        message["role"] == "user"
+        and previous is not None
+        and previous["role"] == "user"
+        and (is_result or last_has_result)
+        and isinstance(previous.get("content"), str)
+        and isinstance(message.get("content"), str)
+    ):
+        out[-1] = {"role": "user", "content": f"{previous['content']}\n{message['content']}"}
+        return True
+    out.append(message)
+    return is_result

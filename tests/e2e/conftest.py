@@ -247,6 +247,29 @@ def start_service(
     raise AssertionError("unreachable")
 
 
+def start_proxy(
+    config: pytest.Config, name: str, options: list[str], log_dir: Path, env: dict[str, str]
+) -> Service:
+    """The proxy, started through its console script exactly as an operator would, with
+    these options, on a free loopback port, ready once /health/ready answers 200 (the
+    proxy reaches llama.cpp with its model loaded)."""
+    script = console_script()
+
+    def argv(port: int) -> list[str]:
+        return [
+            script,
+            *options,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--shutdown-timeout",
+            "5",
+        ]
+
+    return start_service(config, name, argv, "/health/ready", log_dir, timeout=30, env=env)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
@@ -295,32 +318,18 @@ def proxy(
 ) -> Iterator[Service]:
     """The proxy, started through its console script exactly as an operator would, with the
     model's own template (/props)."""
-    script = console_script()
     env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY, LIMITED_API_KEY=LIMITED_KEY)
-
-    def argv(port: int) -> list[str]:
-        return [
-            script,
-            "--llamacpp-server",
-            llama_server.url,
-            "--model-name",
-            MODEL,
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--rate-limit-max-requests",
-            str(RATE_LIMIT),
-            "--rate-limit-window",
-            "60",
-            "--shutdown-timeout",
-            "5",
-        ]
-
-    # /health/ready answers 200 only once the proxy reaches llama.cpp with its model loaded.
-    service = start_service(
-        request.config, "proxy", argv, "/health/ready", e2e_logs, timeout=30, env=env
-    )
+    options = [
+        "--llamacpp-server",
+        llama_server.url,
+        "--model-name",
+        MODEL,
+        "--rate-limit-max-requests",
+        str(RATE_LIMIT),
+        "--rate-limit-window",
+        "60",
+    ]
+    service = start_proxy(request.config, "proxy", options, e2e_logs, env)
     yield service
     service.stop()
 
@@ -349,27 +358,9 @@ def gemma_proxy(
     request: pytest.FixtureRequest, gemma_llama_server: Service, e2e_logs: Path
 ) -> Iterator[Service]:
     """A proxy in front of the Gemma server, with the proxy's gemma3 template."""
-    script = console_script()
     env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY)
-
-    def argv(port: int) -> list[str]:
-        return [
-            script,
-            "--llamacpp-server",
-            gemma_llama_server.url,
-            "--chat-template-jinja",
-            "gemma3",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--shutdown-timeout",
-            "5",
-        ]
-
-    service = start_service(
-        request.config, "proxy-gemma", argv, "/health/ready", e2e_logs, timeout=30, env=env
-    )
+    options = ["--llamacpp-server", gemma_llama_server.url, "--chat-template-jinja", "gemma3"]
+    service = start_proxy(request.config, "proxy-gemma", options, e2e_logs, env)
     yield service
     service.stop()
 
@@ -408,25 +399,9 @@ def embeddings_proxy(
         f'[models."{MODEL}"]\nservers = ["{llama_server.url}"]\n\n'
         f'[models."{EMBED_MODEL}"]\nkind = "embedding"\nservers = ["{embedding_llama_server.url}"]\n'
     )
-    script = console_script()
     env = child_env(UNLIMITED_API_KEY=UNLIMITED_KEY)
-
-    def argv(port: int) -> list[str]:
-        return [
-            script,
-            "--upstreams-file",
-            str(upstreams),
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--shutdown-timeout",
-            "5",
-        ]
-
-    service = start_service(
-        request.config, "proxy-embeddings", argv, "/health/ready", e2e_logs, timeout=30, env=env
-    )
+    options = ["--upstreams-file", str(upstreams)]
+    service = start_proxy(request.config, "proxy-embeddings", options, e2e_logs, env)
     yield service
     service.stop()
 
