@@ -204,6 +204,34 @@ def test_a_stalled_log_reader_never_blocks_the_writer_and_drops_are_reported() -
     assert len(written) + dropped == 200
 
 
+class CountingStream(io.StringIO):
+    """A stderr that counts the writes it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_the_log_writer_gathers_lines_and_drain_cuts_its_wait_short() -> None:
+    """Woken for every write (each event-loop iteration's access log lines), the writer
+    thread cost the loop a thread switch and the GIL each time. It now gathers what comes
+    within its linger into one write; drain() (and close) write at once, not after it."""
+    stream = CountingStream()
+    writer = BackgroundWriter(stream, linger=60)
+    for i in range(100):
+        writer.write(f"line {i:03d}\n")
+    assert writer.drain(10)  # long before the 60 s linger
+    assert stream.getvalue() == "".join(f"line {i:03d}\n" for i in range(100))
+    assert stream.writes == 1
+    writer.write("last\n")
+    writer.close()
+    assert stream.getvalue().endswith("line 099\nlast\n")
+
+
 def test_a_proxy_whose_stderr_nobody_reads_keeps_answering(tmp_path: Any) -> None:
     """Item 13b: the access log's lines filled an unread stderr pipe (64 KiB), the write
     blocked the event loop, and every request after that waited for a read timeout."""
