@@ -412,10 +412,12 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=MAX_HEAD, loop=loop)
         protocol = _StreamReaderProtocol(reader, loop=loop)
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: protocol, self.host, self.port, ssl=context),
-            self.connect_timeout,
-        )
+        # asyncio.timeout, not wait_for: wait_for runs the connect in a task of its own, one
+        # more task per stream (every stream opens a connection, docs/resilience.md).
+        async with asyncio.timeout(self.connect_timeout):
+            transport, _ = await loop.create_connection(
+                lambda: protocol, self.host, self.port, ssl=context
+            )
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         sock = writer.get_extra_info("socket")
         if sock is not None:
