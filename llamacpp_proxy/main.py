@@ -155,6 +155,31 @@ _ACCEPT_BACKOFF_MAX = 1.0
 _ACCEPTS_PER_WAKEUP = 128  # as Tornado: other work gets its turn during a connection flood
 
 
+class _ClientStream(IOStream):
+    """A client connection with TCP_NODELAY on for its whole life (set once at accept).
+
+    Tornado turns Nagle's algorithm off when a response finishes and back on after it: two
+    setsockopt calls per request (IOStream.set_nodelay was 5.6% of the event loop's samples
+    at 32 streams), and every response, SSE events included, written with Nagle on until
+    its end, so an event could wait for the client's ACK of the previous one."""
+
+    def set_nodelay(self, value: bool) -> None:
+        """Kept on: see the class."""
+
+
+class _ClientSSLStream(SSLIOStream):
+    """_ClientStream for TLS connections."""
+
+    def set_nodelay(self, value: bool) -> None:
+        """Kept on: see _ClientStream."""
+
+
+def _no_delay(connection: socket.socket) -> None:
+    if connection.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):  # a connection reset already: its read will say
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class ProxyServer(HTTPServer):
     """Tornado's HTTPServer with its own accept loop: a cap on open client connections
     (beyond it, clients wait in the kernel's accept queue) and backoff on accept errors."""
@@ -226,6 +251,7 @@ class ProxyServer(HTTPServer):
             # ssl_options is read per connection: a SIGHUP swaps in a new certificate, which
             # new connections get while open ones keep theirs. The handshake runs on the
             # stream's first read, in the loop, never blocking it.
+            _no_delay(connection)
             tls = self.ssl_options
             stream: IOStream
             if tls is not None:
@@ -236,13 +262,13 @@ class ProxyServer(HTTPServer):
                 except (ssl.SSLError, OSError):
                     connection.close()
                     continue
-                stream = SSLIOStream(
+                stream = _ClientSSLStream(
                     connection,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
                 )
             else:
-                stream = IOStream(
+                stream = _ClientStream(
                     connection,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,

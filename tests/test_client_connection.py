@@ -293,3 +293,22 @@ def test_a_large_chat_is_rendered_whole(make_stack: Any) -> None:
             assert _post(http, {"model": "m", "messages": messages}).status_code == 200
     prompts = [b["prompt"] for b in stack.fake.requests]
     assert prompts[-1] == prompts[-2].replace("a" * 10, "b" * 100_000)
+
+
+def test_client_connections_keep_tcp_nodelay_between_and_during_responses(
+    make_stack: Any,
+) -> None:
+    """Tornado turned Nagle's algorithm back on after every response (and wrote each
+    response with it on until its end, so an SSE event could wait for the client's ACK of
+    the previous one), at two setsockopt calls per request. Client connections now have
+    TCP_NODELAY on from accept to close."""
+    stack = make_stack()
+    body = {"model": "m", "messages": CHAT, "max_tokens": 5}
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        for stream in (False, True, False):
+            r = _post(http, {**body, "stream": stream})
+            assert r.status_code == 200
+            connections = list(stack.server._connections)
+            assert len(connections) == 1  # the one kept-alive connection
+            sock = connections[0].stream.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

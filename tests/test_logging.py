@@ -204,6 +204,59 @@ def test_a_stalled_log_reader_never_blocks_the_writer_and_drops_are_reported() -
     assert len(written) + dropped == 200
 
 
+class CountingStream(io.StringIO):
+    """A stderr that counts the writes it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_the_log_writer_gathers_lines_and_drain_cuts_its_wait_short() -> None:
+    """Woken for every write (each event-loop iteration's access log lines), the writer
+    thread cost the loop a thread switch and the GIL each time. It now gathers what comes
+    within its linger into one write; drain() (and close) write at once, not after it."""
+    stream = CountingStream()
+    writer = BackgroundWriter(stream, linger=60)
+    for i in range(100):
+        writer.write(f"line {i:03d}\n")
+    assert writer.drain(10)  # long before the 60 s linger
+    assert stream.getvalue() == "".join(f"line {i:03d}\n" for i in range(100))
+    assert stream.writes == 1
+    writer.write("last\n")
+    writer.close()
+    assert stream.getvalue().endswith("line 099\nlast\n")
+
+
+def test_a_flushed_log_record_is_written_without_waiting_for_the_linger() -> None:
+    """What `logging` writes (a warning, an error) is flushed, and goes out at once: a
+    process killed right after it still leaves it in the log."""
+    written = threading.Event()
+
+    class Signalling(io.StringIO):
+        def write(self, text: str) -> int:
+            n = super().write(text)
+            written.set()
+            return n
+
+    stream = Signalling()
+    writer = BackgroundWriter(stream, linger=60)
+    handler = logging.StreamHandler(writer)
+    logger = logging.getLogger("test_logging.flushed")
+    logger.addHandler(handler)
+    try:
+        logger.warning("key reload failed")
+        assert written.wait(10)  # long before the 60 s linger
+        assert stream.getvalue() == "key reload failed\n"
+    finally:
+        logger.removeHandler(handler)
+        writer.close()
+
+
 def test_a_proxy_whose_stderr_nobody_reads_keeps_answering(tmp_path: Any) -> None:
     """Item 13b: the access log's lines filled an unread stderr pipe (64 KiB), the write
     blocked the event loop, and every request after that waited for a read timeout."""

@@ -245,3 +245,29 @@ def test_slots_count_generations_and_a_reservation_settles_to_the_real_count() -
     clock.t += 61  # the reservation outlived its minute: settling it takes nothing twice
     run(limiter.finish(small, 5))
     assert run(limiter.admit(p, Cost(tokens=95))).headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_finish_without_a_task_settles_exactly_as_finish(direct: bool) -> None:
+    """The handler releases an in-memory admission with finish_now(), on the spot: a task
+    per request only to run code that waits for nothing cost CPU on every request. Both
+    ways must leave the same state: slots freed once, the reservation settled to the real
+    count."""
+    limiter = InMemoryLimiter(now=Clock())
+    p = Principal("d", Limits(tokens_per_minute=100, max_concurrent=2))
+    first = run(limiter.admit(p, Cost(generations=2, tokens=60)))
+    assert limiter.in_flight("d") == 2
+
+    def finish(admission: object, tokens: int) -> None:
+        if direct:
+            limiter.finish_now(admission, tokens)  # type: ignore[arg-type]
+        else:
+            run(limiter.finish(admission, tokens))  # type: ignore[arg-type]
+
+    finish(first, 20)
+    finish(first, 20)  # a second release neither frees nor charges anything
+    assert limiter.in_flight("d") == 0
+    second = run(limiter.admit(p, Cost(tokens=80)))
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"  # 20 + 80
+    finish(second, 0)
+    assert limiter.in_flight("d") == 0

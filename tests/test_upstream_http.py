@@ -597,3 +597,61 @@ def test_an_answer_that_comes_with_its_deadline_is_not_relayed(
         r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": stream})
         assert r.status_code == 504, r.text
         assert r.json()["error"]["message"] == "llama.cpp did not start answering within 0.3s"
+
+
+def _peek_quiet(fd: int) -> bool:
+    """The check as it was: a MSG_PEEK recv on a borrowed socket object (the reference)."""
+    import socket
+
+    peek = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    try:
+        peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    finally:
+        peek.detach()
+    return False
+
+
+def test_an_idle_connection_is_quiet_exactly_when_the_kernel_holds_nothing_for_it() -> None:
+    """Connection.quiet() asks poll(2) whether anything (bytes, EOF, a reset) arrived that
+    the event loop has not read yet; it must answer as the MSG_PEEK check it replaced, on
+    every state an idle pooled connection can be in. (No await between the server's action
+    and the check: the loop must not read the bytes first, the kernel path is the one
+    tested.)"""
+    import socket
+    import struct
+
+    async def scenario() -> list[tuple[str, bool, bool]]:
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", 4, 2.0)
+        seen = []
+        for action in ("nothing", "bytes", "close", "reset"):
+            conn = await pool.acquire()
+            peer, _ = server.accept()
+            if action == "bytes":
+                peer.sendall(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            elif action == "close":
+                peer.close()
+            elif action == "reset":
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.close()
+            fd = conn.writer.get_extra_info("socket").fileno()
+            reference = _peek_quiet(fd)
+            seen.append((action, conn.quiet(), reference))
+            pool.release(conn, False)
+            if action in ("nothing", "bytes"):
+                peer.close()
+        pool.close()
+        server.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        ("nothing", True, True),
+        ("bytes", False, False),
+        ("close", False, False),
+        ("reset", False, False),
+    ]

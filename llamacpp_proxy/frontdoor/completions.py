@@ -693,32 +693,41 @@ class CompletionsHandler(BaseHandler):
             if self.ttft is None:  # once per request: one test per read, nothing per token
                 self.ttft = self.request.request_time()
             generation.last_event = events[-1]
-            for event in events:
-                text = event.get("content") or ""
-                if tool_filter is not None:
-                    text = tool_filter.feed(text)
-                logprobs = None
-                if top is not None:
-                    entries = event.get("completion_probabilities") or []
-                    if entries:
-                        if chat:
-                            logprobs = chat_logprobs(entries, top)
-                        else:
-                            logprobs = text_logprobs(entries, top, generation.text_offset)
-                if text or logprobs is not None:
-                    write(encoder.content(index, text, logprobs))
-                    generation.text_offset += len(text)
-                if event.get("stop"):
-                    self._charge(generation, event)
-                    reason = finish_reason(event.get("stop_type"))
+            # The read's chunks go to the handler in one write: RequestHandler.write per
+            # chunk (its checks, utf8(), the buffer append) was paid per token, and flush
+            # joins the buffer anyway, so the bytes sent are the same.
+            frames: list[bytes] = []
+            add = frames.append
+            try:
+                for event in events:
+                    text = event.get("content") or ""
                     if tool_filter is not None:
-                        rest, calls = tool_filter.finish()
-                        if rest:
-                            write(encoder.content(index, rest))
-                        if calls:
-                            write(encoder.tool_calls(index, calls))
-                            reason = "tool_calls"
-                    write(encoder.finish(index, reason))
+                        text = tool_filter.feed(text)
+                    logprobs = None
+                    if top is not None:
+                        entries = event.get("completion_probabilities") or []
+                        if entries:
+                            if chat:
+                                logprobs = chat_logprobs(entries, top)
+                            else:
+                                logprobs = text_logprobs(entries, top, generation.text_offset)
+                    if text or logprobs is not None:
+                        add(encoder.content(index, text, logprobs))
+                        generation.text_offset += len(text)
+                    if event.get("stop"):
+                        self._charge(generation, event)
+                        reason = finish_reason(event.get("stop_type"))
+                        if tool_filter is not None:
+                            rest, calls = tool_filter.finish()
+                            if rest:
+                                add(encoder.content(index, rest))
+                            if calls:
+                                add(encoder.tool_calls(index, calls))
+                                reason = "tool_calls"
+                        add(encoder.finish(index, reason))
+            finally:  # what came before a failure in this read still goes out first
+                if frames:
+                    write(frames[0] if len(frames) == 1 else b"".join(frames))
             return self._flush_with_backpressure()
 
         call, client = generation.call, generation.client

@@ -26,7 +26,7 @@ from ..errors import (
     ServiceShuttingDown,
 )
 from ..guard.auth import Principal
-from ..guard.ratelimit import Admission
+from ..guard.ratelimit import Admission, InMemoryLimiter
 from ..ids import unique_id
 from ..model_names import model_display_name, model_object
 from ..observe.usage import UsageRecord
@@ -248,7 +248,11 @@ class BaseHandler(tornado.web.RequestHandler):
         admission = self.admission
         if admission is not None and not admission.finished:
             tokens = self.prompt_tokens + self.completion_tokens
-            self.ctx.run_in_background(self.ctx.limiter.finish(admission, tokens))
+            limiter = self.ctx.limiter
+            if type(limiter) is InMemoryLimiter:
+                limiter.finish_now(admission, tokens)  # no I/O: no task per request
+            else:
+                self.ctx.run_in_background(limiter.finish(admission, tokens))
         if self.records_usage and not self._recorded:
             self._recorded = True
             self._record_usage()

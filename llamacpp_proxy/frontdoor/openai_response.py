@@ -179,6 +179,10 @@ class ChunkEncoder:
         # Between the index and the text of a content chunk.
         self._text_key = b',"delta":{"content":' if chat else b',"text":'
         self._text_end = b'},"logprobs":' if chat else b',"logprobs":'
+        self._no_logprobs_end = self._text_end + b'null,"finish_reason":null}]}\n\n'
+        # Per choice index, everything before a content chunk's text: a token then costs
+        # its text's encoding and one concatenation (one entry per choice of the response).
+        self._content_heads: dict[int, bytes] = {}
 
     def _frame(self, choice: bytes) -> bytes:
         return self._head + choice + b"]}\n\n"
@@ -192,17 +196,15 @@ class ChunkEncoder:
 
     def content(self, index: int, text: str, logprobs: dict[str, Any] | None = None) -> bytes:
         """A chunk carrying generated text (and its logprobs when asked for)."""
-        return b"".join(
-            (
-                self._head,
-                b'{"index":',
-                str(index).encode(),
-                self._text_key,
-                dumps(text),
-                self._text_end,
-                b"null" if logprobs is None else dumps(logprobs),
-                b',"finish_reason":null}]}\n\n',
+        head = self._content_heads.get(index)
+        if head is None:
+            head = self._content_heads[index] = b"".join(
+                (self._head, b'{"index":', str(index).encode(), self._text_key)
             )
+        if logprobs is None:
+            return head + dumps(text) + self._no_logprobs_end
+        return b"".join(
+            (head, dumps(text), self._text_end, dumps(logprobs), b',"finish_reason":null}]}\n\n')
         )
 
     def tool_calls(self, index: int, calls: list[dict[str, Any]]) -> bytes:

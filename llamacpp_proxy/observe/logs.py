@@ -81,6 +81,11 @@ class TextSink(Protocol):
 
 
 LOG_BUFFER = 4 * 1024 * 1024  # characters waiting for a slow log reader before lines drop
+LOG_LINGER = 0.05
+"""Seconds the writer thread gathers access log lines after the first one wakes it. Woken
+for every event-loop iteration's lines instead, it took the GIL from the loop and cost a
+thread switch each time: 4% of the loop's samples at 32 clients went to `Condition.notify`
+alone. A `logging` record (a warning, an error) is flushed, which ends the wait at once."""
 
 
 class BackgroundWriter:
@@ -90,9 +95,15 @@ class BackgroundWriter:
     counted, and the count is written as a line of its own once the reader catches up.
     """
 
-    def __init__(self, stream: TextIO, max_chars: int = LOG_BUFFER) -> None:
+    def __init__(
+        self, stream: TextIO, max_chars: int = LOG_BUFFER, linger: float = LOG_LINGER
+    ) -> None:
         self._stream = stream
         self._max = max_chars
+        self._linger = linger
+        self._idle = False  # the thread waits for text: the next write wakes it
+        self._hurry = 0  # drain() callers waiting: write now, no lingering
+        self._urgent = False  # flush() asked for what is queued to go now
         self._pending: deque[str] = deque()
         self._size = 0
         self._dropped = 0
@@ -110,21 +121,33 @@ class BackgroundWriter:
                 return 0
             self._pending.append(text)
             self._size += len(text)
-            self._cond.notify()
+            if self._idle:  # else the thread is busy or lingering: it takes this text too
+                self._idle = False
+                self._cond.notify_all()
         return len(text)
 
     def flush(self) -> None:
-        """Nothing to do: the writer thread flushes after every batch."""
+        """Have what is queued written now, without the linger (the writer thread flushes
+        the stream after every batch). `logging` calls it after every record."""
+        with self._cond:
+            if self._pending and not self._urgent:
+                self._urgent = True
+                self._cond.notify_all()
 
     def drain(self, timeout: float) -> bool:
         """Wait until everything queued was written (True), or `timeout` passed."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending or self._writing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
+            self._hurry += 1
+            self._cond.notify_all()  # cuts a linger short
+            try:
+                while self._pending or self._writing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._hurry -= 1
         return True
 
     def close(self, timeout: float = 2.0) -> None:
@@ -138,9 +161,19 @@ class BackgroundWriter:
         while True:
             with self._cond:
                 while not self._pending and not self._dropped and not self._closed:
+                    self._idle = True
                     self._cond.wait()
+                self._idle = False
+                # Gather what the next iterations log too: one wake-up per linger.
+                until = time.monotonic() + self._linger
+                while not self._closed and not self._hurry and not self._urgent:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if self._closed and not self._pending:
                     return
+                self._urgent = False
                 text = "".join(self._pending)
                 self._pending.clear()
                 self._size = 0
@@ -184,6 +217,8 @@ class AccessLog:
         now: Callable[[], float] = time.time,
     ) -> None:
         self._stream = stream
+        # Lines for a BackgroundWriter are not flushed: it gathers them (LOG_LINGER).
+        self._flushes = not isinstance(stream, BackgroundWriter)
         self._json = json_lines
         self._schedule = schedule
         self._now = now
@@ -224,6 +259,7 @@ class AccessLog:
             self._lines.clear()
             try:
                 self._stream.write(text)
-                self._stream.flush()
+                if self._flushes:
+                    self._stream.flush()
             except (OSError, ValueError):  # a closed or full stderr must not stop serving
                 pass

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import socket
 import ssl
 import threading
@@ -263,6 +264,7 @@ class _Scratch(threading.local):
 
     def __init__(self) -> None:
         self.view = memoryview(bytearray(READ_SIZE))
+        self.poll = select.poll()  # Connection.quiet's, registered only during one check
 
 
 _SCRATCH = _Scratch()
@@ -325,19 +327,20 @@ class Connection:
         sock = self.writer.get_extra_info("socket")
         if sock is None or self.writer.get_extra_info("sslcontext") is not None:
             return True  # TLS records (session tickets) are no response bytes: trust the reader
-        # Bytes (or EOF) may be in the kernel that the event loop has not read yet: peek.
-        # asyncio hands out a TransportSocket without recv; borrow the descriptor instead
-        # (detached again, so it is not closed).
-        peek = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+        # Bytes (or EOF, or a reset) may be in the kernel that the event loop has not read
+        # yet: ask poll(2), which reports any of them as an event. (A MSG_PEEK recv on a
+        # borrowed socket object answered the same, at 2.9 µs a check against 0.5 µs, with
+        # a getsockname call and, when quiet, an exception; this runs on every reuse.)
+        poll = _SCRATCH.poll
+        fd = sock.fileno()
         try:
-            peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return True  # nothing to read: the connection is quiet
-        except OSError:
+            poll.register(fd, select.POLLIN | select.POLLPRI)
+            try:
+                return not poll.poll(0)
+            finally:
+                poll.unregister(fd)
+        except (OSError, ValueError):
             return False
-        finally:
-            peek.detach()
-        return False  # EOF (b"") or unread bytes: either way the connection is unusable
 
 
 class ConnectionPool:
@@ -412,10 +415,12 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=MAX_HEAD, loop=loop)
         protocol = _StreamReaderProtocol(reader, loop=loop)
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: protocol, self.host, self.port, ssl=context),
-            self.connect_timeout,
-        )
+        # asyncio.timeout, not wait_for: wait_for runs the connect in a task of its own, one
+        # more task per stream (every stream opens a connection, docs/resilience.md).
+        async with asyncio.timeout(self.connect_timeout):
+            transport, _ = await loop.create_connection(
+                lambda: protocol, self.host, self.port, ssl=context
+            )
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         sock = writer.get_extra_info("socket")
         if sock is not None:
