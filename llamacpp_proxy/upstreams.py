@@ -50,6 +50,9 @@ log = logging.getLogger("llamacpp_proxy.route")
 PROBE_TICK_MIN = 0.05
 """Shortest sleep of the probe loop (a probe still in flight stays due)."""
 PROBE_TICK_MAX = 1.0
+OUTSIDE_POLL_INTERVAL = 0.05
+"""Seconds between re-reads of /slots while requests wait on outside load (Router
+.on_outside_wait): short next to the probe interval, long next to one /slots answer."""
 DEMAND_PROBE_INTERVAL = 1.0  # seconds between probes a request asks for when every server is down
 """Longest: a reload or a new server is noticed within it."""
 DRAIN_LIMIT = 24 * 3600.0
@@ -137,6 +140,8 @@ class PoolRuntime:
         self._model_templates: dict[str, ChatTemplate] = {}
         self.asked_down_at = -DEMAND_PROBE_INTERVAL
         """When a request last had every server probed at once (`Routes.probe_down_now`)."""
+        self.outside_poll: asyncio.Task[None] | None = None
+        """Re-reads /slots while requests wait on outside load (`Routes._watch_outside`)."""
 
     def client_for(self, key: str) -> LlamaCppClient:
         """The client of a leased server (it may have been removed since: draining)."""
@@ -236,7 +241,8 @@ class Routes:
 
     async def close(self) -> None:
         """Stop probing and close every server's connections."""
-        tasks = [t for t in (self._task, *self._probing.values(), *self._closing) if t]
+        polls = [r.outside_poll for r in self.pools.values()]
+        tasks = [t for t in (self._task, *self._probing.values(), *self._closing, *polls) if t]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -317,14 +323,39 @@ class Routes:
                 if total is not None:
                     router.set_total_slots(key, total)
             if key not in runtime.no_slots:
-                slots = await client._get("/slots", timeout=timeout)
-                busy = parse_processing(slots.body) if slots.status == 200 else None
-                if busy is None:
-                    runtime.no_slots.add(key)
-                else:
-                    router.observe_slots(key, busy)
+                await self._read_slots(runtime, client, key)
         except ProxyError:
             pass  # /health decides the state; the next probe asks again
+
+    async def _read_slots(self, runtime: PoolRuntime, client: LlamaCppClient, key: str) -> None:
+        """Record how many of a server's slots /slots shows processing (raises ProxyError)."""
+        slots = await client._get("/slots", timeout=self.settings.upstream_connect_timeout)
+        busy = parse_processing(slots.body) if slots.status == 200 else None
+        if busy is None:
+            runtime.no_slots.add(key)
+        else:
+            runtime.router.observe_slots(key, busy)
+
+    def _watch_outside(self, runtime: PoolRuntime) -> None:
+        """Router.on_outside_wait: a request waits while outside load holds slots."""
+        if runtime.outside_poll is None or runtime.outside_poll.done():
+            runtime.outside_poll = asyncio.ensure_future(self._poll_outside(runtime))
+
+    async def _poll_outside(self, runtime: PoolRuntime) -> None:
+        """Re-read /slots of the servers outside load holds, every OUTSIDE_POLL_INTERVAL, for
+        as long as requests wait on them: a slot that outside work freed is seen within that
+        interval, not at the next probe. Ends when nobody waits or no outside load is seen."""
+        router = runtime.router
+        while keys := [k for k in router.held_by_outside() if k not in runtime.no_slots]:
+            polls = []
+            for key in keys:
+                client = runtime.probe_clients.get(key)
+                if client is None:
+                    client = runtime.probe_clients[key] = self._client_factory(key)
+                polls.append(self._read_slots(runtime, client, key))
+            # A failed read leaves the last count: /health (the probe) decides the state.
+            await asyncio.gather(*polls, return_exceptions=True)
+            await asyncio.sleep(OUTSIDE_POLL_INTERVAL)
 
     async def probe_all(self) -> None:
         """Probe every server now (joining probes in flight): /health/ready's answer must be
@@ -444,7 +475,9 @@ class Routes:
         # due at once) and sets timers only inside acquire, which runs on the loop.
         router = Router(pool, self.policy)
         clients = {s.key: self._client_factory(s.key) for s in pool.servers}
-        return PoolRuntime(pool, router, clients, template)
+        runtime = PoolRuntime(pool, router, clients, template)
+        router.on_outside_wait = lambda: self._watch_outside(runtime)
+        return runtime
 
     def _index(self) -> None:
         self._by_name = {pool.name: self.pools[pool.name] for pool in self.routing.pools}

@@ -104,6 +104,7 @@ class Script:
     fail_prompt: str | None = None  # fail_status only for prompts containing this
     adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
     total_slots: int = 4  # /props total_slots
+    outside_busy: int | None = None  # /slots: this many slots processing (None: no /slots, 404)
     cache_n: int = 0  # final event's timings.cache_n: prompt tokens reused from the cache
     gate: asyncio.Event | None = None  # /completion waits for it before answering
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
@@ -494,6 +495,23 @@ class _Props(_Base):
         self.send_json(props)
 
 
+class _Slots(_Base):
+    def get(self) -> None:
+        """As llama-server with --slots: one entry per slot, the first `outside_busy` of
+        them processing (work the gateway did not send, in the tests that set it)."""
+        script = self.fake.script
+        self.fake.slots_reads += 1
+        if script.outside_busy is None:
+            self.send_json(
+                {"error": {"code": 501, "message": "This server does not support slots"}}, 501
+            )
+            return
+        slots = [
+            {"id": i, "is_processing": i < script.outside_busy} for i in range(script.total_slots)
+        ]
+        self.send_json(slots)
+
+
 class _Tokenize(_Base):
     def post(self) -> None:
         body = json.loads(self.request.body)
@@ -557,6 +575,7 @@ class FakeLlamaCpp:
     def __init__(self) -> None:
         self.script = Script()
         self.requests: list[dict[str, Any]] = []
+        self.slots_reads = 0  # GET /slots (the gateway's prober and its re-reads)
         self.tokenize_requests: list[dict[str, Any]] = []
         self.embedding_requests: list[dict[str, Any]] = []
         self.client_disconnects = 0
@@ -585,6 +604,7 @@ class FakeLlamaCpp:
                 (r"/completions", _Completion, {"fake": self}),
                 (r"/props", _Props, {"fake": self}),
                 (r"/tokenize", _Tokenize, {"fake": self}),
+                (r"/slots", _Slots, {"fake": self}),
                 (r"/health", _Health, {"fake": self}),
                 (r"/v1/models", _Models, {"fake": self}),
                 (r"/v1/embeddings", _Embeddings, {"fake": self}),
@@ -622,6 +642,7 @@ class FakeLlamaCpp:
         self.max_health_active = self.health_active
         self.body_bytes_sent = 0
         self.props_requests = 0
+        self.slots_reads = 0
 
 
 def main() -> None:

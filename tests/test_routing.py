@@ -481,3 +481,40 @@ def test_a_request_to_a_pool_whose_servers_all_look_down_asks_them_again_at_once
             stack.runner.call(revived.stop)
     finally:
         stack.runner.call(lambda: fake.start(port))  # the session's fake, for later tests
+
+
+# -- outside load -------------------------------------------------------------------------
+
+
+def test_a_request_held_by_outside_load_goes_once_slots_shows_it_ended(
+    make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another client of the same llama-server (or another gateway process) held its one
+    slot when the prober last read /slots. A request that waits on that reading is served
+    once /slots shows the slot free, not at the next probe: the gateway re-reads /slots
+    while requests wait on outside load. Regression: the request waited for the next probe
+    (a second, with the default interval; here never, so it ran into its queue timeout and
+    got a 503)."""
+    import llamacpp_proxy.upstreams as upstreams
+
+    # Probes of a ready server only once an hour: only the re-reads can see the slot free.
+    real_policy = upstreams.ProbePolicy
+    monkeypatch.setattr(upstreams, "ProbePolicy", lambda: real_policy(ready_interval=3600.0))
+    fake = fakes[0]
+    fake.script.total_slots = 1
+    fake.script.outside_busy = 1
+    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=20.0)
+    wait_ready(stack, [fake])
+    router = next(iter(stack.ctx.routes.pools.values())).router
+    [upstream] = [router.upstream(key) for key in stack.ctx.routes.pools["default"].clients]
+    assert upstream is not None
+    assert stack.wait_for(lambda: upstream.total_slots == 1 and upstream.external_busy == 1)
+    with ThreadPoolExecutor(1) as threads:
+        answer = threads.submit(chat, stack, [{"role": "user", "content": "behind outside work"}])
+        assert stack.wait_for(lambda: len(router._queue) == 1)  # waiting on the outside load
+        assert not fake.requests
+        fake.script.outside_busy = 0  # the outside work ended
+        response = answer.result(timeout=30)
+    assert response.status_code == 200, response.text
+    assert "behind outside work" in prompt_text(fake.requests[0]["prompt"])
+    assert upstream.external_busy == 0

@@ -180,6 +180,12 @@ class Router:
         self._turn = itertools.count()
         self._affinity = self.policy.mode == "affinity"
         self._round_robin = self.policy.mode == "round-robin"
+        self.on_outside_wait: Callable[[], None] | None = None
+        """Called when a request starts to wait while outside load (`external_busy`, as last
+        seen in /slots) holds slots of a usable server: the owner re-reads /slots sooner than
+        the probe interval, so work that ended outside the gateway does not hold requests
+        until the next probe (up to a second; another client of the same llama-server, or
+        another gateway process, is outside load)."""
         self._add_servers(pool.servers)
 
     # -- the request path ------------------------------------------------------------------
@@ -276,6 +282,8 @@ class Router:
         future: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(want, exclude, future)
         self._queue.push(waiter, queue_key, queue_weight)
+        if self.on_outside_wait is not None and self.held_by_outside():
+            self.on_outside_wait()
         timers: list[Timer] = [self._clock.call_at(deadline, lambda: self._expire(waiter))]
         if want.warm is not None and now < want.warm_until < deadline:
             # When the warm wait ends, the waiter may take a cold slot free at that moment.
@@ -467,6 +475,13 @@ class Router:
         if upstream is not None:
             upstream.external_busy = max(0, processing - upstream.inflight)
             self._dispatch()
+
+    def held_by_outside(self) -> list[str]:
+        """Usable servers that outside load (as last seen in /slots) holds slots of, while
+        requests wait: worth re-reading their /slots now (`on_outside_wait`)."""
+        if not len(self._queue):
+            return []
+        return [u.key for u in self._servers.values() if u.external_busy and u.usable]
 
     def probes_due(self) -> list[Upstream]:
         """Servers whose next probe is due now (draining ones are not probed)."""
