@@ -1376,56 +1376,31 @@ def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> dict[str, Any]
     proc, port = b.start_proxy("proxy-stream", f"{nginx}/stream", [])
     base = f"http://{HOST}:{port}"
     try:
-        check_chat(f"{base}/v1/chat/completions", chat_stream, UNLIMITED_KEY, "data: [DONE]")
-        b.probe_stream("proxy", port, "/v1/chat/completions", chat_stream, UNLIMITED_KEY)
-        b.warm(base, "/v1/chat/completions", chat_stream, UNLIMITED_KEY, [proc.pid])
-        for c in args.stream_list:
-            b.point(
-                "proxy",
-                "stream",
-                c,
-                base,
-                "/v1/chat/completions",
-                chat_stream,
-                UNLIMITED_KEY,
-                [proc.pid],
-            )
+        # The same canned stream through each front door: chat completions, then Anthropic's
+        # (the translation's cost), then the Responses API's (Codex CLI's protocol; the canned
+        # stream ends at its token limit, which the Responses API calls incomplete).
+        doors = [
+            ("proxy", "/v1/chat/completions", chat_stream, "data: [DONE]", ""),
+            ("proxy-messages", "/v1/messages", messages_stream, "message_stop", "messages stream"),
+            (
+                "proxy-responses",
+                "/v1/responses",
+                responses_stream,
+                "response.incomplete",
+                "responses stream",
+            ),
+        ]
+        for system, path, body, last_event, label in doors:
+            check_chat(f"{base}{path}", body, UNLIMITED_KEY, last_event)
+            b.probe_stream(system, port, path, body, UNLIMITED_KEY)
+            b.warm(base, path, body, UNLIMITED_KEY, [proc.pid])
+            for c in args.stream_list:
+                b.point(
+                    system, "stream", c, base, path, body, UNLIMITED_KEY, [proc.pid], label=label
+                )
         if args.profile:
             b.profile(
                 "stream-32", base, "/v1/chat/completions", chat_stream, UNLIMITED_KEY, proc.pid, 32
-            )
-        # The same streams through the Anthropic front door: the translation's cost.
-        check_chat(f"{base}/v1/messages", messages_stream, UNLIMITED_KEY, "message_stop")
-        b.probe_stream("proxy-messages", port, "/v1/messages", messages_stream, UNLIMITED_KEY)
-        b.warm(base, "/v1/messages", messages_stream, UNLIMITED_KEY, [proc.pid])
-        for c in args.stream_list:
-            b.point(
-                "proxy-messages",
-                "stream",
-                c,
-                base,
-                "/v1/messages",
-                messages_stream,
-                UNLIMITED_KEY,
-                [proc.pid],
-                label="messages stream",
-            )
-        # And through the Responses front door (Codex CLI's protocol).
-        # The canned stream ends at its token limit: the Responses API calls that incomplete.
-        check_chat(f"{base}/v1/responses", responses_stream, UNLIMITED_KEY, "response.incomplete")
-        b.probe_stream("proxy-responses", port, "/v1/responses", responses_stream, UNLIMITED_KEY)
-        b.warm(base, "/v1/responses", responses_stream, UNLIMITED_KEY, [proc.pid])
-        for c in args.stream_list:
-            b.point(
-                "proxy-responses",
-                "stream",
-                c,
-                base,
-                "/v1/responses",
-                responses_stream,
-                UNLIMITED_KEY,
-                [proc.pid],
-                label="responses stream",
             )
         b.ttfb(
             "proxy",
