@@ -50,11 +50,12 @@ log = logging.getLogger("llamacpp_proxy.route")
 PROBE_TICK_MIN = 0.05
 """Shortest sleep of the probe loop (a probe still in flight stays due)."""
 PROBE_TICK_MAX = 1.0
+"""Longest: a reload or a new server is noticed within it."""
 OUTSIDE_POLL_INTERVAL = 0.05
 """Seconds between re-reads of /slots while requests wait on outside load (Router
 .on_outside_wait): short next to the probe interval, long next to one /slots answer."""
-DEMAND_PROBE_INTERVAL = 1.0  # seconds between probes a request asks for when every server is down
-"""Longest: a reload or a new server is noticed within it."""
+DEMAND_PROBE_INTERVAL = 1.0
+"""Seconds between probes a request asks for when every server is down."""
 DRAIN_LIMIT = 24 * 3600.0
 """A removed server's connections are closed once its last generation ended, or after this."""
 

@@ -505,13 +505,15 @@ def test_a_request_held_by_outside_load_goes_once_slots_shows_it_ended(
     fake.script.outside_busy = 1
     stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=20.0)
     wait_ready(stack, [fake])
-    router = next(iter(stack.ctx.routes.pools.values())).router
-    [upstream] = [router.upstream(key) for key in stack.ctx.routes.pools["default"].clients]
+    runtime = stack.ctx.routes.pools["default"]
+    router = runtime.router
+    [key] = runtime.clients
+    upstream = router.upstream(key)
     assert upstream is not None
     assert stack.wait_for(lambda: upstream.total_slots == 1 and upstream.external_busy == 1)
     with ThreadPoolExecutor(1) as threads:
         answer = threads.submit(chat, stack, [{"role": "user", "content": "behind outside work"}])
-        assert stack.wait_for(lambda: len(router._queue) == 1)  # waiting on the outside load
+        assert stack.wait_for(lambda: router.held_by_outside() == [key])  # queued behind it
         assert not fake.requests
         fake.script.outside_busy = 0  # the outside work ended
         response = answer.result(timeout=30)
