@@ -158,6 +158,23 @@ def fake(runner: LoopThread) -> Iterator[FakeLlamaCpp]:
     runner.call(server.stop)
 
 
+@pytest.fixture
+def fakes(runner: LoopThread) -> Iterator[list[FakeLlamaCpp]]:
+    """Four fresh fake llama.cpp servers, for gateways of several servers (tests use as
+    many as they need)."""
+
+    async def start() -> list[FakeLlamaCpp]:
+        servers = [FakeLlamaCpp() for _ in range(4)]
+        for server in servers:
+            server.start()
+        return servers
+
+    servers = runner.run(start())
+    yield servers
+    for server in servers:
+        runner.call(server.stop)
+
+
 def start_stack(runner: LoopThread, fake: FakeLlamaCpp, **overrides: Any) -> Stack:
     """A proxy with Settings overrides in front of the fake, on a free loopback port."""
     overrides.setdefault("llamacpp_server", fake.url)

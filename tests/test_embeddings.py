@@ -471,22 +471,8 @@ def test_the_ledger_and_the_metrics_count_embeddings(make_stack: Any, tmp_path: 
 
 
 @pytest.fixture
-def two_fakes(runner: LoopThread) -> Iterator[list[FakeLlamaCpp]]:
-    async def start() -> list[FakeLlamaCpp]:
-        servers = [FakeLlamaCpp() for _ in range(2)]
-        for server in servers:
-            server.start()
-        return servers
-
-    servers = runner.run(start())
-    yield servers
-    for server in servers:
-        runner.call(server.stop)
-
-
-@pytest.fixture
-def routed(runner: LoopThread, two_fakes: list[FakeLlamaCpp], tmp_path: Path) -> Iterator[Stack]:
-    chat, embed = two_fakes
+def routed(runner: LoopThread, fakes: list[FakeLlamaCpp], tmp_path: Path) -> Iterator[Stack]:
+    chat, embed = fakes[:2]
     embed.script.embedding_size = 4
     upstreams = tmp_path / "upstreams.toml"
     upstreams.write_text(
@@ -500,9 +486,9 @@ def routed(runner: LoopThread, two_fakes: list[FakeLlamaCpp], tmp_path: Path) ->
 
 
 def test_embeddings_route_by_model_and_each_kind_refuses_the_other(
-    routed: Stack, two_fakes: list[FakeLlamaCpp]
+    routed: Stack, fakes: list[FakeLlamaCpp]
 ) -> None:
-    chat, embed = two_fakes
+    chat, embed = fakes[:2]
     client = routed.client()
     for name in ("embed", "text-embedding-3-small"):
         answer = client.embeddings.create(model=name, input="hi", encoding_format="float")

@@ -26,22 +26,6 @@ INTERN_KEY = "sk-test-intern-0123456789"
 
 
 @pytest.fixture
-def fakes(runner: LoopThread) -> Iterator[list[FakeLlamaCpp]]:
-    """Four fake llama.cpp servers (tests use as many as they need)."""
-
-    async def start() -> list[FakeLlamaCpp]:
-        servers = [FakeLlamaCpp() for _ in range(4)]
-        for server in servers:
-            server.start()
-        return servers
-
-    servers = runner.run(start())
-    yield servers
-    for server in servers:
-        runner.call(server.stop)
-
-
-@pytest.fixture
 def make_gateway(runner: LoopThread, fakes: list[FakeLlamaCpp]) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
 
