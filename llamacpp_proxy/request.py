@@ -21,6 +21,9 @@ class CompletionRequest:
     """Chat: messages normalised for the template (content always a string or None)."""
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    """False: at most one tool call per answer (OpenAI's `parallel_tool_calls: false`,
+    Anthropic's `disable_parallel_tool_use`); calls past the first are dropped."""
     stream: bool = False
     include_usage: bool = False
     n: int = 1

@@ -72,6 +72,23 @@ def test_text_that_is_not_a_call_stays_content(text: str) -> None:
     assert parse_tool_calls(text, TOOLS) is None
 
 
+def test_parallel_off_keeps_only_the_first_call() -> None:
+    """A client that sent parallel_tool_calls: false (or disable_parallel_tool_use) gets
+    one call, whatever the model wrote: in every format, streamed (the filter) or not."""
+    two = (
+        '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>\n'
+        '<tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>'
+    )
+    mistral = '[TOOL_CALLS] [{"name": "get_time", "arguments": {}}, {"name": "get_weather"}]'
+    for text, first in ((two, "get_weather"), (mistral, "get_time")):
+        assert len((parse_tool_calls(text, TOOLS) or (None, []))[1]) == 2
+        _, calls = parse_tool_calls(text, TOOLS, parallel=False) or (None, [])
+        assert [c["function"]["name"] for c in calls] == [first]
+        held = ToolCallFilter(TOOLS, forced=False, parallel=False)
+        assert held.feed(text) == ""
+        assert [c["function"]["name"] for c in held.finish()[1]] == [first]
+
+
 def test_content_before_a_hermes_call_is_kept() -> None:
     parsed = parse_tool_calls(
         'Let me check.\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', TOOLS

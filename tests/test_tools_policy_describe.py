@@ -247,6 +247,70 @@ def test_described_call_comes_back_as_openai_tool_calls(
     assert reasons[-1] == "tool_calls"
 
 
+TWO_CALLS = [
+    "Checking both.",
+    '\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+    '\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
+]
+ONE_AT_MOST = "Call at most one tool in each answer: write one block, then wait for its result."
+
+
+def test_parallel_calls_off_keeps_the_first_call_in_every_front_door(
+    described: Stack, claude: anthropic.Anthropic, gpt: openai.OpenAI
+) -> None:
+    """`parallel_tool_calls: false` (OpenAI chat and Responses) and Anthropic's
+    `disable_parallel_tool_use` tell the model to call one tool at most, and a second call
+    it writes anyway never reaches a client that said it cannot take one."""
+    described.fake.script.tokens = list(TWO_CALLS)
+    # By default both calls come back (and the prompt says nothing about one at most).
+    both = gpt.chat.completions.create(model="m", messages=ASK, tools=[OPENAI_WEATHER])
+    assert len(both.choices[0].message.tool_calls or []) == 2
+    assert ONE_AT_MOST not in sent(described)
+
+    one = gpt.chat.completions.create(
+        model="m", messages=ASK, tools=[OPENAI_WEATHER], parallel_tool_calls=False
+    )
+    assert ONE_AT_MOST in sent(described)
+    [call] = one.choices[0].message.tool_calls or []
+    assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert one.choices[0].finish_reason == "tool_calls"
+    chunks = list(
+        gpt.chat.completions.create(
+            model="m",
+            messages=ASK,
+            tools=[OPENAI_WEATHER],
+            parallel_tool_calls=False,
+            stream=True,
+        )
+    )
+    streamed = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert [json.loads(tc.function.arguments) for tc in streamed] == [{"city": "Paris"}]  # type: ignore[arg-type, union-attr]
+
+    kwargs: Any = {
+        "model": "m",
+        "max_tokens": 50,
+        "tools": [WEATHER],
+        "messages": ASK,
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+    }
+    message = claude.messages.create(**kwargs)
+    assert [b.input for b in message.content if b.type == "tool_use"] == [{"city": "Paris"}]
+    assert ONE_AT_MOST in sent(described)
+    with claude.messages.stream(**kwargs) as stream:
+        final = stream.get_final_message()
+    assert [b.input for b in final.content if b.type == "tool_use"] == [{"city": "Paris"}]
+
+    response = gpt.responses.create(
+        model="m",
+        input="Weather in Paris?",
+        tools=[{"type": "function", **OPENAI_WEATHER["function"]}],
+        parallel_tool_calls=False,
+    )
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [json.loads(c.arguments) for c in calls] == [{"city": "Paris"}]  # type: ignore[union-attr]
+    assert response.parallel_tool_calls is False
+
+
 def test_malformed_described_call_stays_text(
     described: Stack, claude: anthropic.Anthropic, gpt: openai.OpenAI
 ) -> None:

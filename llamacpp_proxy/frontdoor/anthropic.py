@@ -319,6 +319,9 @@ def parse_messages_request(body: dict[str, Any], *, count_only: bool = False) ->
     request = CompletionRequest(chat=True, model=model)
     request.messages = _messages(body)
     request.tools, request.tool_choice = _tools(body)
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True:
+        request.parallel_tool_calls = False
     if count_only:
         return request
     max_tokens = body.get("max_tokens")

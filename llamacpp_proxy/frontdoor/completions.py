@@ -170,6 +170,7 @@ class CompletionsHandler(BaseHandler):
         self._tools: list[dict[str, Any]] | None = None
         self.stream_error: str | None = None
         self._forced_tools = False
+        self._parallel_tools = True  # False: at most one tool call per answer
         self._described = False  # tools policy "describe": calls are parsed from text
         self._early_error: ProxyError | None = None
         self._pool: PoolRuntime | None = None
@@ -219,6 +220,7 @@ class CompletionsHandler(BaseHandler):
         request = self.parse_request(body)
         self.keepalive_while_queued = request.stream
         self._tools = _active_tools(request)
+        self._parallel_tools = request.parallel_tool_calls
         self._forced_tools = merge_constraints(request, self._tools)
         assert self.principal is not None  # completions require a key
         # Before admission: a model the key cannot use costs it nothing.
@@ -317,7 +319,7 @@ class CompletionsHandler(BaseHandler):
         if policy == "describe":
             self._described = True
             self.set_header(DESCRIBED_HEADER, str(len(self._tools)))
-            description = describe_tools(self._tools, request.tool_choice)
+            description = describe_tools(self._tools, request.tool_choice, self._parallel_tools)
             return described_conversation(messages, description)
         if policy != "drop" or self._forced_tools:
             forced = " and tool_choice forces a call" if self._forced_tools else ""
@@ -369,7 +371,9 @@ class CompletionsHandler(BaseHandler):
                 generation = Generation(choice, prompt, body, j == 0)
                 if self._tools:
                     kind = DescribedCallFilter if self._described else ToolCallFilter
-                    generation.tool_filter = kind(self._tools, self._forced_tools)
+                    generation.tool_filter = kind(
+                        self._tools, self._forced_tools, self._parallel_tools
+                    )
                 generations.append(generation)
         return generations
 
@@ -423,7 +427,7 @@ class CompletionsHandler(BaseHandler):
             choice.text = str(result.get("content") or "")
             choice.finish_reason = finish_reason(result.get("stop_type"))
             if self._tools:
-                parsed = parse_tool_calls(choice.text, self._tools)
+                parsed = parse_tool_calls(choice.text, self._tools, self._parallel_tools)
                 if parsed is not None:
                     content, choice.tool_calls = parsed
                     choice.text = content or ""

@@ -166,6 +166,7 @@ class CountTokensHandler(MessagesHandler):
         self._body_parts = []
         request = anthropic.parse_messages_request(body, count_only=True)
         self._tools = _active_tools(request)
+        self._parallel_tools = request.parallel_tool_calls
         self._forced_tools = merge_constraints(request, self._tools)
         assert self.principal is not None
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)

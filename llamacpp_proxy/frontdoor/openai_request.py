@@ -256,6 +256,7 @@ def parse_chat_request(body: dict[str, Any]) -> CompletionRequest:
         raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     _unsupported_chat_fields(body)
     request.tools, request.tool_choice = _tools(body)
+    request.parallel_tool_calls = body.get("parallel_tool_calls") is not False
     request.json_schema = _response_format(body.get("response_format"))
     _common(body, request)
     return request

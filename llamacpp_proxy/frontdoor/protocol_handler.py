@@ -30,7 +30,7 @@ class ProtocolHandler(CompletionsHandler):
         text = str(result.get("content") or "")
         calls = None
         if self._tools:
-            found = parse_tool_calls(text, self._tools)
+            found = parse_tool_calls(text, self._tools, self._parallel_tools)
             if found is not None:
                 content, calls = found
                 text = content or ""

@@ -472,6 +472,7 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesRequest:
     request.messages = messages
     request.tools = _tools(body, parsed)
     request.tool_choice = _tool_choice(body, request.tools)
+    request.parallel_tool_calls = body.get("parallel_tool_calls") is not False
     max_output = body.get("max_output_tokens")
     if max_output is not None:
         if not is_int(max_output):

@@ -78,9 +78,21 @@ def _calls_from_json(text: str, names: set[str]) -> list[dict[str, Any]] | None:
 
 
 def parse_tool_calls(
+    text: str, tools: list[dict[str, Any]], parallel: bool = True
+) -> tuple[str | None, list[dict[str, Any]]] | None:
+    """(content, calls) if the text calls offered tools, else None (it is plain content).
+    Not `parallel` (the client asked for one call at most): only the first call is kept;
+    the model was told so, and a client that said so may not handle a second."""
+    found = _parse_calls(text, tools)
+    if found is None or parallel:
+        return found
+    content, calls = found
+    return content, calls[:1]
+
+
+def _parse_calls(
     text: str, tools: list[dict[str, Any]]
 ) -> tuple[str | None, list[dict[str, Any]]] | None:
-    """(content, calls) if the text calls offered tools, else None (it is plain content)."""
     names = {t["function"]["name"] for t in tools}
     stripped = text.strip()
     if "<tool_call>" in stripped:
@@ -109,10 +121,11 @@ class ToolCallFilter:
     released and the rest passes straight through.
     """
 
-    __slots__ = ("_held", "_mode", "_tools")
+    __slots__ = ("_held", "_mode", "_parallel", "_tools")
 
-    def __init__(self, tools: list[dict[str, Any]], forced: bool) -> None:
+    def __init__(self, tools: list[dict[str, Any]], forced: bool, parallel: bool = True) -> None:
         self._tools = tools
+        self._parallel = parallel
         self._held = ""
         self._mode = "hold" if not forced else "call"  # hold | text | call
 
@@ -145,7 +158,7 @@ class ToolCallFilter:
     def _parsed(self, held: str) -> tuple[str, list[dict[str, Any]]]:
         """What was held, as (text before the calls, calls), or as (text, []) when it does
         not parse as calls of the offered tools."""
-        parsed = parse_tool_calls(held, self._tools)
+        parsed = parse_tool_calls(held, self._tools, self._parallel)
         if parsed is None:
             return held, []
         content, calls = parsed

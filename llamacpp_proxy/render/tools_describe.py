@@ -47,6 +47,7 @@ _HOW = (
     "wait for the results. Each result comes back in the next user message as "
     '<tool_result name="TOOL_NAME">…</tool_result>.'
 )
+_ONE = "Call at most one tool in each answer: write one block, then wait for its result."
 _AUTO = "If no tool is needed, answer in plain text without a block."
 _REQUIRED = "You must call one of these tools now: answer with a <tool_call> block."
 _NAMED = "You must call the tool {name} now: answer with a <tool_call> block for it."
@@ -64,8 +65,9 @@ def _schema(parameters: Any) -> Any:
     return parameters if parameters is not None else {"type": "object"}
 
 
-def describe_tools(tools: list[dict[str, Any]], tool_choice: Any) -> str:
-    """The system prompt text that offers these (OpenAI-shaped) tools to the model."""
+def describe_tools(tools: list[dict[str, Any]], tool_choice: Any, parallel: bool = True) -> str:
+    """The system prompt text that offers these (OpenAI-shaped) tools to the model; not
+    `parallel`: it is told to call one at most."""
     parts = [_INTRO, ""]
     for tool in tools:
         fn = tool["function"]
@@ -76,6 +78,8 @@ def describe_tools(tools: list[dict[str, Any]], tool_choice: Any) -> str:
         parts.append(f"Arguments schema: {_compact(_schema(fn.get('parameters')))}")
         parts.append("")
     parts.append(_HOW)
+    if not parallel:
+        parts.append(_ONE)
     if tool_choice == "required":
         parts.append(_REQUIRED)
     elif isinstance(tool_choice, dict):
