@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -106,8 +107,8 @@ def read_costs(event: bytes, n: int = 50_000) -> dict[str, float]:
 class _WriteBench(tornado.web.RequestHandler):
     """Streams `n` copies of a frame, one per loop turn, by the path `mode` names."""
 
-    _push = CompletionsHandler._push  # type: ignore[misc]  # its write path, on this handler
-    _push_public = CompletionsHandler._push_public  # type: ignore[misc]
+    _push: Any = CompletionsHandler._push  # its write path, on this handler
+    _push_public: Any = CompletionsHandler._push_public
 
     def initialize(self, frame: bytes, results: dict[str, float]) -> None:
         self.frame = frame
