@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from tornado.http1connection import HTTP1Connection
+from tornado.iostream import BaseIOStream, IOStream
 
 from llamacpp_proxy import ids
 from llamacpp_proxy.frontdoor import chunk_writer, completions
@@ -156,6 +157,8 @@ class Recorder:
             return None
         found = chunk_writer.direct_stream(handler)
         if found is not None:
+            _, sock = found
+            assert sock is not None, "a plain connection's frames are not sent directly"
             self.direct += 1
             self.handlers.append(handler)
         return found
@@ -256,11 +259,23 @@ def test_a_stream_takes_one_send_per_read_not_tornados_write_path(
         return original(self, chunk)
 
     monkeypatch.setattr(HTTP1Connection, "write", counting)
+    queued = 0  # bytes handed to the IOStream's queue instead of sent at once
+    original_queue = BaseIOStream.write
+
+    def counting_queue(self: BaseIOStream, data: Any) -> Any:
+        nonlocal queued
+        if isinstance(self, IOStream) and self.socket.getsockname()[1] == stack.port:
+            queued += 1
+        return original_queue(self, data)
+
+    monkeypatch.setattr(BaseIOStream, "write", counting_queue)
     stack.fake.script.tokens = [f" t{i}" for i in range(30)]
     stack.fake.script.token_delay = 0.001  # one event per read, as from a GPU
     _, _, body = wire.exchange(CHAT, CASES["chat"][1])
     assert body.count(b'"content":" t') == 30
     assert writes <= 1, f"{writes} HTTP1Connection.write calls for one streamed answer"
+    # The head, finish()'s empty flush and its terminating chunk: nothing per event.
+    assert queued <= 3, f"{queued} IOStream.write calls for one streamed answer"
 
 
 def test_tornado_names_the_bypass_relies_on_are_there(
@@ -319,9 +334,9 @@ def test_a_slow_client_holds_back_both_choices_and_gets_every_byte_in_order(
 ) -> None:
     # Frames larger than the socket takes: partial sends, the rest queued in the IOStream,
     # the upstream paused while it waits (n=2: both choices), then every byte in order.
-    tokens = 4000  # 2 x 12 MB: far more than the socket buffers on the way hold
+    tokens = 4000  # 2 x 32 MB: far more than the socket buffers on the way hold
     stack = make_stack(max_tokens_limit=tokens, upstream_idle_timeout=5.0)
-    stack.fake.script.tokens = [f"<{i:05d}" + "x" * 3000 + ">" for i in range(tokens)]
+    stack.fake.script.tokens = [f"<{i:05d}" + "x" * 8000 + ">" for i in range(tokens)]
     body = {"prompt": "x", "stream": True, "n": 2, "max_tokens": tokens}
     wire = Wire(stack.port, rcvbuf=16384)
     try:
@@ -337,7 +352,7 @@ def test_a_slow_client_holds_back_both_choices_and_gets_every_byte_in_order(
         assert recorder.direct == 1
         for index in (0, 1):
             texts = [json.loads(e[6:])["choices"][0]["text"] for e in choices[index]]
-            assert texts[:-1] == [f"<{i:05d}" + "x" * 3000 + ">" for i in range(tokens)]
+            assert texts[:-1] == [f"<{i:05d}" + "x" * 8000 + ">" for i in range(tokens)]
         assert rest == [b"data: [DONE]"]
         # The kept-alive connection serves the next request.
         status, _, plain = wire.exchange("/v1/completions", {"prompt": "x", "max_tokens": 1})
@@ -361,8 +376,9 @@ def test_a_client_that_leaves_mid_stream_cancels_llama_cpp_and_nothing_escapes(
     wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     wire.close()  # a reset, as a client killed mid-stream
     assert stack.wait_for(lambda: stack.fake.client_disconnects >= 1, timeout=5)
-    assert stack.fake.events_sent < 4000
+    assert stack.fake.events_sent < 4000, stack.fake.events_sent
     assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
+    stack.fake.script.tokens, stack.fake.script.token_delay = list(DEFAULT_TOKENS), 0.0
     with httpx.Client(base_url=stack.url, timeout=10) as http:
         r = http.post(
             CHAT, json=CASES["chat"][1], headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}

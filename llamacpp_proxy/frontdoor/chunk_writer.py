@@ -24,7 +24,7 @@ import socket
 from typing import Any
 
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream
 
 TORNADO_NAMES: dict[str, tuple[str, ...]] = {
     # RequestHandler: the head is out; nothing buffered in the handler that must go first;
@@ -33,7 +33,7 @@ TORNADO_NAMES: dict[str, tuple[str, ...]] = {
     # HTTP1Connection: the response is chunked (HTTP/1.1, no Content-Length); its stream.
     "tornado.http1connection.HTTP1Connection": ("_chunking_output", "stream"),
     # IOStream: public API, plus the socket it writes to.
-    "tornado.iostream.IOStream": ("socket", "writing", "closed", "write"),
+    "tornado.iostream.IOStream": ("socket", "writing", "closed", "write", "write_to_fd"),
 }
 """The attribute names of Tornado this module touches (tests/test_chunk_writer.py pins them
 on a live response, so a Tornado upgrade that renames one fails loudly there)."""
@@ -59,9 +59,11 @@ def direct_stream(handler: Any) -> tuple[IOStream, socket.socket | None] | None:
     stream = getattr(connection, "stream", None)
     if not isinstance(stream, IOStream) or stream.closed():
         return None
-    if type(stream) is not IOStream:
+    if isinstance(stream, SSLIOStream) or type(stream).write_to_fd is not IOStream.write_to_fd:
         # TLS (SSLIOStream): after a would-block, OpenSSL wants the same bytes again, which
-        # only Tornado's own write loop guarantees. Queue frames with IOStream.write there.
+        # only Tornado's own write loop guarantees; a stream that writes to its socket its
+        # own way: let it. Frames are queued with IOStream.write there. (The proxy's own
+        # _ClientStream only keeps TCP_NODELAY on: its bytes go out as IOStream's do.)
         return stream, None
     sock = getattr(stream, "socket", None)
     if not isinstance(sock, socket.socket):
