@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import tornado.web
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from ..errors import (
     InvalidRequest,
@@ -47,6 +48,7 @@ from ..route.router import Lease, Router
 from ..upstream.llamacpp import ClientGone, LlamaCppClient, UpstreamCall
 from ..upstream.sse import DONE
 from ..upstreams import PoolRuntime, failure_verdict
+from .chunk_writer import direct_stream
 from .handlers import BaseHandler, log
 from .openai_request import (
     apply_max_tokens_limit,
@@ -180,6 +182,11 @@ class CompletionsHandler(BaseHandler):
         """Streamed: a wait in the queue commits to 200 + SSE after --queue-keepalive
         seconds and sends comments (set by the front door once the body says stream)."""
         self._keepalive: asyncio.TimerHandle | None = None
+        # Once the head is out: where a stream's chunks go past Tornado's write path
+        # (chunk_writer.py); None while not asked yet or when the public path must serve.
+        self._direct: IOStream | None = None
+        self._direct_socket: socket.socket | None = None
+        self._direct_asked = False
 
     async def prepare(self) -> None:
         # The body is streamed, so prepare() runs before it is read. An error sent now would
@@ -643,36 +650,93 @@ class CompletionsHandler(BaseHandler):
         self.set_header("X-Accel-Buffering", "no")
 
     def _write(self, data: bytes) -> None:
-        if self._client_gone:
-            return
-        self.write(data)
-        self.flush().add_done_callback(_ignore_closed)
+        """Send `data` now, in order with every other write of this response (no wait)."""
+        if not self._client_gone:
+            self._push(data)
 
-    def _flush_with_backpressure(self) -> Awaitable[None] | None:
-        """Flush; hand back a wait only while the client has not taken every byte yet.
+    def _send(self, data: bytes) -> Awaitable[None] | None:
+        """Send one read's bytes; hand back a wait only while the client has not taken
+        every byte yet.
 
-        Whether bytes are left is asked of the IOStream (`writing()`), not of the flush
+        Whether bytes are left is asked of the IOStream (`writing()`), not of a flush
         future: waiting whenever that future was pending paused the upstream read, made a
         task and resumed the read for most events at one event per read, even for clients
         that keep up (measured: 60-71 -> 42-49 µs of proxy CPU per event, the kernel's share
         30-34% -> 21-24%; docs/benchmarks.md, "What changed, step by step"). What is left
-        is waited for with IOStream.write(b""), which resolves once every byte queued
+        is waited for with a future of IOStream.write, which resolves once every byte queued
         before it is sent. The connection's flush future cannot serve there: its next
         write replaces it, so when another choice of the same request (n > 1) writes
         first, it is never resolved and this choice's upstream stays paused."""
+        drained = self._push(data)
+        return None if drained is None else _settled(drained)
+
+    def _push(self, data: bytes) -> asyncio.Future[None] | None:
+        """Write `data` as one chunk; the IOStream's future while bytes are still unsent.
+
+        Once the head is out (sent by Tornado's public path, with its status, headers and
+        Transfer-Encoding), the chunk goes straight to the client's IOStream: one
+        `socket.send` when the IOStream holds nothing unsent, and only what the socket did
+        not take is queued with IOStream.write. No RequestHandler.flush,
+        HTTP1Connection.write or future per event: their three futures and callbacks per
+        read were 15% of the proxy's CPU at a GPU's pace (docs/benchmarks.md). Order holds:
+        every write of the response, this path's or Tornado's (the head, [DONE], the
+        terminating chunk of finish()), ends in the same IOStream's queue, and the socket
+        is written directly only while that queue is empty. Where this cannot be done alike
+        (chunk_writer.py), or bytes wait in the handler's own buffer, Tornado's public path
+        serves."""
+        stream = self._direct
+        if stream is None or self._write_buffer or self._finished:
+            return self._push_public(data)
+        if stream.closed():
+            return None  # the client left: on_connection_close handles it
+        if data:
+            frame = b"%x\r\n%b\r\n" % (len(data), data)
+            sock = self._direct_socket
+            if sock is not None and not stream.writing():
+                try:
+                    sent = sock.send(frame)
+                except OSError:
+                    # Would block, or the client is gone: IOStream.write below meets the
+                    # same, and queues the frame or closes the stream the way Tornado does.
+                    sent = 0
+                if sent == len(frame):
+                    return None
+                if sent:
+                    frame = frame[sent:]
+        elif stream.writing():
+            frame = b""  # nothing new: a wait for what is still queued
+        else:
+            return None
+        try:
+            drained = stream.write(frame)
+        except StreamClosedError:
+            return None
+        return None if drained.done() else drained  # done: sent, or failed (retrieved)
+
+    def _push_public(self, data: bytes) -> asyncio.Future[None] | None:
+        """Tornado's public path: write, flush (the head, the first time), and the wait for
+        what the client has not taken yet. Once the head is out, asks (once) whether the
+        chunks that follow may bypass it."""
+        if data:
+            self.write(data)
         flushed = self.flush()
         if flushed.done():
             flushed.exception()  # a closed client is handled by on_connection_close
         else:
             flushed.add_done_callback(_ignore_closed)
+        if not self._direct_asked and self._headers_written:
+            self._direct_asked = True
+            found = direct_stream(self)
+            if found is not None:
+                self._direct, self._direct_socket = found
         stream = getattr(self.request.connection, "stream", None)
         if stream is None or not stream.writing():
             return None
         try:
-            drained: Awaitable[None] = stream.write(b"")
+            drained: asyncio.Future[None] = stream.write(b"")
         except StreamClosedError:
             return None  # the client left: on_connection_close handles it
-        return _settled(drained)
+        return drained
 
     async def _stream_one(
         self, request: CompletionRequest, encoder: ChunkEncoder, generation: Generation
@@ -681,7 +745,6 @@ class CompletionsHandler(BaseHandler):
         chat = self.chat
         tool_filter = generation.tool_filter
         top = request.logprobs if tool_filter is None else None
-        write = self.write
 
         def on_open() -> None:
             generation.opened = True
@@ -697,9 +760,8 @@ class CompletionsHandler(BaseHandler):
             if self.ttft is None:  # once per request: one test per read, nothing per token
                 self.ttft = self.request.request_time()
             generation.last_event = events[-1]
-            # The read's chunks go to the handler in one write: RequestHandler.write per
-            # chunk (its checks, utf8(), the buffer append) was paid per token, and flush
-            # joins the buffer anyway, so the bytes sent are the same.
+            # The read's chunks go out as one chunk of the response, as one flush of
+            # them did: one frame, one send per read.
             frames: list[bytes] = []
             add = frames.append
             try:
@@ -730,9 +792,8 @@ class CompletionsHandler(BaseHandler):
                                 reason = "tool_calls"
                         add(encoder.finish(index, reason))
             finally:  # what came before a failure in this read still goes out first
-                if frames:
-                    write(frames[0] if len(frames) == 1 else b"".join(frames))
-            return self._flush_with_backpressure()
+                wait = self._send(frames[0] if len(frames) == 1 else b"".join(frames))
+            return wait
 
         call, client = generation.call, generation.client
         assert call is not None and client is not None

@@ -112,7 +112,6 @@ class MessagesHandler(ProtocolHandler):
     async def _relay(self, encoder: anthropic.EventEncoder, generation: Generation) -> None:
         """One generation's llama.cpp events as Anthropic's, one flush per read."""
         tool_filter = generation.tool_filter
-        write = self.write
         started = False
 
         def on_open() -> None:
@@ -124,28 +123,33 @@ class MessagesHandler(ProtocolHandler):
             if self._client_gone:
                 return None
             generation.last_event = events[-1]
-            if not started:
-                # Sent with the first tokens, not at open: they carry the prompt's count.
-                started = True
-                self.ttft = self.request.request_time()  # the ledger's mark of a stream
-                write(encoder.start(anthropic.usage(events[0])))
-            for event in events:
-                text = event.get("content") or ""
-                if tool_filter is not None:
-                    text = tool_filter.feed(text)
-                if text:
-                    write(encoder.text(text))
-                if event.get("stop"):
-                    self._charge(generation, event)
-                    calls: list[dict[str, Any]] = []
+            frames: list[bytes] = []  # the read's events go out as one chunk, one send
+            write = frames.append
+            try:
+                if not started:
+                    # Sent with the first tokens, not at open: they carry the prompt's count.
+                    started = True
+                    self.ttft = self.request.request_time()  # the ledger's mark of a stream
+                    write(encoder.start(anthropic.usage(events[0])))
+                for event in events:
+                    text = event.get("content") or ""
                     if tool_filter is not None:
-                        rest, calls = tool_filter.finish()
-                        if rest:
-                            write(encoder.text(rest))
-                        if calls:
-                            write(encoder.tool_uses(calls))
-                    write(encoder.finish(event, bool(calls)))
-            return self._flush_with_backpressure()
+                        text = tool_filter.feed(text)
+                    if text:
+                        write(encoder.text(text))
+                    if event.get("stop"):
+                        self._charge(generation, event)
+                        calls: list[dict[str, Any]] = []
+                        if tool_filter is not None:
+                            rest, calls = tool_filter.finish()
+                            if rest:
+                                write(encoder.text(rest))
+                            if calls:
+                                write(encoder.tool_uses(calls))
+                        write(encoder.finish(event, bool(calls)))
+            finally:  # what came before a failure in this read still goes out first
+                wait = self._send(frames[0] if len(frames) == 1 else b"".join(frames))
+            return wait
 
         call, client = generation.call, generation.client
         assert call is not None and client is not None

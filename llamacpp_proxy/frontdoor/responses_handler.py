@@ -73,7 +73,6 @@ class ResponsesHandler(ProtocolHandler):
     async def _relay(self, encoder: responses.EventEncoder, generation: Generation) -> None:
         """One generation's llama.cpp events as Responses events, one flush per read."""
         tool_filter = generation.tool_filter
-        write = self.write
         text_event = encoder.text
 
         def on_open() -> None:
@@ -87,21 +86,26 @@ class ResponsesHandler(ProtocolHandler):
             if self.ttft is None:  # once per request: one test per read, nothing per token
                 self.ttft = self.request.request_time()
             generation.last_event = events[-1]
-            for event in events:
-                text = event.get("content") or ""
-                if tool_filter is not None:
-                    text = tool_filter.feed(text)
-                if text:
-                    write(text_event(text))
-                if event.get("stop"):
-                    self._charge(generation, event)
-                    calls: list[dict[str, Any]] = []
+            frames: list[bytes] = []  # the read's events go out as one chunk, one send
+            write = frames.append
+            try:
+                for event in events:
+                    text = event.get("content") or ""
                     if tool_filter is not None:
-                        rest, calls = tool_filter.finish()
-                        if rest:
-                            write(text_event(rest))
-                    write(encoder.finish(event.get("stop_type"), calls, self._response_usage()))
-            return self._flush_with_backpressure()
+                        text = tool_filter.feed(text)
+                    if text:
+                        write(text_event(text))
+                    if event.get("stop"):
+                        self._charge(generation, event)
+                        calls: list[dict[str, Any]] = []
+                        if tool_filter is not None:
+                            rest, calls = tool_filter.finish()
+                            if rest:
+                                write(text_event(rest))
+                        write(encoder.finish(event.get("stop_type"), calls, self._response_usage()))
+            finally:  # what came before a failure in this read still goes out first
+                wait = self._send(frames[0] if len(frames) == 1 else b"".join(frames))
+            return wait
 
         call, client = generation.call, generation.client
         assert call is not None and client is not None
