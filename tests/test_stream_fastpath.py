@@ -3,14 +3,11 @@ give exactly what the general parsers give, and refuse exactly what they refuse.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from llamacpp_proxy.errors import UpstreamError
-from llamacpp_proxy.upstream.http import BodyDecoder, ConnectionLost, ProtocolError, ResponseHead
-from llamacpp_proxy.upstream.llamacpp import BodyPump, UpstreamCall
+from llamacpp_proxy.upstream.http import BodyDecoder, ProtocolError, ResponseHead
 from llamacpp_proxy.upstream.sse import SSEDecoder
 
 EVENT = b'data: {"content":" fox","stop":false}\n\n'
@@ -93,97 +90,6 @@ def test_an_event_after_half_an_event_is_joined() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(EVENT[:10]) == []
     assert decoder.feed(EVENT[10:] + EVENT) == [("data", EVENT[6:-2])] * 2
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.paused = False
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-
-def pump_run(
-    steps: Any, until_eof: bool = False
-) -> tuple[list[bytes], BaseException | None, FakeTransport]:
-    """Drive a BodyPump (chunked, or close-delimited) through `steps`, a function of the
-    pump, its transport and the list of pending client writes; returns what on_body got
-    and how the body ended."""
-
-    async def scenario() -> tuple[list[bytes], BaseException | None, FakeTransport]:
-        loop = asyncio.get_running_loop()
-        got: list[bytes] = []
-        writes: list[asyncio.Future[None]] = []
-
-        def on_body(piece: bytes) -> asyncio.Future[None]:
-            got.append(piece)
-            writes.append(loop.create_future())
-            return writes[-1]
-
-        headers = {} if until_eof else {"transfer-encoding": "chunked"}
-        decoder = BodyDecoder(ResponseHead(200, headers, True), "POST")
-        call = UpstreamCall(60, 60)
-        done: asyncio.Future[None] = loop.create_future()
-        transport = FakeTransport()
-        pump = BodyPump(decoder, on_body, call, done, cast(Any, transport))
-        await steps(pump, transport, writes)
-        call.done()
-        try:
-            await asyncio.wait_for(done, 5)
-        except (ConnectionLost, UpstreamError) as exc:
-            return got, exc, transport
-        return got, None, transport
-
-    return asyncio.run(scenario())
-
-
-def test_a_drop_while_the_client_is_behind_ends_the_body_after_what_was_read() -> None:
-    async def steps(pump: BodyPump, transport: FakeTransport, writes: list[Any]) -> None:
-        pump.data_received(b"%x\r\n%s\r\n" % (len(EVENT), EVENT))
-        assert transport.paused  # the client's copy is pending: stop reading llama.cpp
-        pump.connection_lost(None)  # llama.cpp goes away meanwhile
-        await asyncio.sleep(0)
-        writes[0].set_result(None)  # the client catches up
-
-    got, error, _ = pump_run(steps)
-    assert got == [EVENT]
-    assert isinstance(error, ConnectionLost)
-
-
-def test_a_close_delimited_body_ends_cleanly_at_eof_even_while_the_client_is_behind() -> None:
-    async def steps(pump: BodyPump, transport: FakeTransport, writes: list[Any]) -> None:
-        pump.data_received(EVENT)
-        pump.eof_received()
-        writes[0].set_result(None)
-
-    got, error, _ = pump_run(steps, until_eof=True)
-    assert got == [EVENT] and error is None
-
-
-def test_reading_resumes_once_the_client_caught_up() -> None:
-    async def steps(pump: BodyPump, transport: FakeTransport, writes: list[Any]) -> None:
-        pump.data_received(b"%x\r\n%s\r\n" % (len(EVENT), EVENT))
-        assert transport.paused
-        writes[0].set_result(None)
-        await asyncio.sleep(0)
-        assert not transport.paused
-        pump.data_received(b"%x\r\n%s\r\n0\r\n\r\n" % (len(EVENT), EVENT))
-        writes[1].set_result(None)
-
-    got, error, _ = pump_run(steps)
-    assert got == [EVENT, EVENT] and error is None
-
-
-def test_a_failed_client_write_ends_the_body_with_its_error() -> None:
-    async def steps(pump: BodyPump, transport: FakeTransport, writes: list[Any]) -> None:
-        pump.data_received(b"%x\r\n%s\r\n" % (len(EVENT), EVENT))
-        writes[0].set_exception(UpstreamError("the client's write failed"))
-
-    got, error, _ = pump_run(steps)
-    assert got == [EVENT] and isinstance(error, UpstreamError)
 
 
 def test_the_event_check_fast_test_agrees_with_the_field_by_field_checks() -> None:

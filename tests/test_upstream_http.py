@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -30,7 +31,6 @@ from llamacpp_proxy.upstream.http import (
     ProtocolError,
     ResponseHead,
     parse_head,
-    read_head,
 )
 from llamacpp_proxy.upstream.llamacpp import LlamaCppClient
 
@@ -179,10 +179,15 @@ def test_well_formed_heads_in_their_variants() -> None:
 
 def read_heads(raw: bytes) -> ResponseHead:
     async def scenario() -> ResponseHead:
-        reader = asyncio.StreamReader()
-        reader.feed_data(raw)
-        reader.feed_eof()
-        return await read_head(Connection(reader, cast(Any, None)))
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        peer.sendall(raw)
+        peer.close()
+        conn = Connection(asyncio.get_running_loop(), ours)
+        try:
+            return await conn.read_head()
+        finally:
+            conn.close()
 
     return asyncio.run(scenario())
 
@@ -300,13 +305,22 @@ def test_idle_connections_the_server_closed_do_not_linger(stack: Stack) -> None:
 def test_an_idle_connection_the_server_closed_is_replaced_before_use() -> None:
     async def scenario() -> None:
         accepted: list[asyncio.StreamWriter] = []
-        server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+        arrived = asyncio.Event()
+
+        def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+            arrived.set()
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         pool = ConnectionPool(f"http://127.0.0.1:{port}", 1, 1.0)
         conn = await pool.acquire()
         pool.release(conn, True)
         assert await pool.acquire() is conn  # quiet: reused
         pool.release(conn, True)
+        # Our connect completes before the server's accept callback runs (it takes asyncio
+        # a loop turn more): wait for it.
+        await asyncio.wait_for(arrived.wait(), 2)
         accepted[0].close()  # the server drops it while it is idle
         await accepted[0].wait_closed()
         fresh = await asyncio.wait_for(pool.acquire(), 2)
@@ -340,7 +354,7 @@ def test_a_cancelled_waiter_passes_its_turn_on() -> None:
 
 def test_reads_of_event_loops_in_two_threads_never_mix() -> None:
     # Upstream reads land in one scratch buffer per thread (upstream/http.py, _Scratch;
-    # BodyPump reads through the same one): two loops reading at once get their own bytes.
+    # every Connection reads into it): two loops reading at once get their own bytes.
     size = 2 * 1024 * 1024
 
     def pattern(fill: int) -> bytes:
@@ -349,7 +363,9 @@ def test_reads_of_event_loops_in_two_threads_never_mix() -> None:
     async def scenario(fill: int) -> bytes:
         piece = pattern(fill)
 
-        async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\n")  # a body that ends with the connection
             for _ in range(size // len(piece)):
                 writer.write(piece)
                 await writer.drain()
@@ -358,12 +374,15 @@ def test_reads_of_event_loops_in_two_threads_never_mix() -> None:
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         pool = ConnectionPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", 1, 5)
         conn = await pool.acquire()
-        got = []
-        while data := await asyncio.wait_for(conn.reader.read(65536), 10):
-            got.append(data)
+        conn.send(b"GET / HTTP/1.1\r\n\r\n")
+        head = await asyncio.wait_for(conn.read_head(), 10)
+        body, complete = await asyncio.wait_for(
+            conn.read_body(BodyDecoder(head, "GET"), 2 * size), 10
+        )
+        assert complete
         pool.release(conn, False)
         server.close()
-        return b"".join(got)
+        return body
 
     with ThreadPoolExecutor(2) as threads:
         results = list(threads.map(lambda fill: asyncio.run(scenario(fill)), [0, 100]))
@@ -639,7 +658,7 @@ def test_an_idle_connection_is_quiet_exactly_when_the_kernel_holds_nothing_for_i
             elif action == "reset":
                 peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 peer.close()
-            fd = conn.writer.get_extra_info("socket").fileno()
+            fd = conn.fileno()
             reference = _peek_quiet(fd)
             seen.append((action, conn.quiet(), reference))
             pool.release(conn, False)

@@ -21,6 +21,8 @@ A request is never sent twice: a POST that may have reached llama.cpp has starte
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import re
 import select
 import socket
@@ -28,8 +30,9 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 MAX_HEAD = 64 * 1024  # the status line and headers of one response
@@ -257,9 +260,9 @@ class _Scratch(threading.local):
     asyncio's socket transport reads a plain Protocol with `recv(256 KiB)`: a 256 KiB
     allocation, returned and shrunk, per read, which costs about 8 µs a read on this
     machine against 0.2 µs for `recv_into` a buffer already there (bench/event_cost.py,
-    "recv"). At a GPU's pace every token is one read, so the upstream is read through
-    BufferedProtocols instead; what a read brought is copied out before anything else
-    runs, so the one buffer per thread is never read twice nor overwritten while in use.
+    "recv"). At a GPU's pace every token is one read, so a Connection reads with
+    `recv_into` this buffer; what a read brought is copied out before anything else runs,
+    so the one buffer per thread is never read twice nor overwritten while in use.
     """
 
     def __init__(self) -> None:
@@ -269,51 +272,159 @@ class _Scratch(threading.local):
 
 _SCRATCH = _Scratch()
 
+# Connection states: what the receiver does with the bytes a read brings.
+IDLE = "idle"  # no response expected: a byte now is stray (the connection is not reused)
+HEAD = "head"  # reading a response head (interim 1xx skipped)
+HEADED = "headed"  # the head was handed over; what follows waits for read_body
+BODY = "body"  # feeding the body decoder
+FAILED = "failed"  # the response failed or was cut short: reading stopped, never reused
 
-class ReadsIntoScratch(asyncio.BufferedProtocol):
-    """A BufferedProtocol that hands each read to `data_received` as bytes (see _Scratch)."""
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        """Where the transport's next `recv_into` goes."""
-        return _SCRATCH.view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        """A read of `nbytes` arrived in the scratch buffer: copy it out, pass it on."""
-        self.data_received(bytes(_SCRATCH.view[:nbytes]))
-
-    def data_received(self, data: bytes) -> None:
-        """What one read brought (the subclass's)."""
-        raise NotImplementedError
-
-
-class _StreamReaderProtocol(asyncio.StreamReaderProtocol, ReadsIntoScratch):
-    """asyncio.open_connection's protocol (its data_received feeds the StreamReader),
-    reading through the scratch buffer."""
+BodySink = Callable[[bytes], "Awaitable[None] | None"]
+"""Receives a streamed body read by read; may return an awaitable that resolves once the
+client has taken what was passed on (backpressure)."""
 
 
 class Connection:
-    """One TCP (or TLS) connection to the upstream."""
+    """One plain TCP connection to the upstream: a non-blocking socket driven by the event
+    loop's readiness callbacks, with ONE receiver for the head and then the body.
 
-    __slots__ = ("closed", "idle_since", "reader", "writer")
+    asyncio's open_connection stacked a transport, a StreamReader, a StreamWriter and
+    their futures on every connection, and every stream opens one (llama-server closes a
+    stream's connection, docs/resilience.md): 87-111 µs of CPU per connect and close of
+    which the system calls were 14-20 (bench/connect_cost.py). Here a read is `recv_into`
+    the scratch buffer and goes straight to the head parser or the body decoder; the
+    caller awaits one future for the head and, if the body is not already in, one for the
+    body, never one per read. TLSConnection keeps this receiver and changes only the pipe.
+    """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    __slots__ = (
+        "_backlog",
+        "_buffer",
+        "_complete",
+        "_decoder",
+        "_eof",
+        "_error",
+        "_fd",
+        "_interims",
+        "_limit",
+        "_loop",
+        "_lost_with",
+        "_on_body",
+        "_out",
+        "_pieces",
+        "_progress",
+        "_reading",
+        "_size",
+        "_sock",
+        "_state",
+        "_view",
+        "_waiter",
+        "closed",
+        "head",
+        "idle_since",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno() if sock is not None else -1
+        self._view = _SCRATCH.view  # this thread's: a connection lives on one loop
         self.closed = False
         self.idle_since = 0.0
+        self.head: ResponseHead | None = None
+        self._state = IDLE
+        self._buffer = b""  # a head in parts; body bytes not yet claimed; stray bytes
+        self._eof = False  # the peer closed (or reset) its side
+        self._lost_with: Exception | None = None  # the reset, if it was one
+        self._error: BaseException | None = None  # why the response failed, once it did
+        self._reading = False
+        self._out: memoryview | None = None  # the part of a request the kernel has not taken
+        self._waiter: asyncio.Future[None] | None = None
+        self._interims = 0
+        self._decoder: BodyDecoder | None = None
+        self._on_body: BodySink | None = None
+        self._progress: Callable[[], None] | None = None
+        self._backlog: asyncio.Future[None] | None = None
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._limit = 0
+        self._complete = True
+        if sock is not None:
+            self._resume()
 
-    def close(self) -> None:
-        """Close now; a read in progress ends with EOF."""
-        if not self.closed:
-            self.closed = True
-            self.writer.close()
-            # The peer sees the close at once; the reader sees EOF.
-            self.reader.feed_eof()
+    # -- the pipe: a plain socket (TLSConnection overrides these) ----------------------
 
-    def buffered(self) -> int:
-        """Bytes the event loop read from the socket that no response claimed."""
-        # StreamReader has no public way to ask; its buffer is a bytearray in CPython.
-        return len(getattr(self.reader, "_buffer", b""))
+    def _resume(self) -> None:
+        if not self._reading and not self._eof and not self.closed:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    def _pause(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _read_ready(self) -> None:
+        try:
+            size = self._sock.recv_into(self._view)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # a reset
+            self._lost(exc)
+            return
+        if size:
+            self._received(bytes(self._view[:size]))
+        else:
+            self._lost(None)
+
+    def send(self, data: bytes) -> None:
+        """Write a request: what the kernel takes now, the rest as the socket drains (a
+        large prompt). Raises OSError if the connection is already broken."""
+        if self.closed:
+            raise ConnectionLost("the connection was closed")
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            self._out = memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._write_ready)
+
+    def _write_ready(self) -> None:
+        out = self._out
+        if out is None:
+            return
+        try:
+            sent = self._sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._stop_writing()
+            self._lost(exc)
+            return
+        if sent == len(out):
+            self._stop_writing()
+        else:
+            self._out = out[sent:]
+
+    def _stop_writing(self) -> None:
+        if self._out is not None:
+            self._out = None
+            self._loop.remove_writer(self._fd)
+
+    @property
+    def writing(self) -> bool:
+        """Part of the request is still waiting for the kernel to take it."""
+        return self._out is not None
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed)."""
+        return -1 if self.closed else self._fd
+
+    def _close_pipe(self) -> None:
+        self._pause()
+        self._stop_writing()
+        self._sock.close()
 
     def quiet(self) -> bool:
         """Nothing arrived on this idle connection and the server has not closed it.
@@ -322,17 +433,14 @@ class Connection:
         stray "HTTP/1.1 408") would be read as the answer to the next request, and EOF
         means the request would be lost. Checked before each reuse, because a POST is
         never sent twice."""
-        if self.closed or self.reader.at_eof() or self.buffered() or self.reader.exception():
+        if not self.idle:
             return False
-        sock = self.writer.get_extra_info("socket")
-        if sock is None or self.writer.get_extra_info("sslcontext") is not None:
-            return True  # TLS records (session tickets) are no response bytes: trust the reader
         # Bytes (or EOF, or a reset) may be in the kernel that the event loop has not read
         # yet: ask poll(2), which reports any of them as an event. (A MSG_PEEK recv on a
         # borrowed socket object answered the same, at 2.9 µs a check against 0.5 µs, with
         # a getsockname call and, when quiet, an exception; this runs on every reuse.)
         poll = _SCRATCH.poll
-        fd = sock.fileno()
+        fd = self._fd
         try:
             poll.register(fd, select.POLLIN | select.POLLPRI)
             try:
@@ -341,6 +449,325 @@ class Connection:
                 poll.unregister(fd)
         except (OSError, ValueError):
             return False
+
+    # -- the receiver ------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Between responses with nothing read, written or known wrong: reusable as far
+        as this process knows (quiet() asks the kernel too)."""
+        return (
+            self._state is IDLE
+            and not self.closed
+            and not self._eof
+            and not self._buffer
+            and self._out is None
+        )
+
+    def buffered(self) -> int:
+        """Bytes read from the socket that no response claimed."""
+        return len(self._buffer)
+
+    def close(self) -> None:
+        """Close now: the peer sees it at once (llama.cpp stops generating); a response
+        being read ends with ConnectionLost."""
+        if self.closed:
+            return
+        self._close_pipe()
+        self.closed = True
+        backlog = self._backlog
+        if backlog is not None:  # a client's write still pending runs its course alone
+            self._backlog = None
+            backlog.remove_done_callback(self._written)
+        if self._state is not IDLE:
+            self._fail(ConnectionLost("the connection was closed"))
+
+    def _received(self, data: bytes) -> None:
+        state = self._state
+        if state is BODY:
+            self._feed_body(data)
+        elif state is HEAD:
+            self._buffer += data
+            self._parse_head()
+        elif state is HEADED:
+            self._buffer += data  # claimed by read_body, which the caller runs next
+            if len(self._buffer) > MAX_HEAD:
+                self._pause()
+        elif state is IDLE:
+            self._buffer += data  # stray: the connection will not be reused
+            self._pause()
+        else:
+            self._pause()
+
+    def _lost(self, exc: Exception | None) -> None:
+        """The peer closed its side (exc None) or reset the connection."""
+        if self._eof:
+            return
+        self._eof = True
+        self._lost_with = exc
+        self._pause()
+        state = self._state
+        if state is BODY:
+            self._body_lost()
+        elif state is HEAD:
+            self._fail(exc or ConnectionLost("the connection closed before a response"))
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        self._state = FAILED
+        self._pause()
+        if self._error is None:
+            self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    async def _wait(self) -> None:
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    async def read_head(self) -> ResponseHead:
+        """The final response head to the request just sent (its body stays for
+        read_body). Interim 1xx responses (100 Continue, 103 Early Hints, ...) are
+        skipped, at most MAX_INTERIM."""
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            raise ConnectionLost("the connection was closed")
+        self.head = None
+        self._interims = 0
+        self._state = HEAD
+        if self._buffer:
+            self._parse_head()
+        if self._eof and self._state is HEAD:
+            self._fail(self._lost_with or ConnectionLost("the connection closed before a response"))
+        if self._state is HEAD:
+            self._resume()
+            await self._wait()
+        elif self._error is not None:
+            raise self._error
+        assert self.head is not None
+        return self.head
+
+    def _parse_head(self) -> None:
+        buffer = self._buffer
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0 or end > MAX_HEAD:
+                if end > MAX_HEAD or len(buffer) > MAX_HEAD:
+                    self._fail(ProtocolError("response head too large"))
+                self._buffer = buffer
+                return
+            try:
+                head = parse_head(buffer[:end])
+                if head.status == 101:
+                    raise ProtocolError("101 Switching Protocols to a request that asked for none")
+                if head.status < 200:
+                    self._interims += 1
+                    if self._interims > MAX_INTERIM:
+                        raise ProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
+            except ProtocolError as exc:
+                self._buffer = b""
+                self._fail(exc)
+                return
+            buffer = buffer[end + 4 :]
+            if head.status >= 200:
+                self._buffer = buffer
+                self.head = head
+                self._state = HEADED
+                self._wake()
+                return
+
+    async def read_body(
+        self,
+        decoder: BodyDecoder,
+        limit: int = 0,
+        on_body: BodySink | None = None,
+        progress: Callable[[], None] | None = None,
+    ) -> tuple[bytes, bool]:
+        """The body after read_head's head, decoded by `decoder`: (body, complete).
+
+        Without `on_body` it is collected, and cut (complete False, reading stopped) once
+        more than `limit` bytes came. With `on_body` each read's body bytes go to it from
+        the event loop's callback, and while the awaitable it may return (the client's
+        backlog) is pending, the socket is not read (llama.cpp is held back instead of its
+        output buffered without bound); `progress` runs when reading resumes. Raises
+        ConnectionLost if the body does not end where its framing says (or a reset's
+        OSError, a ProtocolError, on_body's exception)."""
+        if self._error is not None:
+            raise self._error
+        if self._state is not HEADED:
+            raise ConnectionLost("no response head was read")
+        self._decoder = decoder
+        self._on_body = on_body
+        self._progress = progress
+        self._pieces = []
+        self._size = 0
+        self._limit = limit
+        self._complete = True
+        self._state = BODY
+        try:
+            if decoder.state is DONE:
+                self._body_done()
+            elif self._buffer:
+                buffered, self._buffer = self._buffer, b""
+                self._feed_body(buffered)
+            if self._state is BODY and self._backlog is None:
+                if self._eof:
+                    self._body_lost()
+                else:
+                    self._resume()
+            if self._state is BODY:
+                await self._wait()
+            elif self._error is not None:
+                raise self._error
+            pieces = self._pieces
+            return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), self._complete
+        finally:
+            self._pieces = []
+            self._on_body = self._progress = None
+
+    def _feed_body(self, data: bytes) -> None:
+        decoder = self._decoder
+        assert decoder is not None
+        on_body = self._on_body
+        backlog = None
+        try:
+            piece = decoder.feed(data)
+            if on_body is not None:
+                if piece:
+                    backlog = on_body(piece)
+            elif piece:
+                self._pieces.append(piece)
+                self._size += len(piece)
+                if self._size > self._limit:
+                    # Enough of it: the caller decides what a cut body means.
+                    self._complete = False
+                    self._state = FAILED
+                    self._pause()
+                    self._wake()
+                    return
+        except Exception as exc:
+            self._fail(exc)
+            return
+        if self._state is not BODY:  # on_body ended the call (closed this connection)
+            return
+        if backlog is not None:
+            self._pause()
+            self._backlog = future = asyncio.ensure_future(backlog)
+            future.add_done_callback(self._written)
+        elif decoder.state is DONE:
+            self._body_done()
+
+    def _body_done(self) -> None:
+        # Reading goes on: a byte after the end is stray and keeps the connection from
+        # reuse (release checks `idle`).
+        self._state = IDLE
+        self._wake()
+
+    def _body_lost(self) -> None:
+        if self._backlog is not None:
+            return  # reported once the client's backlog is written (_written)
+        decoder = self._decoder
+        if decoder is not None and decoder.until_eof and self._lost_with is None:
+            self._body_done()
+        else:
+            self._fail(self._lost_with or ConnectionLost("closed before the response was complete"))
+
+    def _written(self, backlog: asyncio.Future[None]) -> None:
+        self._backlog = None
+        if self._state is not BODY:
+            return
+        error = None if backlog.cancelled() else backlog.exception()
+        decoder = self._decoder
+        if error is not None:
+            self._fail(error)
+        elif decoder is not None and decoder.state is DONE:
+            self._body_done()
+        elif self._eof:
+            self._body_lost()
+        else:
+            if self._progress is not None:
+                self._progress()
+            self._resume()
+
+
+class TLSConnection(Connection, asyncio.BufferedProtocol):
+    """A TLS connection: Connection's receiver as the BufferedProtocol of asyncio's TLS
+    transport (https upstreams are rare: llama.cpp runs on loopback or a LAN)."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport: asyncio.Transport | None = None
+        super().__init__(loop, cast(socket.socket, None))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The TLS handshake is done; the transport reads from now on."""
+        self._transport = cast(asyncio.Transport, transport)
+        self._reading = True
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the transport's next read goes (the scratch buffer)."""
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """A read of `nbytes` arrived in the scratch buffer."""
+        self._received(bytes(self._view[:nbytes]))
+
+    def eof_received(self) -> bool | None:
+        """The upstream closed its side."""
+        self._lost(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The transport closed (by us, by the peer, or on an error)."""
+        if not self.closed:
+            self._lost(exc)
+
+    def _resume(self) -> None:
+        if not self._reading and not self._eof and not self.closed and self._transport:
+            self._reading = True
+            self._transport.resume_reading()
+
+    def _pause(self) -> None:
+        if self._reading and self._transport is not None:
+            self._reading = False
+            if not self._transport.is_closing():
+                self._transport.pause_reading()
+
+    def send(self, data: bytes) -> None:
+        """Write a request (the transport buffers what the kernel does not take)."""
+        if self.closed or self._transport is None or self._transport.is_closing():
+            raise ConnectionLost("the connection was closed")
+        self._transport.write(data)
+
+    @property
+    def writing(self) -> bool:
+        """Part of the request is still waiting for the kernel to take it."""
+        return self._transport is not None and self._transport.get_write_buffer_size() > 0
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed)."""
+        sock = None if self._transport is None else self._transport.get_extra_info("socket")
+        return -1 if self.closed or sock is None else int(sock.fileno())
+
+    def _close_pipe(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def quiet(self) -> bool:
+        """Nothing arrived on this idle connection (TLS records such as session tickets
+        are no response bytes, so the receiver's word is taken, not the kernel's)."""
+        return self.idle and not self._transport.is_closing()  # type: ignore[union-attr]
 
 
 class ConnectionPool:
@@ -357,6 +784,7 @@ class ConnectionPool:
         max_connections: int,
         connect_timeout: float,
         now: Callable[[], float] = time.monotonic,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         url = urlsplit(base_url)
         self.host = url.hostname or "localhost"
@@ -371,6 +799,16 @@ class ConnectionPool:
         URL may carry `user:password@`)."""
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
+        self._ssl = ssl_context or (ssl.create_default_context() if self.tls else None)
+        # A literal IP (llama.cpp on loopback or a LAN) needs no lookup per connection.
+        self._addresses: list[tuple[int, tuple[Any, ...]]] | None = None
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                socket.inet_pton(family, self.host)
+            except OSError:
+                continue
+            self._addresses = [(family, (self.host, self.port))]
+            break
         self._now = now
         self._idle: deque[Connection] = deque()  # oldest on the left
         self._open = 0
@@ -410,27 +848,37 @@ class ConnectionPool:
             raise
 
     async def _connect(self) -> Connection:
-        context = ssl.create_default_context() if self.tls else None
-        # asyncio.open_connection, with a protocol that reads into the scratch buffer.
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_HEAD, loop=loop)
-        protocol = _StreamReaderProtocol(reader, loop=loop)
-        # asyncio.timeout, not wait_for: wait_for runs the connect in a task of its own, one
-        # more task per stream (every stream opens a connection, docs/resilience.md).
-        async with asyncio.timeout(self.connect_timeout):
-            transport, _ = await loop.create_connection(
-                lambda: protocol, self.host, self.port, ssl=context
-            )
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return Connection(reader, writer)
+        # One deadline for the lookup, the connect (and the TLS handshake).
+        deadline = loop.time() + self.connect_timeout
+        if self._ssl is not None:
+            async with asyncio.timeout_at(deadline):
+                _, conn = await loop.create_connection(
+                    lambda: TLSConnection(loop), self.host, self.port, ssl=self._ssl
+                )
+            sock = conn._transport.get_extra_info("socket") if conn._transport else None
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return conn
+        addresses = self._addresses
+        if addresses is None:
+            async with asyncio.timeout_at(deadline):
+                found = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            addresses = [(family, address) for family, _, _, _, address in found]
+        errors: list[OSError] = []
+        for family, address in addresses:  # in the resolver's order, as create_connection
+            try:
+                return await _open(loop, family, address, deadline)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else OSError(f"no address for {self.display}")
 
     def release(self, conn: Connection, reusable: bool) -> None:
         """Return a connection after its response was read (or abandoned). Only a response
         read exactly to its end, with nothing after it, leaves a connection reusable."""
-        if reusable and not conn.closed and not conn.buffered():
+        if reusable and conn.idle:
             conn.idle_since = self._now()
             self._idle.append(conn)
             if self._sweeper is None:
@@ -484,19 +932,38 @@ def encode_request(
     return head.encode("latin-1") + body
 
 
-async def read_head(conn: Connection) -> ResponseHead:
-    """The final response head (the body stays in the connection's reader). Interim 1xx
-    responses (100 Continue, 103 Early Hints, ...) are skipped, at most MAX_INTERIM."""
-    for _ in range(MAX_INTERIM + 1):
-        try:
-            raw = await conn.reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionLost("the connection closed before a response") from exc
-        except asyncio.LimitOverrunError as exc:
-            raise ProtocolError("response head too large") from exc
-        head = parse_head(raw[:-4])
-        if head.status == 101:
-            raise ProtocolError("101 Switching Protocols to a request that asked for none")
-        if head.status >= 200:
-            return head
-    raise ProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
+async def _open(
+    loop: asyncio.AbstractEventLoop, family: int, address: tuple[Any, ...], deadline: float
+) -> Connection:
+    """A plain connection to `address`, connected by `deadline` (TimeoutError if not)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = sock.connect_ex(address)
+        if error in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+            fd = sock.fileno()
+            connected: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, _settle, connected, None)
+            timer = loop.call_at(deadline, _settle, connected, TimeoutError())
+            try:
+                await connected
+            finally:
+                timer.cancel()
+                loop.remove_writer(fd)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            # OSError(errno, ...) is ConnectionRefusedError and its kin, as connect raises.
+            raise OSError(error, f"connect to {address[0]} port {address[1]}: {os.strerror(error)}")
+        return Connection(loop, sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import contextlib
 import logging
 import math
 import re
@@ -34,16 +33,14 @@ from ..errors import (
 )
 from ..request import CompletionRequest
 from .http import (
-    READ_SIZE,
     BodyDecoder,
+    BodySink,
     Connection,
     ConnectionLost,
     ConnectionPool,
     ProtocolError,
-    ReadsIntoScratch,
     ResponseHead,
     encode_request,
-    read_head,
 )
 from .sse import EventTooLarge, SSEDecoder
 
@@ -415,7 +412,7 @@ class LlamaCppClient:
         body: bytes | None,
         call: UpstreamCall,
         on_head: Callable[[ResponseHead], None] | None = None,
-        on_body: Callable[[bytes], Awaitable[None] | None] | None = None,
+        on_body: BodySink | None = None,
         pool: ConnectionPool | None = None,
         limit: int = MAX_RESPONSE,
     ) -> Response:
@@ -435,8 +432,8 @@ class LlamaCppClient:
         reusable = False
         try:
             call.sent = True
-            conn.writer.write(request)
-            head = await read_head(conn)
+            conn.send(request)
+            head = await conn.read_head()
             if call.abort_reason is not None:
                 # The deadline (or the client leaving) won the race with a head that was
                 # already buffered: the call is over, so its answer is not relayed.
@@ -461,7 +458,7 @@ class LlamaCppClient:
         head: ResponseHead,
         method: str,
         call: UpstreamCall,
-        on_body: Callable[[bytes], Awaitable[None] | None] | None,
+        on_body: BodySink | None,
         ok_limit: int = MAX_RESPONSE,
     ) -> tuple[bytes, bool]:
         """(collected body, connection reusable). A collected body is bounded as it is
@@ -473,67 +470,18 @@ class LlamaCppClient:
         if on_body is None and head.status == 200 and declared is not None and declared > limit:
             raise UpstreamError("llama.cpp's response is too large")
         if on_body is not None:
-            await self._pump(conn, decoder, call, on_body)
+            await conn.read_body(decoder, on_body=on_body, progress=call.touch)
             # Never reused: llama-server (b11434) closes the connection a moment after every
             # streamed answer without saying Connection: close, and a request sent on it in
             # that moment is lost (a POST that may have reached it is never sent again).
             return b"", False
-        pieces: list[bytes] = []
-        size = 0
-        read = conn.reader.read
-        while not decoder.done:
-            data = await read(READ_SIZE)
-            if not data:
-                if call.abort_reason is not None:
-                    raise call.abort_reason
-                if decoder.until_eof:
-                    break
-                raise ConnectionLost("closed before the response was complete")
-            piece = decoder.feed(data)
-            if piece:
-                pieces.append(piece)
-                size += len(piece)
-                if size > limit:
-                    if head.status == 200:
-                        raise UpstreamError("llama.cpp's response is too large")
-                    # Enough of an error to report it; the rest is not worth reading.
-                    return b"".join(pieces)[:limit], False
-        reusable = decoder.done and not decoder.extra and head.keep_alive
-        return b"".join(pieces), reusable
-
-    async def _pump(
-        self,
-        conn: Connection,
-        decoder: BodyDecoder,
-        call: UpstreamCall,
-        on_body: Callable[[bytes], Awaitable[None] | None],
-    ) -> None:
-        """Hand a streamed body to `on_body` from the transport's own callback (BodyPump)
-        until it ends; raises ConnectionLost (or the call's abort reason) if it does not."""
-        reader = conn.reader
-        # What the reader holds past the head: read() returns it without yielding, so no
-        # byte can arrive in between and land in the wrong place.
-        held = []
-        while conn.buffered():
-            held.append(await reader.read(READ_SIZE))
-        transport = conn.writer.transport
-        original = transport.get_protocol()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pump = BodyPump(decoder, on_body, call, done, transport)
-        transport.set_protocol(pump)
-        try:
-            for data in held:
-                pump.data_received(data)
-            if reader.at_eof() or reader.exception() is not None:
-                pump.connection_lost(reader.exception())
-            elif conn.closed:
-                pump.connection_lost(None)
-            await done
-        finally:
-            pump.close()
-            if not transport.is_closing():  # the reader owns the transport again until closed
-                transport.resume_reading()  # type: ignore[attr-defined]
-                transport.set_protocol(original)
+        body, complete = await conn.read_body(decoder, limit)
+        if not complete:
+            if head.status == 200:
+                raise UpstreamError("llama.cpp's response is too large")
+            # Enough of an error to report it; the rest is not worth reading.
+            return body[:limit], False
+        return body, decoder.done and not decoder.extra and head.keep_alive
 
     # -- completions ------------------------------------------------------------------------
 
@@ -695,104 +643,6 @@ class LlamaCppClient:
                 raise UpstreamError("llama.cpp ended the stream before its final event")
         finally:
             call.done()
-
-
-class BodyPump(ReadsIntoScratch):
-    """A streamed response body, handed to `on_body` straight from the transport's
-    data_received: at a GPU's pace every read is one event, and a StreamReader would cost a
-    buffer copy, a future and a task wake-up per event on top (docs/benchmarks.md, Paced).
-
-    While `on_body`'s backlog (a client slower than llama.cpp) is pending, reading pauses,
-    so llama.cpp is held back instead of its output buffered without bound. `done` ends
-    with None once the body ended exactly, else with the error (ConnectionLost, or the
-    call's abort reason)."""
-
-    def __init__(
-        self,
-        decoder: BodyDecoder,
-        on_body: Callable[[bytes], Awaitable[None] | None],
-        call: UpstreamCall,
-        done: asyncio.Future[None],
-        transport: asyncio.BaseTransport,
-    ) -> None:
-        self._decoder = decoder
-        self._on_body = on_body
-        self._call = call
-        self._done = done
-        self._transport = transport
-        self._backlog: asyncio.Future[None] | None = None
-        self._lost: tuple[Exception | None] | None = None  # the connection ended (and why)
-
-    def data_received(self, data: bytes) -> None:
-        """Decode and pass on what this read brought."""
-        if self._done.done():
-            # After the end: kept as `extra`, so the connection is not reused; after an
-            # error the connection is being closed, and what comes is of no interest.
-            with contextlib.suppress(ProtocolError):
-                self._decoder.feed(data)
-            return
-        try:
-            piece = self._decoder.feed(data)
-            backlog = self._on_body(piece) if piece else None
-        except Exception as exc:
-            self._finish(exc)
-            return
-        if self._call.abort_reason is not None:
-            self._finish(self._call.abort_reason)
-        elif backlog is not None:
-            self._transport.pause_reading()  # type: ignore[attr-defined]
-            self._backlog = asyncio.ensure_future(backlog)
-            self._backlog.add_done_callback(self._written)
-        elif self._decoder.done:
-            self._finish(None)
-
-    def _written(self, backlog: asyncio.Future[None]) -> None:
-        self._backlog = None
-        if self._done.done():
-            return
-        if not backlog.cancelled() and backlog.exception() is not None:
-            self._finish(backlog.exception())
-        elif self._call.abort_reason is not None:
-            self._finish(self._call.abort_reason)
-        elif self._decoder.done:
-            self._finish(None)
-        elif self._lost is not None:
-            self.connection_lost(self._lost[0])
-        else:
-            self._call.touch()
-            self._transport.resume_reading()  # type: ignore[attr-defined]
-
-    def eof_received(self) -> bool:
-        """The upstream closed its side: the body ends here if it is close-delimited."""
-        self.connection_lost(None)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """The connection ended (closed by llama.cpp, or by our abort)."""
-        self._lost = (exc,)
-        if self._done.done() or (self._backlog is not None and self._call.abort_reason is None):
-            return  # once the backlog is written out, _written reports it
-        if self._call.abort_reason is not None:
-            self._finish(self._call.abort_reason)
-        elif self._decoder.until_eof and exc is None:
-            self._finish(None)
-        else:
-            self._finish(ConnectionLost("closed before the response was complete"))
-
-    def _finish(self, result: BaseException | None) -> None:
-        if self._done.done():
-            return
-        if result is None:
-            self._done.set_result(None)
-        else:
-            self._done.set_exception(result)
-
-    def close(self) -> None:
-        """The reader is gone: a backlog still pending (a client's write) runs its course,
-        but no longer reports here."""
-        if self._backlog is not None:
-            self._backlog.remove_done_callback(self._written)
-            self._backlog = None
 
 
 def _bad_embeddings(problem: str) -> UpstreamError:
