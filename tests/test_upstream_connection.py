@@ -20,6 +20,7 @@ import pytest
 
 from llamacpp_proxy.errors import UpstreamError
 from llamacpp_proxy.upstream.http import (
+    LOOKUP_TTL,
     BodyDecoder,
     Connection,
     ConnectionLost,
@@ -402,3 +403,83 @@ def test_bytes_after_the_end_keep_the_connection_from_reuse() -> None:
         return idle
 
     assert asyncio.run(scenario()) is False
+
+
+def test_a_host_name_is_looked_up_once_per_lookup_ttl_and_again_after_a_failure() -> None:
+    """`http://localhost:PORT` (the usual llama.cpp URL) would cost a getaddrinfo in the
+    executor's thread for every stream's connection; its addresses are reused for LOOKUP_TTL
+    seconds, and looked up again as soon as none of them answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    clock = [100.0]
+
+    async def scenario() -> list[int]:
+        loop = asyncio.get_running_loop()
+        lookups = []
+        real = loop.getaddrinfo
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            lookups.append(args[0])
+            return await real(*args, **kwargs)
+
+        loop.getaddrinfo = counted  # type: ignore[method-assign]
+        pool = ConnectionPool(f"http://localhost:{port}", 4, 5.0, now=lambda: clock[0])
+        seen = []
+        for step in range(3):
+            conn = await pool.acquire()
+            pool.release(conn, reusable=False)
+            seen.append(len(lookups))
+            if step == 1:
+                clock[0] += LOOKUP_TTL + 1
+        listener.close()  # nothing answers at that address any more
+        with pytest.raises(OSError):
+            await pool.acquire()
+        seen.append(len(lookups))
+        with pytest.raises(OSError):
+            await pool.acquire()
+        seen.append(len(lookups))
+        return seen
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        listener.close()
+    # one lookup for two connections, one more after the TTL; a connect where no address
+    # answered drops them, so the one after it looks up again
+    assert seen == [1, 1, 2, 2, 3]
+
+
+def test_the_address_that_answered_is_tried_first_next_time() -> None:
+    """`localhost` resolves to ::1 first, and llama-server listens on 127.0.0.1 by
+    default: a refused ::1 before every stream's connection is paid once, not per stream."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))  # bound, never listening: a connect to it is refused
+    dead = refused.getsockname()
+
+    async def scenario() -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+
+        async def resolver(*args: Any, **kwargs: Any) -> Any:
+            info = (socket.AF_INET, socket.SOCK_STREAM, 6, "")
+            return [(*info, dead), (*info, ("127.0.0.1", port))]
+
+        loop.getaddrinfo = resolver  # type: ignore[method-assign]
+        pool = ConnectionPool(f"http://llama.internal:{port}", 4, 5.0)
+        for _ in range(3):
+            conn = await pool.acquire()
+            pool.release(conn, reusable=False)
+        assert pool._looked_up is not None
+        return [address for _, address in pool._looked_up[1]]
+
+    try:
+        order = asyncio.run(scenario())
+    finally:
+        listener.close()
+        refused.close()
+    assert order == [("127.0.0.1", port), dead]

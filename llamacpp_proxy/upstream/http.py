@@ -44,6 +44,10 @@ READ_SIZE = 64 * 1024
 # llama.cpp's HTTP server drops idle keep-alive connections after 5 s; a wide margin, since a
 # busy machine may delay a send by a second or more after the connection was picked.
 IDLE_TTL = 2.5
+LOOKUP_TTL = 10.0
+"""Seconds a host name's addresses are reused (aiohttp's default, `ttl_dns_cache`): every
+stream opens a connection, and `http://localhost:8080` would otherwise cost a getaddrinfo
+in the executor's thread (a thread hand-off each way) per stream."""
 
 # Exact grammars (RFC 9112), on bytes so that only ASCII digits are digits ("²²²" is not).
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: [\t \x21-\x7e\x80-\xff]*)?")
@@ -809,6 +813,7 @@ class ConnectionPool:
                 continue
             self._addresses = [(family, (self.host, self.port))]
             break
+        self._looked_up: tuple[float, list[tuple[int, tuple[Any, ...]]]] | None = None
         self._now = now
         self._idle: deque[Connection] = deque()  # oldest on the left
         self._open = 0
@@ -860,20 +865,38 @@ class ConnectionPool:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return conn
-        addresses = self._addresses
-        if addresses is None:
-            async with asyncio.timeout_at(deadline):
-                found = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-            addresses = [(family, address) for family, _, _, _, address in found]
+        addresses = self._addresses or await self._lookup(deadline)
         errors: list[OSError] = []
-        for family, address in addresses:  # in the resolver's order, as create_connection
+        for i, (family, address) in enumerate(addresses):  # the resolver's order
             try:
-                return await _open(loop, family, address, deadline)
+                opened = await _open(loop, family, address, deadline)
             except TimeoutError:
                 raise
             except OSError as exc:
                 errors.append(exc)
+                continue
+            if i and self._looked_up is not None and self._looked_up[1] is addresses:
+                # `localhost` is ::1 first, and llama-server listens on 127.0.0.1 alone:
+                # the next connections try the address that answered first.
+                addresses.insert(0, addresses.pop(i))
+            return opened
+        self._looked_up = None  # none of them answered: ask the resolver again next time
         raise errors[0] if errors else OSError(f"no address for {self.display}")
+
+    async def _lookup(self, deadline: float) -> list[tuple[int, tuple[Any, ...]]]:
+        """The host name's addresses, looked up at most once per LOOKUP_TTL."""
+        now = self._now()
+        if self._looked_up is not None and now - self._looked_up[0] < LOOKUP_TTL:
+            return self._looked_up[1]
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout_at(deadline):
+            found = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        addresses: list[tuple[int, tuple[Any, ...]]] = [
+            (family, address) for family, _, _, _, address in found
+        ]
+        if addresses:
+            self._looked_up = (now, addresses)
+        return addresses
 
     def release(self, conn: Connection, reusable: bool) -> None:
         """Return a connection after its response was read (or abandoned). Only a response
