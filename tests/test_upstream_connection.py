@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from llamacpp_proxy.errors import UpstreamError
+from llamacpp_proxy.upstream import http as http_module
 from llamacpp_proxy.upstream.http import (
     LOOKUP_TTL,
     BodyDecoder,
@@ -483,3 +484,58 @@ def test_the_address_that_answered_is_tried_first_next_time() -> None:
         listener.close()
         refused.close()
     assert order == [("127.0.0.1", port), dead]
+
+
+def test_connects_racing_through_the_looked_up_addresses_each_try_every_address() -> None:
+    """Two streams connecting at once share the looked-up list: when one of them moves the
+    address that answered to the front, the other, still waiting on the first address,
+    must go on to the one that answers, not try the refused one again (a 503 for a
+    llama.cpp that was there)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    dead = ("127.0.0.2", port)  # refused: nothing listens there (the fake _open says so)
+
+    async def scenario() -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        real_open = http_module._open
+        refusals: list[asyncio.Event] = []
+        tried: list[tuple[str, int]] = []
+
+        async def resolver(*args: Any, **kwargs: Any) -> Any:
+            info = (socket.AF_INET, socket.SOCK_STREAM, 6, "")
+            return [(*info, dead), (*info, ("127.0.0.1", port))]
+
+        async def opened(
+            loop: asyncio.AbstractEventLoop, family: int, address: Any, deadline: float
+        ) -> Connection:
+            tried.append(address)
+            if address == dead:
+                # The first refusal waits for the test's word; the others come at once.
+                gate = asyncio.Event()
+                refusals.append(gate)
+                if len(refusals) == 1:
+                    await gate.wait()
+                raise ConnectionRefusedError(111, "refused")
+            return await real_open(loop, family, address, deadline)
+
+        loop.getaddrinfo = resolver  # type: ignore[method-assign]
+        pool = ConnectionPool(f"http://llama.internal:{port}", 4, 5.0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(http_module, "_open", opened)
+            slow = asyncio.ensure_future(pool.acquire())  # refused later, on the first
+            while not refusals:
+                await asyncio.sleep(0)
+            fast = await asyncio.wait_for(pool.acquire(), 5)  # refused at once, then answered
+            refusals[0].set()
+            second = await asyncio.wait_for(slow, 5)
+        for conn in (fast, second):
+            pool.release(conn, reusable=False)
+        return tried
+
+    try:
+        tried = asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert tried.count(("127.0.0.1", port)) == 2, tried

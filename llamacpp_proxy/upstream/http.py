@@ -875,10 +875,14 @@ class ConnectionPool:
             except OSError as exc:
                 errors.append(exc)
                 continue
-            if i and self._looked_up is not None and self._looked_up[1] is addresses:
+            looked_up = self._looked_up
+            if i and looked_up is not None and looked_up[1] is addresses:
                 # `localhost` is ::1 first, and llama-server listens on 127.0.0.1 alone:
-                # the next connections try the address that answered first.
-                addresses.insert(0, addresses.pop(i))
+                # the next connections try the address that answered first. A new list,
+                # never the old one reordered: other connects may be walking it now, and
+                # would try a refused address twice and skip the one that answers.
+                answered = [addresses[i], *addresses[:i], *addresses[i + 1 :]]
+                self._looked_up = (looked_up[0], answered)
             return opened
         self._looked_up = None  # none of them answered: ask the resolver again next time
         raise errors[0] if errors else OSError(f"no address for {self.display}")
