@@ -465,7 +465,7 @@ class Connection:
             and not self.closed
             and not self._eof
             and not self._buffer
-            and self._out is None
+            and not self.writing
         )
 
     def buffered(self) -> int:
@@ -756,8 +756,18 @@ class TLSConnection(Connection, asyncio.BufferedProtocol):
 
     @property
     def writing(self) -> bool:
-        """Part of the request is still waiting for the kernel to take it."""
-        return self._transport is not None and self._transport.get_write_buffer_size() > 0
+        """Part of the request is still waiting for the kernel to take it.
+
+        The TLS transport's own count holds only what is not yet encrypted: the records
+        wait in the TCP transport below it (asyncio's sslproto hands them all on at once),
+        so that one is asked too, where this Python has it where 3.11-3.13 do."""
+        transport = self._transport
+        if transport is None:
+            return False
+        below = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        return transport.get_write_buffer_size() > 0 or (
+            below is not None and below.get_write_buffer_size() > 0
+        )
 
     def fileno(self) -> int:
         """The socket's descriptor (-1 once closed)."""
