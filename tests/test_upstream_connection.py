@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from llamacpp_proxy.errors import UpstreamError
+from llamacpp_proxy.upstream import http as http_module
 from llamacpp_proxy.upstream.http import (
     LOOKUP_TTL,
     BodyDecoder,
@@ -483,3 +484,103 @@ def test_the_address_that_answered_is_tried_first_next_time() -> None:
         listener.close()
         refused.close()
     assert order == [("127.0.0.1", port), dead]
+
+
+def test_connects_racing_through_the_looked_up_addresses_each_try_every_address() -> None:
+    """Two streams connecting at once share the looked-up list: when one of them moves the
+    address that answered to the front, the other, still waiting on the first address,
+    must go on to the one that answers, not try the refused one again (a 503 for a
+    llama.cpp that was there)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    dead = ("127.0.0.2", port)  # refused: nothing listens there (the fake _open says so)
+
+    async def scenario() -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        real_open = http_module._open
+        refusals: list[asyncio.Event] = []
+        tried: list[tuple[str, int]] = []
+
+        async def resolver(*args: Any, **kwargs: Any) -> Any:
+            info = (socket.AF_INET, socket.SOCK_STREAM, 6, "")
+            return [(*info, dead), (*info, ("127.0.0.1", port))]
+
+        async def opened(
+            loop: asyncio.AbstractEventLoop, family: int, address: Any, deadline: float
+        ) -> Connection:
+            tried.append(address)
+            if address == dead:
+                # The first refusal waits for the test's word; the others come at once.
+                gate = asyncio.Event()
+                refusals.append(gate)
+                if len(refusals) == 1:
+                    await gate.wait()
+                raise ConnectionRefusedError(111, "refused")
+            return await real_open(loop, family, address, deadline)
+
+        loop.getaddrinfo = resolver  # type: ignore[method-assign]
+        pool = ConnectionPool(f"http://llama.internal:{port}", 4, 5.0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(http_module, "_open", opened)
+            slow = asyncio.ensure_future(pool.acquire())  # refused later, on the first
+            while not refusals:
+                await asyncio.sleep(0)
+            fast = await asyncio.wait_for(pool.acquire(), 5)  # refused at once, then answered
+            refusals[0].set()
+            second = await asyncio.wait_for(slow, 5)
+        for conn in (fast, second):
+            pool.release(conn, reusable=False)
+        return tried
+
+    try:
+        tried = asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert tried.count(("127.0.0.1", port)) == 2, tried
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_answer_before_the_request_is_sent_whole_keeps_the_connection_from_reuse(
+    scheme: str, tls_server: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """An upstream that answers before it has read a large request (an early 413, or a
+    broken server): the rest of the request is still on its way, so the connection is not
+    pooled. The next request would go out behind it, and whatever the server makes of those
+    bytes would be read as that request's answer. Plain and TLS alike."""
+    server_context, client_context = tls_server
+    body = b"x" * (8 << 20)  # more than the socket buffers on both sides hold
+
+    async def scenario() -> tuple[bool, int]:
+        done = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\nno")
+            await writer.drain()
+            await done.wait()  # reads no more of the body, keeps the connection open
+            writer.close()
+
+        ssl_context = server_context if scheme == "https" else None
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ssl_context)
+        port = server.sockets[0].getsockname()[1]
+        tls = client_context if scheme == "https" else None
+        pool = ConnectionPool(f"{scheme}://127.0.0.1:{port}", 1, 5.0, ssl_context=tls)
+        conn = await pool.acquire()
+        conn.send(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        head = await asyncio.wait_for(conn.read_head(), 5)
+        decoder = BodyDecoder(head, "POST")
+        answer, complete = await asyncio.wait_for(conn.read_body(decoder, 100), 5)
+        assert answer == b"no" and complete and decoder.done and head.keep_alive
+        writing = conn.writing
+        pool.release(conn, reusable=True)  # as _read_body says for a whole answer
+        kept = pool.open_connections
+        pool.close()
+        done.set()
+        server.close()
+        return writing, kept
+
+    still_writing, kept = asyncio.run(scenario())
+    assert still_writing  # the premise: the request was not all sent
+    assert kept == 0

@@ -465,7 +465,7 @@ class Connection:
             and not self.closed
             and not self._eof
             and not self._buffer
-            and self._out is None
+            and not self.writing
         )
 
     def buffered(self) -> int:
@@ -756,8 +756,18 @@ class TLSConnection(Connection, asyncio.BufferedProtocol):
 
     @property
     def writing(self) -> bool:
-        """Part of the request is still waiting for the kernel to take it."""
-        return self._transport is not None and self._transport.get_write_buffer_size() > 0
+        """Part of the request is still waiting for the kernel to take it.
+
+        The TLS transport's own count holds only what is not yet encrypted: the records
+        wait in the TCP transport below it (asyncio's sslproto hands them all on at once),
+        so that one is asked too, where this Python has it where 3.11-3.13 do."""
+        transport = self._transport
+        if transport is None:
+            return False
+        below = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        return transport.get_write_buffer_size() > 0 or (
+            below is not None and below.get_write_buffer_size() > 0
+        )
 
     def fileno(self) -> int:
         """The socket's descriptor (-1 once closed)."""
@@ -875,10 +885,14 @@ class ConnectionPool:
             except OSError as exc:
                 errors.append(exc)
                 continue
-            if i and self._looked_up is not None and self._looked_up[1] is addresses:
+            looked_up = self._looked_up
+            if i and looked_up is not None and looked_up[1] is addresses:
                 # `localhost` is ::1 first, and llama-server listens on 127.0.0.1 alone:
-                # the next connections try the address that answered first.
-                addresses.insert(0, addresses.pop(i))
+                # the next connections try the address that answered first. A new list,
+                # never the old one reordered: other connects may be walking it now, and
+                # would try a refused address twice and skip the one that answers.
+                answered = [addresses[i], *addresses[:i], *addresses[i + 1 :]]
+                self._looked_up = (looked_up[0], answered)
             return opened
         self._looked_up = None  # none of them answered: ask the resolver again next time
         raise errors[0] if errors else OSError(f"no address for {self.display}")
