@@ -584,3 +584,38 @@ def test_an_answer_before_the_request_is_sent_whole_keeps_the_connection_from_re
     still_writing, kept = asyncio.run(scenario())
     assert still_writing  # the premise: the request was not all sent
     assert kept == 0
+
+
+def test_a_client_write_pending_when_the_read_ended_the_call_still_runs_its_course() -> None:
+    """A read that hands the client a write still pending AND ends the call (events, then a
+    malformed one, in the same read, while the client is behind): the wait it handed back
+    (the front door's coroutine) still runs once the client takes the bytes, instead of
+    being dropped unawaited ("coroutine was never awaited")."""
+
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+        conn, peer = await headed(CHUNKED_HEAD)
+        assert conn.head is not None
+        client_write = loop.create_future()
+        settled = []
+
+        async def wait_for_client() -> None:
+            await client_write
+            settled.append(True)
+
+        def on_body(piece: bytes) -> Awaitable[None]:
+            conn.close()  # what call.abort does for the malformed event
+            return wait_for_client()
+
+        reading = asyncio.ensure_future(
+            conn.read_body(BodyDecoder(conn.head, "POST"), on_body=on_body)
+        )
+        peer.sendall(CHUNK)
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(reading, 5)
+        client_write.set_result(None)
+        await turns()
+        peer.close()
+        return bool(settled)
+
+    assert asyncio.run(scenario())

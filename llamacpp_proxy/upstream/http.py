@@ -275,6 +275,8 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+_ORPHANED: set[asyncio.Future[None]] = set()
+"""Client writes a read handed back after it ended its own call (_feed_body)."""
 
 # Connection states: what the receiver does with the bytes a read brings.
 IDLE = "idle"  # no response expected: a byte now is stray (the connection is not reused)
@@ -663,6 +665,10 @@ class Connection:
             self._fail(exc)
             return
         if self._state is not BODY:  # on_body ended the call (closed this connection)
+            if backlog is not None:  # the client's write it handed back runs its course
+                orphan = asyncio.ensure_future(backlog)
+                _ORPHANED.add(orphan)  # held until done: the loop keeps only weak references
+                orphan.add_done_callback(_ORPHANED.discard)
             return
         if backlog is not None:
             self._pause()
