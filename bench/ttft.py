@@ -7,12 +7,19 @@ docs/benchmarks.md, "Time to first token against llama-server").
 Starts llama-server with the e2e tests' ChatML model (SmolLM2-135M-Instruct, from
 scripts/install-llama-server's cache; LLAMA_SERVER_BIN / LLAMACPP_PROXY_CACHE override) on a
 free loopback port, 1 slot, and the proxy in front of it. Then, SAMPLES times, one streamed
-request straight at llama-server's /completion and one through the proxy's /v1/completions,
-with the same short prompt (so llama-server's prompt cache serves both alike), in a random
-order each time so that the machine's noise hits both sides alike. Per request: the time
-from sending it to reading the first event that carries text. Reported: p50/p99 of each
-side, and the added time = proxy - direct per pair, its median with a 95% bootstrap
-confidence interval.
+request straight at llama-server's /completion and two through the proxy's /v1/completions
+(one on a new connection, one on a kept-alive connection), with the same short prompt (so
+llama-server's prompt cache serves them alike), in a random order each time so that the
+machine's noise hits every side alike. Per request: the time from sending it (the
+connection already open) to reading the first event that carries text. Reported: p50/p99
+of each side, and the added time = proxy - direct per round, its median with a 95%
+bootstrap confidence interval, for each way of connecting to the proxy.
+
+Direct requests always use a new connection: llama-server closes the connection of every
+streamed answer, so no client of it can do otherwise. Through the proxy, "new connection"
+is like with like (the proxy then accepts a connection per request, as llama-server does);
+"kept-alive" is how the OpenAI SDKs (httpx) and most clients talk to the proxy, whose client
+connections stay open.
 """
 
 from __future__ import annotations
@@ -85,6 +92,91 @@ def first_token_ms(port: int, path: str, body: bytes, key: str | None, field: st
     return (first - t0) * 1000
 
 
+def _first_text(buf: bytes, field: str) -> tuple[bool, bytes]:
+    """(an event of buf whose `field` is a non-empty string was found, the unread rest)."""
+    while b"\n\n" in buf:
+        event, buf = buf.split(b"\n\n", 1)
+        line = event[event.find(b"data: ") :]
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        value: Any = json.loads(line[6:].split(b"\r\n", 1)[0])
+        for part in field.split("."):
+            value = value[int(part)] if isinstance(value, list) else value.get(part)
+        if isinstance(value, str) and value:
+            return True, buf
+    return False, buf
+
+
+class KeptAlive:
+    """One connection to the proxy for many requests, as the SDKs keep theirs."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.port = port
+        self.key = key
+        self.sock: socket.socket | None = None
+        self.connects = 0
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def first_token_ms(self, path: str, body: bytes, field: str) -> float:
+        """As first_token_ms, on the kept connection (opened before the clock starts if
+        there is none); reads the chunked answer to its end, leaving the connection ready."""
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {b.HOST}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Authorization: Bearer {self.key}\r\n\r\n"
+        )
+        request = head.encode() + body
+        if self.sock is None:
+            self.sock = socket.create_connection((b.HOST, self.port), timeout=60)
+            self.connects += 1
+        s = self.sock
+        first: float | None = None
+        try:
+            t0 = time.perf_counter()
+            s.sendall(request)
+            raw = b""
+            while b"\r\n\r\n" not in raw:
+                raw += self._recv()
+            response_head, raw = raw.split(b"\r\n\r\n", 1)
+            if b" 200 " not in response_head.split(b"\r\n", 1)[0] or (
+                b"transfer-encoding: chunked" not in response_head.lower()
+            ):
+                raise RuntimeError(f"unexpected answer from {path}: {response_head[:300]!r}")
+            events = b""
+            while True:  # the chunked body, chunk by chunk, to its last (empty) chunk
+                while b"\r\n" not in raw:
+                    raw += self._recv()
+                size_line, raw = raw.split(b"\r\n", 1)
+                size = int(size_line.split(b";", 1)[0], 16)
+                while len(raw) < size + 2:
+                    raw += self._recv()
+                if first is None:
+                    events += raw[:size]
+                    found, events = _first_text(events, field)
+                    if found:
+                        first = time.perf_counter()
+                raw = raw[size + 2 :]
+                if size == 0:
+                    break
+        except BaseException:
+            self.close()
+            raise
+        if first is None:
+            raise RuntimeError(f"no token in the stream from {path} (kept-alive)")
+        return (first - t0) * 1000
+
+    def _recv(self) -> bytes:
+        assert self.sock is not None
+        data = self.sock.recv(65536)
+        if not data:
+            raise RuntimeError("the proxy closed a kept-alive connection")
+        return data
+
+
 def bootstrap_median(values: list[float], reps: int = 2000, seed: int = 13) -> tuple[float, float]:
     rng = random.Random(seed)
     n = len(values)
@@ -124,34 +216,44 @@ def run_ttft(args: argparse.Namespace, bench: b.Bench, procs: b.Processes) -> di
             proxy_port, "/v1/completions", proxy_body, b.UNLIMITED_KEY, "choices.0.text"
         )
 
+    kept = KeptAlive(proxy_port, b.UNLIMITED_KEY)
+
+    def via_proxy_kept() -> float:
+        return kept.first_token_ms("/v1/completions", proxy_body, "choices.0.text")
+
+    sides = [direct, via_proxy, via_proxy_kept]
     try:
-        for _ in range(10):  # warm both paths (and llama-server's prompt cache)
-            direct()
-            via_proxy()
+        for _ in range(10):  # warm every path (and llama-server's prompt cache)
+            for side in sides:
+                side()
         rng = random.Random(7)
-        pairs: list[tuple[float, float]] = []
+        rounds: list[tuple[float, float, float]] = []
         busy0, t0 = b.machine_busy(), time.monotonic()
         load0 = Path("/proc/loadavg").read_text().split()[:3]
         failures: list[str] = []
-        while len(pairs) < args.samples:
+        while len(rounds) < args.samples:
+            order = list(range(len(sides)))
+            rng.shuffle(order)
+            got = [0.0] * len(sides)
             try:
-                if rng.random() < 0.5:
-                    d = direct()
-                    p = via_proxy()
-                else:
-                    p = via_proxy()
-                    d = direct()
-            except (OSError, RuntimeError) as exc:  # counted and reported, the pair dropped
+                for i in order:
+                    got[i] = sides[i]()
+            except (OSError, RuntimeError) as exc:  # counted and reported, the round dropped
                 failures.append(str(exc)[:200])
                 if len(failures) > max(10, args.samples // 10):
                     raise RuntimeError(f"too many failed requests: {failures[:3]}") from None
                 continue
-            pairs.append((d, p))
+            rounds.append((got[0], got[1], got[2]))
         wall = time.monotonic() - t0
         busy = (b.machine_busy() - busy0) / wall / (os.cpu_count() or 1) * 100
     finally:
+        kept.close()
         procs.stop(proxy)
         procs.stop(server)
+    pairs = [(d, p) for d, p, _ in rounds]
+    kept_ms = [k for _, _, k in rounds]
+    kept_diffs = [k - d for d, _, k in rounds]
+    klo, khi = bootstrap_median(kept_diffs)
     ds = [d for d, _ in pairs]
     ps = [p for _, p in pairs]
     diffs = [p - d for d, p in pairs]
@@ -167,15 +269,26 @@ def run_ttft(args: argparse.Namespace, bench: b.Bench, procs: b.Processes) -> di
             "mean": statistics.fmean(diffs),
             "p90": b_pct(diffs, 90),
         },
+        "proxy_kept_alive_ms": {"p50": statistics.median(kept_ms), "p99": b_pct(kept_ms, 99)},
+        "added_kept_alive_ms": {
+            "p50": statistics.median(kept_diffs),
+            "ci95": [klo, khi],
+            "mean": statistics.fmean(kept_diffs),
+            "p90": b_pct(kept_diffs, 90),
+        },
+        "kept_alive_connects": kept.connects,
         "failed_requests": len(failures),
         "failures": failures[:5],
         "machine_busy_pct": busy,
         "loadavg_start": load0,
     }
     b.log(
-        f"ttft vs llama-server, {len(pairs)} pairs: direct p50 {result['direct_ms']['p50']:.2f} ms,"
-        f" proxy p50 {result['proxy_ms']['p50']:.2f} ms; added p50 {result['added_ms']['p50']:.2f}"
-        f" ms (95% CI {lo:.2f} to {hi:.2f}); machine {busy:.0f}% busy"
+        f"ttft vs llama-server, {len(rounds)} rounds: direct p50"
+        f" {result['direct_ms']['p50']:.2f} ms, proxy p50 {result['proxy_ms']['p50']:.2f} ms;"
+        f" added p50 {result['added_ms']['p50']:.2f}"
+        f" ms (95% CI {lo:.2f} to {hi:.2f}); kept-alive to the proxy: added p50"
+        f" {result['added_kept_alive_ms']['p50']:.2f} ms (95% CI {klo:.2f} to {khi:.2f});"
+        f" machine {busy:.0f}% busy"
     )
     return result
 
@@ -193,24 +306,39 @@ def markdown(t: dict[str, Any] | None) -> list[str]:
         return [*lines, f"Not measured: {t['error']}"]
     a = t["added_ms"]
     lines += [
-        f"{t['samples']} pairs, {t['model']}, short prompt, {TOKENS} tokens, one request at a "
-        f"time, direct and proxy in random order per pair; machine {t['machine_busy_pct']:.0f}% "
-        f"busy (load average {' '.join(t['loadavg_start'])} at start).",
+        f"{t['samples']} rounds, {t['model']}, short prompt, {TOKENS} tokens, one request at a "
+        f"time, direct and proxy in random order per round; machine "
+        f"{t['machine_busy_pct']:.0f}% busy (load average {' '.join(t['loadavg_start'])} at "
+        "start).",
         "",
         "| | p50 ms | p99 ms |",
         "|---|---:|---:|",
         f"| llama-server direct (/completion) | {t['direct_ms']['p50']:.2f} | "
         f"{t['direct_ms']['p99']:.2f} |",
-        f"| through the proxy (/v1/completions) | {t['proxy_ms']['p50']:.2f} | "
+        f"| through the proxy (/v1/completions), new connection | {t['proxy_ms']['p50']:.2f} | "
         f"{t['proxy_ms']['p99']:.2f} |",
-        "",
-        f"Added by the proxy (median of the paired differences): **{a['p50']:.2f} ms**, 95% "
-        f"bootstrap CI {a['ci95'][0]:.2f} to {a['ci95'][1]:.2f} ms (mean {a['mean']:.2f}, "
-        f"p90 {a['p90']:.2f}).",
     ]
+    k = t.get("added_kept_alive_ms")
+    if k:
+        lines.append(
+            f"| through the proxy, kept-alive connection | {t['proxy_kept_alive_ms']['p50']:.2f} "
+            f"| {t['proxy_kept_alive_ms']['p99']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Added by the proxy (median of the paired differences), new connection: "
+        f"**{a['p50']:.2f} ms**, 95% bootstrap CI {a['ci95'][0]:.2f} to {a['ci95'][1]:.2f} ms "
+        f"(mean {a['mean']:.2f}, p90 {a['p90']:.2f}).",
+    ]
+    if k:
+        lines.append(
+            f"Kept-alive connection: **{k['p50']:.2f} ms**, 95% CI {k['ci95'][0]:.2f} to "
+            f"{k['ci95'][1]:.2f} ms (mean {k['mean']:.2f}, p90 {k['p90']:.2f}; "
+            f"{t['kept_alive_connects']} connection(s) opened)."
+        )
     if t.get("failed_requests"):
         lines.append(
-            f"{t['failed_requests']} requests failed (their pairs dropped), e.g. "
+            f"{t['failed_requests']} requests failed (their rounds dropped), e.g. "
             f"`{t['failures'][0][:160]}`"
         )
     return lines
@@ -224,7 +352,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench ttft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("mode", choices=["ttft"])
-    p.add_argument("--samples", type=int, default=200, help="direct/proxy pairs")
+    p.add_argument("--samples", type=int, default=200, help="rounds (direct and both proxy sides)")
     p.add_argument("--out-dir", default=str(b.ROOT / "bench-results"))
     args = p.parse_args(argv)
     args.levers = ""

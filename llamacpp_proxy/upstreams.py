@@ -54,6 +54,10 @@ PROBE_TICK_MAX = 1.0
 OUTSIDE_POLL_INTERVAL = 0.05
 """Seconds between re-reads of /slots while requests wait on outside load (Router
 .on_outside_wait): short next to the probe interval, long next to one /slots answer."""
+OUTSIDE_POLL_MIN_GAP = 0.01
+"""A request that starts to wait on outside load has /slots re-read at once, not at the next
+OUTSIDE_POLL_INTERVAL tick, but never sooner than this after the last re-read began: however
+many requests arrive, a server held by outside load is asked at most 100 times a second."""
 DEMAND_PROBE_INTERVAL = 1.0
 """Seconds between probes a request asks for when every server is down."""
 DRAIN_LIMIT = 24 * 3600.0
@@ -143,6 +147,8 @@ class PoolRuntime:
         """When a request last had every server probed at once (`Routes.probe_down_now`)."""
         self.outside_poll: asyncio.Task[None] | None = None
         """Re-reads /slots while requests wait on outside load (`Routes._watch_outside`)."""
+        self.outside_wake: asyncio.Event | None = None
+        """Set when another request starts to wait while that poll sleeps: re-read now."""
 
     def client_for(self, key: str) -> LlamaCppClient:
         """The client of a leased server (it may have been removed since: draining)."""
@@ -340,14 +346,27 @@ class Routes:
     def _watch_outside(self, runtime: PoolRuntime) -> None:
         """Router.on_outside_wait: a request waits while outside load holds slots."""
         if runtime.outside_poll is None or runtime.outside_poll.done():
+            runtime.outside_wake = asyncio.Event()
             runtime.outside_poll = asyncio.ensure_future(self._poll_outside(runtime))
+        elif runtime.outside_wake is not None:
+            runtime.outside_wake.set()
 
     async def _poll_outside(self, runtime: PoolRuntime) -> None:
         """Re-read /slots of the servers outside load holds, every OUTSIDE_POLL_INTERVAL, for
         as long as requests wait on them: a slot that outside work freed is seen within that
-        interval, not at the next probe. Ends when nobody waits or no outside load is seen."""
+        interval, not at the next probe. A request that starts to wait meanwhile has them
+        re-read at once (OUTSIDE_POLL_MIN_GAP apart at the closest): the reading it waits on
+        may be older than the outside work's end (the prober read /slots while another client
+        of the server was generating; that client has finished since), and one /slots answer
+        is far shorter than the rest of the interval. Ends when nobody waits or no outside
+        load is seen."""
         router = runtime.router
+        wake = runtime.outside_wake
+        assert wake is not None
+        loop = asyncio.get_running_loop()
         while keys := [k for k in router.held_by_outside() if k not in runtime.no_slots]:
+            wake.clear()
+            began = loop.time()
             polls = []
             for key in keys:
                 client = runtime.probe_clients.get(key)
@@ -356,7 +375,11 @@ class Routes:
                 polls.append(self._read_slots(runtime, client, key))
             # A failed read leaves the last count: /health (the probe) decides the state.
             await asyncio.gather(*polls, return_exceptions=True)
-            await asyncio.sleep(OUTSIDE_POLL_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), began + OUTSIDE_POLL_INTERVAL - loop.time())
+            gap = began + OUTSIDE_POLL_MIN_GAP - loop.time()
+            if gap > 0:
+                await asyncio.sleep(gap)
 
     async def probe_all(self) -> None:
         """Probe every server now (joining probes in flight): /health/ready's answer must be

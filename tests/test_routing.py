@@ -504,3 +504,44 @@ def test_a_request_held_by_outside_load_goes_once_slots_shows_it_ended(
     assert response.status_code == 200, response.text
     assert "behind outside work" in prompt_text(fake.requests[0]["prompt"])
     assert upstream.external_busy == 0
+
+
+def test_a_request_that_waits_on_a_stale_outside_reading_has_slots_read_at_once(
+    make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside work (another client of the same llama-server) ended after the gateway last
+    read /slots, and the re-reads are between two ticks. A request that starts to wait on
+    that stale reading has /slots re-read at once, so it (and one already waiting) goes
+    without waiting for the next tick. Regression: it waited for the next tick, up to
+    OUTSIDE_POLL_INTERVAL (50 ms: about a quarter of the requests through the gateway in
+    `scripts/bench ttft`, which shares llama-server's one slot with direct requests, waited
+    on it); here the tick is an hour away, so both ran into their queue timeout: 503."""
+    import llamacpp_proxy.upstreams as upstreams
+
+    real_policy = upstreams.ProbePolicy
+    monkeypatch.setattr(upstreams, "ProbePolicy", lambda: real_policy(ready_interval=3600.0))
+    monkeypatch.setattr(upstreams, "OUTSIDE_POLL_INTERVAL", 3600.0)
+    fake = fakes[0]
+    fake.script.total_slots = 1
+    fake.script.outside_busy = 1
+    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=10.0)
+    wait_ready(stack, [fake])
+    runtime = stack.ctx.routes.pools["default"]
+    router = runtime.router
+    [key] = runtime.clients
+    upstream = router.upstream(key)
+    assert upstream is not None
+    assert stack.wait_for(lambda: upstream.total_slots == 1 and upstream.external_busy == 1)
+    reads = fake.slots_reads
+    with ThreadPoolExecutor(2) as threads:
+        first = threads.submit(chat, stack, [{"role": "user", "content": "queued first"}])
+        assert stack.wait_for(lambda: router.held_by_outside() == [key])
+        # The re-read this wait asked for saw the outside work still running.
+        assert stack.wait_for(lambda: fake.slots_reads > reads)
+        assert upstream.external_busy == 1 and not fake.requests
+        fake.script.outside_busy = 0  # the outside work ends between two ticks
+        second = threads.submit(chat, stack, [{"role": "user", "content": "queued second"}])
+        responses = [first.result(timeout=30), second.result(timeout=30)]
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    served = {prompt_text(body["prompt"]) for body in fake.requests}
+    assert any("queued first" in p for p in served) and any("queued second" in p for p in served)
