@@ -108,6 +108,7 @@ class Script:
     cache_n: int = 0  # final event's timings.cache_n: prompt tokens reused from the cache
     gate: asyncio.Event | None = None  # /completion waits for it before answering
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
+    head_gate: asyncio.Event | None = None  # a stream sends its head, then waits for it
     model_alias: str | None = None  # llama-server --alias; None: the model's path, as llama.cpp
     # /v1/embeddings, as llama-server answers it started with --embeddings --pooling mean:
     embeddings: bool = True  # False: as without --embeddings (501 not_supported_error)
@@ -328,6 +329,9 @@ class _Completion(_Base):
         if script.raw_events is not None:
             frames = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in script.raw_events]
         try:
+            if script.head_gate is not None:  # llama.cpp answered 200; the first token is slow
+                await self.flush()
+                await script.head_gate.wait()
             for _ in range(script.pings):
                 self.write(b": ping\n\n")
                 await self.flush()

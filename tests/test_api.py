@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -231,6 +233,34 @@ def test_text_stream(stack: Stack) -> None:
 
     stream = stack.client().completions.create(model="m", prompt="Say", stream=True)
     assert "".join(c.choices[0].text for c in stream) == FULL_TEXT
+
+
+def test_a_text_stream_answers_200_as_soon_as_llamacpp_does(stack: Stack) -> None:
+    """A streamed text completion's head (200, text/event-stream) goes out when llama.cpp
+    answers, as a chat stream's role chunk does, not with the first token: the first token's
+    write is then one chunk, and the client knows it was accepted while the prompt is still
+    being evaluated. (Before, the head waited for the first token.)"""
+    gate = stack.runner.call(asyncio.Event)
+    stack.fake.script.head_gate = gate
+    with httpx.Client(base_url=stack.url, timeout=5) as http, contextlib.ExitStack() as done:
+        done.callback(lambda: stack.runner.call(gate.set))  # a failure still lets the fake end
+        body = {"model": "m", "prompt": "Say", "stream": True, "max_tokens": 2}
+        headers = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
+        with http.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            # the head is here while llama.cpp still holds every token back
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert stack.fake.events_sent == 0
+            stack.runner.call(gate.set)
+            text = "".join(
+                json.loads(line[6:])["choices"][0]["text"]
+                for line in r.iter_lines()
+                if line.startswith("data: {")
+            )
+        assert text == "Hello,"
+        # the same kept-alive connection serves the next request
+        again = http.post("/v1/completions", json={**body, "stream": False}, headers=headers)
+        assert again.json()["choices"][0]["text"] == "Hello,"
 
 
 @pytest.mark.parametrize("mode", ["split", "merge"])

@@ -753,6 +753,11 @@ class CompletionsHandler(BaseHandler):
                 self._write(encoder.role(index))
             elif generation.choice.prompt_text:
                 self._write(encoder.content(index, generation.choice.prompt_text))
+            else:
+                # The head goes now, as a chat stream's role chunk does: the client knows
+                # it was accepted while llama.cpp evaluates the prompt, and the first
+                # token's write is then one chunk (docs/benchmarks.md, time to first token).
+                self._write(b"")
 
         def on_events(events: list[dict[str, Any]]) -> Awaitable[None] | None:
             if self._client_gone:
