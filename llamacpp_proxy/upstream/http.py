@@ -985,15 +985,18 @@ async def _open(
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex(address)
         if error in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
-            fd = sock.fileno()
-            connected: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(fd, _settle, connected, None)
-            timer = loop.call_at(deadline, _settle, connected, TimeoutError())
-            try:
-                await connected
-            finally:
-                timer.cancel()
-                loop.remove_writer(fd)
+            # On loopback the handshake is over by the time connect returns: asked first,
+            # that spares the writer's registration and a loop turn on every stream's way.
+            if not _writable(sock):
+                fd = sock.fileno()
+                connected: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(fd, _settle, connected, None)
+                timer = loop.call_at(deadline, _settle, connected, TimeoutError())
+                try:
+                    await connected
+                finally:
+                    timer.cancel()
+                    loop.remove_writer(fd)
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             # OSError(errno, ...) is ConnectionRefusedError and its kin, as connect raises.
@@ -1002,6 +1005,17 @@ async def _open(
     except BaseException:
         sock.close()
         raise
+
+
+def _writable(sock: socket.socket) -> bool:
+    """The socket is writable now (a connect in progress has ended, one way or the other)."""
+    poll = _SCRATCH.poll
+    fd = sock.fileno()
+    poll.register(fd, select.POLLOUT)
+    try:
+        return bool(poll.poll(0))
+    finally:
+        poll.unregister(fd)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
