@@ -193,7 +193,8 @@ def run_ttft(args: argparse.Namespace, bench: b.Bench, procs: b.Processes) -> di
     server = procs.start(
         "llama-server",
         [str(binary), "--host", b.HOST, "--port", str(port), "-m", str(model),
-         "-c", "2048", "-np", "1", "--no-webui"],
+         "-c", "2048", "-np", "1", "--no-webui"]
+        + (["-t", str(args.llama_threads)] if args.llama_threads else []),
     )  # fmt: skip
     try:
         b.wait_ready(f"http://{b.HOST}:{port}/health", server, 180)
@@ -353,6 +354,13 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("mode", choices=["ttft"])
     p.add_argument("--samples", type=int, default=200, help="rounds (direct and both proxy sides)")
+    p.add_argument(
+        "--llama-threads",
+        type=int,
+        default=0,
+        help="llama-server's -t (compute threads; 0: its default, one per core). On a GPU "
+        "they wait for the GPU; on this CPU-only box they take every core the proxy needs",
+    )
     p.add_argument("--out-dir", default=str(b.ROOT / "bench-results"))
     args = p.parse_args(argv)
     args.levers = ""
