@@ -76,17 +76,9 @@ def first_token_ms(port: int, path: str, body: bytes, key: str | None, field: st
                 break
             if first is not None:
                 continue
-            buf += data
-            while first is None and b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                line = event[event.find(b"data: ") :]
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                value: Any = json.loads(line[6:].split(b"\r\n", 1)[0])
-                for part in field.split("."):
-                    value = value[int(part)] if isinstance(value, list) else value.get(part)
-                if isinstance(value, str) and value:
-                    first = time.perf_counter()
+            found, buf = _first_text(buf + data, field)
+            if found:
+                first = time.perf_counter()
     if first is None:
         raise RuntimeError(f"no token in the stream from {path}: {buf[:300]!r}")
     return (first - t0) * 1000
