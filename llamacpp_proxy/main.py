@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
+from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, SSLIOStream
 from tornado.netutil import bind_sockets, ssl_wrap_socket
@@ -25,6 +26,7 @@ from . import __version__, workers
 from .app import make_app
 from .config import ConfigError, Settings, build_parser, load_settings
 from .context import AppContext
+from .frontdoor.client_deadlines import ClientDeadlines
 from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
 from .guard.budgets import Budgets, LocalBudgets, RedisBudgets
@@ -185,9 +187,20 @@ class ProxyServer(HTTPServer):
     (beyond it, clients wait in the kernel's accept queue) and backoff on accept errors."""
 
     def initialize(  # type: ignore[override]
-        self, *args: Any, max_connections: int, **kwargs: Any
+        self,
+        *args: Any,
+        max_connections: int,
+        idle_connection_timeout: float | None = None,
+        body_timeout: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().initialize(*args, **kwargs)
+        # The client's head and body deadlines are timers of ours (ClientDeadlines), not
+        # Tornado's with_timeout around every read: see frontdoor/client_deadlines.py.
+        self.conn_params.header_timeout = None
+        self.conn_params.body_timeout = None
+        self.head_timeout = idle_connection_timeout or 3600.0  # Tornado's default
+        self.body_timeout = body_timeout
         self.max_connections = max_connections
         self.open_connections = 0
         self._listening: list[socket.socket] = []
@@ -299,6 +312,18 @@ class ProxyServer(HTTPServer):
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         self.open_connections += 1
         super().handle_stream(stream, address)
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        """Each request (the connection starts to wait for its head) runs under the
+        client's deadlines."""
+        return ClientDeadlines(
+            super().start_request(server_conn, request_conn),
+            request_conn,
+            self.head_timeout,
+            self.body_timeout,
+        )
 
     def on_close(self, server_conn: object) -> None:
         super().on_close(server_conn)

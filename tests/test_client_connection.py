@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import http.client
 import json
 import socket
 import time
@@ -312,3 +313,64 @@ def test_client_connections_keep_tcp_nodelay_between_and_during_responses(
             assert len(connections) == 1  # the one kept-alive connection
             sock = connections[0].stream.socket
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """The proxy closed this connection (EOF) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_client_deadlines_close_a_silent_head_or_an_idle_kept_alive_connection(
+    make_stack: Any,
+) -> None:
+    """--client-idle-timeout bounds the wait for a request's head: a client that connects
+    and sends half a head, and a kept-alive connection after its answer, are closed; one
+    that is slow to send its body is closed by --client-body-timeout. (Timers of the
+    proxy's own since Tornado's with_timeout around every read was dropped for its cost:
+    frontdoor/client_deadlines.py.)"""
+    stack = make_stack(client_idle_timeout=0.3, client_body_timeout=0.3)
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never ends
+        assert closed_within(sock, 5)
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Authorization: Bearer " + UNLIMITED_KEY.encode() + b"\r\n\r\n{"
+        )
+        assert closed_within(sock, 5)
+    kept = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=5)
+    try:
+        headers = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
+        for _ in range(2):  # the deadline starts anew for each request on the connection
+            kept.request("POST", "/v1/chat/completions", body=BODY, headers=headers)
+            answer = kept.getresponse()
+            assert answer.status == 200 and json.loads(answer.read())["choices"]
+        assert kept.sock is not None
+        assert closed_within(kept.sock, 5)  # idle after its answers: closed
+    finally:
+        kept.close()
+
+
+def test_a_request_longer_than_the_client_deadlines_is_not_cut(make_stack: Any) -> None:
+    """The head and body deadlines end once the request is in: a stream that takes longer
+    than both is answered whole, and the same kept-alive connection serves the next."""
+    stack = make_stack(client_idle_timeout=0.3, client_body_timeout=0.3)
+    stack.fake.script.token_delay = 0.15  # about a second for the whole answer
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        headers = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
+        body = json.dumps({"model": "m", "messages": CHAT, "stream": True})
+        with http.stream("POST", "/v1/chat/completions", content=body, headers=headers) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        stack.fake.script.token_delay = 0.0
+        again = http.post("/v1/chat/completions", content=BODY, headers=headers)
+        assert again.status_code == 200
