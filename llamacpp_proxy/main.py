@@ -201,6 +201,7 @@ class ProxyServer(HTTPServer):
         self.conn_params.body_timeout = None
         self.head_timeout = idle_connection_timeout or 3600.0  # Tornado's default
         self.body_timeout = body_timeout
+        self._deadlines: dict[object, ClientDeadlines] = {}  # each connection's current
         self.max_connections = max_connections
         self.open_connections = 0
         self._listening: list[socket.socket] = []
@@ -318,14 +319,19 @@ class ProxyServer(HTTPServer):
     ) -> httputil.HTTPMessageDelegate:
         """Each request (the connection starts to wait for its head) runs under the
         client's deadlines."""
-        return ClientDeadlines(
+        deadlines = ClientDeadlines(
             super().start_request(server_conn, request_conn),
             request_conn,
             self.head_timeout,
             self.body_timeout,
         )
+        self._deadlines[server_conn] = deadlines
+        return deadlines
 
     def on_close(self, server_conn: object) -> None:
+        deadlines = self._deadlines.pop(server_conn, None)
+        if deadlines is not None:
+            deadlines.connection_ended()
         super().on_close(server_conn)
         self.open_connections -= 1
         if self._retry is None and self.open_connections < self.max_connections:

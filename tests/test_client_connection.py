@@ -374,3 +374,37 @@ def test_a_request_longer_than_the_client_deadlines_is_not_cut(make_stack: Any) 
         stack.fake.script.token_delay = 0.0
         again = http.post("/v1/chat/completions", content=BODY, headers=headers)
         assert again.status_code == 200
+
+
+def test_a_connection_closed_while_its_next_head_is_awaited_leaves_no_deadline_behind(
+    make_stack: Any,
+) -> None:
+    """A client that closes its kept-alive connection after an answer (curl, most scripts)
+    or sends a malformed head: nothing of that connection stays alive for the idle timeout
+    in the head deadline's timer (75 s by default: at a thousand such connections a second,
+    75,000 connections' objects)."""
+    import gc
+    import weakref
+
+    from llamacpp_proxy.frontdoor.client_deadlines import ClientDeadlines
+
+    stack = make_stack(client_idle_timeout=3600.0)
+    for head in (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + UNLIMITED_KEY.encode()
+        + b"\r\nContent-Length: "
+        + str(len(BODY)).encode()
+        + b"\r\n\r\n"
+        + BODY.encode(),
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+            sock.sendall(head)
+            assert sock.recv(65536)  # an answer (200, or 400 for the malformed head)
+    assert stack.wait_for(lambda: stack.server.open_connections == 0, 5)
+
+    def alive() -> list[weakref.ref[Any]]:
+        gc.collect()
+        return [weakref.ref(o) for o in gc.get_objects() if isinstance(o, ClientDeadlines)]
+
+    assert stack.runner.call(alive) == []

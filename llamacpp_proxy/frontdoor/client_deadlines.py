@@ -78,6 +78,13 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
         self._body_timeout = None
         self._inner.on_connection_close()
 
+    def connection_ended(self) -> None:
+        """The connection ended with no request in progress (the client closed it while
+        the head was awaited, or sent a malformed one): Tornado tells no request delegate
+        then, and the head's timer would hold the connection for --client-idle-timeout."""
+        self._cancel()
+        self._body_timeout = None
+
     def _start_body_timer(self, _: Any = None) -> None:
         if self._body_timeout is not None and self._timer is None:
             loop = asyncio.get_running_loop()
