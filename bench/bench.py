@@ -1602,6 +1602,18 @@ def litellm_series(b: Bench, nginx: str, args: argparse.Namespace) -> None:
         b.procs.stop(proc)
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (`timeout`, `kill`, a closed terminal) end a run as Ctrl-C does,
+    through KeyboardInterrupt, so every process it started is stopped (Processes.stop_all);
+    SIGINT too when the shell started the run in the background with it ignored."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("paced", "workers"):
         import paced  # bench/paced.py: streams at a GPU's pace, several workers
@@ -1616,12 +1628,7 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llamacpp-proxy-bench-"))
     os.chmod(tmp, 0o755)
     procs = Processes(tmp)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    stop_on_signals()
     t0 = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     args.stamp = stamp

@@ -532,6 +532,7 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llamacpp-proxy-paced-"))
     os.chmod(tmp, 0o755)
     procs = b.Processes(tmp)
+    b.stop_on_signals()
     try:
         run = run_paced if args.mode == "paced" else run_workers
         results = run(args, tmp, procs)

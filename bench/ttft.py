@@ -359,6 +359,7 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llamacpp-proxy-ttft-"))
     os.chmod(tmp, 0o755)
     procs = b.Processes(tmp)
+    b.stop_on_signals()
     try:
         result = run_ttft(args, b.Bench(args, tmp, procs), procs)
     except KeyboardInterrupt:

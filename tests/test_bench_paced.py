@@ -77,3 +77,59 @@ def test_pace_client_reports_a_delay_for_every_token(paced_fake: int, tmp_path: 
     assert result["stamped_events"] >= result["events"] - 2 * (result["streams_completed"] + 4)
     delay = result["delay_ms"]
     assert 0 <= delay["p50"] <= delay["p99"] <= delay["max"]
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_stops_a_paced_run_and_everything_it_started(tmp_path: Path) -> None:
+    """`timeout scripts/bench paced ...` or a `kill`: the run stops the paced fake, the proxy
+    and the stream client it started, as Ctrl-C does (before, only SIGINT did, and a
+    SIGTERM left them running)."""
+    import os
+    import signal
+
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            str(BENCH / "bench.py"),
+            "paced",
+            "--points",
+            "20x5",
+            "--search-top",
+            "0",
+            "--duration",
+            "60",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        started: set[int] = set()
+        while len(started) < 2 and time.monotonic() < deadline:  # the fake and the proxy
+            started |= _children(run.pid)
+            time.sleep(0.1)
+        assert len(started) >= 2, "the run did not start its processes"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 130
+        still = [pid for pid in started if Path(f"/proc/{pid}").exists()]
+        for pid in still:  # leave nothing behind, whatever the outcome
+            os.kill(pid, signal.SIGKILL)
+        assert still == []
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(timeout=10)
