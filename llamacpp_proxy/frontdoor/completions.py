@@ -613,8 +613,27 @@ class CompletionsHandler(BaseHandler):
     # -- streamed -------------------------------------------------------------------------
 
     async def _stream(self, request: CompletionRequest, encoder: ChunkEncoder) -> None:
+        def epilogue() -> None:
+            if request.include_usage:
+                self.write(encoder.usage(self._usage()))
+            self.write(DONE)
+
+        await self._stream_events(
+            lambda g: self._stream_one(request, encoder, g), error_event, epilogue
+        )
+
+    async def _stream_events(
+        self,
+        relay: Callable[[Generation], Awaitable[None]],
+        error_event: Callable[[ProxyError], bytes],
+        epilogue: Callable[[], None] | None = None,
+    ) -> None:
+        """Run the relay of every generation, then end the stream: a failure before
+        anything was sent is a plain error response (its status); after, `error_event(error)`
+        (the protocol's final error event) ends it; a client that left gets nothing more.
+        `epilogue` writes what follows a stream that ended well ([DONE], usage)."""
         try:
-            await self._gather(lambda g: self._stream_one(request, encoder, g))
+            await self._gather(relay)
         except ProxyError as error:
             if not self._streaming:
                 raise  # nothing sent yet: a plain error response with its status
@@ -622,9 +641,8 @@ class CompletionsHandler(BaseHandler):
             return
         except ClientGone:
             return
-        if request.include_usage:
-            self.write(encoder.usage(self._usage()))
-        self.write(DONE)
+        if epilogue is not None:
+            epilogue()
         self.finish()
 
     def _fail_started_stream(self, error: ProxyError, event: bytes) -> None:

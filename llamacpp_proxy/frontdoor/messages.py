@@ -110,50 +110,21 @@ class MessagesHandler(ProtocolHandler):
         self.write_json(anthropic.message_response(message_id, model, text, calls, result))
 
     async def _relay(self, encoder: anthropic.EventEncoder, generation: Generation) -> None:
-        """One generation's llama.cpp events as Anthropic's, one flush per read."""
-        tool_filter = generation.tool_filter
-        started = False
+        """One generation's llama.cpp events as Anthropic's. The message_start event goes
+        with the first tokens, not at open: it carries the prompt's count."""
 
-        def on_open() -> None:
-            generation.opened = True
-            self._start_stream()
+        def stop_frames(event: dict[str, Any], calls: list[dict[str, Any]]) -> list[bytes]:
+            # In this order: the encoder closes the open text block before the tool uses.
+            frames = [encoder.tool_uses(calls)] if calls else []
+            frames.append(encoder.finish(event, bool(calls)))
+            return frames
 
-        def on_events(events: list[dict[str, Any]]) -> Any:
-            nonlocal started
-            if self._client_gone:
-                return None
-            generation.last_event = events[-1]
-            frames: list[bytes] = []  # the read's events go out as one chunk, one send
-            write = frames.append
-            try:
-                if not started:
-                    # Sent with the first tokens, not at open: they carry the prompt's count.
-                    started = True
-                    self.ttft = self.request.request_time()  # the ledger's mark of a stream
-                    write(encoder.start(anthropic.usage(events[0])))
-                for event in events:
-                    text = event.get("content") or ""
-                    if tool_filter is not None:
-                        text = tool_filter.feed(text)
-                    if text:
-                        write(encoder.text(text))
-                    if event.get("stop"):
-                        self._charge(generation, event)
-                        calls: list[dict[str, Any]] = []
-                        if tool_filter is not None:
-                            rest, calls = tool_filter.finish()
-                            if rest:
-                                write(encoder.text(rest))
-                            if calls:
-                                write(encoder.tool_uses(calls))
-                        write(encoder.finish(event, bool(calls)))
-            finally:  # what came before a failure in this read still goes out first
-                wait = self._send(frames[0] if len(frames) == 1 else b"".join(frames))
-            return wait
-
-        call, client = generation.call, generation.client
-        assert call is not None and client is not None
-        await client.stream(generation.body, call, on_open, on_events)
+        await self._relay_events(
+            generation,
+            encoder.text,
+            stop_frames,
+            first_frame=lambda event: encoder.start(anthropic.usage(event)),
+        )
 
 
 class CountTokensHandler(MessagesHandler):

@@ -71,42 +71,9 @@ class ResponsesHandler(ProtocolHandler):
         )
 
     async def _relay(self, encoder: responses.EventEncoder, generation: Generation) -> None:
-        """One generation's llama.cpp events as Responses events, one flush per read."""
-        tool_filter = generation.tool_filter
-        text_event = encoder.text
+        """One generation's llama.cpp events as Responses events."""
 
-        def on_open() -> None:
-            generation.opened = True
-            self._start_stream()
-            self._write(encoder.start())
+        def stop_frames(event: dict[str, Any], calls: list[dict[str, Any]]) -> list[bytes]:
+            return [encoder.finish(event.get("stop_type"), calls, self._response_usage())]
 
-        def on_events(events: list[dict[str, Any]]) -> Any:
-            if self._client_gone:
-                return None
-            if self.ttft is None:  # once per request: one test per read, nothing per token
-                self.ttft = self.request.request_time()
-            generation.last_event = events[-1]
-            frames: list[bytes] = []  # the read's events go out as one chunk, one send
-            write = frames.append
-            try:
-                for event in events:
-                    text = event.get("content") or ""
-                    if tool_filter is not None:
-                        text = tool_filter.feed(text)
-                    if text:
-                        write(text_event(text))
-                    if event.get("stop"):
-                        self._charge(generation, event)
-                        calls: list[dict[str, Any]] = []
-                        if tool_filter is not None:
-                            rest, calls = tool_filter.finish()
-                            if rest:
-                                write(text_event(rest))
-                        write(encoder.finish(event.get("stop_type"), calls, self._response_usage()))
-            finally:  # what came before a failure in this read still goes out first
-                wait = self._send(frames[0] if len(frames) == 1 else b"".join(frames))
-            return wait
-
-        call, client = generation.call, generation.client
-        assert call is not None and client is not None
-        await client.stream(generation.body, call, on_open, on_events)
+        await self._relay_events(generation, encoder.text, stop_frames, open_frame=encoder.start)
