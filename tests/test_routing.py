@@ -470,6 +470,33 @@ def test_a_request_to_a_pool_whose_servers_all_look_down_asks_them_again_at_once
 # -- outside load -------------------------------------------------------------------------
 
 
+def held_by_outside_work(
+    make_gateway: Callable[..., Stack],
+    fakes: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    queue_timeout: float,
+) -> tuple[Stack, Any, Any, str, Any]:
+    """A gateway in front of one fake llama-server whose one slot outside work holds, seen
+    by the gateway; probes of a ready server only once an hour, so only the re-reads of
+    /slots while requests wait can see the slot free. (stack, fake, router, key, upstream)"""
+    import llamacpp_proxy.upstreams as upstreams
+
+    real_policy = upstreams.ProbePolicy
+    monkeypatch.setattr(upstreams, "ProbePolicy", lambda: real_policy(ready_interval=3600.0))
+    fake = fakes[0]
+    fake.script.total_slots = 1
+    fake.script.outside_busy = 1
+    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=queue_timeout)
+    wait_ready(stack, [fake])
+    runtime = stack.ctx.routes.pools["default"]
+    router = runtime.router
+    [key] = runtime.clients
+    upstream = router.upstream(key)
+    assert upstream is not None
+    assert stack.wait_for(lambda: upstream.total_slots == 1 and upstream.external_busy == 1)
+    return stack, fake, router, key, upstream
+
+
 def test_a_request_held_by_outside_load_goes_once_slots_shows_it_ended(
     make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -479,22 +506,9 @@ def test_a_request_held_by_outside_load_goes_once_slots_shows_it_ended(
     while requests wait on outside load. Regression: the request waited for the next probe
     (a second, with the default interval; here never, so it ran into its queue timeout and
     got a 503)."""
-    import llamacpp_proxy.upstreams as upstreams
-
-    # Probes of a ready server only once an hour: only the re-reads can see the slot free.
-    real_policy = upstreams.ProbePolicy
-    monkeypatch.setattr(upstreams, "ProbePolicy", lambda: real_policy(ready_interval=3600.0))
-    fake = fakes[0]
-    fake.script.total_slots = 1
-    fake.script.outside_busy = 1
-    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=20.0)
-    wait_ready(stack, [fake])
-    runtime = stack.ctx.routes.pools["default"]
-    router = runtime.router
-    [key] = runtime.clients
-    upstream = router.upstream(key)
-    assert upstream is not None
-    assert stack.wait_for(lambda: upstream.total_slots == 1 and upstream.external_busy == 1)
+    stack, fake, router, key, upstream = held_by_outside_work(
+        make_gateway, fakes, monkeypatch, queue_timeout=20.0
+    )
     with ThreadPoolExecutor(1) as threads:
         answer = threads.submit(chat, stack, [{"role": "user", "content": "behind outside work"}])
         assert stack.wait_for(lambda: router.held_by_outside() == [key])  # queued behind it
@@ -518,20 +532,10 @@ def test_a_request_that_waits_on_a_stale_outside_reading_has_slots_read_at_once(
     on it); here the tick is an hour away, so both ran into their queue timeout: 503."""
     import llamacpp_proxy.upstreams as upstreams
 
-    real_policy = upstreams.ProbePolicy
-    monkeypatch.setattr(upstreams, "ProbePolicy", lambda: real_policy(ready_interval=3600.0))
     monkeypatch.setattr(upstreams, "OUTSIDE_POLL_INTERVAL", 3600.0)
-    fake = fakes[0]
-    fake.script.total_slots = 1
-    fake.script.outside_busy = 1
-    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=10.0)
-    wait_ready(stack, [fake])
-    runtime = stack.ctx.routes.pools["default"]
-    router = runtime.router
-    [key] = runtime.clients
-    upstream = router.upstream(key)
-    assert upstream is not None
-    assert stack.wait_for(lambda: upstream.total_slots == 1 and upstream.external_busy == 1)
+    stack, fake, router, key, upstream = held_by_outside_work(
+        make_gateway, fakes, monkeypatch, queue_timeout=10.0
+    )
     reads = fake.slots_reads
     with ThreadPoolExecutor(2) as threads:
         first = threads.submit(chat, stack, [{"role": "user", "content": "queued first"}])
