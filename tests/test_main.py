@@ -360,3 +360,44 @@ def test_shutdown_that_outlasts_its_timeout_exits_cleanly(
     assert status == 0, err
     assert "cannot listen" not in err
     assert "exiting anyway" in err and "stopped" in err  # the closing steps all ran
+
+
+@pytest.mark.parametrize("entry", ["main", "worker"])
+def test_the_start_up_heap_is_frozen_before_serving(
+    entry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What start-up built is out of the cyclic collector's reach once serving starts, so a
+    full collection at 1,000 open streams walks only what requests made (its pause is the
+    longest delay a token sees)."""
+    import gc
+
+    from llamacpp_proxy import main as main_module
+
+    frozen_at_serve: list[int] = []
+
+    def run(coro: Any) -> None:
+        frozen_at_serve.append(gc.get_freeze_count())
+        coro.close()
+
+    bound: list[socket.socket] = []
+
+    def listen(settings: Settings) -> list[socket.socket]:
+        bound.extend(listen_sockets(settings))
+        return bound
+
+    listen_sockets = main_module.listen_sockets
+    monkeypatch.setattr(main_module, "listen_sockets", listen)
+    monkeypatch.setattr(asyncio, "run", run)
+    args = ["--host", "127.0.0.1", "--port", str(free_port())]
+    gc.unfreeze()
+    try:
+        if entry == "main":
+            assert main(args, ENV_KEYS) == 0
+        else:
+            settings = load_settings(args, ENV_KEYS)
+            assert main_module.serve_worker(settings, listen(settings)) == 0
+    finally:
+        gc.unfreeze()
+        for s in bound:
+            s.close()
+    assert len(frozen_at_serve) == 1 and frozen_at_serve[0] > 10_000
