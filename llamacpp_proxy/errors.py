@@ -8,6 +8,18 @@ from __future__ import annotations
 from typing import Any
 
 
+def drop_tracebacks(error: BaseException | None) -> None:
+    """Forget the tracebacks of a failure kept on an object (and of the errors it was
+    raised from). Each holds the frames of every coroutine it went through, and those frames
+    hold the object that kept it: a reference cycle only the cyclic collector frees. Call it
+    once nothing will raise `error` again."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+
+
 class ProxyError(Exception):
     """An error rendered to the client as `{"error": {"message", "type", "param", "code"}}`."""
 

@@ -27,6 +27,7 @@ from . import __version__, workers
 from .app import make_app
 from .config import ConfigError, Settings, build_parser, load_settings
 from .context import AppContext
+from .errors import drop_tracebacks
 from .frontdoor.client_deadlines import ClientDeadlines
 from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
@@ -169,12 +170,22 @@ class _ClientStream(IOStream):
     def set_nodelay(self, value: bool) -> None:
         """Kept on: see the class."""
 
+    def close(self, exc_info: Any = False) -> None:
+        super().close(exc_info)
+        # The socket error that closed it (a client's reset) holds, by its traceback, the
+        # frames of the read that held this stream: a cycle per connection lost that way.
+        drop_tracebacks(self.error)
+
 
 class _ClientSSLStream(SSLIOStream):
     """_ClientStream for TLS connections."""
 
     def set_nodelay(self, value: bool) -> None:
         """Kept on: see _ClientStream."""
+
+    def close(self, exc_info: Any = False) -> None:
+        super().close(exc_info)
+        drop_tracebacks(self.error)  # see _ClientStream.close
 
 
 def _no_delay(connection: socket.socket) -> None:

@@ -822,6 +822,12 @@ class CompletionsHandler(BaseHandler):
         assert call is not None and client is not None
         await client.stream(generation.body, call, on_open, on_events)
 
+    def on_finish(self) -> None:
+        super().on_finish()
+        for generation in self._generations:
+            if generation.call is not None:
+                generation.call.forget_failure()  # handled: its tracebacks would be a cycle
+
     def on_connection_close(self) -> None:
         self._client_gone = True
         if self._keepalive is not None:

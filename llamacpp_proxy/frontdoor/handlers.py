@@ -24,6 +24,7 @@ from ..errors import (
     PermissionDenied,
     ProxyError,
     ServiceShuttingDown,
+    drop_tracebacks,
 )
 from ..guard.auth import Principal
 from ..guard.ratelimit import Admission, InMemoryLimiter
@@ -290,6 +291,8 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def on_finish(self) -> None:
         self.release()
+        # Answered and logged: the error's traceback holds frames that hold this handler.
+        drop_tracebacks(self.error)
 
     def access_fields(self) -> dict[str, Any]:
         """What the access log line says about this request."""

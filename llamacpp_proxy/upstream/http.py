@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from ..errors import drop_tracebacks
+
 MAX_HEAD = 64 * 1024  # the status line and headers of one response
 MAX_HEADERS = 100  # header fields in one head
 MAX_INTERIM = 8  # 1xx responses skipped before the final one
@@ -473,6 +475,12 @@ class Connection:
     def buffered(self) -> int:
         """Bytes read from the socket that no response claimed."""
         return len(self._buffer)
+
+    def forget_failure(self) -> None:
+        """The exchange is over and its failure handled: drop the error's tracebacks (they
+        hold the frames that held this connection: a reference cycle)."""
+        drop_tracebacks(self._error)
+        drop_tracebacks(self._lost_with)
 
     def close(self) -> None:
         """Close now: the peer sees it at once (llama.cpp stops generating); a response

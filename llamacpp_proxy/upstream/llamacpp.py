@@ -30,6 +30,7 @@ from ..errors import (
     UpstreamLoading,
     UpstreamTimeout,
     UpstreamUnavailable,
+    drop_tracebacks,
 )
 from ..request import CompletionRequest
 from .http import (
@@ -189,6 +190,16 @@ class UpstreamCall:
             raise
         finally:
             self._waiting = None
+
+    def forget_failure(self) -> None:
+        """The request is over and its failure handled (logged, charged, answered): drop
+        the tracebacks `abort_reason` keeps (and those of the errors it came from). They
+        hold the frames of the coroutines it went through, which hold this call: about 100
+        objects a failed request that only a full collection frees (a 40 ms pause after a
+        thousand streams were cut at once)."""
+        drop_tracebacks(self.abort_reason)
+        if self._connection is not None:
+            self._connection.forget_failure()
 
     def done(self) -> None:
         """The request ended: stop the timer."""
