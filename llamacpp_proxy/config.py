@@ -333,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=(
             "longest pause between two streamed events once a stream started (comments and "
-            "pings do not count; the stream ends with an error event after)"
+            "pings do not count; the stream ends with an error event after); also how long "
+            "a streaming client may take nothing while llama.cpp's output waits for it "
+            "(its connection is closed after)"
         ),
     )
     p.add_argument(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import http.client
 import json
@@ -469,3 +470,42 @@ def test_a_request_that_fails_leaves_no_cyclic_garbage(
         gc.enable()
     assert garbage < 5  # five requests, no cycle each (450-700 objects in all before)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_client_that_stops_reading_is_closed_and_llamacpp_not_blamed(
+    make_stack: Any, fake: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A streaming client that stops reading (a hung agent, a paused process) holds
+    llama.cpp back through backpressure. After the idle timeout the proxy closes that
+    client's connection (as nginx's send_timeout does: an error event could never reach a
+    full socket), frees llama.cpp's slot, and says the client stalled. Before, it blamed
+    llama.cpp ("sent nothing for 0.5s in mid-response", a 504 in the log and the metrics) and
+    left the client's connection open behind its unsent bytes."""
+    fake.script.tokens = ["x" * 65536] * 200  # 13 MB: far more than both sockets hold
+    stack = make_stack(upstream_idle_timeout=0.5)
+    body = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 200, "stream": True})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", stack.port))
+    with sock:
+        sock.sendall(
+            (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                f"{UNLIMITED_KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+            ).encode()
+        )
+        assert stack.wait_for(lambda: fake.events_sent > 0, 5)  # streaming, unread
+        time.sleep(1.5)  # reads nothing for three idle timeouts
+        started = time.monotonic()
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):  # now drains: the proxy must have closed it
+                received += chunk
+        assert time.monotonic() - started < 5
+    assert received.startswith(b"HTTP/1.1 200")
+    assert not received.endswith(b"0\r\n\r\n")  # cut: no final chunk, the client knows
+    wait_until_fake_is_idle(stack.runner, fake)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the client took nothing for 0.5s; closing its connection" in m for m in messages)
+    assert not any("llama.cpp sent nothing" in m for m in messages)

@@ -45,7 +45,7 @@ from ..render.tools_policy import DROPPED_HEADER, plain_tool_history
 from ..request import CompletionRequest
 from ..route.pools import check_kind
 from ..route.router import Lease, Router
-from ..upstream.llamacpp import ClientGone, LlamaCppClient, UpstreamCall
+from ..upstream.llamacpp import ClientGone, ClientStalled, LlamaCppClient, UpstreamCall
 from ..upstream.sse import DONE
 from ..upstreams import PoolRuntime, failure_verdict
 from .chunk_writer import direct_stream
@@ -638,6 +638,12 @@ class CompletionsHandler(BaseHandler):
             if not self._streaming:
                 raise  # nothing sent yet: a plain error response with its status
             self._fail_started_stream(error, error_event(error))
+            return
+        except ClientStalled as stalled:
+            # Its socket is full: an error event would never reach it. Closing says the
+            # stream broke (no final chunk), as nginx's send_timeout does.
+            log.warning("request %s: %s; closing its connection", self.request_id, stalled)
+            self.request.connection.stream.close()  # type: ignore[union-attr]
             return
         except ClientGone:
             return

@@ -461,6 +461,11 @@ class Connection:
     # -- the receiver ------------------------------------------------------------------
 
     @property
+    def held_back(self) -> bool:
+        """Not reading because the client has not taken what was written to it yet."""
+        return self._backlog is not None
+
+    @property
     def idle(self) -> bool:
         """Between responses with nothing read, written or known wrong: reusable as far
         as this process knows (quiet() asks the kernel too)."""

@@ -82,6 +82,12 @@ class ClientGone(Exception):
     """The client disconnected; the upstream request is abandoned."""
 
 
+class ClientStalled(ClientGone):
+    """The client took nothing of its stream for the idle timeout while llama.cpp's output
+    waited for it: the client's connection is closed (as nginx's `send_timeout` does) and
+    the upstream request abandoned. llama.cpp, which had sent, is not blamed."""
+
+
 class UpstreamCall:
     """One request to llama.cpp that can be aborted at any moment, and its timers.
 
@@ -151,6 +157,11 @@ class UpstreamCall:
         remaining = self.last_activity + self._idle_timeout - now
         if remaining > 0:
             self._timer = self._loop.call_later(remaining, self._check)
+        elif self._connection is not None and self._connection.held_back:
+            # Nothing was read because the client has not taken the last read's bytes
+            # (reading resumes, and the clock restarts, once it has): the silence is the
+            # client's, not llama.cpp's.
+            self.abort(ClientStalled(f"the client took nothing for {self._idle_timeout:g}s"))
         else:
             self.abort(
                 UpstreamTimeout(
