@@ -414,7 +414,13 @@ def test_a_connection_closed_while_its_next_head_is_awaited_leaves_no_deadline_b
 
 
 @pytest.mark.parametrize(
-    "ending", ["client leaves", "llama.cpp drops it", "llama.cpp drops a whole answer"]
+    "ending",
+    [
+        "client leaves",
+        "llama.cpp drops it",
+        "llama.cpp drops a whole answer",
+        "llama.cpp drops the streams of n=2 choices",
+    ],
 )
 def test_a_request_that_fails_leaves_no_cyclic_garbage(
     make_stack: Any, fake: Any, ending: str, caplog: pytest.LogCaptureFixture
@@ -427,13 +433,16 @@ def test_a_request_that_fails_leaves_no_cyclic_garbage(
     import gc
 
     fake.script.token_delay = 0.05
-    if ending == "llama.cpp drops it":
+    if ending.startswith("llama.cpp drops the stream") or ending == "llama.cpp drops it":
         fake.script.drop_after_tokens = 2
     if ending == "llama.cpp drops a whole answer":
         fake.script.drop_body_after = 10
     stack = make_stack()
     streamed = ending != "llama.cpp drops a whole answer"
-    body = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 50, "stream": streamed})
+    choices = 2 if "n=2" in ending else 1  # n > 1: each choice its own task (a cycle once)
+    body = json.dumps(
+        {"model": "m", "messages": CHAT, "max_tokens": 50, "stream": streamed, "n": choices}
+    )
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {UNLIMITED_KEY}"
         f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"

@@ -607,6 +607,9 @@ class CompletionsHandler(BaseHandler):
                     generation.call.abort(ClientGone())
             await asyncio.gather(*workers, return_exceptions=True)
             self._charge_unfinished()
+            # Each task keeps the error it ended with, whose traceback holds this frame,
+            # which holds the tasks: a cycle a request only the cyclic collector frees.
+            workers.clear()
             raise
         return results
 
