@@ -414,7 +414,13 @@ def test_a_connection_closed_while_its_next_head_is_awaited_leaves_no_deadline_b
 
 
 @pytest.mark.parametrize(
-    "ending", ["client leaves", "llama.cpp drops it", "llama.cpp drops a whole answer"]
+    "ending",
+    [
+        "client leaves",
+        "llama.cpp drops it",
+        "llama.cpp drops a whole answer",
+        "llama.cpp drops the streams of n=2 choices",
+    ],
 )
 def test_a_request_that_fails_leaves_no_cyclic_garbage(
     make_stack: Any, fake: Any, ending: str, caplog: pytest.LogCaptureFixture
@@ -427,13 +433,16 @@ def test_a_request_that_fails_leaves_no_cyclic_garbage(
     import gc
 
     fake.script.token_delay = 0.05
-    if ending == "llama.cpp drops it":
+    if ending.startswith("llama.cpp drops the stream") or ending == "llama.cpp drops it":
         fake.script.drop_after_tokens = 2
     if ending == "llama.cpp drops a whole answer":
         fake.script.drop_body_after = 10
     stack = make_stack()
     streamed = ending != "llama.cpp drops a whole answer"
-    body = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 50, "stream": streamed})
+    choices = 2 if "n=2" in ending else 1  # n > 1: each choice its own task (a cycle once)
+    body = json.dumps(
+        {"model": "m", "messages": CHAT, "max_tokens": 50, "stream": streamed, "n": choices}
+    )
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {UNLIMITED_KEY}"
         f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
@@ -509,3 +518,45 @@ def test_a_client_that_stops_reading_is_closed_and_llamacpp_not_blamed(
     messages = [r.getMessage() for r in caplog.records]
     assert any("the client took nothing for 0.5s; closing its connection" in m for m in messages)
     assert not any("llama.cpp sent nothing" in m for m in messages)
+
+
+def test_a_stream_closed_for_a_stalled_client_is_not_recorded_as_a_whole_answer(
+    make_stack: Any, fake: Any, tmp_path: Any
+) -> None:
+    """The stream a stalled client was cut from (no final chunk, no [DONE]) is not a whole
+    answer: the usage ledger records it as the client's failure (499, as a client that
+    leaves) and the access log line names why it ended. Before, both said a plain 200 with
+    no error, the same as a stream that ended well, so an operator could not tell them
+    apart."""
+    import io
+    import sqlite3
+
+    from llamacpp_proxy.observe.logs import AccessLog
+
+    fake.script.tokens = ["x" * 65536] * 200  # 13 MB: far more than both sockets hold
+    stack = make_stack(upstream_idle_timeout=0.5, usage_db=tmp_path / "usage.db")
+    access = io.StringIO()
+    stack.ctx.access_log = AccessLog(access, True, stack.runner.loop.call_soon)
+    body = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 200, "stream": True})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", stack.port))
+    with sock:
+        sock.sendall(
+            (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                f"{UNLIMITED_KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+            ).encode()
+        )
+        assert stack.wait_for(lambda: fake.events_sent > 0, 5)  # streaming, unread
+        # Reads nothing until the proxy has given up on it (its connection closed).
+        assert stack.wait_for(lambda: stack.server.open_connections == 0, 5)
+    wait_until_fake_is_idle(stack.runner, fake)
+    assert stack.wait_for(lambda: access.getvalue() != "")
+    (line,) = [json.loads(text) for text in access.getvalue().splitlines()]
+    assert line["error"] == "client_stalled"
+    assert stack.ctx.usage is not None and stack.ctx.usage.flush()
+    with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as db:
+        ((status, completion),) = db.execute("SELECT status, completion_tokens FROM usage")
+    assert status == 499 and completion > 0  # charged what llama.cpp generated

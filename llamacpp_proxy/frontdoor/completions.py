@@ -607,6 +607,9 @@ class CompletionsHandler(BaseHandler):
                     generation.call.abort(ClientGone())
             await asyncio.gather(*workers, return_exceptions=True)
             self._charge_unfinished()
+            # Each task keeps the error it ended with, whose traceback holds this frame,
+            # which holds the tasks: a cycle a request only the cyclic collector frees.
+            workers.clear()
             raise
         return results
 
@@ -643,7 +646,11 @@ class CompletionsHandler(BaseHandler):
             # Its socket is full: an error event would never reach it. Closing says the
             # stream broke (no final chunk), as nginx's send_timeout does.
             log.warning("request %s: %s; closing its connection", self.request_id, stalled)
+            self.stream_error = "client_stalled"  # the access log: not a whole answer
             self.request.connection.stream.close()  # type: ignore[union-attr]
+            # Tornado would not call it: finish() clears the close callback before the
+            # closed stream's callback runs. Recorded as a client that left (499).
+            self.on_connection_close()
             return
         except ClientGone:
             return
