@@ -438,7 +438,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, ctx, server)
+    loop.add_signal_handler(signal.SIGHUP, reload_on_signal, ctx, server)
     ctx.routes.start()
     server.serve(sockets)
     template = ctx.routes.template
@@ -510,6 +510,18 @@ async def close_usage(ctx: AppContext) -> None:
             await asyncio.wait_for(close_budgets(), timeout=5)
         except Exception as exc:
             log.warning("closing the budget store failed: %s", exc)
+
+
+def reload_on_signal(ctx: AppContext, server: HTTPServer | None) -> None:
+    """SIGHUP in the server process: reload (below), then let the collector reach what the
+    reload replaced."""
+    reload(ctx, server)
+    # What start-up built is frozen (freeze_startup_heap), and what the reload replaced (a
+    # pool's clients once drained, keys) would stay for good where it sits in a cycle. So
+    # it all goes back to the collector. Freezing again here would freeze what a drain still
+    # holds; the price is that full collections walk start-up's objects again, as they did
+    # before the freeze, until the next restart.
+    gc.unfreeze()
 
 
 def reload(ctx: AppContext, server: HTTPServer | None = None) -> None:
@@ -591,7 +603,8 @@ def freeze_startup_heap() -> None:
     """Put what start-up built (modules, classes, templates, settings: about 35,000
     objects) out of the cyclic collector's reach. A full collection then walks only what
     requests made: at 1,000 open streams its pause, the longest delay a token sees, went
-    from 70-75 ms to 14-16 ms (docs/benchmarks.md, "Paced streams")."""
+    from 70-75 ms to 14-16 ms (docs/benchmarks.md, "Paced streams"). A reload (SIGHUP)
+    undoes it: see reload_on_signal."""
     gc.collect()
     gc.freeze()
 

@@ -549,3 +549,33 @@ def test_a_request_that_waits_on_a_stale_outside_reading_has_slots_read_at_once(
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     served = {prompt_text(body["prompt"]) for body in fake.requests}
     assert any("queued first" in p for p in served) and any("queued second" in p for p in served)
+
+
+def test_after_a_reload_what_it_replaced_can_be_collected(two_models: Any, fakes: Any) -> None:
+    """The server process freezes what start-up built out of the cyclic collector's reach
+    (main.freeze_startup_heap). A reload (SIGHUP) replaces some of it: a pool taken out of
+    the file must then be freed, not kept for good where it sits in a reference cycle (a
+    llama.cpp client holds bound methods of itself, and its cache of tokenized texts)."""
+    import gc
+    import weakref
+
+    from llamacpp_proxy.main import reload_on_signal
+
+    stack, upstreams = two_models
+    wait_ready(stack, fakes[:3])
+    coder = stack.ctx.routes.pools["coder"]
+    client = weakref.ref(next(iter(coder.clients.values())))
+    del coder
+    stack.runner.call(gc.collect)
+    gc.freeze()  # as the server process does before it serves
+    try:
+        write_upstreams(upstreams, {"chat": {"servers": [fakes[0].url, fakes[1].url]}})
+        stack.runner.call(lambda: reload_on_signal(stack.ctx, None))
+        assert stack.wait_for(
+            lambda: f"127.0.0.1:{fakes[2].port}" not in ready_servers_on_loop(stack)
+        )
+        stack.runner.call(gc.collect)
+        assert client() is None
+        assert stack.client().completions.create(model="chat", prompt="still").choices
+    finally:
+        gc.unfreeze()

@@ -608,7 +608,7 @@ class CompletionsHandler(BaseHandler):
             await asyncio.gather(*workers, return_exceptions=True)
             self._charge_unfinished()
             # Each task keeps the error it ended with, whose traceback holds this frame,
-            # which holds the tasks: a cycle a request only the cyclic collector frees.
+            # which holds the tasks: a cycle per request that only the cyclic collector frees.
             workers.clear()
             raise
         return results
