@@ -492,19 +492,7 @@ def test_a_client_that_stops_reading_is_closed_and_llamacpp_not_blamed(
     left the client's connection open behind its unsent bytes."""
     fake.script.tokens = ["x" * 65536] * 200  # 13 MB: far more than both sockets hold
     stack = make_stack(upstream_idle_timeout=0.5)
-    body = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 200, "stream": True})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", stack.port))
-    with sock:
-        sock.sendall(
-            (
-                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                f"{UNLIMITED_KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}"
-            ).encode()
-        )
-        assert stack.wait_for(lambda: fake.events_sent > 0, 5)  # streaming, unread
+    with _unread_stream(stack, fake) as sock:
         time.sleep(1.5)  # reads nothing for three idle timeouts
         started = time.monotonic()
         received = b""
@@ -537,19 +525,7 @@ def test_a_stream_closed_for_a_stalled_client_is_not_recorded_as_a_whole_answer(
     stack = make_stack(upstream_idle_timeout=0.5, usage_db=tmp_path / "usage.db")
     access = io.StringIO()
     stack.ctx.access_log = AccessLog(access, True, stack.runner.loop.call_soon)
-    body = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 200, "stream": True})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", stack.port))
-    with sock:
-        sock.sendall(
-            (
-                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                f"{UNLIMITED_KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}"
-            ).encode()
-        )
-        assert stack.wait_for(lambda: fake.events_sent > 0, 5)  # streaming, unread
+    with _unread_stream(stack, fake):
         # Reads nothing until the proxy has given up on it (its connection closed).
         assert stack.wait_for(lambda: stack.server.open_connections == 0, 5)
     wait_until_fake_is_idle(stack.runner, fake)
@@ -560,3 +536,21 @@ def test_a_stream_closed_for_a_stalled_client_is_not_recorded_as_a_whole_answer(
     with contextlib.closing(sqlite3.connect(tmp_path / "usage.db")) as db:
         ((status, completion),) = db.execute("SELECT status, completion_tokens FROM usage")
     assert status == 499 and completion > 0  # charged what llama.cpp generated
+
+
+def _unread_stream(stack: Any, fake: Any) -> socket.socket:
+    """A streamed chat whose client reads nothing (a tiny receive buffer), once llama.cpp's
+    answer is under way."""
+    body = json.dumps({"model": "m", "messages": CHAT, "max_tokens": 200, "stream": True})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", stack.port))
+    sock.sendall(
+        (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            f"{UNLIMITED_KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+        ).encode()
+    )
+    assert stack.wait_for(lambda: fake.events_sent > 0, 5)  # streaming, unread
+    return sock
