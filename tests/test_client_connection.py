@@ -488,7 +488,7 @@ def test_a_client_that_stops_reading_is_closed_and_llamacpp_not_blamed(
     llama.cpp back through backpressure. After the idle timeout the proxy closes that
     client's connection (as nginx's send_timeout does: an error event could never reach a
     full socket), frees llama.cpp's slot, and says the client stalled. Before, it blamed
-    llama.cpp ("sent nothing for 0.5s in mid-response", a 504 in the log and the metrics) and
+    llama.cpp ("sent nothing for 0.5s in mid-response", a 504 in the log) and
     left the client's connection open behind its unsent bytes."""
     fake.script.tokens = ["x" * 65536] * 200  # 13 MB: far more than both sockets hold
     stack = make_stack(upstream_idle_timeout=0.5)
