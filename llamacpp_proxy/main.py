@@ -204,6 +204,7 @@ class ProxyServer(HTTPServer):
         max_connections: int,
         idle_connection_timeout: float | None = None,
         body_timeout: float | None = None,
+        accepts_per_wakeup: int = _ACCEPTS_PER_WAKEUP,
         **kwargs: Any,
     ) -> None:
         super().initialize(*args, **kwargs)
@@ -215,6 +216,7 @@ class ProxyServer(HTTPServer):
         self.body_timeout = body_timeout
         self._deadlines: dict[object, ClientDeadlines] = {}  # each connection's current
         self.max_connections = max_connections
+        self.accepts_per_wakeup = accepts_per_wakeup
         self.open_connections = 0
         self._listening: list[socket.socket] = []
         self._accepting = False
@@ -258,7 +260,7 @@ class ProxyServer(HTTPServer):
             self._loop.remove_reader(sock.fileno())
 
     def _accept(self, sock: socket.socket) -> None:
-        for _ in range(_ACCEPTS_PER_WAKEUP):
+        for _ in range(self.accepts_per_wakeup):
             if self.open_connections >= self.max_connections:
                 self._pause()  # resumed by on_close when a connection ends
                 return
@@ -415,6 +417,11 @@ def make_server(ctx: AppContext, max_connections: int | None = None) -> ProxySer
         # Handlers answer 413 from Content-Length; this hard cap also covers chunked bodies.
         max_body_size=settings.max_body_size,
         ssl_options=tls_context(settings),
+        # Workers share one listening socket and all wake to a new connection: one that
+        # took every queued connection at its wake-up often took a whole burst (32/0,
+        # 31/1 of wrk's 32), leaving the other core idle. Taking one per wake-up lets the
+        # others take theirs (15/17): docs/benchmarks.md, "Several workers".
+        accepts_per_wakeup=1 if settings.workers > 1 else _ACCEPTS_PER_WAKEUP,
     )
 
 
