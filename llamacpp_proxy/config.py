@@ -80,6 +80,9 @@ class Settings:
     """Seconds a stream may go without a token before it is ended with an error."""
     upstream_max_connections: int = 1024
     """Requests to llama.cpp in flight at once; more wait in a queue."""
+    upstream_spare_connections: int = 1
+    """Idle connections to each llama.cpp server opened ahead of need while requests come
+    (each holds one of llama-server's HTTP threads, for at most 2.5 s after the last)."""
     max_tokens_limit: int = 4096
     """max_tokens when a request sends none, and the most one may ask for (400 beyond)."""
     max_parallel_generations: int = 4
@@ -349,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
+        "--upstream-spare-connections",
+        type=_non_negative_int,
+        default=d.upstream_spare_connections,
+        metavar="N",
+        help=(
+            "connections to each llama.cpp server opened ahead of need while requests come, "
+            "so that a stream skips the connect (about 0.1 ms of its time to first token); "
+            "each holds one of llama-server's HTTP threads (--threads-http) until used or "
+            "closed 2.5 s after the last request; 0 opens none"
+        ),
+    )
+    p.add_argument(
         "--max-tokens-limit",
         type=_positive_int,
         default=d.max_tokens_limit,
@@ -535,6 +550,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         upstream_first_byte_timeout=args.upstream_first_byte_timeout,
         upstream_idle_timeout=args.upstream_idle_timeout,
         upstream_max_connections=args.upstream_max_connections,
+        upstream_spare_connections=args.upstream_spare_connections,
         max_tokens_limit=args.max_tokens_limit,
         max_parallel_generations=args.max_parallel_generations,
         max_connections=args.max_connections,

@@ -34,6 +34,7 @@ VALUES: dict[str, object] = {
     "upstream-first-byte-timeout": 11.0,
     "upstream-idle-timeout": 12.0,
     "upstream-max-connections": 13,
+    "upstream-spare-connections": 3,
     "max-tokens-limit": 14,
     "max-parallel-generations": 2,
     "max-connections": 15,

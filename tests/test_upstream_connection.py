@@ -619,3 +619,142 @@ def test_a_client_write_pending_when_the_read_ended_the_call_still_runs_its_cour
         return bool(settled)
 
     assert asyncio.run(scenario())
+
+
+def accepted(listener: socket.socket, into: list[socket.socket]) -> int:
+    """Take every connection the kernel completed for `listener`; how many there are now."""
+    listener.setblocking(False)
+    while True:
+        try:
+            into.append(listener.accept()[0])
+        except BlockingIOError:
+            return len(into)
+
+
+def test_a_spare_connection_is_opened_after_each_take_and_the_next_request_uses_it() -> None:
+    """A stream never gets its connection back (llama-server closes it), so each one paid
+    a connect on its way to the first token. With spares, the pool opens one once the
+    taker's request is on its way, and the next request takes it: two streams, one
+    connect on their way (the first), each followed by a spare."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peers: list[socket.socket] = []
+
+    async def scenario() -> list[tuple[int, int]]:
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", 4, 5.0, spares=1)
+        seen = []
+        first = await pool.acquire()
+        seen.append((accepted(listener, peers), pool.open_connections))  # no spare yet
+        await turns()
+        seen.append((accepted(listener, peers), pool.open_connections))  # the spare
+        pool.release(first, reusable=False)  # a stream's: closed
+        second = await pool.acquire()
+        seen.append((accepted(listener, peers), pool.open_connections))  # took the spare
+        await turns()
+        seen.append((accepted(listener, peers), pool.open_connections))  # and a new spare
+        pool.release(second, reusable=False)
+        pool.close()
+        seen.append((accepted(listener, peers), pool.open_connections))
+        return seen
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        listener.close()
+        for peer in peers:
+            peer.close()
+    assert seen == [(1, 1), (2, 2), (2, 1), (3, 2), (3, 0)]
+
+
+def test_without_spares_every_stream_connects_on_its_way() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peers: list[socket.socket] = []
+
+    async def scenario() -> list[int]:
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", 4, 5.0, spares=0)
+        seen = []
+        for _ in range(3):
+            conn = await pool.acquire()
+            await turns()
+            seen.append(accepted(listener, peers))
+            pool.release(conn, reusable=False)
+        return seen
+
+    try:
+        assert asyncio.run(scenario()) == [1, 2, 3]
+    finally:
+        listener.close()
+        for peer in peers:
+            peer.close()
+
+
+def test_a_spare_never_takes_the_last_free_connection_nor_waits_for_one() -> None:
+    """`--upstream-max-connections` bounds what llama.cpp sees: a spare is opened only
+    into a free slot, and one that finds none gives up instead of queueing with requests."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peers: list[socket.socket] = []
+
+    async def scenario() -> tuple[int, int, bool]:
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", 1, 5.0, spares=1)
+        conn = await pool.acquire()
+        await turns()
+        seen = (accepted(listener, peers), pool.open_connections, pool.waiting)
+        pool.release(conn, reusable=False)
+        return seen
+
+    try:
+        assert asyncio.run(scenario()) == (1, 1, True)
+    finally:
+        listener.close()
+        for peer in peers:
+            peer.close()
+
+
+def test_a_spare_that_cannot_connect_gives_its_slot_back_and_the_request_reports_it() -> None:
+    """llama.cpp gone after a request took its connection: the spare's failed connect is
+    nobody's error (no request waits on it), leaves no slot taken and no count wrong, and
+    the next request connects, fails and reports it itself."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peers: list[socket.socket] = []
+
+    async def scenario() -> tuple[int, bool, int]:
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", 2, 5.0, spares=1)
+        conn = await pool.acquire()
+        listener.close()  # before the spare's connect runs: it is refused
+        await turns()
+        after = (pool.open_connections, pool.waiting)
+        pool.release(conn, reusable=False)
+        with pytest.raises(ConnectionRefusedError):
+            await pool.acquire()
+        return (*after, pool.open_connections)
+
+    try:
+        assert asyncio.run(scenario()) == (1, False, 0)
+    finally:
+        listener.close()
+        for peer in peers:
+            peer.close()
+
+
+def test_a_spare_due_when_the_pool_closes_is_not_opened_nor_left_open() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peers: list[socket.socket] = []
+
+    async def scenario() -> tuple[int, int]:
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", 4, 5.0, spares=1)
+        conn = await pool.acquire()
+        pool.release(conn, reusable=False)
+        pool.close()  # the spare was due on the next turn
+        await turns()
+        return accepted(listener, peers), pool.open_connections
+
+    try:
+        assert asyncio.run(scenario()) == (1, 0)
+    finally:
+        listener.close()
+        for peer in peers:
+            peer.close()

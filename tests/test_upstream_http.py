@@ -203,7 +203,8 @@ def test_every_interim_1xx_is_skipped_up_to_a_cap() -> None:
         read_heads(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n" + final)
 
 
-def test_connections_are_reused(stack: Stack) -> None:
+def test_connections_are_reused(make_stack: Any) -> None:
+    stack = make_stack(upstream_spare_connections=0)  # counted below: none opened ahead
     pool = stack.ctx.upstream._pool
     for _ in range(10):
         r = post(stack, "/v1/chat/completions", {"messages": CHAT})
@@ -214,6 +215,34 @@ def test_connections_are_reused(stack: Stack) -> None:
         assert r.status_code == 200
         # llama-server closes a stream's connection after it: the proxy never reuses one.
         assert pool.open_connections == 0
+
+
+def test_streams_after_the_first_find_a_connection_opened_ahead(stack: Stack) -> None:
+    """--upstream-spare-connections (1 by default): after a request takes a connection the
+    pool opens a spare, so the next stream does not connect on its way to the first token.
+    Counted by who connected: a request's task, or the pool's spare task."""
+    pool = stack.ctx.upstream._pool
+    connects: list[str] = []
+    real = pool._connect
+
+    async def counted() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        connects.append(task.get_coro().__qualname__)  # type: ignore[union-attr]
+        return await real()
+
+    pool._connect = counted  # type: ignore[method-assign]
+    for _ in range(4):
+        r = post(stack, "/v1/chat/completions", {"messages": CHAT, "stream": True})
+        assert r.status_code == 200
+        assert (
+            "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(r)[:-1])
+            == FULL_TEXT
+        )
+        assert pool.open_connections == 1  # the stream's connection closed, a spare idle
+    on_the_way = [name for name in connects if name != "ConnectionPool._spare"]
+    assert len(on_the_way) == 1  # the first stream's
+    assert connects.count("ConnectionPool._spare") == 4
 
 
 def test_concurrency_is_bounded_by_upstream_max_connections(make_stack: Any) -> None:

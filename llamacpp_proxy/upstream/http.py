@@ -818,6 +818,7 @@ class ConnectionPool:
         connect_timeout: float,
         now: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
+        spares: int = 0,
     ) -> None:
         url = urlsplit(base_url)
         self.host = url.hostname or "localhost"
@@ -848,6 +849,12 @@ class ConnectionPool:
         self._open = 0
         self._slots = asyncio.Semaphore(max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
+        self.spares = spares
+        """Idle connections opened ahead of need after a request took one, so that the next
+        request (a stream, which never gets its connection back) skips the connect."""
+        self._sparing = 0  # spare connects scheduled or in flight
+        self._spare_tasks: set[asyncio.Future[None]] = set()
+        self._closed = False
 
     @property
     def open_connections(self) -> int:
@@ -868,18 +875,59 @@ class ConnectionPool:
             while idle:
                 conn = idle.pop()  # the most recently used: least likely to be stale
                 if now - conn.idle_since <= IDLE_TTL and conn.quiet():
+                    self._top_up()
                     return conn
                 self._discard(conn)
             # Holding a slot, with no idle connection left: fewer than max are open.
             self._open += 1
             try:
-                return await self._connect()
+                conn = await self._connect()
             except BaseException:
                 self._open -= 1
                 raise
+            self._top_up()
+            return conn
         except BaseException:
             self._slots.release()
             raise
+
+    def _top_up(self) -> None:
+        """After a request took a connection: open spares until `spares` are idle, once
+        the taker has sent its request (call_soon runs after its task's step, which sends
+        and then waits for llama.cpp's answer), so the connect is off its way. A spare
+        lives like any idle connection: IDLE_TTL, then closed, so none is held once
+        requests stop coming."""
+        if len(self._idle) + self._sparing < self.spares:
+            self._sparing += 1
+            asyncio.get_running_loop().call_soon(self._open_spare)
+
+    def _open_spare(self) -> None:
+        task = asyncio.ensure_future(self._spare())
+        self._spare_tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._spare_tasks.discard)
+
+    async def _spare(self) -> None:
+        try:
+            # Never wait for a slot: a spare is for when one is free.
+            if self._closed or self._slots.locked():
+                return
+            await self._slots.acquire()  # free now: takes it without waiting
+            self._open += 1
+            try:
+                conn = await self._connect()
+            except BaseException:
+                # llama.cpp down or slow: the next request connects (and reports it) itself.
+                self._open -= 1
+                self._slots.release()
+                return
+            if self._closed:  # closed while connecting
+                conn.close()
+                self._open -= 1
+                self._slots.release()
+                return
+            self.release(conn, True)
+        finally:
+            self._sparing -= 1
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -963,6 +1011,10 @@ class ConnectionPool:
 
     def close(self) -> None:
         """Close idle connections (busy ones close when their requests end)."""
+        self._closed = True
+        for task in self._spare_tasks:
+            if not task.done():
+                task.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -293,6 +293,7 @@ class LlamaCppClient:
             self.base,
             settings.upstream_max_connections,
             settings.upstream_connect_timeout,
+            spares=settings.upstream_spare_connections,
         )
         # Probes never queue behind completions, and a flood of them costs at most
         # PROBE_CONNECTIONS upstream connections.
