@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
+import time
 from typing import Any
 
 import httpx
@@ -44,6 +46,31 @@ def post(
 
 
 # -- chat --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["answer", "stream", "401", "400", "404"],
+)
+def test_every_answer_has_a_current_date_a_json_type_and_no_server_header(
+    stack: Stack, what: str
+) -> None:
+    """The handlers build their default headers themselves (BaseHandler.clear, with the
+    Date formatted once a second), on answers and on errors that clear a response."""
+    body: Any = {"messages": CHAT, "stream": what == "stream"}
+    if what == "400":
+        body = {"messages": "not a list"}
+    path = "/v1/nowhere" if what == "404" else "/v1/chat/completions"
+    before = time.time()
+    r = post(stack, path, body, key=None if what == "401" else UNLIMITED_KEY)
+    after = time.time()
+    assert r.status_code == (200 if what in ("answer", "stream") else int(what))
+    assert "server" not in r.headers
+    expected = "text/event-stream" if what == "stream" else "application/json"
+    assert r.headers["content-type"].startswith(expected)
+    sent = email.utils.parsedate_to_datetime(r.headers["date"]).timestamp()
+    assert int(before) <= sent <= after
+    assert r.headers["date"].endswith(" GMT")
 
 
 def test_chat_completion_renders_the_template_and_answers_in_openai_shape(stack: Stack) -> None:

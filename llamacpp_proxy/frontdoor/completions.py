@@ -160,33 +160,36 @@ class CompletionsHandler(BaseHandler):
     # tokens) is known only from its body. A body that fails validation costs nothing.
     rate_limited = False
 
+    # Per-request state: class-level starting values (immutable) as in BaseHandler; the
+    # containers are made per request in initialize.
+    _body_size = 0
+    _max_tokens = 0
+    _stopped = False  # a generation failed: start no more
+    _client_gone = False
+    _streaming = False
+    _tools: list[dict[str, Any]] | None = None
+    stream_error: str | None = None
+    _forced_tools = False
+    _parallel_tools = True  # False: at most one tool call per answer
+    _described = False  # tools policy "describe": calls are parsed from text
+    _early_error: ProxyError | None = None
+    _pool: PoolRuntime | None = None
+    _session: str | None = None
+    keepalive_while_queued = False
+    """Streamed: a wait in the queue commits to 200 + SSE after --queue-keepalive
+    seconds and sends comments (set by the front door once the body says stream)."""
+    _keepalive: asyncio.TimerHandle | None = None
+    # Once the head is out: where a stream's chunks go past Tornado's write path
+    # (chunk_writer.py); None while not asked yet or when the public path must serve.
+    _direct: IOStream | None = None
+    _direct_socket: socket.socket | None = None
+    _direct_asked = False
+
     def initialize(self, ctx: Any) -> None:
         super().initialize(ctx)
         self._body_parts: list[bytes] = []
-        self._body_size = 0
         self._generations: list[Generation] = []
-        self._max_tokens = 0
-        self._stopped = False  # a generation failed: start no more
-        self._client_gone = False
-        self._streaming = False
-        self._tools: list[dict[str, Any]] | None = None
-        self.stream_error: str | None = None
-        self._forced_tools = False
-        self._parallel_tools = True  # False: at most one tool call per answer
-        self._described = False  # tools policy "describe": calls are parsed from text
-        self._early_error: ProxyError | None = None
-        self._pool: PoolRuntime | None = None
-        self._session: str | None = None
         self._waits: set[asyncio.Future[Lease]] = set()
-        self.keepalive_while_queued = False
-        """Streamed: a wait in the queue commits to 200 + SSE after --queue-keepalive
-        seconds and sends comments (set by the front door once the body says stream)."""
-        self._keepalive: asyncio.TimerHandle | None = None
-        # Once the head is out: where a stream's chunks go past Tornado's write path
-        # (chunk_writer.py); None while not asked yet or when the public path must serve.
-        self._direct: IOStream | None = None
-        self._direct_socket: socket.socket | None = None
-        self._direct_asked = False
 
     async def prepare(self) -> None:
         # The body is streamed, so prepare() runs before it is read. An error sent now would

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any
 
 import tornado.web
+from tornado import httputil
 
 from .. import fastjson
 from ..context import AppContext
@@ -35,6 +36,21 @@ from ..observe.usage import UsageRecord
 log = logging.getLogger("llamacpp_proxy")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+class _HttpDate:
+    """The Date header's value, formatted once a second rather than per request."""
+
+    second = -1
+    value = ""
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.value = httputil.format_timestamp(second)
+            cls.second = second
+        return cls.value
 
 
 def _json(value: Any) -> bytes:
@@ -69,30 +85,46 @@ class BaseHandler(tornado.web.RequestHandler):
     records_usage = False
     """Whether a finished request of this endpoint is a row of the usage ledger."""
 
+    # Per-request state starts from these class-level values: a request pays only for the
+    # attributes it sets (a handler is built for every request, at cold-cache speed).
+    principal: Principal | None = None
+    admission: Admission | None = None
+    prompt_tokens = 0
+    completion_tokens = 0
+    request_id = ""
+    _counted = False
+    model = ""
+    """The configured model (pool) that served it, once chosen: the metrics' label."""
+    # For the usage ledger, filled in by the endpoints that record usage.
+    usage_model: str | None = None
+    usage_server: str | None = None
+    cached_tokens = 0
+    ttft: float | None = None
+    """Seconds from arrival to the first streamed token (None: not streamed, or none)."""
+    error: ProxyError | None = None
+    """The error answered, for the metrics (which limit refused a 429)."""
+    _recorded = False
+    _client_left = False
+
     def initialize(self, ctx: AppContext) -> None:
         self.ctx = ctx
-        self.principal: Principal | None = None
-        self.admission: Admission | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.request_id = ""
-        self._counted = False
-        self.model = ""
-        """The configured model (pool) that served it, once chosen: the metrics' label."""
-        # For the usage ledger, filled in by the endpoints that record usage.
-        self.usage_model: str | None = None
-        self.usage_server: str | None = None
-        self.cached_tokens = 0
-        self.ttft: float | None = None
-        """Seconds from arrival to the first streamed token (None: not streamed, or none)."""
-        self.error: ProxyError | None = None
-        """The error answered, for the metrics (which limit refused a 429)."""
-        self._recorded = False
-        self._client_left = False
+
+    def clear(self) -> None:
+        """Tornado's, without its Server and text/html headers that every answer here
+        replaced at once (set_default_headers sets the type), and with the Date of this
+        second: it runs in every handler's
+        construction, on the way of every request (docs/benchmarks.md, time to first
+        token). send_error calls it too."""
+        headers = httputil.HTTPHeaders()
+        headers["Date"] = _HttpDate.now()
+        self._headers = headers
+        self._write_buffer: list[bytes] = []
+        self._status_code = 200
+        self._reason = "OK"
+        self.set_default_headers()
 
     def set_default_headers(self) -> None:
         # Also runs again when send_error clears a response: keep what every answer carries.
-        self.clear_header("Server")
         self.set_header("Content-Type", "application/json")
         request_id = getattr(self, "request_id", "")
         if request_id:
