@@ -22,6 +22,7 @@ from llamacpp_proxy.errors import UpstreamError
 from llamacpp_proxy.upstream import http as http_module
 from llamacpp_proxy.upstream.http import (
     LOOKUP_TTL,
+    SPARE_DELAY,
     BodyDecoder,
     Connection,
     ConnectionLost,
@@ -633,8 +634,8 @@ def accepted(listener: socket.socket, into: list[socket.socket]) -> int:
 
 def test_a_spare_connection_is_opened_after_each_take_and_the_next_request_uses_it() -> None:
     """A stream never gets its connection back (llama-server closes it), so each one paid
-    a connect on its way to the first token. With spares, the pool opens one once the
-    taker's request is on its way, and the next request takes it: two streams, one
+    a connect on its way to the first token. With spares, the pool opens one SPARE_DELAY
+    after a request took a connection, and the next request takes it: two streams, one
     connect on their way (the first), each followed by a spare."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -645,12 +646,12 @@ def test_a_spare_connection_is_opened_after_each_take_and_the_next_request_uses_
         seen = []
         first = await pool.acquire()
         seen.append((accepted(listener, peers), pool.open_connections))  # no spare yet
-        await turns()
+        await asyncio.sleep(SPARE_DELAY + 0.05)
         seen.append((accepted(listener, peers), pool.open_connections))  # the spare
         pool.release(first, reusable=False)  # a stream's: closed
         second = await pool.acquire()
         seen.append((accepted(listener, peers), pool.open_connections))  # took the spare
-        await turns()
+        await asyncio.sleep(SPARE_DELAY + 0.05)
         seen.append((accepted(listener, peers), pool.open_connections))  # and a new spare
         pool.release(second, reusable=False)
         pool.close()
@@ -676,7 +677,7 @@ def test_without_spares_every_stream_connects_on_its_way() -> None:
         seen = []
         for _ in range(3):
             conn = await pool.acquire()
-            await turns()
+            await asyncio.sleep(SPARE_DELAY + 0.05)
             seen.append(accepted(listener, peers))
             pool.release(conn, reusable=False)
         return seen
@@ -699,7 +700,7 @@ def test_a_spare_never_takes_the_last_free_connection_nor_waits_for_one() -> Non
     async def scenario() -> tuple[int, int, bool]:
         pool = ConnectionPool(f"http://127.0.0.1:{port}", 1, 5.0, spares=1)
         conn = await pool.acquire()
-        await turns()
+        await asyncio.sleep(SPARE_DELAY + 0.05)
         seen = (accepted(listener, peers), pool.open_connections, pool.waiting)
         pool.release(conn, reusable=False)
         return seen
@@ -724,7 +725,7 @@ def test_a_spare_that_cannot_connect_gives_its_slot_back_and_the_request_reports
         pool = ConnectionPool(f"http://127.0.0.1:{port}", 2, 5.0, spares=1)
         conn = await pool.acquire()
         listener.close()  # before the spare's connect runs: it is refused
-        await turns()
+        await asyncio.sleep(SPARE_DELAY + 0.05)
         after = (pool.open_connections, pool.waiting)
         pool.release(conn, reusable=False)
         with pytest.raises(ConnectionRefusedError):
@@ -749,7 +750,7 @@ def test_a_spare_due_when_the_pool_closes_is_not_opened_nor_left_open() -> None:
         conn = await pool.acquire()
         pool.release(conn, reusable=False)
         pool.close()  # the spare was due on the next turn
-        await turns()
+        await asyncio.sleep(SPARE_DELAY + 0.05)
         return accepted(listener, peers), pool.open_connections
 
     try:
