@@ -112,9 +112,8 @@ class BaseHandler(tornado.web.RequestHandler):
     def clear(self) -> None:
         """Tornado's, without its Server and text/html headers that every answer here
         replaced at once (set_default_headers sets the type), and with the Date of this
-        second: it runs in every handler's
-        construction, on the way of every request (docs/benchmarks.md, time to first
-        token). send_error calls it too."""
+        second: it runs in every handler's construction (and again in send_error), so
+        on every request's way."""
         headers = httputil.HTTPHeaders()
         headers["Date"] = _HttpDate.now()
         self._headers = headers
