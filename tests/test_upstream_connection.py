@@ -759,3 +759,66 @@ def test_a_spare_due_when_the_pool_closes_is_not_opened_nor_left_open() -> None:
         listener.close()
         for peer in peers:
             peer.close()
+
+
+async def spares_settled(pool: ConnectionPool) -> None:
+    """Until every spare scheduled has run its course (opened, given up or failed)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while pool._sparing or pool._spare_tasks:
+        assert asyncio.get_running_loop().time() < deadline, "a spare never settled"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("max_connections", [1, 2])
+def test_a_spare_due_after_its_taker_gave_the_connection_back_opens_none(
+    max_connections: int,
+) -> None:
+    """A quick answer (a non-streamed one, /tokenize) gives its connection back before the
+    spare it caused is due: that connection is the idle one the spare was for. Opening
+    another anyway held one more of llama-server's HTTP threads, and beyond
+    `--upstream-max-connections` (1 of 1 in use, then 2 open)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peers: list[socket.socket] = []
+
+    async def scenario() -> tuple[int, int]:
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", max_connections, 5.0, spares=1)
+        conn = await pool.acquire()
+        pool.release(conn, reusable=True)  # answered and read to its end: kept alive
+        await spares_settled(pool)
+        seen = accepted(listener, peers), pool.open_connections
+        pool.close()
+        return seen
+
+    try:
+        assert asyncio.run(scenario()) == (1, 1)
+    finally:
+        listener.close()
+        for peer in peers:
+            peer.close()
+
+
+def test_open_connections_never_exceed_the_maximum_with_a_spare_due() -> None:
+    """Two of two taken (the second while the first's spare was due), the second given
+    back kept alive: the spare found a free slot, but the idle connection fills it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peers: list[socket.socket] = []
+
+    async def scenario() -> tuple[int, int]:
+        pool = ConnectionPool(f"http://127.0.0.1:{port}", 2, 5.0, spares=1)
+        first = await pool.acquire()  # a stream: its spare is due SPARE_DELAY later
+        second = await pool.acquire()  # a quick one, before the spare
+        pool.release(second, reusable=True)
+        await spares_settled(pool)
+        seen = accepted(listener, peers), pool.open_connections
+        pool.release(first, reusable=False)
+        pool.close()
+        return seen
+
+    try:
+        assert asyncio.run(scenario()) == (2, 2)
+    finally:
+        listener.close()
+        for peer in peers:
+            peer.close()

@@ -277,7 +277,9 @@ def test_a_connection_the_server_closed_is_replaced_transparently(stack: Stack) 
         assert post(stack, "/v1/completions", {"prompt": "x"}).status_code == 200
 
 
-def test_connection_close_from_upstream_is_respected(stack: Stack) -> None:
+def test_connection_close_from_upstream_is_respected(make_stack: Any) -> None:
+    # No spare: it would stay open (idle, until swept) and hide the one counted here.
+    stack = make_stack(upstream_spare_connections=0)
     stack.fake.script.fail_status = 200
     stack.fake.script.fail_body = '{"content": "ok", "stop": true, "stop_type": "eos"}'
     stack.fake.close_connections = True
@@ -286,7 +288,10 @@ def test_connection_close_from_upstream_is_respected(stack: Stack) -> None:
     assert stack.wait_for(lambda: stack.ctx.upstream._pool.open_connections == 0)
 
 
-def test_abort_does_not_return_the_connection_to_the_pool(stack: Stack) -> None:
+def test_abort_does_not_return_the_connection_to_the_pool(make_stack: Any) -> None:
+    # No spare: it would keep open_connections at 1 until swept (2.5-3.75 s, near the
+    # wait's deadline), and the sweep would also close a wrongly pooled aborted connection.
+    stack = make_stack(upstream_spare_connections=0)
     stack.fake.script.token_delay = 0.05
     stack.fake.script.tokens = [f" t{i}" for i in range(100)]
     with stack.http.stream(

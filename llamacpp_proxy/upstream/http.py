@@ -912,8 +912,16 @@ class ConnectionPool:
 
     async def _spare(self) -> None:
         try:
-            # Never wait for a slot: a spare is for when one is free.
-            if self._closed or self._slots.locked():
+            # Never wait for a slot: a spare is for when one is free. Asked again now, not
+            # when it was scheduled: a quick answer may have given its connection back
+            # since (the idle one the spare was for), and idle connections hold no slot,
+            # so a free slot alone would open one past max_connections.
+            if (
+                self._closed
+                or self._slots.locked()
+                or len(self._idle) >= self.spares
+                or self._open >= self.max_connections
+            ):
                 return
             await self._slots.acquire()  # free now: takes it without waiting
             self._open += 1
