@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=(
             "connections to each llama.cpp server opened ahead of need while requests come, "
-            "so that a stream skips the connect (about 0.1 ms of its time to first token); "
+            "so that a stream skips the connect (about 0.2 ms of its time to first token); "
             "each holds one of llama-server's HTTP threads (--threads-http) until used or "
             "closed 2.5 s after the last request; 0 opens none"
         ),

@@ -13,7 +13,7 @@ import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -622,139 +622,29 @@ def test_a_client_write_pending_when_the_read_ended_the_call_still_runs_its_cour
     assert asyncio.run(scenario())
 
 
-def accepted(listener: socket.socket, into: list[socket.socket]) -> int:
-    """Take every connection the kernel completed for `listener`; how many there are now."""
+T = TypeVar("T")
+
+
+def against_a_listener(
+    scenario: Callable[[str, Callable[[], int], socket.socket], Awaitable[T]],
+) -> T:
+    """Run `scenario(url, accepted, listener)` on a new event loop against a loopback
+    listener that nobody serves; `accepted()` takes every connection the kernel completed
+    for it so far and says how many there have been."""
+    listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
-    while True:
-        try:
-            into.append(listener.accept()[0])
-        except BlockingIOError:
-            return len(into)
-
-
-def test_a_spare_connection_is_opened_after_each_take_and_the_next_request_uses_it() -> None:
-    """A stream never gets its connection back (llama-server closes it), so each one paid
-    a connect on its way to the first token. With spares, the pool opens one SPARE_DELAY
-    after a request took a connection, and the next request takes it: two streams, one
-    connect on their way (the first), each followed by a spare."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     peers: list[socket.socket] = []
 
-    async def scenario() -> list[tuple[int, int]]:
-        pool = ConnectionPool(f"http://127.0.0.1:{port}", 4, 5.0, spares=1)
-        seen = []
-        first = await pool.acquire()
-        seen.append((accepted(listener, peers), pool.open_connections))  # no spare yet
-        await asyncio.sleep(SPARE_DELAY + 0.05)
-        seen.append((accepted(listener, peers), pool.open_connections))  # the spare
-        pool.release(first, reusable=False)  # a stream's: closed
-        second = await pool.acquire()
-        seen.append((accepted(listener, peers), pool.open_connections))  # took the spare
-        await asyncio.sleep(SPARE_DELAY + 0.05)
-        seen.append((accepted(listener, peers), pool.open_connections))  # and a new spare
-        pool.release(second, reusable=False)
-        pool.close()
-        seen.append((accepted(listener, peers), pool.open_connections))
-        return seen
+    def accepted() -> int:
+        while True:
+            try:
+                peers.append(listener.accept()[0])
+            except (BlockingIOError, OSError):
+                return len(peers)
 
     try:
-        seen = asyncio.run(scenario())
-    finally:
-        listener.close()
-        for peer in peers:
-            peer.close()
-    assert seen == [(1, 1), (2, 2), (2, 1), (3, 2), (3, 0)]
-
-
-def test_without_spares_every_stream_connects_on_its_way() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    peers: list[socket.socket] = []
-
-    async def scenario() -> list[int]:
-        pool = ConnectionPool(f"http://127.0.0.1:{port}", 4, 5.0, spares=0)
-        seen = []
-        for _ in range(3):
-            conn = await pool.acquire()
-            await asyncio.sleep(SPARE_DELAY + 0.05)
-            seen.append(accepted(listener, peers))
-            pool.release(conn, reusable=False)
-        return seen
-
-    try:
-        assert asyncio.run(scenario()) == [1, 2, 3]
-    finally:
-        listener.close()
-        for peer in peers:
-            peer.close()
-
-
-def test_a_spare_never_takes_the_last_free_connection_nor_waits_for_one() -> None:
-    """`--upstream-max-connections` bounds what llama.cpp sees: a spare is opened only
-    into a free slot, and one that finds none gives up instead of queueing with requests."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    peers: list[socket.socket] = []
-
-    async def scenario() -> tuple[int, int, bool]:
-        pool = ConnectionPool(f"http://127.0.0.1:{port}", 1, 5.0, spares=1)
-        conn = await pool.acquire()
-        await asyncio.sleep(SPARE_DELAY + 0.05)
-        seen = (accepted(listener, peers), pool.open_connections, pool.waiting)
-        pool.release(conn, reusable=False)
-        return seen
-
-    try:
-        assert asyncio.run(scenario()) == (1, 1, True)
-    finally:
-        listener.close()
-        for peer in peers:
-            peer.close()
-
-
-def test_a_spare_that_cannot_connect_gives_its_slot_back_and_the_request_reports_it() -> None:
-    """llama.cpp gone after a request took its connection: the spare's failed connect is
-    nobody's error (no request waits on it), leaves no slot taken and no count wrong, and
-    the next request connects, fails and reports it itself."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    peers: list[socket.socket] = []
-
-    async def scenario() -> tuple[int, bool, int]:
-        pool = ConnectionPool(f"http://127.0.0.1:{port}", 2, 5.0, spares=1)
-        conn = await pool.acquire()
-        listener.close()  # before the spare's connect runs: it is refused
-        await asyncio.sleep(SPARE_DELAY + 0.05)
-        after = (pool.open_connections, pool.waiting)
-        pool.release(conn, reusable=False)
-        with pytest.raises(ConnectionRefusedError):
-            await pool.acquire()
-        return (*after, pool.open_connections)
-
-    try:
-        assert asyncio.run(scenario()) == (1, False, 0)
-    finally:
-        listener.close()
-        for peer in peers:
-            peer.close()
-
-
-def test_a_spare_due_when_the_pool_closes_is_not_opened_nor_left_open() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    peers: list[socket.socket] = []
-
-    async def scenario() -> tuple[int, int]:
-        pool = ConnectionPool(f"http://127.0.0.1:{port}", 4, 5.0, spares=1)
-        conn = await pool.acquire()
-        pool.release(conn, reusable=False)
-        pool.close()  # the spare was due on the next turn
-        await asyncio.sleep(SPARE_DELAY + 0.05)
-        return accepted(listener, peers), pool.open_connections
-
-    try:
-        assert asyncio.run(scenario()) == (1, 0)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        return asyncio.run(scenario(url, accepted, listener))
     finally:
         listener.close()
         for peer in peers:
@@ -769,6 +659,98 @@ async def spares_settled(pool: ConnectionPool) -> None:
         await asyncio.sleep(0.001)
 
 
+def test_a_spare_connection_is_opened_after_each_take_and_the_next_request_uses_it() -> None:
+    """A stream never gets its connection back (llama-server closes it), so each one paid
+    a connect on its way to the first token. With spares, the pool opens one SPARE_DELAY
+    after a request took a connection, and the next request takes it: two streams, one
+    connect on their way (the first), each followed by a spare."""
+
+    async def scenario(
+        url: str, accepted: Callable[[], int], _: socket.socket
+    ) -> list[tuple[int, int]]:
+        pool = ConnectionPool(url, 4, 5.0, spares=1)
+        seen = []
+        first = await pool.acquire()
+        seen.append((accepted(), pool.open_connections))  # no spare yet
+        await spares_settled(pool)
+        seen.append((accepted(), pool.open_connections))  # the spare
+        pool.release(first, reusable=False)  # a stream's: closed
+        second = await pool.acquire()
+        seen.append((accepted(), pool.open_connections))  # took the spare
+        await spares_settled(pool)
+        seen.append((accepted(), pool.open_connections))  # and a new spare
+        pool.release(second, reusable=False)
+        pool.close()
+        seen.append((accepted(), pool.open_connections))
+        return seen
+
+    assert against_a_listener(scenario) == [(1, 1), (2, 2), (2, 1), (3, 2), (3, 0)]
+
+
+def test_without_spares_every_stream_connects_on_its_way() -> None:
+    async def scenario(url: str, accepted: Callable[[], int], _: socket.socket) -> list[int]:
+        pool = ConnectionPool(url, 4, 5.0, spares=0)
+        seen = []
+        for _ in range(3):
+            conn = await pool.acquire()
+            await asyncio.sleep(SPARE_DELAY * 4)  # when a spare would have come
+            seen.append(accepted())
+            pool.release(conn, reusable=False)
+        return seen
+
+    assert against_a_listener(scenario) == [1, 2, 3]
+
+
+def test_a_spare_never_takes_the_last_free_connection_nor_waits_for_one() -> None:
+    """`--upstream-max-connections` bounds what llama.cpp sees: a spare is opened only
+    into a free slot, and one that finds none gives up instead of queueing with requests."""
+
+    async def scenario(
+        url: str, accepted: Callable[[], int], _: socket.socket
+    ) -> tuple[int, int, bool]:
+        pool = ConnectionPool(url, 1, 5.0, spares=1)
+        conn = await pool.acquire()
+        await spares_settled(pool)
+        seen = (accepted(), pool.open_connections, pool.waiting)
+        pool.release(conn, reusable=False)
+        return seen
+
+    assert against_a_listener(scenario) == (1, 1, True)
+
+
+def test_a_spare_that_cannot_connect_gives_its_slot_back_and_the_request_reports_it() -> None:
+    """llama.cpp gone after a request took its connection: the spare's failed connect is
+    nobody's error (no request waits on it), leaves no slot taken and no count wrong, and
+    the next request connects, fails and reports it itself."""
+
+    async def scenario(
+        url: str, accepted: Callable[[], int], listener: socket.socket
+    ) -> tuple[int, bool, int]:
+        pool = ConnectionPool(url, 2, 5.0, spares=1)
+        conn = await pool.acquire()
+        listener.close()  # before the spare's connect runs: it is refused
+        await spares_settled(pool)
+        after = (pool.open_connections, pool.waiting)
+        pool.release(conn, reusable=False)
+        with pytest.raises(ConnectionRefusedError):
+            await pool.acquire()
+        return (*after, pool.open_connections)
+
+    assert against_a_listener(scenario) == (1, False, 0)
+
+
+def test_a_spare_due_when_the_pool_closes_is_not_opened_nor_left_open() -> None:
+    async def scenario(url: str, accepted: Callable[[], int], _: socket.socket) -> tuple[int, int]:
+        pool = ConnectionPool(url, 4, 5.0, spares=1)
+        conn = await pool.acquire()
+        pool.release(conn, reusable=False)
+        pool.close()  # the spare was due SPARE_DELAY later
+        await spares_settled(pool)
+        return accepted(), pool.open_connections
+
+    assert against_a_listener(scenario) == (1, 0)
+
+
 @pytest.mark.parametrize("max_connections", [1, 2])
 def test_a_spare_due_after_its_taker_gave_the_connection_back_opens_none(
     max_connections: int,
@@ -777,48 +759,32 @@ def test_a_spare_due_after_its_taker_gave_the_connection_back_opens_none(
     spare it caused is due: that connection is the idle one the spare was for. Opening
     another anyway held one more of llama-server's HTTP threads, and beyond
     `--upstream-max-connections` (1 of 1 in use, then 2 open)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    peers: list[socket.socket] = []
 
-    async def scenario() -> tuple[int, int]:
-        pool = ConnectionPool(f"http://127.0.0.1:{port}", max_connections, 5.0, spares=1)
+    async def scenario(url: str, accepted: Callable[[], int], _: socket.socket) -> tuple[int, int]:
+        pool = ConnectionPool(url, max_connections, 5.0, spares=1)
         conn = await pool.acquire()
         pool.release(conn, reusable=True)  # answered and read to its end: kept alive
         await spares_settled(pool)
-        seen = accepted(listener, peers), pool.open_connections
+        seen = accepted(), pool.open_connections
         pool.close()
         return seen
 
-    try:
-        assert asyncio.run(scenario()) == (1, 1)
-    finally:
-        listener.close()
-        for peer in peers:
-            peer.close()
+    assert against_a_listener(scenario) == (1, 1)
 
 
 def test_open_connections_never_exceed_the_maximum_with_a_spare_due() -> None:
     """Two of two taken (the second while the first's spare was due), the second given
     back kept alive: the spare found a free slot, but the idle connection fills it."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    peers: list[socket.socket] = []
 
-    async def scenario() -> tuple[int, int]:
-        pool = ConnectionPool(f"http://127.0.0.1:{port}", 2, 5.0, spares=1)
+    async def scenario(url: str, accepted: Callable[[], int], _: socket.socket) -> tuple[int, int]:
+        pool = ConnectionPool(url, 2, 5.0, spares=1)
         first = await pool.acquire()  # a stream: its spare is due SPARE_DELAY later
         second = await pool.acquire()  # a quick one, before the spare
         pool.release(second, reusable=True)
         await spares_settled(pool)
-        seen = accepted(listener, peers), pool.open_connections
+        seen = accepted(), pool.open_connections
         pool.release(first, reusable=False)
         pool.close()
         return seen
 
-    try:
-        assert asyncio.run(scenario()) == (2, 2)
-    finally:
-        listener.close()
-        for peer in peers:
-            peer.close()
+    assert against_a_listener(scenario) == (2, 2)

@@ -897,10 +897,11 @@ class ConnectionPool:
             raise
 
     def _top_up(self) -> None:
-        """After a request took a connection: open spares until `spares` are idle,
-        SPARE_DELAY later, so the connect is off the taker's way and off llama.cpp's
-        while it takes the taker's request. A spare lives like any idle connection:
-        IDLE_TTL, then closed, so none is held once requests stop coming."""
+        """After a request took a connection: one more spare, SPARE_DELAY later (so the
+        connect is off the taker's way and off llama.cpp's while it takes the taker's
+        request), if fewer than `spares` are idle or on their way. One per take: more than
+        one builds up only while requests come faster than they end. A spare lives like
+        any idle connection: IDLE_TTL, then closed, so none is held once requests stop."""
         if len(self._idle) + self._sparing < self.spares:
             self._sparing += 1
             asyncio.get_running_loop().call_later(SPARE_DELAY, self._open_spare)
