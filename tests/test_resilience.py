@@ -402,12 +402,12 @@ def test_a_client_that_leaves_while_waiting_for_a_connection_stops_waiting(
     acquire = pool.acquire
     queued = 0  # requests waiting for a connection now
 
-    async def watched_acquire() -> Any:
+    async def watched_acquire(spare: bool = False) -> Any:
         # Who waits in the pool is not visible over HTTP: count them at its door.
         nonlocal queued
         queued += 1
         try:
-            return await acquire()
+            return await acquire(spare)
         finally:
             queued -= 1
 

@@ -670,12 +670,12 @@ def test_a_spare_connection_is_opened_after_each_take_and_the_next_request_uses_
     ) -> list[tuple[int, int]]:
         pool = ConnectionPool(url, 4, 5.0, spares=1)
         seen = []
-        first = await pool.acquire()
+        first = await pool.acquire(spare=True)
         seen.append((accepted(), pool.open_connections))  # no spare yet
         await spares_settled(pool)
         seen.append((accepted(), pool.open_connections))  # the spare
         pool.release(first, reusable=False)  # a stream's: closed
-        second = await pool.acquire()
+        second = await pool.acquire(spare=True)
         seen.append((accepted(), pool.open_connections))  # took the spare
         await spares_settled(pool)
         seen.append((accepted(), pool.open_connections))  # and a new spare
@@ -692,7 +692,7 @@ def test_without_spares_every_stream_connects_on_its_way() -> None:
         pool = ConnectionPool(url, 4, 5.0, spares=0)
         seen = []
         for _ in range(3):
-            conn = await pool.acquire()
+            conn = await pool.acquire(spare=True)
             await asyncio.sleep(SPARE_DELAY * 4)  # when a spare would have come
             seen.append(accepted())
             pool.release(conn, reusable=False)
@@ -709,7 +709,7 @@ def test_a_spare_never_takes_the_last_free_connection_nor_waits_for_one() -> Non
         url: str, accepted: Callable[[], int], _: socket.socket
     ) -> tuple[int, int, bool]:
         pool = ConnectionPool(url, 1, 5.0, spares=1)
-        conn = await pool.acquire()
+        conn = await pool.acquire(spare=True)
         await spares_settled(pool)
         seen = (accepted(), pool.open_connections, pool.waiting)
         pool.release(conn, reusable=False)
@@ -727,13 +727,13 @@ def test_a_spare_that_cannot_connect_gives_its_slot_back_and_the_request_reports
         url: str, accepted: Callable[[], int], listener: socket.socket
     ) -> tuple[int, bool, int]:
         pool = ConnectionPool(url, 2, 5.0, spares=1)
-        conn = await pool.acquire()
+        conn = await pool.acquire(spare=True)
         listener.close()  # before the spare's connect runs: it is refused
         await spares_settled(pool)
         after = (pool.open_connections, pool.waiting)
         pool.release(conn, reusable=False)
         with pytest.raises(ConnectionRefusedError):
-            await pool.acquire()
+            await pool.acquire(spare=True)
         return (*after, pool.open_connections)
 
     assert against_a_listener(scenario) == (1, False, 0)
@@ -742,7 +742,7 @@ def test_a_spare_that_cannot_connect_gives_its_slot_back_and_the_request_reports
 def test_a_spare_due_when_the_pool_closes_is_not_opened_nor_left_open() -> None:
     async def scenario(url: str, accepted: Callable[[], int], _: socket.socket) -> tuple[int, int]:
         pool = ConnectionPool(url, 4, 5.0, spares=1)
-        conn = await pool.acquire()
+        conn = await pool.acquire(spare=True)
         pool.release(conn, reusable=False)
         pool.close()  # the spare was due SPARE_DELAY later
         await spares_settled(pool)
@@ -755,14 +755,15 @@ def test_a_spare_due_when_the_pool_closes_is_not_opened_nor_left_open() -> None:
 def test_a_spare_due_after_its_taker_gave_the_connection_back_opens_none(
     max_connections: int,
 ) -> None:
-    """A quick answer (a non-streamed one, /tokenize) gives its connection back before the
-    spare it caused is due: that connection is the idle one the spare was for. Opening
+    """A stream answered with an error (read whole, kept alive) gives its connection back
+    before the spare it caused is due: that connection is the idle one the spare was for.
+    Opening
     another anyway held one more of llama-server's HTTP threads, and beyond
     `--upstream-max-connections` (1 of 1 in use, then 2 open)."""
 
     async def scenario(url: str, accepted: Callable[[], int], _: socket.socket) -> tuple[int, int]:
         pool = ConnectionPool(url, max_connections, 5.0, spares=1)
-        conn = await pool.acquire()
+        conn = await pool.acquire(spare=True)
         pool.release(conn, reusable=True)  # answered and read to its end: kept alive
         await spares_settled(pool)
         seen = accepted(), pool.open_connections
@@ -778,7 +779,7 @@ def test_open_connections_never_exceed_the_maximum_with_a_spare_due() -> None:
 
     async def scenario(url: str, accepted: Callable[[], int], _: socket.socket) -> tuple[int, int]:
         pool = ConnectionPool(url, 2, 5.0, spares=1)
-        first = await pool.acquire()  # a stream: its spare is due SPARE_DELAY later
+        first = await pool.acquire(spare=True)  # a stream: its spare is due SPARE_DELAY later
         second = await pool.acquire()  # a quick one, before the spare
         pool.release(second, reusable=True)
         await spares_settled(pool)
@@ -788,3 +789,22 @@ def test_open_connections_never_exceed_the_maximum_with_a_spare_due() -> None:
         return seen
 
     assert against_a_listener(scenario) == (2, 2)
+
+
+def test_a_request_that_gives_its_connection_back_opens_no_spare() -> None:
+    """A non-streamed answer's connection goes back to the pool kept alive: it is the next
+    request's, so taking it schedules no spare (no timer, no task on its way)."""
+
+    async def scenario(
+        url: str, accepted: Callable[[], int], _: socket.socket
+    ) -> tuple[int, int, int]:
+        pool = ConnectionPool(url, 4, 5.0, spares=1)
+        conn = await pool.acquire()
+        scheduled = pool._sparing
+        await asyncio.sleep(SPARE_DELAY * 4)  # when a spare would have come
+        seen = scheduled, accepted(), pool.open_connections
+        pool.release(conn, reusable=True)
+        pool.close()
+        return seen
+
+    assert against_a_listener(scenario) == (0, 1, 1)

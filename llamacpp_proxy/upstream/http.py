@@ -855,8 +855,8 @@ class ConnectionPool:
         self._slots = asyncio.Semaphore(max_connections)
         self._sweeper: asyncio.TimerHandle | None = None
         self.spares = spares
-        """Idle connections opened ahead of need after a request took one, so that the next
-        request (a stream, which never gets its connection back) skips the connect."""
+        """Idle connections opened ahead of need after a stream took one (it never gives
+        its connection back), so that the next request skips the connect."""
         self._sparing = 0  # spare connects scheduled or in flight
         self._spare_tasks: set[asyncio.Future[None]] = set()
         self._closed = False
@@ -871,8 +871,11 @@ class ConnectionPool:
         """Every connection is in use: an acquire would wait."""
         return self._slots.locked()
 
-    async def acquire(self) -> Connection:
-        """A connection for one request: an idle one that is still quiet, or a new one."""
+    async def acquire(self, spare: bool = False) -> Connection:
+        """A connection for one request: an idle one that is still quiet, or a new one.
+        `spare`: the request will not give it back (a stream: llama-server closes its
+        connection), so the pool opens one for the next request (`_top_up`). A request
+        that gives its connection back leaves that one for the next: it asks for none."""
         await self._slots.acquire()
         try:
             now = self._now()
@@ -880,7 +883,8 @@ class ConnectionPool:
             while idle:
                 conn = idle.pop()  # the most recently used: least likely to be stale
                 if now - conn.idle_since <= IDLE_TTL and conn.quiet():
-                    self._top_up()
+                    if spare:
+                        self._top_up()
                     return conn
                 self._discard(conn)
             # Holding a slot, with no idle connection left: fewer than max are open.
@@ -890,14 +894,15 @@ class ConnectionPool:
             except BaseException:
                 self._open -= 1
                 raise
-            self._top_up()
+            if spare:
+                self._top_up()
             return conn
         except BaseException:
             self._slots.release()
             raise
 
     def _top_up(self) -> None:
-        """After a request took a connection: one more spare, SPARE_DELAY later (so the
+        """After a stream took a connection: one more spare, SPARE_DELAY later (so the
         connect is off the taker's way and off llama.cpp's while it takes the taker's
         request), if fewer than `spares` are idle or on their way. One per take: more than
         one builds up only while requests come faster than they end. A spare lives like

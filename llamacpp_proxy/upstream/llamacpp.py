@@ -186,14 +186,15 @@ class UpstreamCall:
         if self._waiting is not None:
             self._waiting.cancel()
 
-    async def acquire(self, pool: ConnectionPool) -> Connection:
-        """A connection from `pool`, waiting no longer than this call may live."""
+    async def acquire(self, pool: ConnectionPool, spare: bool = False) -> Connection:
+        """A connection from `pool`, waiting no longer than this call may live (`spare`:
+        see ConnectionPool.acquire)."""
         if self.abort_reason is not None:
             raise self.abort_reason
         task = asyncio.current_task()
         self._waiting = task
         try:
-            return await pool.acquire()
+            return await pool.acquire(spare)
         except asyncio.CancelledError:
             # Our own abort cancelled the wait: report why, as the task's only cancellation.
             if self.abort_reason is not None and task is not None and task.uncancel() == 0:
@@ -446,7 +447,7 @@ class LlamaCppClient:
         pool = pool or self._pool
         request = encode_request(pool, method, path, body)
         try:
-            conn = await call.acquire(pool)
+            conn = await call.acquire(pool, spare=on_body is not None)
         except TimeoutError:
             raise UpstreamTimeout(f"timed out connecting to llama.cpp at {self.where}") from None
         except OSError as exc:
