@@ -365,7 +365,8 @@ class CompletionsHandler(BaseHandler):
         assert self.principal is not None
         budgets = self.ctx.budgets
         if budgets is not None and self.principal.budget is not None:
-            await budgets.check(self.principal)  # 429 budget_exceeded, before any reservation
+            # 429 budget_exceeded, or the estimate held until the request ends (release()).
+            self.budget_hold = await budgets.reserve(self.principal, estimate)
         self.admission = await self.ctx.limiter.admit(self.principal, Cost(generations, estimate))
         self.set_default_headers()
 
