@@ -94,6 +94,9 @@ class BaseHandler(tornado.web.RequestHandler):
     """The key's budgets' reservation for this request, settled by release()."""
     prompt_tokens = 0
     completion_tokens = 0
+    unreported_tokens = 0
+    """Work the key's limits count that the answer's usage does not show (a prompt
+    evaluated again for each further choice of it)."""
     request_id = ""
     _counted = False
     model = ""
@@ -282,7 +285,7 @@ class BaseHandler(tornado.web.RequestHandler):
             self.ctx.in_flight -= 1
         admission = self.admission
         if admission is not None and not admission.finished:
-            tokens = self.prompt_tokens + self.completion_tokens
+            tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
             limiter = self.ctx.limiter
             if type(limiter) is InMemoryLimiter:
                 limiter.finish_now(admission, tokens)  # no I/O: no task per request
@@ -294,7 +297,7 @@ class BaseHandler(tornado.web.RequestHandler):
             # left while it was being made) is settled by the later one, at on_finish.
             budgets, principal = self.ctx.budgets, self.principal
             if budgets is not None and principal is not None:
-                tokens = self.prompt_tokens + self.completion_tokens
+                tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
                 self.ctx.run_in_background(budgets.charge(principal, tokens, hold))
         if self.records_usage and not self._recorded:
             self._recorded = True
