@@ -361,11 +361,13 @@ class CompletionsHandler(BaseHandler):
         apply_max_tokens_limit(request, self.ctx.settings.max_tokens_limit)
         self._max_tokens = request.max_tokens or 0
         generations = (1 if self.chat else len(request.prompts)) * request.n
-        estimate = estimate_tokens(self._body_size) + self._max_tokens * generations
+        # Each of n choices has llama.cpp evaluate its prompt (the body holds every prompt).
+        estimate = estimate_tokens(self._body_size) * request.n + self._max_tokens * generations
         assert self.principal is not None
         budgets = self.ctx.budgets
         if budgets is not None and self.principal.budget is not None:
-            await budgets.check(self.principal)  # 429 budget_exceeded, before any reservation
+            # 429 budget_exceeded, or the estimate held until the request ends (release()).
+            self.budget_hold = await budgets.reserve(self.principal, estimate)
         self.admission = await self.ctx.limiter.admit(self.principal, Cost(generations, estimate))
         self.set_default_headers()
 
@@ -399,6 +401,16 @@ class CompletionsHandler(BaseHandler):
                 cached = timings.get("cache_n")
                 if type(cached) is int and cached > 0:
                     self.cached_tokens += cached
+        else:
+            # Another choice of a prompt already counted: the answer's usage counts a prompt
+            # once (OpenAI's rule), but llama.cpp evaluated it again, save what its slot
+            # had cached, and the key's limits count that work.
+            evaluated = int(result.get("tokens_evaluated") or 0)
+            timings = result.get("timings")
+            cached = timings.get("cache_n") if isinstance(timings, dict) else None
+            if type(cached) is int and cached > 0:
+                evaluated -= cached
+            self.unreported_tokens += max(0, evaluated)
         self.completion_tokens += int(result.get("tokens_predicted") or 0)
 
     def _charge_unfinished(self) -> None:
@@ -418,8 +430,11 @@ class CompletionsHandler(BaseHandler):
                 self._charge(generation, generation.last_event)
                 continue
             generation.charged = True
+            prompt = estimate_tokens(len(generation.prompt.encode()))
             if generation.counts_prompt:
-                self.prompt_tokens += estimate_tokens(len(generation.prompt.encode()))
+                self.prompt_tokens += prompt
+            else:
+                self.unreported_tokens += prompt  # evaluated again for this choice
             if not generation.body.get("stream"):
                 self.completion_tokens += self._max_tokens
 

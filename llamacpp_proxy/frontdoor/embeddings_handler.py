@@ -50,7 +50,8 @@ class EmbeddingsHandler(CompletionsHandler):
         self._estimate = estimate_tokens(request.inputs)
         budgets = self.ctx.budgets
         if budgets is not None and principal.budget is not None:
-            await budgets.check(principal)  # 429 budget_exceeded, before any reservation
+            # 429 budget_exceeded, or the estimate held until the request ends (release()).
+            self.budget_hold = await budgets.reserve(principal, self._estimate)
         self.admission = await self.ctx.limiter.admit(principal, Cost(1, self._estimate))
         self.set_default_headers()
         model = request.model or await self._served_model()

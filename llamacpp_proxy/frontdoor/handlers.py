@@ -28,6 +28,7 @@ from ..errors import (
     drop_tracebacks,
 )
 from ..guard.auth import Principal
+from ..guard.budgets import BudgetHold
 from ..guard.ratelimit import Admission, InMemoryLimiter
 from ..ids import unique_id
 from ..model_names import model_display_name, model_object
@@ -89,8 +90,13 @@ class BaseHandler(tornado.web.RequestHandler):
     # attributes it sets (a handler is built for every request, at cold-cache speed).
     principal: Principal | None = None
     admission: Admission | None = None
+    budget_hold: BudgetHold | None = None
+    """The key's budgets' reservation for this request, settled by release()."""
     prompt_tokens = 0
     completion_tokens = 0
+    unreported_tokens = 0
+    """Work the key's limits count that the answer's usage does not show (a prompt
+    evaluated again for each further choice of it)."""
     request_id = ""
     _counted = False
     model = ""
@@ -279,24 +285,29 @@ class BaseHandler(tornado.web.RequestHandler):
             self.ctx.in_flight -= 1
         admission = self.admission
         if admission is not None and not admission.finished:
-            tokens = self.prompt_tokens + self.completion_tokens
+            tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
             limiter = self.ctx.limiter
             if type(limiter) is InMemoryLimiter:
                 limiter.finish_now(admission, tokens)  # no I/O: no task per request
             else:
                 self.ctx.run_in_background(limiter.finish(admission, tokens))
+        hold = self.budget_hold
+        if hold is not None and not hold.settled:
+            # Apart from the ledger row: a hold made after an early release() (the client
+            # left while it was being made) is settled by the later one, at on_finish.
+            budgets, principal = self.ctx.budgets, self.principal
+            if budgets is not None and principal is not None:
+                tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
+                self.ctx.run_in_background(budgets.charge(principal, tokens, hold))
         if self.records_usage and not self._recorded:
             self._recorded = True
             self._record_usage()
 
     def _record_usage(self) -> None:
-        """Charge the key's budgets, then add the request to the ledger: once, at its end.
-        (In that order: a budget seen for the first time is read from the ledger.)"""
+        """Add the request to the ledger: once, at its end. (After its budget charge,
+        release(): a budget seen for the first time is read from the ledger; a request that
+        reserved had its key's periods read then.)"""
         principal = self.principal
-        tokens = self.prompt_tokens + self.completion_tokens
-        budgets = self.ctx.budgets
-        if budgets is not None and principal is not None and principal.budget is not None:
-            self.ctx.run_in_background(budgets.charge(principal, tokens))
         usage = self.ctx.usage
         if usage is None or principal is None:
             # No key, no row: whoever sends requests without a valid key cannot fill the disk.

@@ -2,9 +2,11 @@
 file), in UTC or the key's `budget_timezone`.
 
 A request is refused (429 `budget_exceeded`, with the reset time) once the key's tokens in
-the current period reach its budget; the request that crosses the line still finishes, so
-a budget can be overshot by at most what the requests running at that moment use. Tokens
-are prompt + completion as llama.cpp counted them, charged when a request ends.
+the current period reach its budget. Admission reserves the request's estimate (what the
+limiter reserves: prompt + max_tokens per generation) and the request's end replaces it with
+the tokens llama.cpp counted (prompt + completion), so requests running at once count against
+the budget too: a burst cannot each see the same unspent budget. The request that crosses
+the line still finishes, so a budget is overshot by at most one request's tokens.
 
 Two stores: `LocalBudgets` counts in this process, seeded from the usage ledger (so a
 restart does not reset anyone's budget); `RedisBudgets` keeps the counters in Redis, one per
@@ -13,11 +15,12 @@ key and period (expiring after it), so several gateway processes share them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any, Protocol
@@ -94,6 +97,16 @@ def refuse_if_exceeded(principal: Principal, states: Iterable[BudgetState], now:
     raise error
 
 
+@dataclass
+class BudgetHold:
+    """What `reserve` set aside for one request; `charge` settles it, once."""
+
+    tokens: int
+    counters: list[Any] = field(default_factory=list)
+    """Where it was added: the local counters, or (redis key, expiry) pairs."""
+    settled: bool = False
+
+
 class Budgets(Protocol):
     """Checks a key's budgets before a request, charges its tokens after."""
 
@@ -102,8 +115,15 @@ class Budgets(Protocol):
     async def check(self, principal: Principal) -> None:
         """Raise BudgetExceeded (429) when a budget of the key is spent."""
 
-    async def charge(self, principal: Principal, tokens: int) -> None:
-        """Add a finished request's tokens to the key's current periods."""
+    async def reserve(self, principal: Principal, tokens: int) -> BudgetHold | None:
+        """check(), and hold `tokens` (the request's estimate) against the key's budgets
+        until `charge` settles them, atomically; None when the key has no budget."""
+
+    async def charge(
+        self, principal: Principal, tokens: int, hold: BudgetHold | None = None
+    ) -> None:
+        """Add a finished request's tokens to the key's current periods (replacing what
+        `hold` reserved for it, if given)."""
 
     async def state(self, principal: Principal) -> list[BudgetState]:
         """The key's budgets now (empty: none), for the status page."""
@@ -164,9 +184,31 @@ class LocalBudgets:
             now = self.now()
             refuse_if_exceeded(principal, self._states(principal, now), now)
 
-    async def charge(self, principal: Principal, tokens: int) -> None:
-        """Add tokens to the key's current periods."""
+    async def reserve(self, principal: Principal, tokens: int) -> BudgetHold | None:
+        """Refuse a spent budget, else hold `tokens` in each of the key's periods."""
+        if principal.budget is None:
+            return None
+        now = self.now()
+        refuse_if_exceeded(principal, self._states(principal, now), now)
+        hold = BudgetHold(max(0, tokens))
+        for period in PERIODS:
+            if limit_of(principal.budget, period) is not None:
+                counter = self._counter(principal, period, now)
+                counter[2] += hold.tokens
+                hold.counters.append(counter)
+        return hold
+
+    async def charge(
+        self, principal: Principal, tokens: int, hold: BudgetHold | None = None
+    ) -> None:
+        """Give back what `hold` reserved and add tokens to the key's current periods."""
         budget = principal.budget
+        if hold is not None and not hold.settled:
+            hold.settled = True
+            # The counters it was added to, even if a new period has begun since (then the
+            # old one is no longer read, and the tokens go to the new one below).
+            for counter in hold.counters:
+                counter[2] -= hold.tokens
         if budget is None or tokens <= 0:
             return
         now = self.now()
@@ -179,11 +221,42 @@ class LocalBudgets:
         return self._states(principal, self.now())
 
 
+POOL_SIZE = 32  # Redis connections per process for budgets
+POOL_WAIT = 5.0  # seconds a caller waits for one before a 503 "busy"
+CHARGE_ATTEMPTS = 6  # a charge that found no connection is retried (0.1 ... 3.2 s apart)
+
+# KEYS: the key's period counters. ARGV: tokens to hold, then per counter its limit and the
+# Unix second it expires. Returns: 1 if held (0: refused), then each counter's count before.
+RESERVE = """
+local tokens = tonumber(ARGV[1])
+local used, spent = {}, false
+for i = 1, #KEYS do
+  used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if used[i] >= tonumber(ARGV[2 * i]) then spent = true end
+end
+if not spent and tokens > 0 then
+  for i = 1, #KEYS do
+    redis.call('INCRBY', KEYS[i], tokens)
+    redis.call('EXPIREAT', KEYS[i], tonumber(ARGV[2 * i + 1]))
+  end
+end
+table.insert(used, 1, spent and 0 or 1)
+return used
+"""
+
+
+class RedisBusy(Exception):
+    """No Redis connection came free within POOL_WAIT: load, not a Redis failure."""
+
+
 class RedisBudgets:
     """Budgets counted in Redis: one integer per key and period, shared by every process.
 
     Redis unreachable: `failure_mode` "closed" refuses budgeted keys with 503, "open" admits
-    them; a charge that cannot be written is logged (once per outage) and lost.
+    them; a charge that cannot be written is retried, then logged (once per outage) and lost.
+    Connections are a bounded pool that callers wait their turn for (with a deadline): a
+    burst is backpressure (503 "busy" in either mode), never taken for Redis being down,
+    which in "open" mode would admit the burst without its budget, and lose its charges.
     """
 
     def __init__(
@@ -192,22 +265,53 @@ class RedisBudgets:
         failure_mode: str = "closed",
         prefix: str = "llp",
         now: Callable[[], float] = time.time,
+        *,
+        pool_size: int = POOL_SIZE,
+        pool_wait: float = POOL_WAIT,
     ) -> None:
         self._redis = client
         self._failure_mode = failure_mode
         self._prefix = prefix
         self.now = now
         self._healthy = True
+        self._reserve = client.register_script(RESERVE)
+        self._gate = asyncio.Semaphore(pool_size)
+        self._pool_wait = pool_wait
+        self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, failure_mode: str = "closed", timeout: float = 1.0) -> RedisBudgets:
+    def from_url(
+        cls,
+        url: str,
+        failure_mode: str = "closed",
+        timeout: float = 1.0,
+        *,
+        pool_size: int = POOL_SIZE,
+    ) -> RedisBudgets:
         """Budgets on the Redis at `url`."""
         import redis.asyncio
 
-        client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=32
+        # A blocking pool behind our gate: redis-py's default pool raises "Too many
+        # connections" past its size, which looked like Redis being down.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=POOL_WAIT,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
-        return cls(client, failure_mode)
+        return cls(redis.asyncio.Redis.from_pool(pool), failure_mode, pool_size=pool_size)
+
+    async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one Redis exchange once a connection is ours; RedisBusy if none frees in time."""
+        try:
+            await asyncio.wait_for(self._gate.acquire(), self._pool_wait)
+        except TimeoutError:
+            raise RedisBusy from None
+        try:
+            return await make()
+        finally:
+            self._gate.release()
 
     def _slots(self, principal: Principal, now: float) -> list[tuple[str, str, int, float]]:
         """(redis key, period, limit, period end) of each budget of the key."""
@@ -229,7 +333,7 @@ class RedisBudgets:
         slots = self._slots(principal, now)
         if not slots:
             return []
-        values = await self._redis.mget([s[0] for s in slots])
+        values = await self._call(lambda: self._redis.mget([s[0] for s in slots]))
         self._ok()
         return [
             BudgetState(period, int(value or 0), limit, end)
@@ -244,30 +348,105 @@ class RedisBudgets:
         try:
             states = await self._states(principal, now)
         except Exception as exc:  # redis-py's errors, OSError, timeouts
-            self._failed(exc)
-            if self._failure_mode == "open":
-                return
-            raise RateLimiterUnavailable(
-                "The shared budget store is unreachable; retry later.",
-                headers={"Retry-After": "1"},
-            ) from None
+            self._unreachable(exc)
+            return
         refuse_if_exceeded(principal, states, now)
 
-    async def charge(self, principal: Principal, tokens: int) -> None:
-        """Add tokens to the key's current periods, atomically for every process."""
-        if principal.budget is None or tokens <= 0:
+    def _unreachable(self, exc: Exception) -> None:
+        """A check that could not be made: 503 busy under load (either mode); Redis down:
+        admitted in "open" mode, else 503."""
+        if isinstance(exc, RedisBusy):
+            raise RateLimiterUnavailable(
+                "The budget store is busy; retry shortly.",
+                code="rate_limiter_busy",
+                headers={"Retry-After": "1"},
+            ) from None
+        self._failed(exc)
+        if self._failure_mode == "open":
             return
-        slots = self._slots(principal, self.now())
+        raise RateLimiterUnavailable(
+            "The shared budget store is unreachable; retry later.",
+            headers={"Retry-After": "1"},
+        ) from None
+
+    async def reserve(self, principal: Principal, tokens: int) -> BudgetHold | None:
+        """Refuse a spent budget, else hold `tokens` in each period: one atomic script, so
+        processes admitting at once each see the others' holds."""
+        if principal.budget is None:
+            return None
+        now = self.now()
+        slots = self._slots(principal, now)
+        hold = BudgetHold(max(0, tokens))
+        args: list[Any] = [hold.tokens]
+        for name, _, limit, end in slots:
+            # Kept a day past its period: the status page may still show it.
+            args += [limit, int(end) + 86400]
+            hold.counters.append((name, int(end) + 86400))
+        keys = [s[0] for s in slots]
         try:
+            result = await self._call(lambda: self._reserve(keys=keys, args=args))
+        except Exception as exc:  # redis-py's errors, OSError, timeouts, RedisBusy
+            self._unreachable(exc)
+            return BudgetHold(0)  # admitted ("open"): nothing held, the tokens still charged
+        self._ok()
+        held, *used = (int(v) for v in result)
+        states = [
+            BudgetState(period, count, limit, end)
+            for (_, period, limit, end), count in zip(slots, used, strict=True)
+        ]
+        refuse_if_exceeded(principal, states, now)
+        assert held
+        return hold
+
+    async def charge(
+        self, principal: Principal, tokens: int, hold: BudgetHold | None = None
+    ) -> None:
+        """Give back what `hold` reserved and add tokens to the key's current periods,
+        atomically for every process; retried a few times if Redis cannot take it."""
+        give_back = []
+        if hold is not None and not hold.settled:
+            hold.settled = True
+            if hold.tokens > 0:
+                give_back = hold.counters
+        tokens = max(0, tokens) if principal.budget is not None else 0
+        if not give_back and not tokens:
+            return
+        slots = self._slots(principal, self.now()) if tokens else []
+
+        async def write() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
+                for name, expires in give_back:
+                    pipe.decrby(name, hold.tokens if hold is not None else 0)
+                    pipe.expireat(name, expires)  # a DECRBY never leaves a key unexpiring
                 for name, _, _, end in slots:
                     pipe.incrby(name, tokens)
-                    # Kept a day past its period: the status page may still show it.
                     pipe.expireat(name, int(end) + 86400)
                 await pipe.execute()
-            self._ok()
-        except Exception as exc:
-            self._failed(exc)
+
+        delay = 0.1
+        for attempt in range(1, CHARGE_ATTEMPTS + 1):
+            try:
+                await self._call(write)
+            except Exception as exc:
+                # Only "busy" is tried again: nothing was sent. A write that failed in
+                # flight may have been applied, and applying it twice would count the
+                # tokens twice (or give a hold back twice: a negative count).
+                if not isinstance(exc, RedisBusy) or attempt == CHARGE_ATTEMPTS or self._closed:
+                    if not isinstance(exc, RedisBusy):
+                        self._failed(exc)
+                    log.warning(
+                        "could not record %d tokens of key '%s' in its Redis budgets after "
+                        "%d attempts",
+                        tokens,
+                        principal.name,
+                        attempt,
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay *= 2
+            else:
+                self._ok()
+                return
 
     async def state(self, principal: Principal) -> list[BudgetState]:
         """The key's budgets now (empty while Redis is unreachable)."""
@@ -289,4 +468,5 @@ class RedisBudgets:
 
     async def close(self) -> None:
         """Close the connections."""
+        self._closed = True
         await self._redis.aclose()

@@ -107,7 +107,7 @@ class Cost:
     generations: int = 1
     """llama.cpp generations (prompts x n): what a key's max_concurrent counts."""
     tokens: int = 0
-    """Admission estimate: prompt tokens (bytes / 4) + max_tokens x generations."""
+    """Admission estimate: prompt tokens (bytes / 4) x n + max_tokens x generations."""
 
 
 ONE_GENERATION = Cost()
@@ -214,7 +214,8 @@ def conclude(
         # No wait makes it fit: no Retry-After, the message says what to change.
         error = RateLimited(
             f"Request too large for key '{name}': it may use up to {cost.tokens} tokens "
-            f"(prompt, plus max_tokens for each of its {cost.generations} generation(s)) and "
+            f"(its prompt for each of n choices, plus max_tokens for each of its "
+            f"{cost.generations} generation(s)) and "
             f"the key's budget is {limits.tokens_per_minute} tokens per minute. Lower "
             "max_tokens, n or the number of prompts.",
             code="tokens_rate_limit_exceeded",

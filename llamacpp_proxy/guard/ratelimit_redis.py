@@ -138,8 +138,11 @@ end
 if tokens > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[1], now, id .. ':f:' .. tokens)
-  redis.call('INCRBY', KEYS[3], tokens)
+  -- Counted only when the entry is new: a retry of a release whose reply was lost (it ran)
+  -- must not add the tokens to the total a second time.
+  if redis.call('ZADD', KEYS[1], 'NX', now, id .. ':f:' .. tokens) == 1 then
+    redis.call('INCRBY', KEYS[3], tokens)
+  end
   redis.call('PEXPIRE', KEYS[1], tok_window + 1000)
   redis.call('PEXPIRE', KEYS[3], tok_window + 1000)
 end
