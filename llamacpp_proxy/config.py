@@ -495,8 +495,15 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     if args.config is not None:
         from .config_file import config_file_argv
 
+        flags = args
         # The file's options first: argparse keeps the last value, so flags override it.
         args = parser.parse_args([*config_file_argv(args.config, parser), *argv])
+        if flags.llamacpp_server is not None or flags.upstreams_file is not None:
+            # Servers given as flags replace the file's: argparse would append them to the
+            # file's list (one server twice in a pool), or refuse --upstreams-file beside the
+            # file's llamacpp-server, where a drop-in means "these servers instead".
+            args.llamacpp_server = flags.llamacpp_server
+            args.upstreams_file = flags.upstreams_file
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if args.upstreams_file is not None and args.llamacpp_server:
