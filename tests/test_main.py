@@ -201,6 +201,39 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(live_fake: FakeLla
     assert "shutting down" in log and "stopped" in log
 
 
+def test_a_second_stop_signal_cuts_the_drain_short(live_fake: FakeLlamaCpp) -> None:
+    # An operator who pressed Ctrl-C and will not wait --shutdown-timeout presses it again.
+    live_fake.script.stall_after_tokens = 1
+    live_fake.script.stall_seconds = 30  # the stream would outlast the test without it
+    proxy = ProxyProcess(live_fake.url, ["--shutdown-timeout", "60"])
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with (
+            httpx.Client(timeout=20) as client,
+            client.stream(
+                "POST",
+                proxy.url + "/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
+            ) as r,
+        ):
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            proxy.proc.send_signal(signal.SIGINT)
+            assert "1 request(s) in flight" in proxy.read_until("shutting down")
+            proxy.proc.send_signal(signal.SIGINT)
+            proxy.read_until("second stop signal: closing 1 request(s) in flight now")
+            rest: list[str] = []
+            with pytest.raises(httpx.HTTPError):  # cut, well before the 60 s drain ends
+                rest.extend(lines)
+            assert "data: [DONE]" not in rest
+        assert proxy.proc.wait(timeout=10) == 0
+        proxy.read_until("stopped")
+    finally:
+        log = proxy.stop()
+    assert "shutdown timeout" not in log
+
+
 def test_sighup_reloads_the_key_file_and_keeps_old_keys_on_error(
     live_fake: FakeLlamaCpp, tmp_path: Path
 ) -> None:
