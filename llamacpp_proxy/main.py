@@ -590,6 +590,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # Log lines leave through a thread: a stalled reader of stderr must not block the loop.
         log_stream = BackgroundWriter(sys.stderr)
         configure_logging(settings.log_level, settings.log_json, log_stream)
+        warn_exposed_secrets(argv)
         ctx = build_context(settings, log_stream)
         tls_context(settings)  # a bad certificate or key stops the start, said plainly
     except (ConfigError, KeyFileError, TemplateLoadError) as exc:
@@ -618,6 +619,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     finally:
         log_stream.close()  # writes what is queued, for at most 2 s
     return 0
+
+
+def warn_exposed_secrets(argv: Sequence[str]) -> None:
+    """Log each credential the --config file shows to other users (a warning, not a refusal:
+    an upgrade must not stop a proxy that started yesterday)."""
+    config = build_parser().parse_args(argv).config
+    if config is not None:
+        from .config_file import exposed_secrets
+
+        for warning in exposed_secrets(config):
+            log.warning("%s", warning)
 
 
 def freeze_startup_heap() -> None:

@@ -234,6 +234,25 @@ def test_a_second_stop_signal_cuts_the_drain_short(live_fake: FakeLlamaCpp) -> N
     assert "shutdown timeout" not in log
 
 
+def test_a_credential_in_a_config_file_others_can_read_is_logged_by_name_at_start(
+    live_fake: FakeLlamaCpp, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('metrics-key = "mk-secret-0123456789"\n')
+    config.chmod(0o644)
+    proxy = ProxyProcess(live_fake.url, ["--config", str(config)])
+    try:
+        with httpx.Client(timeout=5) as client:  # the key in the file still works
+            got = client.get(
+                proxy.url + "/metrics", headers={"Authorization": "Bearer mk-secret-0123456789"}
+            )
+            assert got.status_code == 200
+        proxy.read_until("'metrics-key' is a credential in a file other users can read")
+    finally:
+        log = proxy.stop()
+    assert "METRICS_API_KEY" in log and "mk-secret" not in log
+
+
 def test_sighup_reloads_the_key_file_and_keeps_old_keys_on_error(
     live_fake: FakeLlamaCpp, tmp_path: Path
 ) -> None:
