@@ -23,7 +23,7 @@ from tornado.httpserver import HTTPServer
 from llamacpp_proxy.config import ConfigError, Settings, build_parser, load_settings
 from llamacpp_proxy.main import main
 
-from .conftest import UNLIMITED_KEY
+from .conftest import UNLIMITED_KEY, LoopThread
 from .fake_llamacpp import FakeLlamaCpp
 
 ENV_KEYS = {"UNLIMITED_API_KEY": UNLIMITED_KEY}
@@ -201,10 +201,12 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(live_fake: FakeLla
     assert "shutting down" in log and "stopped" in log
 
 
-def test_a_second_stop_signal_cuts_the_drain_short(live_fake: FakeLlamaCpp) -> None:
+def test_a_second_stop_signal_cuts_the_drain_short(
+    runner: LoopThread, live_fake: FakeLlamaCpp
+) -> None:
     # An operator who pressed Ctrl-C and will not wait --shutdown-timeout presses it again.
-    live_fake.script.stall_after_tokens = 1
-    live_fake.script.stall_seconds = 30  # the stream would outlast the test without it
+    gate = asyncio.Event()  # the stream holds after its first token until the test ends
+    live_fake.script.mid_gate = gate
     proxy = ProxyProcess(live_fake.url, ["--shutdown-timeout", "60"])
     try:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -230,6 +232,7 @@ def test_a_second_stop_signal_cuts_the_drain_short(live_fake: FakeLlamaCpp) -> N
         assert proxy.proc.wait(timeout=10) == 0
         proxy.read_until("stopped")
     finally:
+        runner.call(gate.set)
         log = proxy.stop()
     assert "shutdown timeout" not in log
 
