@@ -8,7 +8,8 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, build_parser, load_settings
+from .config_file import exposed_secrets
 from .errors import ProxyError
 from .guard.auth import KeyFileError
 from .model_names import model_display_name
@@ -36,6 +37,9 @@ class Report:
 
     def ok(self, what: str, detail: str) -> None:
         print(f"ok       {what}: {detail}", file=self.out)
+
+    def warning(self, what: str, detail: str) -> None:
+        print(f"WARNING  {what}: {detail}", file=self.out)
 
     def problem(self, what: str, detail: str) -> None:
         self.problems += 1
@@ -118,6 +122,10 @@ def run_check(argv: Sequence[str], environ: Mapping[str, str], out: TextIO) -> i
         report.problem("configuration", str(exc))
         return 1
     report.ok("configuration", "read")
+    config = build_parser().parse_args(list(argv)).config
+    if config is not None:
+        for warning in exposed_secrets(config):
+            report.warning("configuration", warning)
     try:
         keys = build_keys(settings)
         report.ok("keys", ", ".join(keys.names))

@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
 NOT_SETTINGS = frozenset({"help", "version", "config", "check"})
 """Parser destinations that are modes of the command, not settings a config file may hold."""
 
+PLACEHOLDER_KEY_PREFIX = "replace-me"
+"""How the example environment file's keys begin (deploy/systemd/keys.env.example)."""
+
 
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Parse argv and the environment; argparse exits on bad flags, ConfigError on the rest."""
@@ -495,8 +498,15 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     if args.config is not None:
         from .config_file import config_file_argv
 
+        flags = args
         # The file's options first: argparse keeps the last value, so flags override it.
         args = parser.parse_args([*config_file_argv(args.config, parser), *argv])
+        if flags.llamacpp_server is not None or flags.upstreams_file is not None:
+            # Servers given as flags replace the file's: argparse would append them to the
+            # file's list (one server twice in a pool), or refuse --upstreams-file beside the
+            # file's llamacpp-server, where a drop-in means "these servers instead".
+            args.llamacpp_server = flags.llamacpp_server
+            args.upstreams_file = flags.upstreams_file
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if args.upstreams_file is not None and args.llamacpp_server:
@@ -518,6 +528,14 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         raise ConfigError("--workers above 1 needs --redis-url, so that limits hold across them")
     unlimited = environ.get("UNLIMITED_API_KEY") or None
     limited = environ.get("LIMITED_API_KEY") or None
+    for name, value in (("UNLIMITED_API_KEY", unlimited), ("LIMITED_API_KEY", limited)):
+        if value is not None and value.startswith(PLACEHOLDER_KEY_PREFIX):
+            # deploy/systemd/keys.env.example's values are public: installed unedited, they
+            # would open the gateway to anyone who has read this repository.
+            raise ConfigError(
+                f"{name} is still the placeholder of keys.env.example: put a key made by "
+                "`llamacpp-proxy-keys new NAME` in its place (or remove the line)"
+            )
     if not unlimited and not limited and args.api_keys_file is None:
         raise ConfigError(
             "no API key is configured: set UNLIMITED_API_KEY and/or LIMITED_API_KEY in the "

@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import NOT_SETTINGS, ConfigError, build_parser
 
@@ -131,6 +132,43 @@ def config_file_argv(path: Path, parser: argparse.ArgumentParser | None = None) 
         except ValueError as exc:
             raise ConfigError(f"{at}: '{name}' {exc}") from exc
     return argv
+
+
+SECRET_SETTINGS = {"metrics-key": "METRICS_API_KEY", "admin-key": "ADMIN_API_KEY"}
+"""Settings that are credentials, with the environment variable that can hold them instead."""
+
+
+def exposed_secrets(path: Path) -> list[str]:
+    """What in the config file is a credential other users can read (the file is readable by
+    its group or by anyone): one sentence each, naming the setting, never its value. The
+    file is read as config_file_argv read it; an unreadable file has nothing to say here."""
+    try:
+        if path.stat().st_mode & 0o044 == 0:
+            return []
+        data = tomllib.loads(path.read_text("utf-8"))
+        settings = list(_settings(data))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ConfigError):
+        return []
+    found = []
+    for key, value, _ in settings:
+        name = key.replace("_", "-")
+        if name in SECRET_SETTINGS and value:
+            found.append(
+                f"{path}: '{name}' is a credential in a file other users can read: put it in "
+                f"the environment ({SECRET_SETTINGS[name]}, e.g. in keys.env) or make the "
+                "file readable by the service alone"
+            )
+        elif name == "redis-url" and isinstance(value, str):
+            try:
+                password = urlsplit(value).password
+            except ValueError:
+                password = None
+            if password:
+                found.append(
+                    f"{path}: 'redis-url' holds a password in a file other users can read: "
+                    "make the file readable by the service alone"
+                )
+    return found
 
 
 def _toml_value(value: Any) -> str:

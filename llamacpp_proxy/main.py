@@ -442,9 +442,20 @@ async def serve(
     settings = ctx.settings
     server = make_server(ctx, max_connections)
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second stop signal: the drain is cut short
     loop = asyncio.get_running_loop()
+
+    def on_stop_signal() -> None:
+        # As uvicorn and gunicorn do: the first signal drains, a second (Ctrl-C pressed again
+        # by an operator who will not wait --shutdown-timeout) closes what is left now.
+        if not stop.is_set():
+            stop.set()
+        elif not hurry.is_set():
+            log.warning("second stop signal: closing %d request(s) in flight now", ctx.in_flight)
+            hurry.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal, ctx, server)
     ctx.routes.start()
     server.serve(sockets)
@@ -466,11 +477,12 @@ async def serve(
     if ready is not None:
         ready.set()
     await stop.wait()
-    await shutdown(ctx, server)
+    await shutdown(ctx, server, hurry)
 
 
-async def shutdown(ctx: AppContext, server: HTTPServer) -> None:
-    """Refuse new work, give in-flight requests the shutdown timeout, then close it all."""
+async def shutdown(ctx: AppContext, server: HTTPServer, hurry: asyncio.Event | None = None) -> None:
+    """Refuse new work, give in-flight requests the shutdown timeout (or until `hurry` is
+    set), then close it all."""
     settings = ctx.settings
     loop = asyncio.get_running_loop()
     log.info(
@@ -482,9 +494,11 @@ async def shutdown(ctx: AppContext, server: HTTPServer) -> None:
         server.stop()
         ctx.draining = True
         deadline = loop.time() + settings.shutdown_timeout
-        while ctx.in_flight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if ctx.in_flight:
+        hurry = hurry or asyncio.Event()
+        while ctx.in_flight > 0 and loop.time() < deadline and not hurry.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), 0.05)
+        if ctx.in_flight and not hurry.is_set():
             log.warning("shutdown timeout: closing %d request(s) still in flight", ctx.in_flight)
         close_timeout = min(5.0, settings.shutdown_timeout)
         try:
@@ -576,6 +590,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # Log lines leave through a thread: a stalled reader of stderr must not block the loop.
         log_stream = BackgroundWriter(sys.stderr)
         configure_logging(settings.log_level, settings.log_json, log_stream)
+        warn_exposed_secrets(argv)
         ctx = build_context(settings, log_stream)
         tls_context(settings)  # a bad certificate or key stops the start, said plainly
     except (ConfigError, KeyFileError, TemplateLoadError) as exc:
@@ -604,6 +619,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     finally:
         log_stream.close()  # writes what is queued, for at most 2 s
     return 0
+
+
+def warn_exposed_secrets(argv: Sequence[str]) -> None:
+    """Log each credential the --config file shows to other users (a warning, not a refusal:
+    an upgrade must not stop a proxy that started yesterday)."""
+    config = build_parser().parse_args(argv).config
+    if config is not None:
+        from .config_file import exposed_secrets
+
+        for warning in exposed_secrets(config):
+            log.warning("%s", warning)
 
 
 def freeze_startup_heap() -> None:

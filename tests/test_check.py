@@ -123,3 +123,26 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"], {})
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"llamacpp-proxy-server {__version__}"
+
+
+def test_a_credential_in_a_config_file_others_can_read_is_named_not_shown(
+    upstream: FakeLlamaCpp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The deployment guide installs config.toml world-readable (0644): an admin key or a
+    # Redis password in it is readable by every local user.
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'llamacpp-server = "{upstream.url}"\nadmin-key = "ak-secret-0123456789"\n'
+        'redis-url = "redis://:rpass-0123456789@127.0.0.1:1/0"\n'
+    )
+    config.chmod(0o644)
+    status, out = check(["--config", str(config)], capsys)
+    assert status == 0, out  # a warning: systemctl reload still goes ahead
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2, out
+    assert "'admin-key' is a credential" in warnings[0] and "ADMIN_API_KEY" in warnings[0]
+    assert "'redis-url' holds a password" in warnings[1]
+    assert "ak-secret" not in out and "rpass" not in out
+    config.chmod(0o600)  # readable by its owner alone: nothing to say
+    _, out = check(["--config", str(config)], capsys)
+    assert "WARNING" not in out

@@ -190,3 +190,22 @@ def test_the_example_file_loads_uncommented_as_the_defaults(tmp_path: Path) -> N
     assert load_settings(["--config", str(path)], ENV) == Settings(
         unlimited_api_key=ENV["UNLIMITED_API_KEY"]
     )
+
+
+def test_servers_given_as_flags_replace_the_files_servers(tmp_path: Path) -> None:
+    # A drop-in or a one-off run that names its servers means "these servers", not "these
+    # as well": appended to the file's, one server would sit twice in the pool.
+    path = write(tmp_path, 'llamacpp-server = ["http://127.0.0.1:8080"]\nport = 9001\n')
+    both = ["--llamacpp-server", "http://127.0.0.1:8080", "--llamacpp-server", "http://h:8081"]
+    settings = load_settings(["--config", str(path), *both], ENV)
+    assert settings.llamacpp_server == ("http://127.0.0.1:8080", "http://h:8081")
+    assert settings.port == 9001  # the rest of the file still holds
+    upstreams = tmp_path / "upstreams.toml"
+    upstreams.write_text('[models.m]\nservers = ["http://127.0.0.1:8082"]\n')
+    settings = load_settings(["--config", str(path), "--upstreams-file", str(upstreams)], ENV)
+    assert settings.upstreams_file == upstreams
+    assert settings.llamacpp_server == Settings().llamacpp_server  # the file's are not used
+    # And the other way round: the file's upstreams file gives way to servers given as flags.
+    path = write(tmp_path, f'upstreams-file = "{upstreams}"\n')
+    settings = load_settings(["--config", str(path), "--llamacpp-server", "http://h:8083"], ENV)
+    assert (settings.llamacpp_server, settings.upstreams_file) == (("http://h:8083",), None)

@@ -23,7 +23,7 @@ from tornado.httpserver import HTTPServer
 from llamacpp_proxy.config import ConfigError, Settings, build_parser, load_settings
 from llamacpp_proxy.main import main
 
-from .conftest import UNLIMITED_KEY
+from .conftest import UNLIMITED_KEY, LoopThread
 from .fake_llamacpp import FakeLlamaCpp
 
 ENV_KEYS = {"UNLIMITED_API_KEY": UNLIMITED_KEY}
@@ -199,6 +199,61 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(live_fake: FakeLla
     finally:
         log = proxy.stop()
     assert "shutting down" in log and "stopped" in log
+
+
+def test_a_second_stop_signal_cuts_the_drain_short(
+    runner: LoopThread, live_fake: FakeLlamaCpp
+) -> None:
+    # An operator who pressed Ctrl-C and will not wait --shutdown-timeout presses it again.
+    gate = asyncio.Event()  # the stream holds after its first token until the test ends
+    live_fake.script.mid_gate = gate
+    proxy = ProxyProcess(live_fake.url, ["--shutdown-timeout", "60"])
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with (
+            httpx.Client(timeout=20) as client,
+            client.stream(
+                "POST",
+                proxy.url + "/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {UNLIMITED_KEY}"},
+            ) as r,
+        ):
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            proxy.proc.send_signal(signal.SIGINT)
+            assert "1 request(s) in flight" in proxy.read_until("shutting down")
+            proxy.proc.send_signal(signal.SIGINT)
+            proxy.read_until("second stop signal: closing 1 request(s) in flight now")
+            rest: list[str] = []
+            with pytest.raises(httpx.HTTPError):  # cut, well before the 60 s drain ends
+                rest.extend(lines)
+            assert "data: [DONE]" not in rest
+        assert proxy.proc.wait(timeout=10) == 0
+        proxy.read_until("stopped")
+    finally:
+        runner.call(gate.set)
+        log = proxy.stop()
+    assert "shutdown timeout" not in log
+
+
+def test_a_credential_in_a_config_file_others_can_read_is_logged_by_name_at_start(
+    live_fake: FakeLlamaCpp, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('metrics-key = "mk-secret-0123456789"\n')
+    config.chmod(0o644)
+    proxy = ProxyProcess(live_fake.url, ["--config", str(config)])
+    try:
+        with httpx.Client(timeout=5) as client:  # the key in the file still works
+            got = client.get(
+                proxy.url + "/metrics", headers={"Authorization": "Bearer mk-secret-0123456789"}
+            )
+            assert got.status_code == 200
+        proxy.read_until("'metrics-key' is a credential in a file other users can read")
+    finally:
+        log = proxy.stop()
+    assert "METRICS_API_KEY" in log and "mk-secret" not in log
 
 
 def test_sighup_reloads_the_key_file_and_keeps_old_keys_on_error(

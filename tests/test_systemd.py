@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llamacpp_proxy.config import build_parser, load_settings
+from llamacpp_proxy.config import ConfigError, build_parser, load_settings
 from llamacpp_proxy.render.templates import load_chat_template
 from llamacpp_proxy.route.pools import load_upstreams_file
 
@@ -176,6 +176,23 @@ def test_keys_example_has_only_placeholders() -> None:
     )
     assert set(values) == {"UNLIMITED_API_KEY", "LIMITED_API_KEY"}
     assert all(value.startswith("replace-me") for value in values.values()), values
+
+
+def test_the_keys_example_installed_unedited_refuses_to_start() -> None:
+    # Step 4 installs keys.env.example, "then put keys in it": an operator who skips the
+    # edit must not get a gateway open to the example's public keys.
+    text = KEYS_EXAMPLE.read_text()
+    environ = dict(
+        line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    argv = shipped_config(exec_argv(PROXY_UNIT))[1:]
+    for name in environ:
+        with pytest.raises(ConfigError, match=f"{name} is still the placeholder"):
+            load_settings(argv, {name: environ[name]})
+    with pytest.raises(ConfigError, match="placeholder"):  # --check says the same
+        load_settings(["--check", *argv], environ)
+    edited = {"UNLIMITED_API_KEY": "sk-a-real-key-0123456789"}
+    assert load_settings(argv, edited).unlimited_api_key == edited["UNLIMITED_API_KEY"]
 
 
 @pytest.mark.parametrize(
