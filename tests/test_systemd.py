@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llamacpp_proxy.config import ConfigError, build_parser, load_settings
+from llamacpp_proxy.config import ConfigError, Settings, build_parser, load_settings
 from llamacpp_proxy.render.templates import load_chat_template
 from llamacpp_proxy.route.pools import load_upstreams_file
 
@@ -258,12 +258,31 @@ def instance_ports() -> dict[str, int]:
     }
 
 
-def drop_in_argv(drop_in: Path) -> list[str]:
-    """The gateway command line a drop-in sets: it must first reset the unit's own."""
-    values = directives(drop_in)["Service.ExecStart"]
-    assert values[0] == "" and len(values) == 2, f"{drop_in.name}: ExecStart= then one command"
-    assert "%" not in values[1] and "$" not in values[1], values[1]
-    return shlex.split(values[1])
+def drop_in_config(drop_in: Path) -> str:
+    """The shipped config.toml with its [upstream] table replaced by the one the drop-in's
+    header says to write there (the drop-in itself only orders the units)."""
+    lines = drop_in.read_text().splitlines()
+    start = lines.index("#   [upstream]")
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("#   "):
+            break
+        table.append(line.removeprefix("#   "))
+    shipped = CONFIG.read_text()
+    head, rest = shipped.split("\n[upstream]\n", 1)
+    tail = rest[rest.index("\n[") :]  # the tables after [upstream]
+    return head + "\n" + "\n".join(table) + "\n" + tail
+
+
+def drop_in_settings(drop_in: Path, tmp_path: Path) -> Settings:
+    """The unit's own command line (a drop-in must not replace it: it would drop the config
+    file's key file, TLS and limits) reading the config as the drop-in says to edit it."""
+    assert "Service.ExecStart" not in directives(drop_in), f"{drop_in.name}: keep the unit's"
+    edited = tmp_path / "config.toml"
+    edited.write_text(drop_in_config(drop_in))
+    argv = exec_argv(PROXY_UNIT)
+    argv[argv.index("--config") + 1] = str(edited)
+    return load_settings(argv[1:], {"UNLIMITED_API_KEY": "x"})
 
 
 def test_template_unit_reads_one_environment_file_per_instance_and_binds_loopback() -> None:
@@ -294,11 +313,16 @@ def test_instance_environment_files_set_only_llama_server_settings_on_distinct_p
     assert gpu0["CUDA_VISIBLE_DEVICES"] != gpu1["CUDA_VISIBLE_DEVICES"]
 
 
-def test_two_gpu_drop_in_puts_both_instances_in_one_pool() -> None:
-    argv = drop_in_argv(TWO_GPUS)
-    build_parser().parse_args(argv[1:])
-    settings = load_settings(argv[1:], {"UNLIMITED_API_KEY": "x"})
-    assert settings.host == "127.0.0.1"
+def test_two_gpu_drop_in_puts_both_instances_in_one_pool(tmp_path: Path) -> None:
+    settings = drop_in_settings(TWO_GPUS, tmp_path)
+    shipped = load_settings(shipped_config(exec_argv(PROXY_UNIT))[1:], {"UNLIMITED_API_KEY": "x"})
+    # Only the servers and what names their model changed; the rest is the config file's.
+    assert (settings.host, settings.port, settings.max_connections) == (
+        shipped.host,
+        shipped.port,
+        shipped.max_connections,
+    )
+    assert settings.chat_template == "qwen2.5" and settings.model_name == "qwen2.5-7b"
     ports = instance_ports()
     assert settings.llamacpp_server == tuple(
         f"http://127.0.0.1:{ports[name]}" for name in ("gpu0", "gpu1")
@@ -310,10 +334,14 @@ def test_two_gpu_drop_in_puts_both_instances_in_one_pool() -> None:
     assert float(stop_timeout) > settings.shutdown_timeout + 5
 
 
-def test_two_model_drop_in_and_the_example_upstreams_file_name_the_instances() -> None:
-    argv = drop_in_argv(TWO_MODELS)
-    settings = load_settings(argv[1:], {"UNLIMITED_API_KEY": "x"})
+def test_two_model_drop_in_and_the_example_upstreams_file_name_the_instances(
+    tmp_path: Path,
+) -> None:
+    settings = drop_in_settings(TWO_MODELS, tmp_path)
     assert settings.upstreams_file == Path("/etc/llamacpp-proxy/upstreams.toml")
+    # No server list or template beside the file: a template there would be every model's.
+    assert settings.llamacpp_server == Settings.llamacpp_server
+    assert settings.chat_template is None and settings.model_name is None
     routing = load_upstreams_file(UPSTREAMS_EXAMPLE)
     ports = instance_ports()
     served = {pool.name: [s.display for s in pool.servers] for pool in routing.pools}
@@ -328,7 +356,9 @@ def test_two_model_drop_in_and_the_example_upstreams_file_name_the_instances() -
     found = directives(TWO_MODELS)
     assert set(found["Unit.Wants"][0].split()) == wanted
     assert set(found["Unit.After"][0].split()) == wanted
-    # SIGHUP re-reads the upstreams file: the base unit's reload sends it.
-    reload = directives(TWO_MODELS)["Service.ExecReload"]
-    assert reload[-1] == "/bin/kill -HUP $MAINPID"  # after `--check` of the same command line
-    assert "--check" in reload[-2] and "--upstreams-file" in reload[-2]
+    # SIGHUP re-reads the upstreams file: the unit's own reload checks the config (which
+    # names the file) and sends it; the drop-in leaves it alone.
+    assert "Service.ExecReload" not in found
+    reload = directives(PROXY_UNIT)["Service.ExecReload"]
+    assert reload[-1] == "/bin/kill -HUP $MAINPID"
+    assert "--check" in reload[-2] and "--config" in reload[-2]
