@@ -295,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=d.auth_failure_limit,
         metavar="N",
-        help="failed key checks a client address may make per window before its failures get 429",
+        help=(
+            "failed key checks a client address (an IPv6 /64) may make per window before its "
+            "failures get 429"
+        ),
     )
     p.add_argument(
         "--auth-failure-window",

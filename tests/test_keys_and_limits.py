@@ -203,6 +203,24 @@ def test_auth_throttle_window_and_bounded_memory() -> None:
     assert throttle.tracked_addresses == 0
 
 
+def test_auth_throttle_counts_an_ipv6_client_by_its_64_prefix() -> None:
+    # A host is usually given a whole /64: counted per address, a guesser would rotate its
+    # source address (2^64 of them) and never be refused, while evicting others' records.
+    throttle = AuthFailureThrottle(limit=3, window=60, now=lambda: 0.0)
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:2:abcd:1:2:3"):
+        throttle.record_failure(host)
+    with pytest.raises(TooManyAuthFailures):
+        throttle.check("2001:db8:1:2::77")
+    throttle.check("2001:db8:1:3::1")  # the next /64 is another client
+    assert throttle.tracked_addresses == 1
+    # IPv4, also written IPv4-mapped (a dual-stack listener's view), stays per address.
+    for _ in range(3):
+        throttle.record_failure("::ffff:192.0.2.7")
+    with pytest.raises(TooManyAuthFailures):
+        throttle.check("192.0.2.7")
+    throttle.check("192.0.2.8")
+
+
 def test_flood_of_random_invalid_keys_grows_no_limiter_state(make_stack: Any) -> None:
     stack = make_stack(auth_failure_limit=10_000)
     for _ in range(200):

@@ -3,10 +3,14 @@ for a while. Valid keys are never affected: the throttle only answers for failur
 
 Memory is bounded: at most `max_clients` addresses are tracked (the least recently failing
 are forgotten first), and an address's record goes once its window is empty.
+
+An IPv6 client is counted by its /64: a host is usually given a whole /64, and counted per
+address a guesser could rotate its source address on every try and never be refused.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,7 +37,7 @@ class AuthFailureThrottle:
 
     def check(self, address: str) -> None:
         """Raise TooManyAuthFailures if this address is over its limit (call on failure)."""
-        failures = self._failures.get(address)
+        failures = self._failures.get(client_of(address))
         if failures is None:
             return
         now = self._now()
@@ -47,6 +51,7 @@ class AuthFailureThrottle:
 
     def record_failure(self, address: str) -> None:
         """Count one failed authentication."""
+        address = client_of(address)
         now = self._now()
         self._drop_expired(now)
         failures = self._failures.get(address)
@@ -82,3 +87,18 @@ class AuthFailureThrottle:
     def tracked_addresses(self) -> int:
         """How many addresses hold state."""
         return len(self._failures)
+
+
+def client_of(address: str) -> str:
+    """Whom a failure is counted against: an IPv4 address (also when written IPv4-mapped),
+    or an IPv6 address's /64. Anything else (a Unix socket's "unknown") as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    mapped = ip.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
