@@ -13,6 +13,7 @@ from .config_file import exposed_secrets
 from .errors import ProxyError
 from .guard.auth import KeyFileError
 from .model_names import model_display_name
+from .observe.logs import redact
 from .render.templates import ChatTemplate, TemplateLoadError, load_chat_template
 from .route.pools import UpstreamsFileError
 from .upstream.llamacpp import LlamaCppClient
@@ -36,14 +37,19 @@ class Report:
         self.problems = 0
 
     def ok(self, what: str, detail: str) -> None:
-        print(f"ok       {what}: {detail}", file=self.out)
+        self._line("ok      ", what, detail)
 
     def warning(self, what: str, detail: str) -> None:
-        print(f"WARNING  {what}: {detail}", file=self.out)
+        self._line("WARNING ", what, detail)
 
     def problem(self, what: str, detail: str) -> None:
         self.problems += 1
-        print(f"PROBLEM  {what}: {detail}", file=self.out)
+        self._line("PROBLEM ", what, detail)
+
+    def _line(self, status: str, what: str, detail: str) -> None:
+        # Redacted as log lines are: a detail may quote a setting (a URL with a password),
+        # and `systemctl reload` puts this report in the journal.
+        print(redact(f"{status} {what}: {detail}"), file=self.out)
 
 
 def _render(report: Report, what: str, template: ChatTemplate, props: Mapping[str, Any]) -> None:

@@ -33,7 +33,7 @@ from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
 from .guard.budgets import Budgets, LocalBudgets, RedisBudgets
 from .guard.ratelimit import InMemoryLimiter, Limiter
-from .observe.logs import AccessLog, BackgroundWriter, TextSink, configure_logging
+from .observe.logs import AccessLog, BackgroundWriter, TextSink, configure_logging, redact
 from .observe.metrics import Metrics
 from .observe.snapshot import model_snapshots
 from .observe.usage import UsageLedger
@@ -596,7 +596,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except (ConfigError, KeyFileError, TemplateLoadError) as exc:
         if log_stream is not None:
             log_stream.close()
-        print(f"llamacpp-proxy-server: error: {exc}", file=sys.stderr)
+        # Redacted as log lines are: the error may quote a setting (a URL with a password).
+        print(f"llamacpp-proxy-server: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     try:
         sockets = listen_sockets(settings)

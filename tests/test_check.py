@@ -116,6 +116,21 @@ def test_a_broken_config_file_or_no_key(tmp_path: Path, capsys: pytest.CaptureFi
     assert status == 1 and "no API key is configured" in out
 
 
+def test_a_mistyped_server_url_is_named_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A scheme typo in a URL that carries credentials: the report (and the journal, where
+    # `systemctl reload` puts it) says what is wrong without the password.
+    bad = "htp://admin:hunter2-secret@127.0.0.1:8080"
+    status, out = check(["--llamacpp-server", bad], capsys)
+    assert status == 1 and "must be an http:// or https:// URL" in out
+    assert "hunter2-secret" not in out
+    status = main(["--llamacpp-server", bad, "--port", "0"], ENV)
+    err = capsys.readouterr().err
+    assert status == 2 and "must be an http:// or https:// URL" in err
+    assert "hunter2-secret" not in err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from llamacpp_proxy import __version__
 
