@@ -42,6 +42,9 @@ class AppContext:
     draining: bool = False
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0
+    running: set[Any] = field(default_factory=set)
+    """The requests in flight (their handlers): the shutdown timeout ends each with an
+    answer of its own, not a cut connection."""
     started: int = field(default_factory=lambda: int(time.time()))
     """When this proxy started: the stable `created` of the models it lists."""
     _background: set[asyncio.Task[Any]] = field(default_factory=set)

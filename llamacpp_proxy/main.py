@@ -27,7 +27,7 @@ from . import __version__, workers
 from .app import make_app
 from .config import ConfigError, Settings, build_parser, load_settings
 from .context import AppContext
-from .errors import drop_tracebacks
+from .errors import ServiceShuttingDown, drop_tracebacks
 from .frontdoor.client_deadlines import ClientDeadlines
 from .guard.auth import KeyFileError, KeyStore, Limits, build_key_store
 from .guard.auth_throttle import AuthFailureThrottle
@@ -500,6 +500,7 @@ async def shutdown(ctx: AppContext, server: HTTPServer, hurry: asyncio.Event | N
                 await asyncio.wait_for(hurry.wait(), 0.05)
         if ctx.in_flight and not hurry.is_set():
             log.warning("shutdown timeout: closing %d request(s) still in flight", ctx.in_flight)
+        await end_running(ctx)
         close_timeout = min(5.0, settings.shutdown_timeout)
         try:
             await asyncio.wait_for(server.close_all_connections(), timeout=close_timeout)
@@ -519,6 +520,31 @@ async def shutdown(ctx: AppContext, server: HTTPServer, hurry: asyncio.Event | N
                 log.warning("closing the rate limiter failed: %s", exc)
         await close_usage(ctx)
     log.info("stopped")
+
+
+ENDING_GRACE = 1.0
+"""Seconds the requests ended at shutdown get to write their last answer (an error event
+or a 503: a loop turn or two) before their connections are closed."""
+
+
+async def end_running(ctx: AppContext) -> None:
+    """End what is still in flight with an answer of its own: a stream's final error event
+    or a 503 says "shutting down" where a cut connection would look like a network fault."""
+    if not ctx.running:
+        return
+    for handler in list(ctx.running):
+        # One error each: raised in every request's task, a shared one would carry their
+        # tracebacks into each other.
+        handler.end_for_shutdown(
+            ServiceShuttingDown(
+                "The server shut down before this request finished; retry it.",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+        )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ENDING_GRACE
+    while ctx.in_flight > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
 
 
 async def close_usage(ctx: AppContext) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from tornado.httpserver import HTTPServer
 
@@ -225,16 +226,92 @@ def test_a_second_stop_signal_cuts_the_drain_short(
             assert "1 request(s) in flight" in proxy.read_until("shutting down")
             proxy.proc.send_signal(signal.SIGINT)
             proxy.read_until("second stop signal: closing 1 request(s) in flight now")
-            rest: list[str] = []
-            with pytest.raises(httpx.HTTPError):  # cut, well before the 60 s drain ends
-                rest.extend(lines)
+            rest = list(lines)  # ended, well before the 60 s drain ends, and said why
             assert "data: [DONE]" not in rest
+            assert any('"code":"shutting_down"' in line for line in rest), rest
         assert proxy.proc.wait(timeout=10) == 0
         proxy.read_until("stopped")
     finally:
         runner.call(gate.set)
         log = proxy.stop()
     assert "shutdown timeout" not in log
+
+
+def test_the_shutdown_timeout_ends_a_stream_with_an_error_event_not_a_cut(
+    runner: LoopThread, live_fake: FakeLlamaCpp
+) -> None:
+    # A deploy's restart outlasting a long generation: the client is told the server shut
+    # down (the SDK raises that error) instead of reading a truncated stream.
+    gate = asyncio.Event()  # the stream holds after its first token until the test ends
+    live_fake.script.mid_gate = gate
+    proxy = ProxyProcess(live_fake.url, ["--shutdown-timeout", "0.5"])
+    try:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=UNLIMITED_KEY, max_retries=0)
+        stream = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = iter(stream)
+        while not next(chunks).choices[0].delta.content:  # the role, then the first token
+            pass
+        proxy.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="shut down before this request finished"):
+            for _ in chunks:
+                pass
+        assert proxy.proc.wait(timeout=10) == 0
+        client.close()
+    finally:
+        runner.call(gate.set)
+        log = proxy.stop()
+    assert "shutdown timeout: closing 1 request(s) still in flight" in log
+    assert "Traceback" not in log
+
+
+def test_the_shutdown_timeout_answers_waiting_plain_requests_503(
+    runner: LoopThread, live_fake: FakeLlamaCpp
+) -> None:
+    # One request sent to llama.cpp with no answer yet, one queued in the gateway for the
+    # server's only slot: each gets a 503 an SDK can retry elsewhere, not a reset.
+    gate = asyncio.Event()  # /completion answers nothing until the test ends
+    live_fake.script.gate = gate
+    live_fake.script.total_slots = 1
+    proxy = ProxyProcess(live_fake.url, ["--shutdown-timeout", "0.5"])
+    try:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=UNLIMITED_KEY, max_retries=0)
+        errors: list[Exception] = []
+
+        def ask() -> None:
+            try:
+                client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}]
+                )
+            except Exception as exc:
+                errors.append(exc)
+
+        asking = [threading.Thread(target=ask) for _ in range(2)]
+        for thread in asking:
+            thread.start()
+        deadline = time.monotonic() + 10
+        # One reached llama.cpp, the other waits in the gateway's queue.
+        while not (
+            live_fake.requests
+            and 'queue_depth{model="default"} 1.0' in httpx.get(proxy.url + "/metrics").text
+        ):
+            assert time.monotonic() < deadline, "the requests never reached the fake and queue"
+            time.sleep(0.01)
+        proxy.proc.send_signal(signal.SIGTERM)
+        for thread in asking:
+            thread.join(timeout=10)
+        assert len(errors) == 2, errors
+        for error in errors:
+            assert isinstance(error, openai.APIStatusError), error
+            assert error.status_code == 503
+            assert error.response.headers["retry-after"] == "1"
+            assert error.body["code"] == "shutting_down"  # type: ignore[index]
+        assert proxy.proc.wait(timeout=10) == 0
+        client.close()
+    finally:
+        runner.call(gate.set)
+        proxy.stop()
 
 
 def test_a_credential_in_a_config_file_others_can_read_is_logged_by_name_at_start(

@@ -165,6 +165,7 @@ class CompletionsHandler(BaseHandler):
     _body_size = 0
     _max_tokens = 0
     _stopped = False  # a generation failed: start no more
+    _shutdown: ProxyError | None = None  # the shutdown timeout ended it (end_for_shutdown)
     _client_gone = False
     _streaming = False
     _tools: list[dict[str, Any]] | None = None
@@ -499,18 +500,20 @@ class CompletionsHandler(BaseHandler):
         tried: frozenset[str] = frozenset()
         while True:
             if self._client_gone or self._stopped:
-                raise ClientGone()
+                raise self._shutdown or ClientGone()
             lease = await self._lease(router, generation, tried)
             key = lease.server.key
             self.usage_server = lease.server.display
             try:
                 if self._client_gone or self._stopped:
-                    raise ClientGone()
+                    raise self._shutdown or ClientGone()
                 generation.client = client = pool.client_for(key)
                 generation.call = call = client.new_call()
                 try:
                     return await run(generation)
                 except ProxyError as exc:
+                    if exc is self._shutdown:
+                        raise  # our own abort: says nothing about the server
                     verdict = failure_verdict(exc, call, generation.opened)
                     if verdict.health is not None:
                         router.observe_probe(key, verdict.health)
@@ -569,6 +572,8 @@ class CompletionsHandler(BaseHandler):
         except asyncio.CancelledError:
             if self._client_gone and wait.cancelled():
                 raise ClientGone() from None
+            if self._shutdown is not None and wait.cancelled():
+                raise self._shutdown from None
             raise
         finally:
             self._waits.discard(wait)
@@ -858,6 +863,20 @@ class CompletionsHandler(BaseHandler):
         for generation in self._generations:
             if generation.call is not None:
                 generation.call.forget_failure()  # handled: its tracebacks would be a cycle
+
+    def end_for_shutdown(self, error: ProxyError) -> None:
+        """The shutdown timeout: llama.cpp's generations are cancelled and the request ends
+        as if they had failed with `error`, so the client gets an answer of its own (a
+        stream's final error event, else the 503) rather than a connection cut mid-way."""
+        if self._client_gone or self._shutdown is not None:
+            return
+        self._shutdown = error
+        self._stopped = True
+        for wait in self._waits:
+            wait.cancel()  # _lease turns this cancellation into `error`
+        for generation in self._generations:
+            if generation.call is not None:
+                generation.call.abort(error)
 
     def on_connection_close(self) -> None:
         self._client_gone = True

@@ -199,6 +199,7 @@ class BaseHandler(tornado.web.RequestHandler):
                 headers={"Retry-After": "1", "Connection": "close"},
             )
         self.ctx.in_flight += 1
+        self.ctx.running.add(self)
         self._counted = True
         self.check_request()
         if self.requires_key:
@@ -278,11 +279,16 @@ class BaseHandler(tornado.web.RequestHandler):
         self._client_left = True
         self.release()
 
+    def end_for_shutdown(self, error: ProxyError) -> None:
+        """The shutdown timeout: end now with `error`. Only a completion can run that long;
+        anything else is left to finish (or be closed with its connection)."""
+
     def release(self) -> None:
         """Return the key's concurrent slot and charge its tokens; safe to call twice."""
         if self._counted:
             self._counted = False
             self.ctx.in_flight -= 1
+            self.ctx.running.discard(self)
         admission = self.admission
         if admission is not None and not admission.finished:
             tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
