@@ -96,7 +96,9 @@ def failure_verdict(exc: ProxyError, call: UpstreamCall, opened: bool) -> Verdic
     """How far a failed generation got (from the call's phase marker) and so what to do."""
     if not call.sent:
         return after_failure(Phase.CONNECT, error=_as_exception(exc))
-    if isinstance(exc, UpstreamLoading) and not opened:
+    # Only a 503 head: an error object (code 503) in a 200 answer came after llama.cpp
+    # took the request, streamed (`opened`) or not.
+    if isinstance(exc, UpstreamLoading) and call.status == 503 and not opened:
         return after_failure(Phase.ANSWERED, status=503)
     if call.got_first_byte:
         return after_failure(Phase.ANSWERED)

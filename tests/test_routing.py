@@ -162,6 +162,24 @@ def test_a_generation_llamacpp_may_have_started_is_never_sent_again(
     assert sum(len(f.requests) for f in pool) == 1
 
 
+def test_a_loading_error_inside_a_200_answer_is_never_sent_again(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """Only a 503 status proves llama.cpp refused to start; an error object in a 200 answer
+    comes after it took the request (docs/routing.md: "a 503 counts only before any 200
+    head"), streamed or not."""
+    pool = fakes[:2]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool))
+    wait_ready(stack, pool)
+    for fake in pool:
+        fake.script.fail_status = 200
+        fake.script.fail_body = {"error": {"code": 503, "message": "Loading model"}}
+    with pytest.raises(openai.APIStatusError) as caught:
+        stack.client().completions.create(model="m", prompt="q")
+    assert caught.value.status_code == 503
+    assert sum(len(f.requests) for f in pool) == 1
+
+
 def test_a_server_that_comes_back_is_used_again(
     make_gateway: Callable[..., Stack], fakes: Any
 ) -> None:

@@ -110,6 +110,7 @@ class UpstreamCall:
         "got_first_byte",
         "last_activity",
         "sent",
+        "status",
         "streamed",
     )
 
@@ -124,6 +125,9 @@ class UpstreamCall:
         self.streamed = False
         self.sent = False
         """A request byte may have reached llama.cpp (False: failover may re-send it)."""
+        self.status: int | None = None
+        """The response head's status once read: only a 503 head proves llama.cpp refused
+        to start the generation (failover); an error inside a 200 answer does not."""
         self.last_activity = self._loop.time()
         self._timer: object | None = self._loop.call_later(first_byte_timeout, self._check)
 
@@ -462,6 +466,7 @@ class LlamaCppClient:
                 # The deadline (or the client leaving) won the race with a head that was
                 # already buffered: the call is over, so its answer is not relayed.
                 raise call.abort_reason
+            call.status = head.status
             call.started()
             if on_head is not None:
                 on_head(head)
