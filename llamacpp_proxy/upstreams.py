@@ -58,6 +58,9 @@ OUTSIDE_POLL_MIN_GAP = 0.01
 """A request that starts to wait on outside load has /slots re-read at once, not at the next
 OUTSIDE_POLL_INTERVAL tick, but never sooner than this after the last re-read began: however
 many requests arrive, a server held by outside load is asked at most 100 times a second."""
+NO_SLOTS_STATUSES = frozenset((404, 501))
+"""/slots statuses of a llama-server without the endpoint (501 with --no-slots; 404 before
+it existed): not asked again. Anything else that is not a slot list is asked again."""
 DEMAND_PROBE_INTERVAL = 1.0
 """Seconds between probes a request asks for when every server is down."""
 DRAIN_LIMIT = 24 * 3600.0
@@ -340,10 +343,15 @@ class Routes:
         """Record how many of a server's slots /slots shows processing (raises ProxyError)."""
         slots = await client._get("/slots", timeout=self.settings.upstream_connect_timeout)
         busy = parse_processing(slots.body) if slots.status == 200 else None
-        if busy is None:
-            runtime.no_slots.add(key)
-        else:
+        if busy is not None:
             runtime.router.observe_slots(key, busy)
+            return
+        if slots.status in NO_SLOTS_STATUSES:
+            runtime.no_slots.add(key)  # started without --slots: not asked again
+        # Outside load it cannot show is unknown, so none: the last reading would otherwise
+        # hold its slots for good. Any other answer (malformed, a 5xx) is asked again at the
+        # next probe, which re-reads /slots once a second at most.
+        runtime.router.forget_outside_load(key)
 
     def _watch_outside(self, runtime: PoolRuntime) -> None:
         """Router.on_outside_wait: a request waits while outside load holds slots."""

@@ -105,6 +105,7 @@ class Script:
     adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
     total_slots: int = 4  # /props total_slots
     outside_busy: int | None = None  # /slots: this many slots processing (None: no /slots, 404)
+    slots_body: bytes | None = None  # /slots: a 200 answer of these bytes instead (a liar)
     cache_n: int = 0  # final event's timings.cache_n: prompt tokens reused from the cache
     gate: asyncio.Event | None = None  # /completion waits for it before answering
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
@@ -505,6 +506,10 @@ class _Slots(_Base):
         them processing (work the gateway did not send, in the tests that set it)."""
         script = self.fake.script
         self.fake.slots_reads += 1
+        if script.slots_body is not None:
+            self.set_header("Content-Type", "application/json")
+            self.finish(script.slots_body)
+            return
         if script.outside_busy is None:
             # A 404, as before /slots was faked (the gateway then stops asking): Tornado
             # logs a 5xx answer at ERROR, which tests that assert a clean log would see.

@@ -569,6 +569,34 @@ def test_a_request_that_waits_on_a_stale_outside_reading_has_slots_read_at_once(
     assert any("queued first" in p for p in served) and any("queued second" in p for p in served)
 
 
+@pytest.mark.parametrize("answer", ["malformed", "no slots"])
+def test_outside_load_that_slots_can_no_longer_show_stops_holding_slots(
+    make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch, answer: str
+) -> None:
+    """/slots showed outside work on the one slot, then answered no slot list (a broken
+    answer, or a llama-server restarted without --slots). Outside load it cannot show is
+    unknown, which counts as none (docs/routing.md). Regression: the last reading held the
+    slot for good: every request waited for its queue timeout and got a 503."""
+    stack, fake, router, key, upstream = held_by_outside_work(
+        make_gateway, fakes, monkeypatch, queue_timeout=10.0
+    )
+    with ThreadPoolExecutor(1) as threads:
+        waiting = threads.submit(chat, stack, [{"role": "user", "content": "behind outside"}])
+        assert stack.wait_for(lambda: router.held_by_outside() == [key])
+        if answer == "malformed":
+            fake.script.slots_body = b'[{"id": 0, "is_processing": tr'
+        else:
+            fake.script.outside_busy = None  # 404, as without --slots
+        response = waiting.result(timeout=30)
+    assert response.status_code == 200, response.text
+    assert upstream.external_busy == 0
+    if answer == "malformed":  # a bad answer is not taken for a server without /slots
+        fake.script.slots_body = None
+        fake.script.outside_busy = 1
+        stack.runner.run(stack.ctx.routes.probe_all())
+        assert stack.wait_for(lambda: upstream.external_busy == 1)
+
+
 def test_after_a_reload_what_it_replaced_can_be_collected(two_models: Any, fakes: Any) -> None:
     """The server process freezes what start-up built out of the cyclic collector's reach
     (main.freeze_startup_heap). A reload (SIGHUP) replaces some of it: a pool taken out of

@@ -484,6 +484,13 @@ class Router:
             upstream.external_busy = max(0, processing - upstream.inflight)
             self._dispatch()
 
+    def forget_outside_load(self, key: str) -> None:
+        """/slots could not say how busy the server is: count no outside load on it."""
+        upstream = self._servers.get(key)
+        if upstream is not None and upstream.external_busy:
+            upstream.external_busy = 0
+            self._dispatch()
+
     def held_by_outside(self) -> list[str]:
         """Usable servers that outside load (as last seen in /slots) holds slots of, while
         requests wait: worth re-reading their /slots now (`on_outside_wait`)."""
