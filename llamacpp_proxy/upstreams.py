@@ -340,8 +340,15 @@ class Routes:
             pass  # /health decides the state; the next probe asks again
 
     async def _read_slots(self, runtime: PoolRuntime, client: LlamaCppClient, key: str) -> None:
-        """Record how many of a server's slots /slots shows processing (raises ProxyError)."""
-        slots = await client._get("/slots", timeout=self.settings.upstream_connect_timeout)
+        """Record how many of a server's slots /slots shows processing. An answer that is
+        no slot list, or none in time, leaves the outside load unknown: none."""
+        try:
+            slots = await client._get("/slots", timeout=self.settings.upstream_connect_timeout)
+        except ProxyError:
+            # /health (the probe) decides the server's state; the outside load a stale
+            # reading shows would hold its slots until /slots answers again, maybe never.
+            runtime.router.forget_outside_load(key)
+            return
         busy = parse_processing(slots.body) if slots.status == 200 else None
         if busy is not None:
             runtime.router.observe_slots(key, busy)
@@ -383,7 +390,6 @@ class Routes:
                 if client is None:
                     client = runtime.probe_clients[key] = self._client_factory(key)
                 polls.append(self._read_slots(runtime, client, key))
-            # A failed read leaves the last count: /health (the probe) decides the state.
             await asyncio.gather(*polls, return_exceptions=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), began + OUTSIDE_POLL_INTERVAL - loop.time())

@@ -106,6 +106,7 @@ class Script:
     total_slots: int = 4  # /props total_slots
     outside_busy: int | None = None  # /slots: this many slots processing (None: no /slots, 404)
     slots_body: bytes | None = None  # /slots: a 200 answer of these bytes instead (a liar)
+    slots_gate: asyncio.Event | None = None  # /slots waits for it before answering
     cache_n: int = 0  # final event's timings.cache_n: prompt tokens reused from the cache
     gate: asyncio.Event | None = None  # /completion waits for it before answering
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
@@ -501,11 +502,13 @@ class _Props(_Base):
 
 
 class _Slots(_Base):
-    def get(self) -> None:
+    async def get(self) -> None:
         """As llama-server with --slots: one entry per slot, the first `outside_busy` of
         them processing (work the gateway did not send, in the tests that set it)."""
         script = self.fake.script
         self.fake.slots_reads += 1
+        if script.slots_gate is not None:
+            await script.slots_gate.wait()
         if script.slots_body is not None:
             self.set_header("Content-Type", "application/json")
             self.finish(script.slots_body)

@@ -493,6 +493,7 @@ def held_by_outside_work(
     fakes: Any,
     monkeypatch: pytest.MonkeyPatch,
     queue_timeout: float,
+    **overrides: Any,
 ) -> tuple[Stack, Any, Any, str, Any]:
     """A gateway in front of one fake llama-server whose one slot outside work holds, seen
     by the gateway; probes of a ready server only once an hour, so only the re-reads of
@@ -504,7 +505,7 @@ def held_by_outside_work(
     fake = fakes[0]
     fake.script.total_slots = 1
     fake.script.outside_busy = 1
-    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=queue_timeout)
+    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=queue_timeout, **overrides)
     wait_ready(stack, [fake])
     runtime = stack.ctx.routes.pools["default"]
     router = runtime.router
@@ -569,25 +570,29 @@ def test_a_request_that_waits_on_a_stale_outside_reading_has_slots_read_at_once(
     assert any("queued first" in p for p in served) and any("queued second" in p for p in served)
 
 
-@pytest.mark.parametrize("answer", ["malformed", "no slots"])
+@pytest.mark.parametrize("answer", ["malformed", "no slots", "silent"])
 def test_outside_load_that_slots_can_no_longer_show_stops_holding_slots(
     make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch, answer: str
 ) -> None:
     """/slots showed outside work on the one slot, then answered no slot list (a broken
-    answer, or a llama-server restarted without --slots). Outside load it cannot show is
-    unknown, which counts as none (docs/routing.md). Regression: the last reading held the
-    slot for good: every request waited for its queue timeout and got a 503."""
+    answer, or a llama-server restarted without --slots), or nothing in time. Outside load
+    it cannot show is unknown, which counts as none (docs/routing.md). Regression: the last
+    reading held the slot for good: every request waited for its queue timeout (503)."""
     stack, fake, router, key, upstream = held_by_outside_work(
-        make_gateway, fakes, monkeypatch, queue_timeout=10.0
+        make_gateway, fakes, monkeypatch, queue_timeout=10.0, upstream_connect_timeout=0.5
     )
+    gate = stack.runner.call(asyncio.Event)
     with ThreadPoolExecutor(1) as threads:
         waiting = threads.submit(chat, stack, [{"role": "user", "content": "behind outside"}])
         assert stack.wait_for(lambda: router.held_by_outside() == [key])
         if answer == "malformed":
             fake.script.slots_body = b'[{"id": 0, "is_processing": tr'
+        elif answer == "silent":
+            fake.script.slots_gate = gate  # /slots answers nothing until the test ends
         else:
             fake.script.outside_busy = None  # 404, as without --slots
         response = waiting.result(timeout=30)
+    stack.runner.call(gate.set)
     assert response.status_code == 200, response.text
     assert upstream.external_busy == 0
     if answer == "malformed":  # a bad answer is not taken for a server without /slots
