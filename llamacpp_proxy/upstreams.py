@@ -61,6 +61,9 @@ many requests arrive, a server held by outside load is asked at most 100 times a
 NO_SLOTS_STATUSES = frozenset((404, 501))
 """/slots statuses of a llama-server without the endpoint (501 with --no-slots; 404 before
 it existed): not asked again. Anything else that is not a slot list is asked again."""
+PROBE_BODY_LIMIT = 4 * 1024 * 1024
+"""Bytes of a /health, /props or /slots answer the prober reads (a /slots of 4096 slots at
+1 KiB each; llama.cpp's are smaller): more is a bad answer, not read on every probe."""
 DEMAND_PROBE_INTERVAL = 1.0
 """Seconds between probes a request asks for when every server is down."""
 DRAIN_LIMIT = 24 * 3600.0
@@ -308,7 +311,7 @@ class Routes:
             client = runtime.probe_clients[key] = self._client_factory(key)
         timeout = self.settings.upstream_connect_timeout
         try:
-            response = await client._get("/health", timeout=timeout)
+            response = await client._get("/health", timeout, PROBE_BODY_LIMIT)
             outcome = outcome_of_status(response.status)
         except ProxyError as exc:
             outcome = _probe_outcome(exc)
@@ -330,7 +333,7 @@ class Routes:
             return
         try:
             if upstream.total_slots is None or key not in runtime.no_slots:
-                props = await client._get("/props", timeout=timeout)
+                props = await client._get("/props", timeout, PROBE_BODY_LIMIT)
                 total = parse_total_slots(props.body) if props.status == 200 else None
                 if total is not None:
                     router.set_total_slots(key, total)
@@ -343,7 +346,8 @@ class Routes:
         """Record how many of a server's slots /slots shows processing. An answer that is
         no slot list, or none in time, leaves the outside load unknown: none."""
         try:
-            slots = await client._get("/slots", timeout=self.settings.upstream_connect_timeout)
+            timeout = self.settings.upstream_connect_timeout
+            slots = await client._get("/slots", timeout, PROBE_BODY_LIMIT)
         except ProxyError:
             # /health (the probe) decides the server's state; the outside load a stale
             # reading shows would hold its slots until /slots answers again, maybe never.

@@ -570,7 +570,7 @@ def test_a_request_that_waits_on_a_stale_outside_reading_has_slots_read_at_once(
     assert any("queued first" in p for p in served) and any("queued second" in p for p in served)
 
 
-@pytest.mark.parametrize("answer", ["malformed", "no slots", "silent"])
+@pytest.mark.parametrize("answer", ["malformed", "no slots", "silent", "huge"])
 def test_outside_load_that_slots_can_no_longer_show_stops_holding_slots(
     make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch, answer: str
 ) -> None:
@@ -578,6 +578,8 @@ def test_outside_load_that_slots_can_no_longer_show_stops_holding_slots(
     answer, or a llama-server restarted without --slots), or nothing in time. Outside load
     it cannot show is unknown, which counts as none (docs/routing.md). Regression: the last
     reading held the slot for good: every request waited for its queue timeout (503)."""
+    import llamacpp_proxy.upstreams as upstreams
+
     stack, fake, router, key, upstream = held_by_outside_work(
         make_gateway, fakes, monkeypatch, queue_timeout=10.0, upstream_connect_timeout=0.5
     )
@@ -587,6 +589,9 @@ def test_outside_load_that_slots_can_no_longer_show_stops_holding_slots(
         assert stack.wait_for(lambda: router.held_by_outside() == [key])
         if answer == "malformed":
             fake.script.slots_body = b'[{"id": 0, "is_processing": tr'
+        elif answer == "huge":  # a slot list, but read on every probe: bounded, refused
+            busy = {"id": 0, "is_processing": True, "pad": "x" * upstreams.PROBE_BODY_LIMIT}
+            fake.script.slots_body = json.dumps([busy]).encode()
         elif answer == "silent":
             fake.script.slots_gate = gate  # /slots answers nothing until the test ends
         else:

@@ -415,13 +415,15 @@ class LlamaCppClient:
             return False, "llama.cpp is loading the model"
         return False, f"llama.cpp /health answered HTTP {response.status}"
 
-    async def _get(self, path: str, timeout: float | None = None) -> Response:
+    async def _get(
+        self, path: str, timeout: float | None = None, limit: int = MAX_RESPONSE
+    ) -> Response:
         call = UpstreamCall(
             timeout or self._settings.upstream_first_byte_timeout,
             self._settings.upstream_idle_timeout,
         )
         try:
-            return await self._exchange("GET", path, None, call, pool=self._probe_pool)
+            return await self._exchange("GET", path, None, call, pool=self._probe_pool, limit=limit)
         finally:
             call.done()
 
