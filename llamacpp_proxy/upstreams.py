@@ -153,6 +153,8 @@ class PoolRuntime:
         self._model_templates: dict[str, ChatTemplate] = {}
         self.asked_down_at = -DEMAND_PROBE_INTERVAL
         """When a request last had every server probed at once (`Routes.probe_down_now`)."""
+        self.asked_down: asyncio.Future[list[Any]] | None = None
+        """Those probes (joined by requests that find every server down meanwhile)."""
         self.outside_poll: asyncio.Task[None] | None = None
         """Re-reads /slots while requests wait on outside load (`Routes._watch_outside`)."""
         self.outside_wake: asyncio.Event | None = None
@@ -420,14 +422,21 @@ class Routes:
         """Every server of this pool looked down at its last probe: probe them all now,
         rather than refuse requests until the prober's backoff (up to 30 s) comes round, so
         a llama-server that came back is used at once. At most once per
-        DEMAND_PROBE_INTERVAL per pool, whatever the request rate; False when that interval
-        has not passed (nothing was probed)."""
-        now = asyncio.get_running_loop().time()
-        if now - runtime.asked_down_at < DEMAND_PROBE_INTERVAL:
-            return False
-        runtime.asked_down_at = now
-        tasks = [self._probe(runtime, key) for key in runtime.clients]
-        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        DEMAND_PROBE_INTERVAL per pool, whatever the request rate (requests meanwhile join
+        the probes in flight); False when that interval has not passed and no such probe is
+        in flight (nothing was probed)."""
+        asked = runtime.asked_down
+        if asked is None or asked.done():
+            now = asyncio.get_running_loop().time()
+            if now - runtime.asked_down_at < DEMAND_PROBE_INTERVAL:
+                return False
+            runtime.asked_down_at = now
+            tasks = [self._probe(runtime, key) for key in runtime.clients]
+            asked = runtime.asked_down = asyncio.gather(*tasks, return_exceptions=True)
+        # A request that arrives while those probes are in flight waits for their answer
+        # too (it costs no probe more): refused at once, it would get a 503 for a server
+        # the probe is about to find back. Shielded: one caller leaving cancels nobody's.
+        await asyncio.shield(asked)
         return True
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

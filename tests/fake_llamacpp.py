@@ -101,6 +101,7 @@ class Script:
     huge_body: int = 0  # with fail_status: a body of this many bytes, in 1 MiB writes
     drop_body_after: int | None = None  # non-streamed: send this many body bytes, then close
     health_delay: float = 0.0  # seconds /health takes to answer
+    health_gate: asyncio.Event | None = None  # /health waits for it before answering
     fail_prompt: str | None = None  # fail_status only for prompts containing this
     adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
     total_slots: int = 4  # /props total_slots
@@ -548,6 +549,8 @@ class _Health(_Base):
         try:
             if fake.script.health_delay:
                 await asyncio.sleep(fake.script.health_delay)
+            if fake.script.health_gate is not None:
+                await fake.script.health_gate.wait()
         finally:
             fake.health_active -= 1
         status = self.fake.script.health_status

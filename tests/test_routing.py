@@ -485,6 +485,50 @@ def test_a_request_to_a_pool_whose_servers_all_look_down_asks_them_again_at_once
         stack.runner.call(lambda: fake.start(port))  # the session's fake, for later tests
 
 
+def test_requests_that_find_every_server_down_share_the_probe_in_flight(
+    make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama-server came back; the first request that finds every server down has them
+    probed. One arriving while that probe is in flight waits for its answer (it costs no
+    second probe) rather than being refused. Regression: only the request that started the
+    probe could be served; the others got 503 upstream_unavailable at once."""
+    import llamacpp_proxy.upstreams as upstreams
+
+    real_policy = upstreams.ProbePolicy
+    # The prober leaves a down server alone for an hour: only requests probe it here.
+    monkeypatch.setattr(upstreams, "ProbePolicy", lambda: real_policy(backoff_base=3600.0))
+    fake = fakes[0]
+    stack = make_gateway(llamacpp_server=(fake.url,))
+    wait_ready(stack, [fake])
+    port = fake.port
+    stack.runner.run(fake.kill())
+    try:
+        with pytest.raises(openai.APIStatusError):
+            stack.client().completions.create(model="m", prompt="refused: down")
+        assert ready_servers_on_loop(stack).get(f"127.0.0.1:{port}") == "down"
+        revived = FakeLlamaCpp()
+        gate = stack.runner.call(asyncio.Event)
+        revived.script.health_gate = gate
+        stack.runner.call(lambda: revived.start(port))
+        # As if DEMAND_PROBE_INTERVAL had passed since any probe a request asked for.
+        stack.ctx.routes.pools["default"].asked_down_at = -upstreams.DEMAND_PROBE_INTERVAL
+        try:
+            with ThreadPoolExecutor(2) as threads:
+                first = threads.submit(chat, stack, [{"role": "user", "content": "first"}])
+                assert stack.wait_for(lambda: revived.health_active == 1)  # its probe
+                second = threads.submit(chat, stack, [{"role": "user", "content": "second"}])
+                stack.wait_for(lambda: second.done() or stack.ctx.in_flight == 2)
+                stack.runner.call(gate.set)
+                responses = [first.result(timeout=30), second.result(timeout=30)]
+            assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+            assert revived.health_requests == 1
+        finally:
+            stack.runner.call(gate.set)
+            stack.runner.call(revived.stop)
+    finally:
+        stack.runner.call(lambda: fake.start(port))  # the session's fake, for later tests
+
+
 # -- outside load -------------------------------------------------------------------------
 
 
