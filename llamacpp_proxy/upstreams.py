@@ -224,6 +224,8 @@ class Routes:
         self.pools: dict[str, PoolRuntime] = {}
         self._by_name: dict[str, PoolRuntime] = {}
         self._probing: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._reading: dict[tuple[int, str], asyncio.Task[None]] = {}
+        """Per server, the /props and /slots read a ready probe started (one at a time)."""
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -259,7 +261,17 @@ class Routes:
     async def close(self) -> None:
         """Stop probing and close every server's connections."""
         polls = [r.outside_poll for r in self.pools.values()]
-        tasks = [t for t in (self._task, *self._probing.values(), *self._closing, *polls) if t]
+        tasks = [
+            t
+            for t in (
+                self._task,
+                *self._probing.values(),
+                *self._reading.values(),
+                *self._closing,
+                *polls,
+            )
+            if t
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -333,12 +345,26 @@ class Routes:
             )
         if outcome is not Outcome.OK or upstream is None:
             return
+        # /props and /slots are read apart: whoever waits for this probe (/health/ready, a
+        # request that found every server down) needs only /health, and a /slots that
+        # hangs must not hold their answer for the prober's timeout.
+        ident = (id(runtime), key)
+        if ident not in self._reading:
+            task = asyncio.ensure_future(self._read_capacity(runtime, client, key, upstream))
+            self._reading[ident] = task
+            task.add_done_callback(lambda _: self._reading.pop(ident, None))
+
+    async def _read_capacity(
+        self, runtime: PoolRuntime, client: LlamaCppClient, key: str, upstream: Upstream
+    ) -> None:
+        """A ready server's slot count (/props) and outside load (/slots)."""
         try:
             if upstream.total_slots is None or key not in runtime.no_slots:
+                timeout = self.settings.upstream_connect_timeout
                 props = await client._get("/props", timeout, PROBE_BODY_LIMIT)
                 total = parse_total_slots(props.body) if props.status == 200 else None
                 if total is not None:
-                    router.set_total_slots(key, total)
+                    runtime.router.set_total_slots(key, total)
             if key not in runtime.no_slots:
                 await self._read_slots(runtime, client, key)
         except ProxyError:

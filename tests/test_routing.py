@@ -651,6 +651,34 @@ def test_outside_load_that_slots_can_no_longer_show_stops_holding_slots(
         assert stack.wait_for(lambda: upstream.external_busy == 1)
 
 
+def test_readiness_and_requests_do_not_wait_for_a_silent_slots(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """/health/ready probes /health now, and a request that finds every server down has
+    them probed; neither needs /props or /slots, which the same probe reads afterwards.
+    Regression: both waited for the whole probe, so a /slots that hung (the prober's
+    timeout is --upstream-connect-timeout) held the readiness answer (a Kubernetes
+    readiness probe, whose default timeout is 1 s, took the gateway for unready)."""
+    fake = fakes[0]
+    fake.script.outside_busy = 0
+    stack = make_gateway(llamacpp_server=(fake.url,), upstream_connect_timeout=60.0)
+    wait_ready(stack, [fake])
+    gate = stack.runner.call(asyncio.Event)
+    fake.script.slots_gate = gate  # /slots answers nothing until the test ends
+    try:
+        reads = fake.slots_reads
+        assert stack.wait_for(lambda: fake.slots_reads > reads)  # a probe waits on it now
+        with httpx.Client(base_url=stack.url, timeout=10) as http:
+            for _ in range(3):
+                ready = http.get("/health/ready")
+                assert ready.status_code == 200, ready.text
+                assert ready.json()["models"]["default"]["status"] == "ready"
+            answer = chat(stack, [{"role": "user", "content": "hi"}])
+            assert answer.status_code == 200
+    finally:
+        stack.runner.call(gate.set)
+
+
 def test_after_a_reload_what_it_replaced_can_be_collected(two_models: Any, fakes: Any) -> None:
     """The server process freezes what start-up built out of the cyclic collector's reach
     (main.freeze_startup_heap). A reload (SIGHUP) replaces some of it: a pool taken out of
