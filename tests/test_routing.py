@@ -245,6 +245,27 @@ def test_a_full_pool_queues_then_answers_503_server_overloaded(
     assert [prompt_text(b["prompt"]).count("third") for b in fake.requests] == [0, 0]
 
 
+def test_a_wait_for_servers_that_never_finish_loading_ends_as_loading_not_busy(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """A request waits (bounded by the queue timeout) for a server that is loading its
+    model. When that wait ends, the answer says the model is loading. Regression: it was
+    503 server_overloaded, "All 1 server ... are busy": the operator looked for load that
+    was not there."""
+    fake = fakes[0]
+    fake.script.health_status = 503  # loading, for ever
+    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=0.5)
+    client = stack.client()
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="m", prompt="anyone there?")
+        error = caught.value
+        assert error.status_code == 503 and error.code == "upstream_loading", error.message
+        assert "loading" in error.message and "busy" not in error.message
+        assert error.response.headers["Retry-After"] == "1"
+    assert not fake.requests
+
+
 def test_a_client_that_leaves_the_queue_passes_its_turn(
     make_gateway: Callable[..., Stack], fakes: Any
 ) -> None:

@@ -28,7 +28,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..errors import NoServerAvailable, ServerOverloaded
+from ..errors import NoServerAvailable, ServerOverloaded, UpstreamLoading
 from .affinity import DEFAULT_MAX_PREFIXES, DEFAULT_MAX_SESSIONS, PrefixMap, SessionMap
 from .affinity import prefix_hashes as _prefix_hashes
 from .affinity import prompt_bytes as _prompt_bytes
@@ -310,7 +310,11 @@ class Router:
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
             self._queue.remove(waiter)
-            waiter.future.set_exception(self._overloaded("no slot became free in time"))
+            exclude = waiter.exclude
+            if any(u.usable and u.key not in exclude for u in self._servers.values()):
+                waiter.future.set_exception(self._overloaded("no slot became free in time"))
+            else:  # it waited on servers loading their model, not on busy ones
+                waiter.future.set_exception(self._loading())
 
     def _release(self, upstream: Upstream) -> None:
         upstream.inflight -= 1
@@ -443,6 +447,13 @@ class Router:
             + (f" and {why}" if why else "")
             + "; retry later.",
             self.policy.retry_after,
+        )
+
+    def _loading(self) -> UpstreamLoading:
+        return UpstreamLoading(
+            f"No server of model '{self.pool.name}' finished loading its model in time; "
+            "retry later.",
+            headers={"Retry-After": str(self.policy.retry_after)},
         )
 
     def _unavailable(self) -> NoServerAvailable:
