@@ -700,6 +700,33 @@ def test_readiness_and_requests_do_not_wait_for_a_silent_slots(
         stack.runner.call(gate.set)
 
 
+def test_a_silent_slots_does_not_starve_the_health_probe_of_connections(
+    make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prober's reads of one server (/health; /props then /slots; the re-reads of /slots
+    while requests wait on outside load) run side by side on the prober's own connections.
+    Two /slots reads that hang must leave one for /health, or a server that answers
+    /health at once would time out there and be taken down."""
+    stack, fake, _, _, upstream = held_by_outside_work(
+        make_gateway, fakes, monkeypatch, queue_timeout=0.5, upstream_connect_timeout=60.0
+    )
+    gate = stack.runner.call(asyncio.Event)
+    fake.script.slots_gate = gate  # /slots answers nothing until the test ends
+    try:
+        reads = fake.slots_reads
+        waiting = chat(stack, [{"role": "user", "content": "behind outside"}])
+        assert waiting.status_code == 503  # its re-read of /slots hangs on
+        assert fake.slots_reads == reads + 1
+        with httpx.Client(base_url=stack.url, timeout=10) as http:
+            assert http.get("/health/ready").status_code == 200  # its /slots read hangs too
+            assert stack.wait_for(lambda: fake.slots_reads == reads + 2)
+            ready = http.get("/health/ready")
+            assert ready.status_code == 200, ready.text
+        assert upstream.health.failures == 0  # no /health timed out
+    finally:
+        stack.runner.call(gate.set)
+
+
 def test_after_a_reload_what_it_replaced_can_be_collected(two_models: Any, fakes: Any) -> None:
     """The server process freezes what start-up built out of the cyclic collector's reach
     (main.freeze_startup_heap). A reload (SIGHUP) replaces some of it: a pool taken out of

@@ -49,7 +49,10 @@ log = logging.getLogger("llamacpp_proxy.upstream")
 
 PROPS_TTL = 60.0  # seconds a /props answer is reused (chat template, BOS/EOS, model path)
 HEALTH_TTL = 0.0  # readiness must reflect llama.cpp now: share only the probe in flight
-PROBE_CONNECTIONS = 2  # connections of their own for /health, /props, /slots
+PROBE_CONNECTIONS = 3
+"""Connections of their own for /health, /props, /slots: the prober reads one server's
+/health, its /props then /slots, and /slots again while requests wait on outside load,
+side by side; two reads that hang must leave /health one (route/upstreams.py)."""
 ERROR_BODY_LIMIT = 64 * 1024  # read this much of an error body, then close the connection
 MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed answer (n_probs makes them large)
 MAX_MESSAGE = 1000  # characters of llama.cpp's error message passed on
