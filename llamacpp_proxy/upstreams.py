@@ -148,8 +148,8 @@ class PoolRuntime:
         self.draining_clients: dict[str, LlamaCppClient] = {}
         """Clients of removed servers, until their last generation ended."""
         self.no_slots: set[str] = set()
-        """Servers that answered /slots with something other than a slot list: not asked
-        again (llama-server without --slots)."""
+        """Servers that answered /slots 404 or 501 (llama-server without --slots): not asked
+        again until they are ready again after being down or loading (restarted)."""
         self._model_templates: dict[str, ChatTemplate] = {}
         self.asked_down_at = -DEMAND_PROBE_INTERVAL
         """When a request last had every server probed at once (`Routes.probe_down_now`)."""
@@ -334,6 +334,10 @@ class Routes:
         was = upstream.health.state.value if upstream is not None else None
         if router.observe_probe(key, outcome) and upstream is not None:
             now = upstream.health.state.value
+            if now == "ready":
+                # Back from down or loading, maybe as a new process started with other
+                # flags: a server that had no /slots may have it now.
+                runtime.no_slots.discard(key)
             level = logging.INFO if now == "ready" else logging.WARNING
             log.log(
                 level,

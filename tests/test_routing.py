@@ -727,6 +727,42 @@ def test_a_silent_slots_does_not_starve_the_health_probe_of_connections(
         stack.runner.call(gate.set)
 
 
+def test_a_server_restarted_with_slots_has_its_outside_load_read_again(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """A llama-server without /slots is not asked again; restarted with --slots (it went
+    down and came back), it is. Regression: the gateway never asked again until it was
+    itself restarted, so outside load on that server stayed invisible."""
+    fake = fakes[0]
+    fake.script.outside_busy = None  # 404: no /slots
+    stack = make_gateway(llamacpp_server=(fake.url,))
+    wait_ready(stack, [fake])
+    runtime = stack.ctx.routes.pools["default"]
+    [key] = runtime.clients
+    assert stack.wait_for(lambda: key in runtime.no_slots)
+    port = fake.port
+    stack.runner.run(fake.kill())
+    try:
+        down = f"127.0.0.1:{port}"
+        assert stack.wait_for(lambda: ready_servers_on_loop(stack).get(down) == "down")
+        revived = FakeLlamaCpp()
+        revived.script.total_slots = 1
+        revived.script.outside_busy = 1  # with --slots now, and another client on its slot
+        stack.runner.call(lambda: revived.start(port))
+        try:
+            wait_ready(stack, [revived], timeout=20)
+
+            upstream = runtime.router.upstream(key)
+            assert upstream is not None
+            assert stack.wait_for(lambda: upstream.external_busy == 1)
+            (server,) = stack.http.get("/health/ready").json()["models"]["default"]["servers"]
+            assert server["slots_busy"] == 1
+        finally:
+            stack.runner.call(revived.stop)
+    finally:
+        stack.runner.call(lambda: fake.start(port))  # the session's fake, for later tests
+
+
 def test_after_a_reload_what_it_replaced_can_be_collected(two_models: Any, fakes: Any) -> None:
     """The server process freezes what start-up built out of the cyclic collector's reach
     (main.freeze_startup_heap). A reload (SIGHUP) replaces some of it: a pool taken out of
