@@ -58,6 +58,12 @@ OUTSIDE_POLL_MIN_GAP = 0.01
 """A request that starts to wait on outside load has /slots re-read at once, not at the next
 OUTSIDE_POLL_INTERVAL tick, but never sooner than this after the last re-read began: however
 many requests arrive, a server held by outside load is asked at most 100 times a second."""
+NO_SLOTS_STATUSES = frozenset((404, 501))
+"""/slots statuses of a llama-server without the endpoint (501 with --no-slots; 404 before
+it existed): not asked again. Anything else that is not a slot list is asked again."""
+PROBE_BODY_LIMIT = 4 * 1024 * 1024
+"""Bytes of a /health, /props or /slots answer the prober reads (a /slots of 4096 slots at
+1 KiB each; llama.cpp's are smaller): more is a bad answer, not read on every probe."""
 DEMAND_PROBE_INTERVAL = 1.0
 """Seconds between probes a request asks for when every server is down."""
 DRAIN_LIMIT = 24 * 3600.0
@@ -96,7 +102,9 @@ def failure_verdict(exc: ProxyError, call: UpstreamCall, opened: bool) -> Verdic
     """How far a failed generation got (from the call's phase marker) and so what to do."""
     if not call.sent:
         return after_failure(Phase.CONNECT, error=_as_exception(exc))
-    if isinstance(exc, UpstreamLoading) and not opened:
+    # Only a 503 head: an error object (code 503) in a 200 answer came after llama.cpp
+    # took the request, streamed (`opened`) or not.
+    if isinstance(exc, UpstreamLoading) and call.status == 503 and not opened:
         return after_failure(Phase.ANSWERED, status=503)
     if call.got_first_byte:
         return after_failure(Phase.ANSWERED)
@@ -140,11 +148,13 @@ class PoolRuntime:
         self.draining_clients: dict[str, LlamaCppClient] = {}
         """Clients of removed servers, until their last generation ended."""
         self.no_slots: set[str] = set()
-        """Servers that answered /slots with something other than a slot list: not asked
-        again (llama-server without --slots)."""
+        """Servers that answered /slots 404 or 501 (llama-server without --slots): not asked
+        again until they are ready again after being down or loading (restarted)."""
         self._model_templates: dict[str, ChatTemplate] = {}
         self.asked_down_at = -DEMAND_PROBE_INTERVAL
         """When a request last had every server probed at once (`Routes.probe_down_now`)."""
+        self.asked_down: asyncio.Future[list[Any]] | None = None
+        """Those probes (joined by requests that find every server down meanwhile)."""
         self.outside_poll: asyncio.Task[None] | None = None
         """Re-reads /slots while requests wait on outside load (`Routes._watch_outside`)."""
         self.outside_wake: asyncio.Event | None = None
@@ -214,6 +224,8 @@ class Routes:
         self.pools: dict[str, PoolRuntime] = {}
         self._by_name: dict[str, PoolRuntime] = {}
         self._probing: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._reading: dict[tuple[int, str], asyncio.Task[None]] = {}
+        """Per server, the /props and /slots read a ready probe started (one at a time)."""
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -249,7 +261,17 @@ class Routes:
     async def close(self) -> None:
         """Stop probing and close every server's connections."""
         polls = [r.outside_poll for r in self.pools.values()]
-        tasks = [t for t in (self._task, *self._probing.values(), *self._closing, *polls) if t]
+        tasks = [
+            t
+            for t in (
+                self._task,
+                *self._probing.values(),
+                *self._reading.values(),
+                *self._closing,
+                *polls,
+            )
+            if t
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -303,7 +325,7 @@ class Routes:
             client = runtime.probe_clients[key] = self._client_factory(key)
         timeout = self.settings.upstream_connect_timeout
         try:
-            response = await client._get("/health", timeout=timeout)
+            response = await client._get("/health", timeout, PROBE_BODY_LIMIT)
             outcome = outcome_of_status(response.status)
         except ProxyError as exc:
             outcome = _probe_outcome(exc)
@@ -312,6 +334,10 @@ class Routes:
         was = upstream.health.state.value if upstream is not None else None
         if router.observe_probe(key, outcome) and upstream is not None:
             now = upstream.health.state.value
+            if now == "ready":
+                # Back from down or loading, maybe as a new process started with other
+                # flags: a server that had no /slots may have it now.
+                runtime.no_slots.discard(key)
             level = logging.INFO if now == "ready" else logging.WARNING
             log.log(
                 level,
@@ -323,25 +349,52 @@ class Routes:
             )
         if outcome is not Outcome.OK or upstream is None:
             return
+        # /props and /slots are read apart: whoever waits for this probe (/health/ready, a
+        # request that found every server down) needs only /health, and a /slots that
+        # hangs must not hold their answer for the prober's timeout.
+        ident = (id(runtime), key)
+        if ident not in self._reading:
+            task = asyncio.ensure_future(self._read_capacity(runtime, client, key, upstream))
+            self._reading[ident] = task
+            task.add_done_callback(lambda _: self._reading.pop(ident, None))
+
+    async def _read_capacity(
+        self, runtime: PoolRuntime, client: LlamaCppClient, key: str, upstream: Upstream
+    ) -> None:
+        """A ready server's slot count (/props) and outside load (/slots)."""
         try:
             if upstream.total_slots is None or key not in runtime.no_slots:
-                props = await client._get("/props", timeout=timeout)
+                timeout = self.settings.upstream_connect_timeout
+                props = await client._get("/props", timeout, PROBE_BODY_LIMIT)
                 total = parse_total_slots(props.body) if props.status == 200 else None
                 if total is not None:
-                    router.set_total_slots(key, total)
+                    runtime.router.set_total_slots(key, total)
             if key not in runtime.no_slots:
                 await self._read_slots(runtime, client, key)
         except ProxyError:
             pass  # /health decides the state; the next probe asks again
 
     async def _read_slots(self, runtime: PoolRuntime, client: LlamaCppClient, key: str) -> None:
-        """Record how many of a server's slots /slots shows processing (raises ProxyError)."""
-        slots = await client._get("/slots", timeout=self.settings.upstream_connect_timeout)
+        """Record how many of a server's slots /slots shows processing. An answer that is
+        no slot list, or none in time, leaves the outside load unknown: none."""
+        try:
+            timeout = self.settings.upstream_connect_timeout
+            slots = await client._get("/slots", timeout, PROBE_BODY_LIMIT)
+        except ProxyError:
+            # /health (the probe) decides the server's state; the outside load a stale
+            # reading shows would hold its slots until /slots answers again, maybe never.
+            runtime.router.forget_outside_load(key)
+            return
         busy = parse_processing(slots.body) if slots.status == 200 else None
-        if busy is None:
-            runtime.no_slots.add(key)
-        else:
+        if busy is not None:
             runtime.router.observe_slots(key, busy)
+            return
+        if slots.status in NO_SLOTS_STATUSES:
+            runtime.no_slots.add(key)  # started without --slots: not asked again
+        # Outside load it cannot show is unknown, so none: the last reading would otherwise
+        # hold its slots for good. Any other answer (malformed, a 5xx) is asked again at the
+        # next probe, which re-reads /slots once a second at most.
+        runtime.router.forget_outside_load(key)
 
     def _watch_outside(self, runtime: PoolRuntime) -> None:
         """Router.on_outside_wait: a request waits while outside load holds slots."""
@@ -373,7 +426,6 @@ class Routes:
                 if client is None:
                     client = runtime.probe_clients[key] = self._client_factory(key)
                 polls.append(self._read_slots(runtime, client, key))
-            # A failed read leaves the last count: /health (the probe) decides the state.
             await asyncio.gather(*polls, return_exceptions=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), began + OUTSIDE_POLL_INTERVAL - loop.time())
@@ -400,14 +452,21 @@ class Routes:
         """Every server of this pool looked down at its last probe: probe them all now,
         rather than refuse requests until the prober's backoff (up to 30 s) comes round, so
         a llama-server that came back is used at once. At most once per
-        DEMAND_PROBE_INTERVAL per pool, whatever the request rate; False when that interval
-        has not passed (nothing was probed)."""
-        now = asyncio.get_running_loop().time()
-        if now - runtime.asked_down_at < DEMAND_PROBE_INTERVAL:
-            return False
-        runtime.asked_down_at = now
-        tasks = [self._probe(runtime, key) for key in runtime.clients]
-        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        DEMAND_PROBE_INTERVAL per pool, whatever the request rate (requests meanwhile join
+        the probes in flight); False when that interval has not passed and no such probe is
+        in flight (nothing was probed)."""
+        asked = runtime.asked_down
+        if asked is None or asked.done():
+            now = asyncio.get_running_loop().time()
+            if now - runtime.asked_down_at < DEMAND_PROBE_INTERVAL:
+                return False
+            runtime.asked_down_at = now
+            tasks = [self._probe(runtime, key) for key in runtime.clients]
+            asked = runtime.asked_down = asyncio.gather(*tasks, return_exceptions=True)
+        # A request that arrives while those probes are in flight waits for their answer
+        # too (it costs no probe more): refused at once, it would get a 503 for a server
+        # the probe is about to find back. Shielded: one caller leaving cancels nobody's.
+        await asyncio.shield(asked)
         return True
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -101,10 +101,13 @@ class Script:
     huge_body: int = 0  # with fail_status: a body of this many bytes, in 1 MiB writes
     drop_body_after: int | None = None  # non-streamed: send this many body bytes, then close
     health_delay: float = 0.0  # seconds /health takes to answer
+    health_gate: asyncio.Event | None = None  # /health waits for it before answering
     fail_prompt: str | None = None  # fail_status only for prompts containing this
     adds_bos: bool = True  # False: like SmolLM2, whose /props still names a bos_token
     total_slots: int = 4  # /props total_slots
     outside_busy: int | None = None  # /slots: this many slots processing (None: no /slots, 404)
+    slots_body: bytes | None = None  # /slots: a 200 answer of these bytes instead (a liar)
+    slots_gate: asyncio.Event | None = None  # /slots waits for it before answering
     cache_n: int = 0  # final event's timings.cache_n: prompt tokens reused from the cache
     gate: asyncio.Event | None = None  # /completion waits for it before answering
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
@@ -500,11 +503,17 @@ class _Props(_Base):
 
 
 class _Slots(_Base):
-    def get(self) -> None:
+    async def get(self) -> None:
         """As llama-server with --slots: one entry per slot, the first `outside_busy` of
         them processing (work the gateway did not send, in the tests that set it)."""
         script = self.fake.script
         self.fake.slots_reads += 1
+        if script.slots_gate is not None:
+            await script.slots_gate.wait()
+        if script.slots_body is not None:
+            self.set_header("Content-Type", "application/json")
+            self.finish(script.slots_body)
+            return
         if script.outside_busy is None:
             # A 404, as before /slots was faked (the gateway then stops asking): Tornado
             # logs a 5xx answer at ERROR, which tests that assert a clean log would see.
@@ -540,6 +549,8 @@ class _Health(_Base):
         try:
             if fake.script.health_delay:
                 await asyncio.sleep(fake.script.health_delay)
+            if fake.script.health_gate is not None:
+                await fake.script.health_gate.wait()
         finally:
             fake.health_active -= 1
         status = self.fake.script.health_status

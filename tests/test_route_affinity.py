@@ -31,10 +31,10 @@ def test_longest_match_wins_and_knows_a_continuation_from_a_shared_prefix() -> N
     m = PrefixMap()
     system = "s" * (2 * BLOCK_BYTES)
     turn1 = system + "u" * BLOCK_BYTES
-    m.record(prefix_hashes(system), "short")
-    m.record(prefix_hashes(turn1), "long")
-    turn2 = prefix_hashes(turn1 + "r" * BLOCK_BYTES)
-    match = m.longest(turn2)
+    m.record(prefix_hashes(system), "short", system.encode())
+    m.record(prefix_hashes(turn1), "long", turn1.encode())
+    turn2 = turn1 + "r" * BLOCK_BYTES
+    match = m.longest(prefix_hashes(turn2), None, turn2.encode())
     assert match is not None
     assert match.server == "long" and match.matched_bytes == 3 * BLOCK_BYTES
     assert match.continuation
@@ -82,3 +82,19 @@ def test_sessions_are_bounded_and_long_keys_cut() -> None:
     assert s.get(long[:MAX_SESSION_KEY]) == "one"
     s.forget_server("one")
     assert s.get(long) is None
+
+
+def test_a_continuation_goes_on_with_the_whole_earlier_prompt_not_just_its_blocks() -> None:
+    m = PrefixMap()
+    earlier = ("s" * (2 * BLOCK_BYTES) + "question one").encode()
+    m.record(prefix_hashes(earlier), "one", earlier)
+    for prompt, continues in [
+        (earlier, True),  # the same prompt again
+        (earlier + b" and the answer", True),  # the next turn
+        (earlier + b"x" * (2 * BLOCK_BYTES), True),  # a longer next turn
+        (b"s" * (2 * BLOCK_BYTES) + b"question two", False),  # same blocks, other tail
+        (b"s" * (2 * BLOCK_BYTES) + b"ques", False),  # shorter than the earlier tail
+    ]:
+        match = m.longest(prefix_hashes(prompt), None, prompt)
+        assert match is not None and match.server == "one"
+        assert match.continuation is continues, prompt[2 * BLOCK_BYTES :]

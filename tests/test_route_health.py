@@ -47,6 +47,21 @@ def test_one_timeout_is_not_a_dead_server_two_are() -> None:
     assert h.state is State.DOWN
 
 
+def test_one_timeout_does_not_take_a_loading_or_unprobed_server_down_either() -> None:
+    """docs/routing.md: a timeout takes a server down after 2 in a row. Regression: a
+    server not yet probed (or loading) went down on its first slow answer, so a gateway
+    started beside a busy llama-server failed requests at once instead of waiting."""
+    for outcome in (Outcome.TIMEOUT, Outcome.ERROR):
+        h = ServerHealth(POLICY, now=0.0)  # not probed yet: loading
+        assert not h.observe(outcome, 0.0)
+        assert h.state is State.LOADING and h.next_probe_at == 2.0  # the loading interval
+        assert h.observe(Outcome.TIMEOUT, 2.0)
+        assert h.state is State.DOWN
+    h = ServerHealth(POLICY, now=0.0)
+    assert h.observe(Outcome.REFUSED, 0.0)  # nothing listens: down at once, as before
+    assert h.state is State.DOWN
+
+
 def test_an_ok_between_timeouts_resets_the_count() -> None:
     h = ServerHealth(POLICY, initial=State.READY)
     h.observe(Outcome.TIMEOUT, 1.0)

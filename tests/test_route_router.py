@@ -272,6 +272,33 @@ def test_conversations_sharing_a_system_prompt_still_spread() -> None:
     assert sorted(run(main())) == ["a:1", "b:1", "c:1"]
 
 
+def test_new_conversations_with_one_long_system_prompt_and_short_questions_spread() -> None:
+    """Their prompts differ only after the last full block: each looked like the previous
+    conversation's next turn, went to its server and queued there while another idled."""
+
+    async def main() -> None:
+        router, _ = make_router(n=2, slots=1)
+        system = "<|im_start|>system\nShared app prompt. " + "rule " * 400
+        first = await router.acquire(system + "<|im_start|>user\nhi<|im_end|>\n")
+        second = asyncio.create_task(router.acquire(system + "<|im_start|>user\nbye<|im_end|>\n"))
+        await settle()
+        assert second.done(), "a new conversation queued for a busy server; another was idle"
+        lease = second.result()
+        assert host(lease) != host(first) and not lease.continuation
+        first.release()
+        lease.release()
+        # The same prompt again, and the real next turn, are still continuations.
+        bye = system + "<|im_start|>user\nbye<|im_end|>\n"
+        again = await router.acquire(bye)
+        assert host(again) == host(lease) and again.continuation
+        again.release()
+        nxt = await router.acquire(bye + "<|im_start|>assistant\nok" + "more " * 60)
+        assert host(nxt) == host(lease) and nxt.continuation
+        nxt.release()
+
+    run(main())
+
+
 def test_a_shared_prefix_breaks_a_tie_toward_its_server() -> None:
     async def main() -> str:
         router, _ = make_router(n=3, slots=4)

@@ -162,6 +162,24 @@ def test_a_generation_llamacpp_may_have_started_is_never_sent_again(
     assert sum(len(f.requests) for f in pool) == 1
 
 
+def test_a_loading_error_inside_a_200_answer_is_never_sent_again(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """Only a 503 status proves llama.cpp refused to start; an error object in a 200 answer
+    comes after it took the request (docs/routing.md: "a 503 counts only before any 200
+    head"), streamed or not."""
+    pool = fakes[:2]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool))
+    wait_ready(stack, pool)
+    for fake in pool:
+        fake.script.fail_status = 200
+        fake.script.fail_body = {"error": {"code": 503, "message": "Loading model"}}
+    with pytest.raises(openai.APIStatusError) as caught:
+        stack.client().completions.create(model="m", prompt="q")
+    assert caught.value.status_code == 503
+    assert sum(len(f.requests) for f in pool) == 1
+
+
 def test_a_server_that_comes_back_is_used_again(
     make_gateway: Callable[..., Stack], fakes: Any
 ) -> None:
@@ -225,6 +243,27 @@ def test_a_full_pool_queues_then_answers_503_server_overloaded(
         assert running.result(10).status_code == 200
         assert queued.result(10).status_code == 200
     assert [prompt_text(b["prompt"]).count("third") for b in fake.requests] == [0, 0]
+
+
+def test_a_wait_for_servers_that_never_finish_loading_ends_as_loading_not_busy(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """A request waits (bounded by the queue timeout) for a server that is loading its
+    model. When that wait ends, the answer says the model is loading. Regression: it was
+    503 server_overloaded, "All 1 server ... are busy": the operator looked for load that
+    was not there."""
+    fake = fakes[0]
+    fake.script.health_status = 503  # loading, for ever
+    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=0.5)
+    client = stack.client()
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="m", prompt="anyone there?")
+        error = caught.value
+        assert error.status_code == 503 and error.code == "upstream_loading", error.message
+        assert "loading" in error.message and "busy" not in error.message
+        assert error.response.headers["Retry-After"] == "1"
+    assert not fake.requests
 
 
 def test_a_client_that_leaves_the_queue_passes_its_turn(
@@ -467,6 +506,50 @@ def test_a_request_to_a_pool_whose_servers_all_look_down_asks_them_again_at_once
         stack.runner.call(lambda: fake.start(port))  # the session's fake, for later tests
 
 
+def test_requests_that_find_every_server_down_share_the_probe_in_flight(
+    make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama-server came back; the first request that finds every server down has them
+    probed. One arriving while that probe is in flight waits for its answer (it costs no
+    second probe) rather than being refused. Regression: only the request that started the
+    probe could be served; the others got 503 upstream_unavailable at once."""
+    import llamacpp_proxy.upstreams as upstreams
+
+    real_policy = upstreams.ProbePolicy
+    # The prober leaves a down server alone for an hour: only requests probe it here.
+    monkeypatch.setattr(upstreams, "ProbePolicy", lambda: real_policy(backoff_base=3600.0))
+    fake = fakes[0]
+    stack = make_gateway(llamacpp_server=(fake.url,))
+    wait_ready(stack, [fake])
+    port = fake.port
+    stack.runner.run(fake.kill())
+    try:
+        with pytest.raises(openai.APIStatusError):
+            stack.client().completions.create(model="m", prompt="refused: down")
+        assert ready_servers_on_loop(stack).get(f"127.0.0.1:{port}") == "down"
+        revived = FakeLlamaCpp()
+        gate = stack.runner.call(asyncio.Event)
+        revived.script.health_gate = gate
+        stack.runner.call(lambda: revived.start(port))
+        # As if DEMAND_PROBE_INTERVAL had passed since any probe a request asked for.
+        stack.ctx.routes.pools["default"].asked_down_at = -upstreams.DEMAND_PROBE_INTERVAL
+        try:
+            with ThreadPoolExecutor(2) as threads:
+                first = threads.submit(chat, stack, [{"role": "user", "content": "first"}])
+                assert stack.wait_for(lambda: revived.health_active == 1)  # its probe
+                second = threads.submit(chat, stack, [{"role": "user", "content": "second"}])
+                stack.wait_for(lambda: second.done() or stack.ctx.in_flight == 2)
+                stack.runner.call(gate.set)
+                responses = [first.result(timeout=30), second.result(timeout=30)]
+            assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+            assert revived.health_requests == 1
+        finally:
+            stack.runner.call(gate.set)
+            stack.runner.call(revived.stop)
+    finally:
+        stack.runner.call(lambda: fake.start(port))  # the session's fake, for later tests
+
+
 # -- outside load -------------------------------------------------------------------------
 
 
@@ -475,6 +558,7 @@ def held_by_outside_work(
     fakes: Any,
     monkeypatch: pytest.MonkeyPatch,
     queue_timeout: float,
+    **overrides: Any,
 ) -> tuple[Stack, Any, Any, str, Any]:
     """A gateway in front of one fake llama-server whose one slot outside work holds, seen
     by the gateway; probes of a ready server only once an hour, so only the re-reads of
@@ -486,7 +570,7 @@ def held_by_outside_work(
     fake = fakes[0]
     fake.script.total_slots = 1
     fake.script.outside_busy = 1
-    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=queue_timeout)
+    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=queue_timeout, **overrides)
     wait_ready(stack, [fake])
     runtime = stack.ctx.routes.pools["default"]
     router = runtime.router
@@ -549,6 +633,134 @@ def test_a_request_that_waits_on_a_stale_outside_reading_has_slots_read_at_once(
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     served = {prompt_text(body["prompt"]) for body in fake.requests}
     assert any("queued first" in p for p in served) and any("queued second" in p for p in served)
+
+
+@pytest.mark.parametrize("answer", ["malformed", "no slots", "silent", "huge"])
+def test_outside_load_that_slots_can_no_longer_show_stops_holding_slots(
+    make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch, answer: str
+) -> None:
+    """/slots showed outside work on the one slot, then answered no slot list (a broken
+    answer, or a llama-server restarted without --slots), or nothing in time. Outside load
+    it cannot show is unknown, which counts as none (docs/routing.md). Regression: the last
+    reading held the slot for good: every request waited for its queue timeout (503)."""
+    import llamacpp_proxy.upstreams as upstreams
+
+    stack, fake, router, key, upstream = held_by_outside_work(
+        make_gateway, fakes, monkeypatch, queue_timeout=10.0, upstream_connect_timeout=0.5
+    )
+    gate = stack.runner.call(asyncio.Event)
+    with ThreadPoolExecutor(1) as threads:
+        waiting = threads.submit(chat, stack, [{"role": "user", "content": "behind outside"}])
+        assert stack.wait_for(lambda: router.held_by_outside() == [key])
+        if answer == "malformed":
+            fake.script.slots_body = b'[{"id": 0, "is_processing": tr'
+        elif answer == "huge":  # a slot list, but read on every probe: bounded, refused
+            busy = {"id": 0, "is_processing": True, "pad": "x" * upstreams.PROBE_BODY_LIMIT}
+            fake.script.slots_body = json.dumps([busy]).encode()
+        elif answer == "silent":
+            fake.script.slots_gate = gate  # /slots answers nothing until the test ends
+        else:
+            fake.script.outside_busy = None  # 404, as without --slots
+        response = waiting.result(timeout=30)
+    stack.runner.call(gate.set)
+    assert response.status_code == 200, response.text
+    assert upstream.external_busy == 0
+    if answer == "malformed":  # a bad answer is not taken for a server without /slots
+        fake.script.slots_body = None
+        fake.script.outside_busy = 1
+        stack.runner.run(stack.ctx.routes.probe_all())
+        assert stack.wait_for(lambda: upstream.external_busy == 1)
+
+
+def test_readiness_and_requests_do_not_wait_for_a_silent_slots(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """/health/ready probes /health now, and a request that finds every server down has
+    them probed; neither needs /props or /slots, which the same probe reads afterwards.
+    Regression: both waited for the whole probe, so a /slots that hung (the prober's
+    timeout is --upstream-connect-timeout) held the readiness answer (a Kubernetes
+    readiness probe, whose default timeout is 1 s, took the gateway for unready)."""
+    fake = fakes[0]
+    fake.script.outside_busy = 0
+    stack = make_gateway(llamacpp_server=(fake.url,), upstream_connect_timeout=60.0)
+    wait_ready(stack, [fake])
+    gate = stack.runner.call(asyncio.Event)
+    fake.script.slots_gate = gate  # /slots answers nothing until the test ends
+    try:
+        reads = fake.slots_reads
+        assert stack.wait_for(lambda: fake.slots_reads > reads)  # a probe waits on it now
+        with httpx.Client(base_url=stack.url, timeout=10) as http:
+            for _ in range(3):
+                ready = http.get("/health/ready")
+                assert ready.status_code == 200, ready.text
+                assert ready.json()["models"]["default"]["status"] == "ready"
+            answer = chat(stack, [{"role": "user", "content": "hi"}])
+            assert answer.status_code == 200
+    finally:
+        stack.runner.call(gate.set)
+
+
+def test_a_silent_slots_does_not_starve_the_health_probe_of_connections(
+    make_gateway: Callable[..., Stack], fakes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prober's reads of one server (/health; /props then /slots; the re-reads of /slots
+    while requests wait on outside load) run side by side on the prober's own connections.
+    Two /slots reads that hang must leave one for /health, or a server that answers
+    /health at once would time out there and be taken down."""
+    stack, fake, _, _, upstream = held_by_outside_work(
+        make_gateway, fakes, monkeypatch, queue_timeout=0.5, upstream_connect_timeout=60.0
+    )
+    gate = stack.runner.call(asyncio.Event)
+    fake.script.slots_gate = gate  # /slots answers nothing until the test ends
+    try:
+        reads = fake.slots_reads
+        waiting = chat(stack, [{"role": "user", "content": "behind outside"}])
+        assert waiting.status_code == 503  # its re-read of /slots hangs on
+        assert fake.slots_reads == reads + 1
+        with httpx.Client(base_url=stack.url, timeout=10) as http:
+            assert http.get("/health/ready").status_code == 200  # its /slots read hangs too
+            assert stack.wait_for(lambda: fake.slots_reads == reads + 2)
+            ready = http.get("/health/ready")
+            assert ready.status_code == 200, ready.text
+        assert upstream.health.failures == 0  # no /health timed out
+    finally:
+        stack.runner.call(gate.set)
+
+
+def test_a_server_restarted_with_slots_has_its_outside_load_read_again(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """A llama-server without /slots is not asked again; restarted with --slots (it went
+    down and came back), it is. Regression: the gateway never asked again until it was
+    itself restarted, so outside load on that server stayed invisible."""
+    fake = fakes[0]
+    fake.script.outside_busy = None  # 404: no /slots
+    stack = make_gateway(llamacpp_server=(fake.url,))
+    wait_ready(stack, [fake])
+    runtime = stack.ctx.routes.pools["default"]
+    [key] = runtime.clients
+    assert stack.wait_for(lambda: key in runtime.no_slots)
+    port = fake.port
+    stack.runner.run(fake.kill())
+    try:
+        down = f"127.0.0.1:{port}"
+        assert stack.wait_for(lambda: ready_servers_on_loop(stack).get(down) == "down")
+        revived = FakeLlamaCpp()
+        revived.script.total_slots = 1
+        revived.script.outside_busy = 1  # with --slots now, and another client on its slot
+        stack.runner.call(lambda: revived.start(port))
+        try:
+            wait_ready(stack, [revived], timeout=20)
+
+            upstream = runtime.router.upstream(key)
+            assert upstream is not None
+            assert stack.wait_for(lambda: upstream.external_busy == 1)
+            (server,) = stack.http.get("/health/ready").json()["models"]["default"]["servers"]
+            assert server["slots_busy"] == 1
+        finally:
+            stack.runner.call(revived.stop)
+    finally:
+        stack.runner.call(lambda: fake.start(port))  # the session's fake, for later tests
 
 
 def test_after_a_reload_what_it_replaced_can_be_collected(two_models: Any, fakes: Any) -> None:

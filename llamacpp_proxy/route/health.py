@@ -56,8 +56,8 @@ class ProbePolicy:
     jitter: float = 0.1
     """Fraction (+-) by which waits vary, so many gateways do not probe in step."""
     failures_to_down: int = 2
-    """Consecutive timeouts/errors that take a READY server down. One slow answer is not a
-    dead server; a refused connection is, and takes it down at once."""
+    """Consecutive timeouts/errors that take a READY (or LOADING) server down. One slow
+    answer is not a dead server; a refused connection is, and takes it down at once."""
 
 
 class ServerHealth:
@@ -92,12 +92,15 @@ class ServerHealth:
             self.next_probe_at = now + self._jittered(p.loading_interval)
         else:
             self.failures += 1
+            # One slow or odd answer is not a dead server, whether it was ready or loading
+            # (not yet probed included: a gateway started beside a busy server).
             if (
-                self.state is State.READY
+                self.state is not State.DOWN
                 and outcome is not Outcome.REFUSED
                 and self.failures < p.failures_to_down
             ):
-                self.next_probe_at = now + self._jittered(p.ready_interval)
+                interval = p.ready_interval if self.state is State.READY else p.loading_interval
+                self.next_probe_at = now + self._jittered(interval)
             else:
                 if self.state is not State.DOWN:
                     self.failures = 1  # the backoff counts from the fall

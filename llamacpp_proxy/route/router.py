@@ -28,9 +28,10 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..errors import NoServerAvailable, ServerOverloaded
+from ..errors import NoServerAvailable, ServerOverloaded, UpstreamLoading
 from .affinity import DEFAULT_MAX_PREFIXES, DEFAULT_MAX_SESSIONS, PrefixMap, SessionMap
 from .affinity import prefix_hashes as _prefix_hashes
+from .affinity import prompt_bytes as _prompt_bytes
 from .clock import Clock, LoopClock, Timer
 from .health import Outcome, ProbePolicy, ServerHealth, ServerStatus, State
 from .pools import Pool, Server
@@ -213,10 +214,11 @@ class Router:
         if deadline is None:
             deadline = now + self.policy.queue_timeout
         if self._affinity:
-            hashes = _prefix_hashes(prompt) if prompt else []
-            want = self._want(hashes, session_key, now)
+            data = _prompt_bytes(prompt) if prompt else b""
+            hashes = _prefix_hashes(data) if data else []
+            want = self._want(hashes, data, session_key, now)
         else:
-            hashes, want, session_key = [], _Want(), None
+            data, hashes, want, session_key = b"", [], _Want(), None
         self._check_expected(exclude)
         upstream = self._choose(want, exclude, now)
         if upstream is None and (self._queue.full or now >= deadline):
@@ -229,7 +231,7 @@ class Router:
         else:
             upstream.inflight += 1
             self._queue.served(queue_key, queue_weight)
-        return self._lease(upstream, want, hashes, session_key)
+        return self._lease(upstream, want, hashes, data, session_key)
 
     def acquire_nowait(
         self,
@@ -243,28 +245,34 @@ class Router:
         caller can cancel). Lets the request path skip a task when a slot is free."""
         now = self._clock.now()
         if self._affinity:
-            hashes = _prefix_hashes(prompt) if prompt else []
-            want = self._want(hashes, session_key, now)
+            data = _prompt_bytes(prompt) if prompt else b""
+            hashes = _prefix_hashes(data) if data else []
+            want = self._want(hashes, data, session_key, now)
         else:
-            hashes, want, session_key = [], _Want(), None
+            data, hashes, want, session_key = b"", [], _Want(), None
         self._check_expected(exclude)
         upstream = self._choose(want, exclude, now)
         if upstream is None:
             return None
         upstream.inflight += 1
         self._queue.served(queue_key, queue_weight)  # the key's turn, for the fair queue
-        return self._lease(upstream, want, hashes, session_key)
+        return self._lease(upstream, want, hashes, data, session_key)
 
     def can_retry(self, exclude: frozenset[str]) -> bool:
         """Some server not in `exclude` is ready or loading (failover has somewhere to go)."""
         return self._any_expected(exclude)
 
     def _lease(
-        self, upstream: Upstream, want: _Want, hashes: list[int], session_key: str | None
+        self,
+        upstream: Upstream,
+        want: _Want,
+        hashes: list[int],
+        data: bytes,
+        session_key: str | None,
     ) -> Lease:
         # Record now, not when the answer ends: the next turn may arrive while this one
         # streams, and it should find this server.
-        self._prefixes.record(hashes, upstream.key)
+        self._prefixes.record(hashes, upstream.key, data)
         if session_key:
             self._sessions.record(session_key, upstream.key)
         warm = upstream.key == want.warm
@@ -302,7 +310,11 @@ class Router:
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
             self._queue.remove(waiter)
-            waiter.future.set_exception(self._overloaded("no slot became free in time"))
+            exclude = waiter.exclude
+            if any(u.usable and u.key not in exclude for u in self._servers.values()):
+                waiter.future.set_exception(self._overloaded("no slot became free in time"))
+            else:  # it waited on servers loading their model, not on busy ones
+                waiter.future.set_exception(self._loading())
 
     def _release(self, upstream: Upstream) -> None:
         upstream.inflight -= 1
@@ -362,9 +374,9 @@ class Router:
 
     # -- the choice --------------------------------------------------------------------------
 
-    def _want(self, hashes: list[int], session_key: str | None, now: float) -> _Want:
+    def _want(self, hashes: list[int], data: bytes, session_key: str | None, now: float) -> _Want:
         present = frozenset(self._servers)
-        match = self._prefixes.longest(hashes, present) if hashes else None
+        match = self._prefixes.longest(hashes, present, data) if hashes else None
         want = _Want()
         if match is not None:
             want = _Want(match.server, match.continuation, match.matched_bytes)
@@ -437,6 +449,13 @@ class Router:
             self.policy.retry_after,
         )
 
+    def _loading(self) -> UpstreamLoading:
+        return UpstreamLoading(
+            f"No server of model '{self.pool.name}' finished loading its model in time; "
+            "retry later.",
+            headers={"Retry-After": str(self.policy.retry_after)},
+        )
+
     def _unavailable(self) -> NoServerAvailable:
         return NoServerAvailable(
             f"No server of model '{self.pool.name}' is up; retry later.",
@@ -474,6 +493,13 @@ class Router:
         upstream = self._servers.get(key)
         if upstream is not None:
             upstream.external_busy = max(0, processing - upstream.inflight)
+            self._dispatch()
+
+    def forget_outside_load(self, key: str) -> None:
+        """/slots could not say how busy the server is: count no outside load on it."""
+        upstream = self._servers.get(key)
+        if upstream is not None and upstream.external_busy:
+            upstream.external_busy = 0
             self._dispatch()
 
     def held_by_outside(self) -> list[str]:

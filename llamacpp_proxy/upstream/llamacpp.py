@@ -49,7 +49,10 @@ log = logging.getLogger("llamacpp_proxy.upstream")
 
 PROPS_TTL = 60.0  # seconds a /props answer is reused (chat template, BOS/EOS, model path)
 HEALTH_TTL = 0.0  # readiness must reflect llama.cpp now: share only the probe in flight
-PROBE_CONNECTIONS = 2  # connections of their own for /health, /props, /slots
+PROBE_CONNECTIONS = 3
+"""Connections of their own for /health, /props, /slots: the prober reads one server's
+/health, its /props then /slots, and /slots again while requests wait on outside load,
+side by side; two reads that hang must leave /health one (route/upstreams.py)."""
 ERROR_BODY_LIMIT = 64 * 1024  # read this much of an error body, then close the connection
 MAX_RESPONSE = 64 * 1024 * 1024  # a non-streamed answer (n_probs makes them large)
 MAX_MESSAGE = 1000  # characters of llama.cpp's error message passed on
@@ -110,6 +113,7 @@ class UpstreamCall:
         "got_first_byte",
         "last_activity",
         "sent",
+        "status",
         "streamed",
     )
 
@@ -124,6 +128,9 @@ class UpstreamCall:
         self.streamed = False
         self.sent = False
         """A request byte may have reached llama.cpp (False: failover may re-send it)."""
+        self.status: int | None = None
+        """The response head's status once read: only a 503 head proves llama.cpp refused
+        to start the generation (failover); an error inside a 200 answer does not."""
         self.last_activity = self._loop.time()
         self._timer: object | None = self._loop.call_later(first_byte_timeout, self._check)
 
@@ -411,13 +418,15 @@ class LlamaCppClient:
             return False, "llama.cpp is loading the model"
         return False, f"llama.cpp /health answered HTTP {response.status}"
 
-    async def _get(self, path: str, timeout: float | None = None) -> Response:
+    async def _get(
+        self, path: str, timeout: float | None = None, limit: int = MAX_RESPONSE
+    ) -> Response:
         call = UpstreamCall(
             timeout or self._settings.upstream_first_byte_timeout,
             self._settings.upstream_idle_timeout,
         )
         try:
-            return await self._exchange("GET", path, None, call, pool=self._probe_pool)
+            return await self._exchange("GET", path, None, call, pool=self._probe_pool, limit=limit)
         finally:
             call.done()
 
@@ -462,6 +471,7 @@ class LlamaCppClient:
                 # The deadline (or the client leaving) won the race with a head that was
                 # already buffered: the call is over, so its answer is not relayed.
                 raise call.abort_reason
+            call.status = head.status
             call.started()
             if on_head is not None:
                 on_head(head)
