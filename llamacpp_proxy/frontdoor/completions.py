@@ -185,6 +185,7 @@ class CompletionsHandler(BaseHandler):
     _direct: IOStream | None = None
     _direct_socket: socket.socket | None = None
     _direct_asked = False
+    _roles_written = False  # chat, streamed: every choice's role chunk is out
 
     def initialize(self, ctx: Any) -> None:
         super().initialize(ctx)
@@ -804,7 +805,14 @@ class CompletionsHandler(BaseHandler):
             generation.opened = True
             self._start_stream()
             if chat:
-                self._write(encoder.role(index))
+                if not self._roles_written:
+                    # Every choice's role chunk at once, in index order, whichever choice
+                    # opens first: the openai SDK's stream helpers (chat.completions.stream,
+                    # ChatCompletionStreamState) append a choice at its first chunk and
+                    # index it by position, so a first chunk for index 1 before index 0
+                    # crashed them (IndexError) or crossed the choices' texts.
+                    self._roles_written = True
+                    self._write(b"".join(encoder.role(i) for i in range(len(self._generations))))
             elif generation.choice.prompt_text:
                 self._write(encoder.content(index, generation.choice.prompt_text))
             else:
