@@ -462,6 +462,8 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
                 f"tools[{i}].function.parameters",
                 f"'tools[{i}].function.parameters' must be a JSON Schema object",
             )
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        return _allowed_tools(tools, choice.get("allowed_tools"))
     if choice is not None and choice not in ("none", "auto", "required"):
         fn = choice.get("function") if isinstance(choice, dict) else None
         name = fn.get("name") if isinstance(fn, dict) else None
@@ -471,6 +473,41 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
                 "'tool_choice' must be 'none', 'auto', 'required' or name one of the tools",
             )
     return (tools or None), choice
+
+
+def _allowed_tools(
+    tools: list[dict[str, Any]], spec: Any
+) -> tuple[list[dict[str, Any]] | None, Any]:
+    """`tool_choice: {"type": "allowed_tools", ...}`: only the listed tools are offered,
+    with the mode as the choice. Offering them all would let `required` force a call of a
+    tool the client ruled out."""
+    param = "tool_choice.allowed_tools"
+    if not isinstance(spec, dict):
+        raise _bad(param, f"'{param}' must be an object with 'mode' and 'tools'")
+    mode = spec.get("mode")
+    if mode not in ("auto", "required"):
+        raise _bad(f"{param}.mode", f"'{param}.mode' must be 'auto' or 'required'")
+    listed = spec.get("tools")
+    if not isinstance(listed, list):
+        raise _bad(f"{param}.tools", f"'{param}.tools' must be an array of tools")
+    names = {t["function"]["name"] for t in tools}
+    wanted = set()
+    for i, entry in enumerate(listed):
+        fn = entry.get("function") if isinstance(entry, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or name not in names:
+            raise _bad(
+                f"{param}.tools[{i}]",
+                f'\'{param}.tools[{i}]\' must be {{"type": "function", "function": '
+                '{"name": ...}} naming one of the tools',
+            )
+        wanted.add(name)
+    allowed = [t for t in tools if t["function"]["name"] in wanted]
+    if not allowed:
+        if mode == "required":
+            raise _bad(f"{param}.tools", f"'{param}.tools' is empty: 'required' needs a tool")
+        return None, None
+    return allowed, mode
 
 
 def _unsupported_chat_fields(body: dict[str, Any]) -> None:
