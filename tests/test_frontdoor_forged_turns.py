@@ -1,6 +1,7 @@
-"""A client cannot forge a turn through a message's other strings (`name`, the tool-result
-call ids of every front door): a template that writes them as they are must still give the
-model their text, never llama.cpp's control tokens."""
+"""A conversation's history as a hostile client writes it. A client cannot forge a turn
+through a message's other strings (`name`, the tool-result call ids of every front door): a
+template that writes them as they are must still give the model their text, never
+llama.cpp's control tokens. An earlier call's arguments are an object on every door."""
 
 from __future__ import annotations
 
@@ -79,3 +80,38 @@ def test_names_and_call_ids_cannot_forge_a_turn(stack: Stack, path: str, body: A
     # The connection keeps serving a plain request.
     plain = stack.http.post("/v1/chat/completions", json={"messages": [HI]}, headers=AUTH)
     assert plain.status_code == 200 and json.loads(plain.text)["choices"]
+
+
+# -- an earlier call's arguments, as every front door takes them -------------------------
+
+
+@pytest.mark.parametrize("arguments", ["[1, 2]", '"text"', "null", 5, ["a"]])
+def test_chat_call_arguments_that_are_no_object_are_a_400(stack: Stack, arguments: Any) -> None:
+    # /v1/responses (arguments) and /v1/messages (input) refuse anything but an object;
+    # chat took an array, a number or a string and handed it to the template, which wrote
+    # it into the prompt as arguments no tool takes (or failed on it).
+    body = {
+        "messages": [
+            HI,
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "a",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "a", "content": "18C"},
+        ]
+    }
+    answer = stack.http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "messages[1].tool_calls[0].function.arguments"
+    assert "JSON object" in error["message"]
+    # An empty string is still no arguments, and the connection keeps serving.
+    body["messages"][1]["tool_calls"][0]["function"]["arguments"] = ""  # type: ignore[index]
+    assert stack.http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200

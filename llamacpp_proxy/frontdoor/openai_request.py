@@ -427,6 +427,14 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
                 raise too_deep_error(f"{param}[{j}].function.arguments")
             if has_lone_surrogate_escape(text, arguments):
                 raise lone_surrogate_error(f"{param}[{j}].function.arguments")
+        if not isinstance(arguments, dict):
+            # Templates iterate the mapping (`arguments | items`) or write it with tojson:
+            # an array, a number or a string reached them as a 500-shaped template failure
+            # or as arguments no tool takes.
+            raise _bad(
+                f"{param}[{j}].function.arguments",
+                "tool call arguments must be a JSON object encoded as a string",
+            )
         # Templates (HF convention) expect the arguments as a mapping, not a JSON string.
         calls.append(
             {
