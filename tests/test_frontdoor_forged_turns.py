@@ -115,3 +115,24 @@ def test_chat_call_arguments_that_are_no_object_are_a_400(stack: Stack, argument
     # An empty string is still no arguments, and the connection keeps serving.
     body["messages"][1]["tool_calls"][0]["function"]["arguments"] = ""  # type: ignore[index]
     assert stack.http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+
+
+def test_an_assistant_refusal_part_is_history_not_a_400(stack: Stack) -> None:
+    # OpenAI's schema allows `refusal` parts in an assistant message's content (a client
+    # sending the conversation back as the API gave it); chat answered 400 "unknown content
+    # part type 'refusal'". On a user message it is still refused.
+    refused = {"type": "refusal", "refusal": "I cannot help with that."}
+    body: Any = {
+        "messages": [
+            HI,
+            {"role": "assistant", "content": [refused]},
+            {"role": "user", "content": "ok"},
+        ]
+    }
+    answer = stack.http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    assert "assistant\nI cannot help with that.<|im_end|>" in stack.fake.requests[-1]["prompt"]
+    body["messages"][0] = {"role": "user", "content": [refused]}
+    answer = stack.http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "messages[0].content[0].type"

@@ -394,6 +394,13 @@ def _content(value: Any, param: str, *, optional: bool) -> str | None:
             if not isinstance(text, str):
                 raise _bad(f"{param}[{j}].text", f"'{param}[{j}].text' must be a string")
             texts.append(text)
+        elif kind == "refusal" and optional:
+            # An assistant turn (optional content) sent back as the API gave it: OpenAI's
+            # schema has text and refusal parts there; the model reads what it said.
+            refusal = part.get("refusal")
+            if not isinstance(refusal, str):
+                raise _bad(f"{param}[{j}].refusal", f"'{param}[{j}].refusal' must be a string")
+            texts.append(refusal)
         elif kind in ("image_url", "input_audio", "file", "input_image"):
             raise _bad(
                 f"{param}[{j}].type",
