@@ -110,6 +110,9 @@ class Script:
     slots_gate: asyncio.Event | None = None  # /slots waits for it before answering
     cache_n: int = 0  # final event's timings.cache_n: prompt tokens reused from the cache
     gate: asyncio.Event | None = None  # /completion waits for it before answering
+    # /completion with body seed S waits for seed_gates[S] (choice i of n has seed + i):
+    # which of a request's choices opens first, made certain
+    seed_gates: dict[int, asyncio.Event] = field(default_factory=dict)
     mid_gate: asyncio.Event | None = None  # a stream waits for it after its first token
     head_gate: asyncio.Event | None = None  # a stream sends its head, then waits for it
     model_alias: str | None = None  # llama-server --alias; None: the model's path, as llama.cpp
@@ -154,6 +157,9 @@ class _Completion(_Base):
             await asyncio.sleep(script.stall_before)
         if script.gate is not None:
             await script.gate.wait()
+        seed_gate = script.seed_gates.get(body.get("seed"))  # type: ignore[arg-type]
+        if seed_gate is not None:
+            await seed_gate.wait()
         if fake.close_connections:
             self.set_header("Connection", "close")
         if script.fail_status is not None and script.huge_body:

@@ -327,9 +327,11 @@ def parse_messages_request(body: dict[str, Any], *, count_only: bool = False) ->
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise _missing("max_tokens")
-    if not is_int(max_tokens) or not 1 <= max_tokens <= MAX_INT32:
+    # No upper bound here: the front door caps it at --max-tokens-limit (clients send their
+    # model's maximum), so a larger count is capped like any other, never refused.
+    if not is_int(max_tokens) or max_tokens < 1:
         raise _bad("max_tokens", f"must be an integer of at least 1, not {max_tokens!r}")
-    request.max_tokens = max_tokens
+    request.max_tokens = min(max_tokens, MAX_INT32)
     request.temperature = number(body, "temperature", 0, 1, _bad)
     request.top_p = number(body, "top_p", 0, 1, _bad)
     top_k = body.get("top_k")

@@ -96,6 +96,9 @@ def _active_tools(request: CompletionRequest) -> list[dict[str, Any]] | None:
     return request.tools
 
 
+_ASKING = ("user", "tool")
+
+
 def _ignore_closed(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()  # retrieved: a closed client is handled by on_connection_close
@@ -185,6 +188,11 @@ class CompletionsHandler(BaseHandler):
     _direct: IOStream | None = None
     _direct_socket: socket.socket | None = None
     _direct_asked = False
+    _roles_written = False  # chat, streamed: every choice's role chunk is out
+    prefills_assistant = False
+    """A last assistant message (text, no tool calls) is the start of the answer, which
+    the model continues (Anthropic's prefill), not a finished turn; set by the front door
+    whose protocol says so."""
 
     def initialize(self, ctx: Any) -> None:
         super().initialize(ctx)
@@ -296,6 +304,16 @@ class CompletionsHandler(BaseHandler):
         if marked is not None:
             messages = marked.messages
             tools = tools if marked.tools is None else marked.tools
+        prefill = ""
+        # Only after a user's turn (or tool results) is it the start of an answer to them.
+        if self.prefills_assistant and len(messages) > 1 and messages[-2]["role"] in _ASKING:
+            last = messages[-1]
+            if last["role"] == "assistant" and last.get("content") and not last.get("tool_calls"):
+                # As llama-server does: the turns before it with the generation prompt,
+                # then its text, unclosed. Rendered as a turn, the template would close it
+                # and open a new one, and the model would start over instead of going on.
+                prefill = last["content"]
+                messages = messages[:-1]
         prompt = await render_off_loop_if_large(
             body_size(self.request.headers.get("Content-Length")),
             template.render,
@@ -305,6 +323,8 @@ class CompletionsHandler(BaseHandler):
             tools=tools,
             llama_adds_bos=adds_bos,
         )
+        if prefill:
+            prompt += prefill  # a marker, when it looks like a control token: assembled below
         check_prompt_size(prompt, self.ctx.settings.max_body_size)
         if marked is not None:
             # Slow path: some content looks like a control token; it goes as its plain-text
@@ -804,7 +824,14 @@ class CompletionsHandler(BaseHandler):
             generation.opened = True
             self._start_stream()
             if chat:
-                self._write(encoder.role(index))
+                if not self._roles_written:
+                    # Every choice's role chunk at once, in index order, whichever choice
+                    # opens first: the openai SDK's stream helpers (chat.completions.stream,
+                    # ChatCompletionStreamState) append a choice at its first chunk and
+                    # index it by position, so a first chunk for index 1 before index 0
+                    # crashed them (IndexError) or crossed the choices' texts.
+                    self._roles_written = True
+                    self._write(b"".join(encoder.role(i) for i in range(len(self._generations))))
             elif generation.choice.prompt_text:
                 self._write(encoder.content(index, generation.choice.prompt_text))
             else:

@@ -52,6 +52,7 @@ class MessagesHandler(ProtocolHandler):
     """POST /v1/messages."""
 
     chat = True
+    prefills_assistant = True  # a last assistant message is the answer's start (prefill)
     endpoint = "/v1/messages"
     records_usage = True
 

@@ -394,6 +394,13 @@ def _content(value: Any, param: str, *, optional: bool) -> str | None:
             if not isinstance(text, str):
                 raise _bad(f"{param}[{j}].text", f"'{param}[{j}].text' must be a string")
             texts.append(text)
+        elif kind == "refusal" and optional:
+            # An assistant turn (optional content) sent back as the API gave it: OpenAI's
+            # schema has text and refusal parts there; the model reads what it said.
+            refusal = part.get("refusal")
+            if not isinstance(refusal, str):
+                raise _bad(f"{param}[{j}].refusal", f"'{param}[{j}].refusal' must be a string")
+            texts.append(refusal)
         elif kind in ("image_url", "input_audio", "file", "input_image"):
             raise _bad(
                 f"{param}[{j}].type",
@@ -427,6 +434,14 @@ def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
                 raise too_deep_error(f"{param}[{j}].function.arguments")
             if has_lone_surrogate_escape(text, arguments):
                 raise lone_surrogate_error(f"{param}[{j}].function.arguments")
+        if not isinstance(arguments, dict):
+            # Templates iterate the mapping (`arguments | items`) or write it with tojson:
+            # an array, a number or a string reached them as a 500-shaped template failure
+            # or as arguments no tool takes.
+            raise _bad(
+                f"{param}[{j}].function.arguments",
+                "tool call arguments must be a JSON object encoded as a string",
+            )
         # Templates (HF convention) expect the arguments as a mapping, not a JSON string.
         calls.append(
             {
@@ -462,6 +477,8 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
                 f"tools[{i}].function.parameters",
                 f"'tools[{i}].function.parameters' must be a JSON Schema object",
             )
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        return _allowed_tools(tools, choice.get("allowed_tools"))
     if choice is not None and choice not in ("none", "auto", "required"):
         fn = choice.get("function") if isinstance(choice, dict) else None
         name = fn.get("name") if isinstance(fn, dict) else None
@@ -471,6 +488,41 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
                 "'tool_choice' must be 'none', 'auto', 'required' or name one of the tools",
             )
     return (tools or None), choice
+
+
+def _allowed_tools(
+    tools: list[dict[str, Any]], spec: Any
+) -> tuple[list[dict[str, Any]] | None, Any]:
+    """`tool_choice: {"type": "allowed_tools", ...}`: only the listed tools are offered,
+    with the mode as the choice. Offering them all would let `required` force a call of a
+    tool the client ruled out."""
+    param = "tool_choice.allowed_tools"
+    if not isinstance(spec, dict):
+        raise _bad(param, f"'{param}' must be an object with 'mode' and 'tools'")
+    mode = spec.get("mode")
+    if mode not in ("auto", "required"):
+        raise _bad(f"{param}.mode", f"'{param}.mode' must be 'auto' or 'required'")
+    listed = spec.get("tools")
+    if not isinstance(listed, list):
+        raise _bad(f"{param}.tools", f"'{param}.tools' must be an array of tools")
+    names = {t["function"]["name"] for t in tools}
+    wanted = set()
+    for i, entry in enumerate(listed):
+        fn = entry.get("function") if isinstance(entry, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or name not in names:
+            raise _bad(
+                f"{param}.tools[{i}]",
+                f'\'{param}.tools[{i}]\' must be {{"type": "function", "function": '
+                '{"name": ...}} naming one of the tools',
+            )
+        wanted.add(name)
+    allowed = [t for t in tools if t["function"]["name"] in wanted]
+    if not allowed:
+        if mode == "required":
+            raise _bad(f"{param}.tools", f"'{param}.tools' is empty: 'required' needs a tool")
+        return None, None
+    return allowed, mode
 
 
 def _unsupported_chat_fields(body: dict[str, Any]) -> None:

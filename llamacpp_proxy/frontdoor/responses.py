@@ -360,6 +360,32 @@ def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> An
     )
 
 
+def _allowed_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> Any:
+    """The function tools `tool_choice: {"type": "allowed_tools", "tools": [...]}` leaves
+    offered (all of them for any other choice). Offering them all would let `required`
+    force a call of a tool the client ruled out."""
+    choice = body.get("tool_choice")
+    if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
+        return tools
+    listed = choice.get("tools")
+    if not isinstance(listed, list):
+        raise _bad("tool_choice.tools", "must be an array of tools")
+    wanted = set()
+    for i, entry in enumerate(listed):
+        if not isinstance(entry, dict):
+            raise _bad(f"tool_choice.tools[{i}]", "must be an object")
+        if entry.get("type") == "function":
+            name = entry.get("name")
+            if not isinstance(name, str):
+                raise _bad(f"tool_choice.tools[{i}].name", "must be a string")
+            wanted.add(name)
+        # A hosted tool listed here was dropped with the others: nothing to offer.
+    allowed = [t for t in tools or () if t["function"]["name"] in wanted]
+    if not allowed and choice.get("mode") == "required":
+        raise _bad("tool_choice.tools", "names no function tool in 'tools'")
+    return allowed or None
+
+
 def _text_format(body: dict[str, Any], parsed: ResponsesRequest) -> dict[str, Any] | None:
     """`text.format` as the schema llama.cpp constrains the output with (as response_format)."""
     text = body.get("text")
@@ -472,6 +498,9 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesRequest:
     request.messages = messages
     request.tools = _tools(body, parsed)
     request.tool_choice = _tool_choice(body, request.tools)
+    request.tools = _allowed_tools(body, request.tools)
+    if request.tools is None and request.tool_choice == "auto":
+        request.tool_choice = None  # nothing left to offer
     request.parallel_tool_calls = body.get("parallel_tool_calls") is not False
     max_output = body.get("max_output_tokens")
     if max_output is not None:

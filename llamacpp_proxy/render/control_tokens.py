@@ -64,6 +64,7 @@ class MarkedMessages:
         flagged: list[int],
         with_calls: Sequence[int] = (),
         tools: list[dict[str, Any]] | None = None,
+        flagged_fields: Sequence[tuple[int, str]] = (),
     ) -> None:
         # A fresh nonce per request: content cannot guess a marker and so cannot forge one.
         self._nonce = secrets.token_hex(8)
@@ -84,6 +85,13 @@ class MarkedMessages:
             marker = f"\ue000{self._nonce}.{i}\ue001"
             self.marks[marker] = core
             self.messages[i] = {**self.messages[i], "content": lead + marker + trail}
+        for i, key in flagged_fields:
+            # Templates write these as they are (Mistral's `"call_id": "' + tool_call_id`,
+            # a speaker's `message.name`): the marker stands for the plain text.
+            marker = f"\ue000{self._nonce}.{self._count}\ue001"
+            self._count += 1
+            self.marks[marker] = messages[i][key]
+            self.messages[i] = {**self.messages[i], key: marker}
 
     def _json(self, value: Any) -> Any:
         """A copy of a JSON value whose strings (keys too) that look like control tokens are
@@ -162,8 +170,9 @@ def _json_may_hold_control(value: Any) -> bool:
 def mark_messages(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
 ) -> MarkedMessages | None:
-    """Markers for every message content, and every string of the tools and of earlier
-    tool calls, that may hold a control token; None (the fast path) when none does."""
+    """Markers for every message content (and `name`, `tool_call_id`), and every string of
+    the tools and of earlier tool calls, that may hold a control token; None (the fast
+    path) when none does."""
     search = CONTROL_SHAPE.search
     flagged = [
         i
@@ -179,7 +188,24 @@ def mark_messages(
         for i, message in enumerate(messages)
         if message.get("tool_calls") and _json_may_hold_control(message["tool_calls"])
     ]
+    # A message's other strings reach the template too: a client's `name` (chat), a tool
+    # result's call id (`tool_call_id`, from Anthropic's tool_use_id and the Responses
+    # call_id); a template that writes one would otherwise take a forged turn from it.
+    flagged_fields = [
+        (i, key)
+        for i, message in enumerate(messages)
+        if len(message) > 2  # role and content only, nearly every message: nothing more
+        for key in _OTHER_STRINGS
+        if type(value := message.get(key)) is str
+        and ("<" in value or "[" in value)
+        and search(value) is not None
+    ]
     marked_tools = tools is not None and _json_may_hold_control(tools)
-    if not (flagged or with_calls or marked_tools):
+    if not (flagged or with_calls or marked_tools or flagged_fields):
         return None
-    return MarkedMessages(messages, flagged, with_calls, tools if marked_tools else None)
+    return MarkedMessages(
+        messages, flagged, with_calls, tools if marked_tools else None, flagged_fields
+    )
+
+
+_OTHER_STRINGS = ("name", "tool_call_id")

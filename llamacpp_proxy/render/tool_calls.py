@@ -15,7 +15,8 @@ from typing import Any
 from ..ids import unique_id
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
-_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+_CALL_OPEN = "<tool_call>"
+_MARKERS = (_CALL_OPEN, "[TOOL_CALLS]", "<|python_tag|>")
 _JSON_STARTS = ("{", "[")
 
 
@@ -115,10 +116,15 @@ def _parse_calls(
 
 
 class ToolCallFilter:
-    """Holds back streamed text while it may be the start of a tool call.
+    """Holds back streamed text while it may be (the start of) a tool call.
 
     Plain answers still stream: as soon as the text cannot begin a call, what was held is
-    released and the rest passes straight through.
+    released and passes through. From then on only a `<tool_call>` (or its first characters
+    at the end of a read) is held, since a Hermes/Qwen call may follow text ("Let me check.
+    <tool_call>..."): `parse_tool_calls` takes it as a call when the answer is not
+    streamed, so the stream must too, or one model output would be a call or text
+    depending on `stream`. At the end a held call that parses becomes a tool call, and one
+    that does not is sent as the text it was.
     """
 
     __slots__ = ("_held", "_mode", "_parallel", "_tools")
@@ -127,12 +133,12 @@ class ToolCallFilter:
         self._tools = tools
         self._parallel = parallel
         self._held = ""
-        self._mode = "hold" if not forced else "call"  # hold | text | call
+        self._mode = "hold" if not forced else "call"  # hold | scan | call
 
     def feed(self, text: str) -> str:
         """Text to send now ("" while holding)."""
-        if self._mode == "text":
-            return text
+        if self._mode == "scan":
+            return self._scan(text)
         self._held += text
         if self._mode == "call":
             return ""
@@ -144,14 +150,35 @@ class ToolCallFilter:
             return ""
         if any(marker.startswith(head) for marker in _MARKERS):
             return ""  # could still become a marker
-        self._mode = "text"
+        # Not a call at the start: from now on, watch for a block after the text.
+        self._mode = "scan"
         released, self._held = self._held, ""
-        return released
+        return self._scan(released)
+
+    def _scan(self, text: str) -> str:
+        held = self._held
+        if not held and "<" not in text:
+            return text  # the common token: nothing that could begin a block
+        buffer = held + text
+        at = buffer.find(_CALL_OPEN)
+        if at >= 0:
+            self._mode = "call"
+            self._held = buffer[at:]
+            return buffer[:at]
+        # The end of this read may be the first characters of the marker: keep them back.
+        cut = buffer.find("<", max(0, len(buffer) - len(_CALL_OPEN) + 1))
+        while cut >= 0 and not _CALL_OPEN.startswith(buffer[cut:]):
+            cut = buffer.find("<", cut + 1)
+        if cut >= 0:
+            self._held = buffer[cut:]
+            return buffer[:cut]
+        self._held = ""
+        return buffer
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """At the end: (text still to send, tool calls) — calls empty when it was text."""
         held, self._held = self._held, ""
-        if self._mode == "text" or not held:
+        if self._mode != "call" or not held:
             return held, []
         return self._parsed(held)
 

@@ -147,46 +147,8 @@ def described_conversation(
 
 
 class DescribedCallFilter(ToolCallFilter):
-    """Holds back streamed text from the moment it may be a described call.
-
-    Unlike the template formats (a call is the whole answer), a described call may follow
-    text: the text streams as it comes, only a possible `<tool_call>` (or its first
-    characters at the end of a read) is held, and at the end a held call that parses
-    becomes a tool call while one that does not is sent as the text it was.
-    """
+    """The filter for described calls: a described call may follow text, which streams as
+    it comes while a possible `<tool_call>` is held (ToolCallFilter's own behaviour, which
+    the template formats share since a Hermes/Qwen call may follow text too)."""
 
     __slots__ = ()
-
-    def feed(self, text: str) -> str:
-        """Text to send now ("" while holding)."""
-        if self._mode == "scan":
-            return self._scan(text)
-        released = super().feed(text)
-        if self._mode == "text":  # not a call at the start: from now on, watch for one
-            self._mode = "scan"
-            return self._scan(released)
-        return released
-
-    def _scan(self, text: str) -> str:
-        buffer = self._held + text
-        at = buffer.find(CALL_OPEN)
-        if at >= 0:
-            self._mode = "call"
-            self._held = buffer[at:]
-            return buffer[:at]
-        # The end of this read may be the first characters of the marker: keep them back.
-        cut = buffer.find("<", max(0, len(buffer) - len(CALL_OPEN) + 1))
-        while cut >= 0 and not CALL_OPEN.startswith(buffer[cut:]):
-            cut = buffer.find("<", cut + 1)
-        if cut >= 0:
-            self._held = buffer[cut:]
-            return buffer[:cut]
-        self._held = ""
-        return buffer
-
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """At the end: (text still to send, tool calls) — calls empty when it was text."""
-        held, self._held = self._held, ""
-        if self._mode != "call" or not held:
-            return held, []
-        return self._parsed(held)
