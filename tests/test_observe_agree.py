@@ -7,16 +7,20 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import socket
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamacpp_proxy.observe.logs import AccessLog
+from llamacpp_proxy.observe.usage import UsageLedger, UsageRecord
 
 from .conftest import UNLIMITED_KEY, Stack
 
@@ -99,3 +103,98 @@ def test_a_client_that_leaves_is_499_in_the_ledger_the_metrics_and_the_access_lo
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["status"] for line in lines[:3]] == [499, 499, 200]
     assert metric_statuses(stack) == {"499": 2.0, "200": 1.0}
+
+
+# -- the ledger under trouble ----------------------------------------------------------------
+
+
+def ledger_file_rows(path: Path) -> list[str | None]:
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        return [k for (k,) in con.execute("SELECT request_id FROM usage ORDER BY time")]
+
+
+def rec(request_id: str) -> UsageRecord:
+    return UsageRecord(1.0, "k", "m", None, "/v1/completions", 200, 3, 4, request_id=request_id)
+
+
+def test_a_ledger_file_deleted_while_running_is_made_again_and_no_row_is_lost(
+    tmp_path: Path,
+) -> None:
+    # Before: the writer kept its connection to the unlinked file, so every later row was
+    # "written" (written_records went up) into a file nobody could open: a bill silently
+    # empty from then on. Now each batch checks the path still names the file it opened.
+    db = tmp_path / "usage.db"
+    ledger = UsageLedger(db)
+    try:
+        ledger.record(rec("before"))
+        assert ledger.flush()
+        for leftover in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+            leftover.unlink(missing_ok=True)  # an operator's rm, a cleanup job
+        ledger.record(rec("after"))
+        assert ledger.flush()
+        assert ledger_file_rows(db) == ["after"]
+        # And a file replaced under it (restored from a backup, moved aside and recreated).
+        db.rename(tmp_path / "aside.db")
+        ledger.record(rec("replaced"))
+        assert ledger.flush()
+        assert ledger_file_rows(db) == ["replaced"]
+        assert ledger.dropped_records == 0
+    finally:
+        ledger.close()
+
+
+def test_rows_wait_while_another_process_holds_the_database_locked_and_are_written_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: a write lock held past the busy timeout (a backup, an operator's sqlite3 shell
+    # in a transaction, a VACUUM) dropped the whole batch: billed requests lost for a lock
+    # that was gone a moment later. Now the rows wait (at most max_pending of them) and are
+    # written once the lock is released; the failure is still logged once.
+    db = tmp_path / "usage.db"
+    caplog.set_level(logging.WARNING, "llamacpp_proxy.usage")
+    ledger = UsageLedger(db, busy_timeout=0.01, flush_interval=0.01)
+    try:
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # the write lock, held
+            for i in range(3):
+                ledger.record(rec(f"r{i}"))
+            assert wait_until(lambda: ledger.failed_writes >= 2)
+            assert not ledger.flush(timeout=0.05)  # cannot be written yet
+            other.execute("COMMIT")
+        assert ledger.flush()
+        assert ledger_file_rows(db) == ["r0", "r1", "r2"]
+        assert ledger.dropped_records == 0
+        messages = [r.getMessage() for r in caplog.records if r.name == "llamacpp_proxy.usage"]
+        assert len(messages) == 2
+        assert "cannot be written" in messages[0] and "written again" in messages[1]
+    finally:
+        ledger.close()
+
+
+def test_rows_a_closing_ledger_cannot_write_are_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Shutdown while the database is locked: the rows are lost, but not silently.
+    db = tmp_path / "usage.db"
+    caplog.set_level(logging.WARNING, "llamacpp_proxy.usage")
+    ledger = UsageLedger(db, busy_timeout=0.01, flush_interval=0.01)
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        ledger.record(rec("r0"))
+        ledger.record(rec("r1"))
+        ledger.close(timeout=5)
+        other.execute("COMMIT")
+    assert ledger.dropped_records == 2
+    assert not ledger._thread.is_alive()
+    assert any("2 row(s) not written" in r.getMessage() for r in caplog.records)
+    assert ledger_file_rows(db) == []
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll a condition another thread makes true, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
