@@ -19,6 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from llamacpp_proxy.observe import usage_report
 from llamacpp_proxy.observe.logs import AccessLog
 from llamacpp_proxy.observe.usage import UsageLedger, UsageRecord
 
@@ -198,3 +199,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def test_the_report_refuses_a_period_that_ends_before_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: exit 0 and "(no requests in this period)", which reads as a quiet period,
+    # for swapped dates or a --since in the future.
+    db = tmp_path / "usage.db"
+    UsageLedger(db).close()
+    for argv in (
+        ["--since", "2026-02-01", "--until", "2026-01-01"],
+        ["--since", "2026-01-01", "--until", "2026-01-01"],
+        ["--since", "9999-01-01"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            usage_report.main(["--usage-db", str(db), *argv])
+        assert exit_.value.code == 2
+        assert "--since must be before --until" in capsys.readouterr().err

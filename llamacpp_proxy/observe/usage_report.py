@@ -133,9 +133,13 @@ def render(rows: list[dict[str, Any]], by: Sequence[str], fmt: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the report; 2 on a bad command line or an unreadable ledger."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     until = args.until if args.until is not None else time.time()
     since = args.since if args.since is not None else until - timedelta(days=7).total_seconds()
+    if since >= until:
+        # An empty period would print "no requests": a report that looks like a quiet week.
+        parser.error("--since must be before --until (--until defaults to now)")
     if not args.usage_db.is_file():
         print(f"llamacpp-proxy-usage: error: no ledger at {args.usage_db}", file=sys.stderr)
         return 2
