@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamacpp_proxy.observe import usage_report
 from llamacpp_proxy.observe.logs import AccessLog
+from llamacpp_proxy.observe.metrics import Metrics
 from llamacpp_proxy.observe.usage import UsageLedger, UsageRecord
 
 from .conftest import UNLIMITED_KEY, Stack
@@ -85,8 +86,8 @@ def test_a_client_that_leaves_is_499_in_the_ledger_the_metrics_and_the_access_lo
     slow = asyncio.Event()
     stack.fake.script.gate = slow
     body = json.dumps(CHAT).encode()
-    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as leaver:
-        leaver.sendall(
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
             + f"Authorization: Bearer {UNLIMITED_KEY}\r\n".encode()
             + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -220,3 +221,57 @@ def test_the_report_refuses_a_period_that_ends_before_it_starts(
             usage_report.main(["--usage-db", str(db), *argv])
         assert exit_.value.code == 2
         assert "--since must be before --until" in capsys.readouterr().err
+
+
+# -- the ledger's health in /metrics ---------------------------------------------------------
+
+
+def samples(text: str, prefix: str) -> dict[str, float]:
+    """Samples whose name starts with `prefix`, by name and labels, from an exposition."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith(prefix) and not s.name.endswith("_created"):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def test_metrics_show_the_ledgers_rows_written_waiting_and_lost(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    # Before: rows the ledger could not write were only a log line and a Python attribute;
+    # nothing a Prometheus alert could watch, while operators bill from the ledger.
+    stack = make_stack(usage_db=tmp_path / "gw.db")
+    assert stack.http.post("/v1/completions", json={"prompt": "x"}, headers=AUTH).is_success
+    ledger = stack.ctx.usage
+    assert ledger is not None
+    assert stack.wait_for(lambda: ledger.recorded == 1)
+    assert ledger.flush()
+    assert samples(stack.http.get("/metrics").text, "llamacpp_proxy_usage") == {
+        "llamacpp_proxy_usage_rows_total{state=recorded}": 1.0,
+        "llamacpp_proxy_usage_rows_total{state=written}": 1.0,
+        "llamacpp_proxy_usage_rows_total{state=dropped}": 0.0,
+        "llamacpp_proxy_usage_pending_rows{}": 0.0,
+        "llamacpp_proxy_usage_write_failures_total{}": 0.0,
+    }
+
+    # A ledger whose file is locked: its rows wait, and the failures show.
+    db = tmp_path / "locked.db"
+    locked = UsageLedger(db, busy_timeout=0.01, flush_interval=0.01, max_pending=2)
+    metrics = Metrics(list, usage=locked)
+    try:
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            for i in range(3):
+                locked.record(rec(f"r{i}"))
+            assert wait_until(lambda: locked.failed_writes >= 1)
+            seen = samples(metrics.exposition().decode(), "llamacpp_proxy_usage")
+            other.execute("COMMIT")
+        assert seen["llamacpp_proxy_usage_rows_total{state=recorded}"] == 3
+        assert seen["llamacpp_proxy_usage_rows_total{state=written}"] == 0
+        assert seen["llamacpp_proxy_usage_rows_total{state=dropped}"] == 1  # over max_pending
+        assert seen["llamacpp_proxy_usage_pending_rows{}"] == 2
+        assert seen["llamacpp_proxy_usage_write_failures_total{}"] >= 1
+    finally:
+        locked.close()

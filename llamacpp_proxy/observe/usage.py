@@ -171,6 +171,7 @@ class UsageLedger:
         self._wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
         self._writing = False
+        self._in_write = 0  # rows of the batch being written
         self._closed = False
         self._failing = False
         self._day_start = 0.0
@@ -218,6 +219,11 @@ class UsageLedger:
             )
             return int(cur.fetchone()[0]) + int(pending)
 
+    @property
+    def pending(self) -> int:
+        """Rows waiting in memory to be written (the batch being written included)."""
+        return len(self._pending) + self._in_write
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -260,11 +266,13 @@ class UsageLedger:
                 batch, self._pending = self._pending, []
                 closed = self._closed
                 self._writing = bool(batch)
+                self._in_write = len(batch)
             if batch and not self._write(batch):
                 with self._lock:
                     # Back in front of what came meanwhile, in order; the oldest rows are
                     # the ones dropped when the cap is reached.
                     self._pending[:0] = batch
+                    self._in_write = 0
                     excess = len(self._pending) - self.max_pending
                     if excess > 0:
                         del self._pending[:excess]
@@ -279,6 +287,7 @@ class UsageLedger:
                         )
             with self._lock:
                 self._writing = False
+                self._in_write = 0
                 if not self._pending:
                     self._idle.notify_all()
                 if closed and not self._pending:
