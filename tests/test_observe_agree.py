@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -105,6 +106,41 @@ def test_a_client_that_leaves_is_499_in_the_ledger_the_metrics_and_the_access_lo
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["status"] for line in lines[:3]] == [499, 499, 200]
     assert metric_statuses(stack) == {"499": 2.0, "200": 1.0}
+
+
+def test_a_stream_that_ends_with_an_error_event_is_a_failed_request_everywhere(
+    make_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    # Before: a stream llama.cpp broke off (the client's SDK raised the final error event)
+    # was a 200 in the ledger and the metrics: the report's `errors` column and the
+    # dashboard's error rate did not see it; only the access log's error= field did.
+    db = tmp_path / "u.db"
+    stack, stream = observed(make_stack, db)
+    stack.fake.script.stream_error_after_tokens = 3
+    client = stack.client()
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        ):
+            pass
+    stack.fake.script.stream_error_after_tokens = None
+    ok = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert ok.usage is not None
+
+    assert ledger_statuses(stack, db, 2) == [502, 200]
+    assert stack.wait_for(lambda: len(stream.getvalue().splitlines()) >= 2)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["status"], line["error"]) for line in lines[:2]] == [
+        (502, "upstream_error"),
+        (200, None),
+    ]
+    assert lines[0]["completion_tokens"] == 3  # what llama.cpp generated is still charged
+    assert metric_statuses(stack) == {"502": 1.0, "200": 1.0}
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        assert usage_report.main(["--usage-db", str(db), "--format", "json"]) == 0
+    (row,) = json.loads(report.getvalue())
+    assert (row["requests"], row["errors"]) == (2, 1)
 
 
 # -- the ledger under trouble ----------------------------------------------------------------

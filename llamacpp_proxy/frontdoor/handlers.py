@@ -343,11 +343,17 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def outcome_status(self) -> int:
         """The status the ledger, the metrics and the access log report: 499 (as nginx logs
-        it) when the client left before the answer ended, else the status sent. One rule for
-        all three, so a dashboard's error rate and the bill count the same requests (a
-        non-streamed request the client left would otherwise be a 500 in one, 499 in another).
-        """
-        return 499 if self._client_left and not self._finished else self.get_status()
+        it) when the client left before the answer ended; the error's status when a stream
+        that began with 200 ended with an error event (the client's SDK raised it); else
+        the status sent. One rule for all three, so a dashboard's error rate and the bill
+        count the same requests as failed."""
+        if self._client_left and not self._finished:
+            return 499
+        status = self.get_status()
+        error = self.error
+        if status < 400 and error is not None:
+            return error.status
+        return status
 
     def access_fields(self) -> dict[str, Any]:
         """What the access log line says about this request."""
