@@ -228,6 +228,34 @@ def test_rows_a_closing_ledger_cannot_write_are_counted_and_logged(
     assert ledger_file_rows(db) == []
 
 
+def test_a_failing_ledger_is_tried_again_on_its_interval_not_at_the_request_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: past batch_size, every record() woke the writer, which reopened the file and
+    # failed again at once (a full disk fails without waiting): retries at the request
+    # rate, each taking the GIL from the event loop. Now a failing ledger's writer waits
+    # for its flush_interval (or a flush()), however many rows arrive.
+    db = tmp_path / "usage.db"
+    ledger = UsageLedger(db, batch_size=2, flush_interval=60, busy_timeout=0)
+    try:
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            ledger.record(rec("r0"))
+            ledger.record(rec("r1"))  # batch_size: wakes the writer, which fails
+            assert wait_until(lambda: ledger.failed_writes == 1 and ledger.pending == 2)
+            wakes: list[int] = []
+            monkeypatch.setattr(ledger._wake, "notify", lambda n=1: wakes.append(n))
+            for i in range(2, 50):
+                ledger.record(rec(f"r{i}"))
+            assert wakes == []
+            monkeypatch.undo()
+            other.execute("COMMIT")
+        assert ledger.flush()  # a flush still asks for a try now
+        assert len(ledger_file_rows(db)) == 50
+    finally:
+        ledger.close()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll a condition another thread makes true, with a deadline."""
     deadline = time.monotonic() + timeout

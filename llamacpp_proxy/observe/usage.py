@@ -190,7 +190,10 @@ class UsageLedger:
                 self.dropped_records += 1
                 return
             self._pending.append(rec)  # the record is the row: nothing to build here
-            if len(self._pending) >= self.batch_size:
+            # Not while the file refuses rows: the writer tries again every flush_interval;
+            # woken by every record past batch_size, it would reopen and retry a full disk
+            # at the request rate, taking the GIL from the event loop each time.
+            if len(self._pending) >= self.batch_size and not self._failing:
                 self._wake.notify()
             self._count_today(rec)
 
