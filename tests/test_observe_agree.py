@@ -256,6 +256,26 @@ def test_a_failing_ledger_is_tried_again_on_its_interval_not_at_the_request_rate
         ledger.close()
 
 
+def test_rows_being_written_count_once_in_tokens_since(tmp_path: Path) -> None:
+    # tokens_since seeds a key's budget from the ledger (start-up, a reload). Before: rows
+    # the writer had taken out of the queue but not yet committed were in neither place,
+    # and the budget read them as unspent.
+    db = tmp_path / "usage.db"
+    ledger = UsageLedger(db, busy_timeout=0.3, flush_interval=60)
+    try:
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # the writer's insert waits on this lock
+            ledger.record(rec("r0"))  # 7 tokens
+            assert ledger.flush(timeout=0) is False  # wakes the writer, which takes the row
+            assert wait_until(lambda: ledger._writing)
+            assert ledger.tokens_since("k", 0.0) == 7
+            other.execute("COMMIT")
+        assert ledger.flush()
+        assert ledger.tokens_since("k", 0.0) == 7
+    finally:
+        ledger.close()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll a condition another thread makes true, with a deadline."""
     deadline = time.monotonic() + timeout

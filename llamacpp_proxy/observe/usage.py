@@ -168,6 +168,7 @@ class UsageLedger:
         self._file = _identity(self.path)
         self._pending: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
+        self._commit = threading.Lock()  # a batch between the queue and the file
         self._wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
         self._writing = False
@@ -208,19 +209,24 @@ class UsageLedger:
 
     def tokens_since(self, key: str, since: float) -> int:
         """Prompt + completion tokens of `key` in requests that ended at or after `since`
-        (Unix seconds), rows not yet written included. Reads the disk: for start-up."""
-        with self._lock:
-            pending = sum(
-                row[6] + row[7] for row in self._pending if row[1] == key and row[0] >= since
-            )
-        # Its own connection: the writer's belongs to the writer thread.
-        with contextlib.closing(connect(self.path)) as db:
-            cur = db.execute(
-                "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage "
-                "WHERE key = ? AND time >= ?",
-                (key, since),
-            )
-            return int(cur.fetchone()[0]) + int(pending)
+        (Unix seconds), rows not yet written included. Reads the disk: for start-up.
+
+        Each row is counted once: the writer holds `_commit` from taking a batch out of
+        the queue until it is committed (or back in the queue), so this sees it in one of
+        the two, never in neither (a budget read low) nor in both."""
+        with self._commit:
+            with self._lock:
+                pending = sum(
+                    row[6] + row[7] for row in self._pending if row[1] == key and row[0] >= since
+                )
+            # Its own connection: the writer's belongs to the writer thread.
+            with contextlib.closing(connect(self.path)) as db:
+                cur = db.execute(
+                    "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage "
+                    "WHERE key = ? AND time >= ?",
+                    (key, since),
+                )
+                return int(cur.fetchone()[0]) + int(pending)
 
     @property
     def pending(self) -> int:
@@ -266,28 +272,9 @@ class UsageLedger:
                 # Failing: wait before trying again, rather than spin on a locked file.
                 if (not self._pending or self._failing) and not self._closed:
                     self._wake.wait(self.flush_interval)
-                batch, self._pending = self._pending, []
-                closed = self._closed
-                self._writing = bool(batch)
-                self._in_write = len(batch)
-            if batch and not self._write(batch):
-                with self._lock:
-                    # Back in front of what came meanwhile, in order; the oldest rows are
-                    # the ones dropped when the cap is reached.
-                    self._pending[:0] = batch
-                    self._in_write = 0
-                    excess = len(self._pending) - self.max_pending
-                    if excess > 0:
-                        del self._pending[:excess]
-                        self.dropped_records += excess
-                    if closed:  # close() gave the database its one last try
-                        lost, self._pending = len(self._pending), []
-                        self.dropped_records += lost
-                        log.error(
-                            "usage ledger %s: %d row(s) not written at shutdown",
-                            self.path,
-                            lost,
-                        )
+            # Not held while waiting above: tokens_since (on the event loop) waits for it.
+            with self._commit:
+                closed = self._write_pending()
             with self._lock:
                 self._writing = False
                 self._in_write = 0
@@ -298,6 +285,29 @@ class UsageLedger:
                         self._db.close()
                         self._db = None
                     return
+
+    def _write_pending(self) -> bool:
+        """Write the queued rows (or queue them again); whether close() was asked."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+            closed = self._closed
+            self._writing = bool(batch)
+            self._in_write = len(batch)
+        if batch and not self._write(batch):
+            with self._lock:
+                # Back in front of what came meanwhile, in order; the oldest rows are the
+                # ones dropped when the cap is reached.
+                self._pending[:0] = batch
+                self._in_write = 0
+                excess = len(self._pending) - self.max_pending
+                if excess > 0:
+                    del self._pending[:excess]
+                    self.dropped_records += excess
+                if closed:  # close() gave the database its one last try
+                    lost, self._pending = len(self._pending), []
+                    self.dropped_records += lost
+                    log.error("usage ledger %s: %d row(s) not written at shutdown", self.path, lost)
+        return closed
 
     def _write(self, batch: list[tuple[Any, ...]]) -> bool:
         """Insert `batch` in one transaction; False (logged once per streak) if it failed."""
