@@ -8,8 +8,13 @@ import contextlib
 import io
 import json
 import logging
+import os
+import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -359,3 +364,42 @@ def test_metrics_show_the_ledgers_rows_written_waiting_and_lost(
         assert seen["llamacpp_proxy_usage_write_failures_total{}"] >= 1
     finally:
         locked.close()
+
+
+def test_the_report_reads_a_stopped_gateways_ledger_without_write_access(
+    tmp_path: Path,
+) -> None:
+    # Before: once the gateway had stopped (its -wal and -shm files gone), a user who may
+    # read the ledger but not write its directory got "attempt to write a readonly
+    # database" (exit 2): SQLite's read-only WAL reader wants to create the -shm file.
+    # docs/deployment.md promises reports "as root or any user who can read the file".
+    shared = Path(tempfile.mkdtemp(prefix="hobs-ledger-"))
+    try:
+        shared.chmod(0o755)
+        db = shared / "usage.db"
+        ledger = UsageLedger(db)
+        ledger.record(rec("r0"))
+        ledger.close()
+        assert sorted(p.name for p in shared.iterdir()) == ["usage.db"]
+        db.chmod(0o644)
+        program = (
+            f"import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r}); "
+            "from llamacpp_proxy.observe import usage_report; "
+            f"sys.exit(usage_report.main(['--usage-db', {str(db)!r}, '--since', '1970-01-01', "
+            "'--format', 'json']))"
+        )
+        if os.geteuid() == 0:  # root writes anywhere: read as nobody instead
+            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        else:
+            shared.chmod(0o555)  # this user may read, not write, the directory
+            argv = []
+        done = subprocess.run(
+            [*argv, sys.executable, "-c", program], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        (row,) = json.loads(done.stdout)
+        assert (row["key"], row["requests"], row["total_tokens"]) == ("k", 1, 7)
+        assert sorted(p.name for p in shared.iterdir()) == ["usage.db"]  # nothing created
+    finally:
+        shared.chmod(0o755)
+        shutil.rmtree(shared)
