@@ -138,7 +138,9 @@ def build_context(settings: Settings, log_stream: TextSink | None = None) -> App
         limiter=limiter,
         usage=usage,
         budgets=budgets,
-        metrics=Metrics(partial(model_snapshots, routes)) if settings.metrics else None,
+        metrics=(
+            Metrics(partial(model_snapshots, routes), usage=usage) if settings.metrics else None
+        ),
         access_log=(
             AccessLog(log_stream or sys.stderr, settings.log_json, _call_soon)
             if settings.access_log

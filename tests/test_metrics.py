@@ -23,6 +23,7 @@ from llamacpp_proxy.errors import (
 )
 from llamacpp_proxy.observe.metrics import Metrics, limit_kind
 from llamacpp_proxy.observe.snapshot import ModelSnapshot, ServerSnapshot
+from llamacpp_proxy.observe.usage import UsageLedger
 
 from .conftest import LIMITED_KEY, UNLIMITED_KEY, Stack
 
@@ -279,13 +280,15 @@ def test_day_tally_resets_at_utc_midnight() -> None:
     assert 'llamacpp_proxy_tokens_total{key="alice",kind="prompt",model="m"} 11.0' in text
 
 
-def test_grafana_dashboard_uses_only_series_the_gateway_exposes() -> None:
+def test_grafana_dashboard_uses_only_series_the_gateway_exposes(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     dashboard = json.loads((root / "deploy/grafana/llamacpp-proxy.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = {m for e in exprs for m in re.findall(r"llamacpp_proxy_[a-z_]+", e)}
     snapshot = [ModelSnapshot("m", (ServerSnapshot("h:1", "ready", 1, 2),), 1, 1)]
-    metrics = Metrics(lambda: snapshot)
+    ledger = UsageLedger(tmp_path / "usage.db")  # its series exist with --usage-db
+    metrics = Metrics(lambda: snapshot, usage=ledger)
+    ledger.close()
     metrics.request_finished(
         "k", "m", "/v1/chat/completions", 429, 3, 2, 1, 0.5, 0.1, RateLimited("x")
     )
@@ -309,5 +312,9 @@ def test_grafana_dashboard_uses_only_series_the_gateway_exposes() -> None:
         "llamacpp_proxy_upstream_up",
         "llamacpp_proxy_upstream_slots",
         "llamacpp_proxy_in_flight",
+        # The ledger's health: lost rows are a bill that misses requests.
+        "llamacpp_proxy_usage_pending_rows",
+        "llamacpp_proxy_usage_rows_total",
+        "llamacpp_proxy_usage_write_failures_total",
     }
     assert listed <= used, listed - used

@@ -705,6 +705,7 @@ class CompletionsHandler(BaseHandler):
         """A failure after the stream began can no longer change the status: it is one final
         error event (in the front door's shape), then the stream ends."""
         self.stream_error = error.code
+        self.error = error  # the ledger, metrics and access log count a failed request
         self._charge_unfinished()
         log.warning(
             "request %s: stream ended by an error after it started: %s %s",

@@ -326,8 +326,7 @@ class BaseHandler(tornado.web.RequestHandler):
                 model=self.usage_model,
                 server=self.usage_server,
                 endpoint=self.endpoint,
-                # 499 (as nginx logs it): the client left before the answer ended.
-                status=499 if self._client_left and not self._finished else self.get_status(),
+                status=self.outcome_status(),
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
                 cached_tokens=self.cached_tokens,
@@ -342,6 +341,20 @@ class BaseHandler(tornado.web.RequestHandler):
         # Answered and logged: the error's traceback holds frames that hold this handler.
         drop_tracebacks(self.error)
 
+    def outcome_status(self) -> int:
+        """The status the ledger, the metrics and the access log report: 499 (as nginx logs
+        it) when the client left before the answer ended; the error's status when a stream
+        that began with 200 ended with an error event (the client's SDK raised it); else
+        the status sent. One rule for all three, so a dashboard's error rate and the bill
+        count the same requests as failed."""
+        if self._client_left and not self._finished:
+            return 499
+        status = self.get_status()
+        error = self.error
+        if status < 400 and error is not None:
+            return error.status
+        return status
+
     def access_fields(self) -> dict[str, Any]:
         """What the access log line says about this request."""
         return {
@@ -349,7 +362,7 @@ class BaseHandler(tornado.web.RequestHandler):
             "key": self.principal.log_name if self.principal else None,
             "method": self.request.method,
             "path": self.request.path,
-            "status": self.get_status(),
+            "status": self.outcome_status(),
             "latency_ms": round(self.request.request_time() * 1000, 2),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -469,7 +482,7 @@ def make_log_function(ctx: AppContext) -> Callable[[tornado.web.RequestHandler],
                 principal.name if principal is not None else "",
                 handler.model,
                 handler.endpoint,
-                handler.get_status(),
+                handler.outcome_status(),
                 handler.prompt_tokens,
                 handler.completion_tokens,
                 handler.cached_tokens,

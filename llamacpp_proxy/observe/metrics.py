@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ConcurrencyLimited, ProxyError, RateLimited
 from .snapshot import ModelSnapshot
+from .usage import UsageLedger
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -120,6 +121,49 @@ class _PoolCollector:
         ]
 
 
+class _LedgerCollector:
+    """The usage ledger's own health, read from its counters at scrape time: rows the
+    ledger lost, or could not write yet, are otherwise only a log line, and operators
+    bill from it."""
+
+    def __init__(self, ledger: UsageLedger) -> None:
+        self._ledger = ledger
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        ledger = self._ledger
+        rows, pending, failures = self._families()
+        rows.add_metric(["recorded"], ledger.recorded)
+        rows.add_metric(["written"], ledger.written_records)
+        rows.add_metric(["dropped"], ledger.dropped_records)
+        pending.add_metric([], ledger.pending)
+        failures.add_metric([], ledger.failed_writes)
+        return [rows, pending, failures]
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "llamacpp_proxy_usage_rows",
+                "Usage ledger rows: recorded (requests that ended), written to the file, and "
+                "dropped (beyond the in-memory cap while the file could not be written, or "
+                "unwritten at shutdown).",
+                labels=["state"],
+            ),
+            GaugeMetricFamily(
+                "llamacpp_proxy_usage_pending_rows",
+                "Usage ledger rows waiting in memory to be written.",
+            ),
+            CounterMetricFamily(
+                "llamacpp_proxy_usage_write_failures",
+                "Tries to write usage ledger rows that the database refused (locked, full, "
+                "read-only); the rows wait and are tried again.",
+            ),
+        )
+
+
 class Metrics:
     """The gateway's metrics registry (one per process) and the per-key day tally."""
 
@@ -127,6 +171,7 @@ class Metrics:
         self,
         snapshot: Callable[[], list[ModelSnapshot]],
         now: Callable[[], float] = time.time,
+        usage: UsageLedger | None = None,
     ) -> None:
         self._now = now
         self.registry = CollectorRegistry(auto_describe=True)
@@ -173,6 +218,8 @@ class Metrics:
             registry=r,
         )
         r.register(_PoolCollector(snapshot))
+        if usage is not None:
+            r.register(_LedgerCollector(usage))
         # Label children by label tuple: the dict lookup is what a request pays.
         self._request_children: dict[tuple[str, str, str, int], Counter] = {}
         self._token_children: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}

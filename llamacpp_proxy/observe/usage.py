@@ -4,10 +4,13 @@
 (a tuple: the row itself) to a list under a lock and returns (about a microsecond). A writer
 thread takes what has gathered every `flush_interval` seconds (or sooner, once `batch_size`
 rows wait) and inserts it in one transaction, so the loop never waits on the disk. When the
-database cannot be written (disk full, read-only, locked too long), the batch is dropped, the
-failure is logged once per streak and counted (`failed_writes`, `dropped_records`), and
-requests keep flowing. At most `max_pending` rows wait in memory: a writer that stalls cannot
-grow memory without bound.
+database cannot be written (disk full, read-only, locked too long by another process), the
+rows stay queued and the writer tries again every `flush_interval` seconds, reopening the
+file (and its schema) first: a lock released, a disk freed or a file deleted or replaced
+under it loses nothing. The failure is logged once per streak and counted (`failed_writes`),
+and requests keep flowing. At most `max_pending` rows wait in memory: a writer that stalls
+cannot grow memory without bound; rows beyond it, and rows still unwritten when `close` gives
+up, are dropped, counted (`dropped_records`) and logged.
 
 The ledger also keeps, in memory, each key's requests and tokens of the current UTC day
 (`today(key)`), seeded from the database when it opens: the status page reads them without
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -112,6 +116,15 @@ class DayUsage:
         return self.prompt_tokens + self.completion_tokens
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file `path` names now (device, inode); None: there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def connect(path: Path | str, timeout: float = 5.0) -> sqlite3.Connection:
     """A connection to the ledger database, its schema created if missing."""
     db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
@@ -132,26 +145,34 @@ class UsageLedger:
         flush_interval: float = 1.0,
         batch_size: int = 500,
         max_pending: int = 100_000,
+        busy_timeout: float = 5.0,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.max_pending = max_pending
+        self.busy_timeout = busy_timeout
+        """Seconds a write waits for another process's lock before this try fails."""
         self.now = now
         self.failed_writes = 0
-        """Batches the database refused (each logged once per streak)."""
+        """Tries to write that the database refused (a streak is logged once)."""
         self.dropped_records = 0
-        """Records lost: in refused batches, or beyond max_pending."""
+        """Records lost: beyond max_pending while the writer was behind, or still unwritten
+        when close() gave up."""
         self.written_records = 0
         self.recorded = 0
         """Records handed to `record` (written, pending or dropped)."""
-        self._db = connect(self.path)  # raises at start when the path is unusable
+        self._db: sqlite3.Connection | None = connect(self.path, busy_timeout)
+        # raises at start when the path is unusable
+        self._file = _identity(self.path)
         self._pending: list[tuple[Any, ...]] = []
         self._lock = threading.Lock()
+        self._commit = threading.Lock()  # a batch between the queue and the file
         self._wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
         self._writing = False
+        self._in_write = 0  # rows of the batch being written
         self._closed = False
         self._failing = False
         self._day_start = 0.0
@@ -170,7 +191,10 @@ class UsageLedger:
                 self.dropped_records += 1
                 return
             self._pending.append(rec)  # the record is the row: nothing to build here
-            if len(self._pending) >= self.batch_size:
+            # Not while the file refuses rows: the writer tries again every flush_interval;
+            # woken by every record past batch_size, it would reopen and retry a full disk
+            # at the request rate, taking the GIL from the event loop each time.
+            if len(self._pending) >= self.batch_size and not self._failing:
                 self._wake.notify()
             self._count_today(rec)
 
@@ -185,19 +209,29 @@ class UsageLedger:
 
     def tokens_since(self, key: str, since: float) -> int:
         """Prompt + completion tokens of `key` in requests that ended at or after `since`
-        (Unix seconds), rows not yet written included. Reads the disk: for start-up."""
-        with self._lock:
-            pending = sum(
-                row[6] + row[7] for row in self._pending if row[1] == key and row[0] >= since
-            )
-        # Its own connection: the writer's belongs to the writer thread.
-        with contextlib.closing(connect(self.path)) as db:
-            cur = db.execute(
-                "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage "
-                "WHERE key = ? AND time >= ?",
-                (key, since),
-            )
-            return int(cur.fetchone()[0]) + int(pending)
+        (Unix seconds), rows not yet written included. Reads the disk: for start-up.
+
+        Each row is counted once: the writer holds `_commit` from taking a batch out of
+        the queue until it is committed (or back in the queue), so this sees it in one of
+        the two, never in neither (a budget read low) nor in both."""
+        with self._commit:
+            with self._lock:
+                pending = sum(
+                    row[6] + row[7] for row in self._pending if row[1] == key and row[0] >= since
+                )
+            # Its own connection: the writer's belongs to the writer thread.
+            with contextlib.closing(connect(self.path)) as db:
+                cur = db.execute(
+                    "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage "
+                    "WHERE key = ? AND time >= ?",
+                    (key, since),
+                )
+                return int(cur.fetchone()[0]) + int(pending)
+
+    @property
+    def pending(self) -> int:
+        """Rows waiting in memory to be written (the batch being written included)."""
+        return len(self._pending) + self._in_write
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -214,59 +248,120 @@ class UsageLedger:
         return True
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued (for at most `timeout` seconds) and stop the writer."""
+        """Write what is queued (one last try, for at most `timeout` seconds) and stop the
+        writer; rows it could not write are counted in `dropped_records` and logged."""
         with self._lock:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._db.close()
+        if self._thread.is_alive():
+            with self._lock:
+                waiting = len(self._pending)
+            log.error(
+                "usage ledger %s: still writing after %gs at shutdown; %d row(s) not written",
+                self.path,
+                timeout,
+                waiting,
+            )
 
     # -- the writer thread -----------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                if not self._pending and not self._closed:
+                # Failing: wait before trying again, rather than spin on a locked file.
+                if (not self._pending or self._failing) and not self._closed:
                     self._wake.wait(self.flush_interval)
-                batch, self._pending = self._pending, []
-                closed = self._closed
-                self._writing = bool(batch)
-            if batch:
-                self._write(batch)
+            # Not held while waiting above: tokens_since (on the event loop) waits for it.
+            with self._commit:
+                closed = self._write_pending()
             with self._lock:
                 self._writing = False
+                self._in_write = 0
                 if not self._pending:
                     self._idle.notify_all()
                 if closed and not self._pending:
+                    if self._db is not None:
+                        self._db.close()
+                        self._db = None
                     return
 
-    def _write(self, batch: list[tuple[Any, ...]]) -> None:
+    def _write_pending(self) -> bool:
+        """Write the queued rows (or queue them again); whether close() was asked."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+            closed = self._closed
+            self._writing = bool(batch)
+            self._in_write = len(batch)
+        if batch and not self._write(batch):
+            with self._lock:
+                # Back in front of what came meanwhile, in order; the oldest rows are the
+                # ones dropped when the cap is reached.
+                self._pending[:0] = batch
+                self._in_write = 0
+                excess = len(self._pending) - self.max_pending
+                if excess > 0:
+                    del self._pending[:excess]
+                    self.dropped_records += excess
+                if closed:  # close() gave the database its one last try
+                    lost, self._pending = len(self._pending), []
+                    self.dropped_records += lost
+                    log.error("usage ledger %s: %d row(s) not written at shutdown", self.path, lost)
+        return closed
+
+    def _write(self, batch: list[tuple[Any, ...]]) -> bool:
+        """Insert `batch` in one transaction; False (logged once per streak) if it failed."""
         try:
-            with self._db:  # one transaction per batch
-                self._db.execute("BEGIN")
-                self._db.executemany(_INSERT, batch)
+            db = self._connection()
+            with db:  # one transaction per batch
+                db.execute("BEGIN")
+                db.executemany(_INSERT, batch)
         except sqlite3.Error as exc:
             self.failed_writes += 1
-            self.dropped_records += len(batch)
+            # Reopened on the next try: the schema is made again if it went, and a file
+            # that came back writable (remounted, space freed) is opened afresh.
+            self._close_db()
             if not self._failing:
                 self._failing = True
                 log.error(
-                    "usage ledger %s cannot be written (%s): dropping records until it can",
+                    "usage ledger %s cannot be written (%s): keeping up to %d rows in memory "
+                    "and trying again",
                     self.path,
                     exc,
+                    self.max_pending,
                 )
-            return
+            return False
         self.written_records += len(batch)
         if self._failing:
             self._failing = False
             log.warning("usage ledger %s is written again", self.path)
+        return True
+
+    def _connection(self) -> sqlite3.Connection:
+        """The writer's connection, opened again when the path no longer names the file it
+        has open (deleted, or replaced): writing on would fill a file nobody can read.
+        One stat per batch, on the writer thread."""
+        current = _identity(self.path)
+        if self._db is not None and current != self._file:
+            log.warning("usage ledger %s was deleted or replaced: opening it again", self.path)
+            self._close_db()
+        if self._db is None:
+            self._db = connect(self.path, self.busy_timeout)
+            self._file = _identity(self.path)
+        return self._db
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
 
     # -- today's counters ------------------------------------------------------------------
 
     def _seed_today(self) -> None:
         now = self.now()
         self._day_start = now - now % DAY
+        assert self._db is not None
         rows = self._db.execute(
             "SELECT key, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
             "SUM(cached_tokens) FROM usage WHERE time >= ? GROUP BY key",

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 GROUPS = {"key": "key", "model": "model", "day": "date(time, 'unixepoch')"}
 METRICS = (
@@ -131,19 +132,41 @@ def render(rows: list[dict[str, Any]], by: Sequence[str], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read(
+    path: Path, by: Sequence[str], since: float, until: float, keys: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """The report's rows, read without creating or changing anything."""
+    # Read-only: a report never creates or changes the ledger.
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+            return query(db, by, since, until, keys)
+    except sqlite3.OperationalError:
+        # A WAL file with no gateway running has no -shm file, and a reader must create
+        # one: a user who may read the ledger but not write its directory (an operator
+        # reading the service's state directory) got "attempt to write a readonly
+        # database". With no -shm there is no writer (a writer in WAL mode keeps one), so
+        # the file is read as it is, as immutable.
+        if Path(f"{path}-shm").exists():
+            raise
+    with contextlib.closing(sqlite3.connect(uri + "&immutable=1", uri=True, timeout=5)) as db:
+        return query(db, by, since, until, keys)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the report; 2 on a bad command line or an unreadable ledger."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     until = args.until if args.until is not None else time.time()
     since = args.since if args.since is not None else until - timedelta(days=7).total_seconds()
+    if since >= until:
+        # An empty period would print "no requests": a report that looks like a quiet week.
+        parser.error("--since must be before --until (--until defaults to now)")
     if not args.usage_db.is_file():
         print(f"llamacpp-proxy-usage: error: no ledger at {args.usage_db}", file=sys.stderr)
         return 2
     try:
-        # Read-only: a report never creates or changes the ledger.
-        uri = f"file:{args.usage_db.resolve()}?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
-            rows = query(db, args.by, since, until, args.key)
+        rows = _read(args.usage_db, args.by, since, until, args.key)
     except sqlite3.Error as exc:
         print(f"llamacpp-proxy-usage: error: {args.usage_db}: {exc}", file=sys.stderr)
         return 2
