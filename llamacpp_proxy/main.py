@@ -157,6 +157,10 @@ _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 _ACCEPT_BACKOFF_MIN = 0.05
 _ACCEPT_BACKOFF_MAX = 1.0
 _ACCEPTS_PER_WAKEUP = 128  # as Tornado: other work gets its turn during a connection flood
+RECLAIM_AFTER = 1.0
+"""Seconds a connection must have waited for a request head, with nothing of it come, before
+it may be closed to make room at the connection cap: a client sends its request within a
+round trip of connecting (or of its last answer), so a younger one may be on its way."""
 
 
 class _ClientStream(IOStream):
@@ -215,6 +219,10 @@ class ProxyServer(HTTPServer):
         self.head_timeout = idle_connection_timeout or 3600.0  # Tornado's default
         self.body_timeout = body_timeout
         self._deadlines: dict[object, ClientDeadlines] = {}  # each connection's current
+        # Connections waiting for a request head, oldest first, and those closed to make
+        # room whose on_close has not come yet (they no longer count as open).
+        self._idle: dict[object, ClientDeadlines] = {}
+        self._reclaimed: set[object] = set()
         self.max_connections = max_connections
         self.accepts_per_wakeup = accepts_per_wakeup
         self.open_connections = 0
@@ -261,8 +269,8 @@ class ProxyServer(HTTPServer):
 
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(self.accepts_per_wakeup):
-            if self.open_connections >= self.max_connections:
-                self._pause()  # resumed by on_close when a connection ends
+            if self.open_connections >= self.max_connections and not self._reclaim_idle():
+                self._pause()  # resumed when a connection ends or waits idle (start_request)
                 return
             try:
                 connection, address = sock.accept()
@@ -303,6 +311,32 @@ class ProxyServer(HTTPServer):
                 )
             self.handle_stream(stream, address)
 
+    def _reclaim_idle(self) -> bool:
+        """At the cap, with a client waiting to be accepted: close the connection idle the
+        longest (kept alive after its answer, or never used), as nginx reuses its idle
+        keep-alive connections when it runs short. Without this, connections that clients'
+        pools keep open and idle held every place until --client-idle-timeout (75 s) while
+        new clients waited in the accept queue. True if one was closed."""
+        assert self._loop is not None
+        idle = self._idle
+        while idle:
+            server_conn, deadlines = next(iter(idle.items()))
+            due = deadlines.head_due
+            if due is None:
+                idle.pop(server_conn, None)
+                continue
+            wait = due - self.head_timeout + RECLAIM_AFTER - self._loop.time()
+            if wait > 0:  # the oldest is too young: ask again once it is not
+                if self._retry is None:
+                    self._retry = self._loop.call_later(wait, self._retry_accept)
+                return False
+            if deadlines.reclaim():  # leaves self._idle either way
+                self._reclaimed.add(server_conn)
+                self.open_connections -= 1
+                return True
+            idle.pop(server_conn, None)
+        return False
+
     def _accept_failed(self, exc: OSError) -> None:
         assert self._loop is not None
         self._pause()
@@ -338,8 +372,14 @@ class ProxyServer(HTTPServer):
             request_conn,
             self.head_timeout,
             self.body_timeout,
+            self._idle,
+            server_conn,
         )
         self._deadlines[server_conn] = deadlines
+        if not self._accepting and self._retry is None:
+            # Paused at the cap: a client waiting to be accepted may now take this idle
+            # connection's place (_accept closes it), so listen again.
+            self._resume()
         return deadlines
 
     def on_close(self, server_conn: object) -> None:
@@ -347,7 +387,10 @@ class ProxyServer(HTTPServer):
         if deadlines is not None:
             deadlines.connection_ended()
         super().on_close(server_conn)
-        self.open_connections -= 1
+        if server_conn in self._reclaimed:
+            self._reclaimed.discard(server_conn)  # uncounted when it was closed
+        else:
+            self.open_connections -= 1
         if self._retry is None and self.open_connections < self.max_connections:
             self._resume()
 

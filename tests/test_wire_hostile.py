@@ -147,3 +147,28 @@ def test_llamacpp_final_event_ends_the_stream_whatever_follows_it(
                 texts, reasons, errors = stream_texts(r)
             assert (texts, reasons, errors) == ([f"to {user}", "", "[DONE]"], [None, "stop"], [])
     assert evil.posts == 2  # each sent once
+
+
+# -- idle keep-alive connections at --max-connections ----------------------------------------
+
+
+def test_idle_kept_alive_connections_make_room_for_new_clients_at_the_cap(
+    make_stack: Any,
+) -> None:
+    """At --max-connections, connections that clients' pools keep open and idle after an
+    answer held every place until --client-idle-timeout (75 s): a new client waited in the
+    accept queue all that time. Now the one idle the longest is closed to make room (as
+    nginx does), and the clients whose idle connection went reconnect on their next
+    request, all served."""
+    stack = make_stack(max_connections=3)
+    body = {"model": "m", "prompt": "hi"}
+    pools = [kept_alive(stack) for _ in range(5)]
+    try:
+        for _ in range(2):
+            for pool in pools:  # 5 kept-alive clients on 3 places, round after round
+                assert pool.post("/v1/completions", json=body).status_code == 200
+        assert stack.runner.call(lambda: stack.server.open_connections) <= 3
+    finally:
+        for pool in pools:
+            pool.close()
+    assert stack.wait_for(lambda: stack.server.open_connections == 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 from collections.abc import Awaitable
 from typing import Any
 
@@ -31,7 +32,7 @@ log = logging.getLogger("tornado.general")  # where Tornado logs its own body ti
 class ClientDeadlines(httputil.HTTPMessageDelegate):
     """Wraps one request's delegate; closes the connection when a stage outlives its time."""
 
-    __slots__ = ("_body_timeout", "_conn", "_inner", "_timer")
+    __slots__ = ("_body_timeout", "_conn", "_idle", "_inner", "_key", "_timer")
 
     def __init__(
         self,
@@ -39,6 +40,8 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
         conn: httputil.HTTPConnection,
         head_timeout: float,
         body_timeout: float | None,
+        idle: dict[object, ClientDeadlines] | None = None,
+        key: object = None,
     ) -> None:
         self._inner = inner
         self._conn = conn
@@ -46,6 +49,45 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
         self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             head_timeout, self._head_expired
         )
+        # Connections waiting for a head, oldest first: the server closes the oldest of
+        # them that has sent nothing when a new client waits at its connection cap.
+        self._idle = idle
+        self._key = key
+        if idle is not None:
+            idle[key] = self
+
+    def _busy(self) -> None:
+        if self._idle is not None:
+            self._idle.pop(self._key, None)
+            self._idle = None
+
+    @property
+    def head_due(self) -> float | None:
+        """When the head's deadline passes (loop time), while the head is awaited."""
+        return None if self._timer is None or self._idle is None else self._timer.when()
+
+    def reclaim(self) -> bool:
+        """Close this connection if it is idle: waiting for a head of which nothing came,
+        neither read nor waiting in the kernel (a request on its way is never cut).
+        True if it was closed."""
+        self._busy()
+        stream: Any = getattr(self._conn, "stream", None)
+        sock: Any = getattr(stream, "socket", None)
+        # Read but not yet parsed (a Tornado without the name: taken as busy, never cut).
+        buffered: Any = getattr(stream, "_read_buffer_size", 1)
+        if sock is None or buffered:
+            return False
+        poll = select.poll()
+        try:
+            poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+            if poll.poll(0):
+                return False  # bytes (a request), EOF or a reset: its read will see to it
+        except (OSError, ValueError):
+            return False
+        self._cancel()
+        self._body_timeout = None
+        self._conn.close()  # type: ignore[attr-defined]
+        return True
 
     def headers_received(
         self,
@@ -54,6 +96,7 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
     ) -> Awaitable[None] | None:
         """The head is in: its timer ends; the body's starts once the handler took it."""
         self._cancel()
+        self._busy()
         taken = self._inner.headers_received(start_line, headers)
         if self._body_timeout is not None:
             if asyncio.isfuture(taken):  # a handler that streams its body: its prepare()
@@ -75,6 +118,7 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         """The connection closed before the request was in."""
         self._cancel()
+        self._busy()
         self._body_timeout = None
         self._inner.on_connection_close()
 
@@ -83,6 +127,7 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
         the head was awaited, or sent a malformed one): Tornado tells no request delegate
         then, and the head's timer would hold the connection for --client-idle-timeout."""
         self._cancel()
+        self._busy()
         self._body_timeout = None
 
     def _start_body_timer(self, _: Any = None) -> None:
@@ -97,6 +142,7 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
 
     def _head_expired(self) -> None:
         self._timer = None
+        self._busy()
         self._conn.close()  # type: ignore[attr-defined]
 
     def _body_expired(self) -> None:
