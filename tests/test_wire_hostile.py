@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -172,3 +174,55 @@ def test_idle_kept_alive_connections_make_room_for_new_clients_at_the_cap(
         for pool in pools:
             pool.close()
     assert stack.wait_for(lambda: stack.server.open_connections == 0)
+
+
+# -- HTTP/1.0 clients ------------------------------------------------------------------------
+
+
+def http10_request(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {UNLIMITED_KEY}\r\n"
+        f"Content-Type: application/json\r\nConnection: keep-alive\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+def read_answer(sock: socket.socket, buffered: bytes) -> tuple[bytes, bytes, bytes]:
+    """(head, body, what came after it) of one answer: by Content-Length if it has one,
+    else to the end of the connection."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, data
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    if length is None:
+        while piece := sock.recv(65536):  # raises TimeoutError if the end never comes
+            rest += piece
+        return head, rest, b""
+    size = int(length.group(1))
+    while len(rest) < size:
+        piece = sock.recv(65536)
+        assert piece, rest
+        rest += piece
+    return head, rest[:size], rest[size:]
+
+
+def test_an_http10_keep_alive_client_gets_a_stream_that_ends(stack: Stack) -> None:
+    """An HTTP/1.0 client that asks `Connection: keep-alive` keeps its connection for
+    answers with a length; a stream has none (chunking is HTTP/1.1), so it ends where the
+    connection does. Tornado kept that connection open and said `Connection: Keep-Alive`:
+    the client waited for the end of its stream until --client-idle-timeout (75 s)."""
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        sock.sendall(http10_request("/v1/chat/completions", plain))
+        head, body, rest = read_answer(sock, b"")
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: Keep-Alive" in head
+        assert json.loads(body)["choices"][0]["message"]["content"]
+        # The same connection, kept alive, carries a stream: it ends, with the connection.
+        sock.sendall(http10_request("/v1/chat/completions", {**plain, "stream": True}))
+        head, body, _ = read_answer(sock, rest)
+        assert head.startswith(b"HTTP/1.1 200") and b"Keep-Alive" not in head
+        assert b"Transfer-Encoding" not in head and body.endswith(b"data: [DONE]\n\n")

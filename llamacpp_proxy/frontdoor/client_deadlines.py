@@ -21,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import weakref
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any
 
 from tornado import httputil
+from tornado.http1connection import HTTP1Connection
 
 log = logging.getLogger("tornado.general")  # where Tornado logs its own body timeout
 
@@ -97,6 +100,8 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
         """The head is in: its timer ends; the body's starts once the handler took it."""
         self._cancel()
         self._busy()
+        if start_line.version == "HTTP/1.0" and isinstance(self._conn, HTTP1Connection):
+            _close_after_an_unframed_answer(self._conn, start_line, headers)
         taken = self._inner.headers_received(start_line, headers)
         if self._body_timeout is not None:
             if asyncio.isfuture(taken):  # a handler that streams its body: its prepare()
@@ -149,3 +154,46 @@ class ClientDeadlines(httputil.HTTPMessageDelegate):
         self._timer = None
         log.info("Timeout reading body from %s", getattr(self._conn, "context", "a client"))
         self._conn.close()  # type: ignore[attr-defined]
+
+
+def _close_after_an_unframed_answer(
+    conn: HTTP1Connection,
+    start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+    headers: httputil.HTTPHeaders,
+) -> None:
+    """An HTTP/1.0 request: an answer without Content-Length (a stream: chunking is HTTP/1.1)
+    ends where the connection does, so the connection must close after it. Tornado (6.4-6.6)
+    keeps it open when the client asked `Connection: keep-alive` (its keep-alive decision
+    reads the request alone) and answers `Connection: Keep-Alive`: the client then waited
+    for an end that never came, --client-idle-timeout long. Only such requests get this
+    hook; the answer's head decides (an answer with a length keeps the connection)."""
+    if headers.get("Connection", "").lower() != "keep-alive":
+        return  # Tornado closes after the answer already
+    method = getattr(start_line, "method", "")
+    # A weak reference: a strong one in the connection's own attribute would be a cycle.
+    conn.write_headers = partial(  # type: ignore[method-assign]
+        _write_headers_closing_unframed, weakref.ref(conn), headers, method
+    )
+
+
+def _write_headers_closing_unframed(
+    ref: weakref.ref[HTTP1Connection],
+    request_headers: httputil.HTTPHeaders,
+    method: str,
+    start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+    headers: httputil.HTTPHeaders,
+    chunk: bytes | None = None,
+) -> Any:
+    conn = ref()
+    assert conn is not None  # it is calling this
+    code = getattr(start_line, "code", 200)
+    if (
+        "Content-Length" not in headers
+        and method != "HEAD"
+        and code >= 200
+        and code not in (204, 304)
+    ):
+        request_headers["Connection"] = "close"  # so Tornado does not answer Keep-Alive
+        headers["Connection"] = "close"
+        conn._disconnect_on_finish = True  # Tornado's own flag: close once it is written
+    return HTTP1Connection.write_headers(conn, start_line, headers, chunk)
