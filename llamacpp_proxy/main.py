@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+from asyncio import Future
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -163,31 +164,99 @@ it may be closed to make room at the connection cap: a client sends its request 
 round trip of connecting (or of its last answer), so a younger one may be on its way."""
 
 
-class _ClientStream(IOStream):
-    """A client connection with TCP_NODELAY on for its whole life (set once at accept).
+class _SendDeadline:
+    """A deadline on a client that takes nothing of what is written to it: when written
+    bytes wait unsent and none of them left for `send_timeout` seconds, the connection is
+    closed (nginx's `send_timeout`). Tornado has no write deadline: a client that sent a
+    request and never read its answer held the connection, and the unsent answer in
+    memory (64 MiB at most), for good. A stream's client is also bounded while llama.cpp's
+    output waits for it (ClientStalled); this covers every answer, whole. Checked only
+    when a write leaves bytes unsent, so a client that keeps up costs one length test."""
+
+    _send_timeout: float | None = None
+    _send_timer: asyncio.TimerHandle | None = None
+    _send_mark = -1
+
+    def _watch_sends(self, timeout: float | None) -> None:
+        # Tornado's names for what is unsent and how much has been sent; without them (a
+        # Tornado that renamed them) there is no deadline, as before.
+        if hasattr(self, "_write_buffer") and hasattr(self, "_total_write_done_index"):
+            self._send_timeout = timeout
+
+    def _written(self) -> None:
+        if (
+            self._send_timeout is not None and self._send_timer is None and len(self._write_buffer)  # type: ignore[attr-defined]
+        ):
+            self._send_mark = self._total_write_done_index  # type: ignore[attr-defined]
+            loop = asyncio.get_running_loop()
+            self._send_timer = loop.call_later(self._send_timeout, self._send_due)
+
+    def _send_due(self) -> None:
+        self._send_timer = None
+        stream: Any = self
+        if stream.closed() or not len(stream._write_buffer):
+            return
+        if stream._total_write_done_index != self._send_mark:
+            self._written()  # it took something: a new period starts
+            return
+        log.info(
+            "the client took nothing of its answer for %gs; closing its connection",
+            self._send_timeout,
+        )
+        stream.close()
+
+    def _unwatch_sends(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+
+class _ClientStream(_SendDeadline, IOStream):
+    """A client connection with TCP_NODELAY on for its whole life (set once at accept),
+    and a deadline on a client that takes nothing of its answer (_SendDeadline).
 
     Tornado turns Nagle's algorithm off when a response finishes and back on after it: two
     setsockopt calls per request (IOStream.set_nodelay was 5.6% of the event loop's samples
     at 32 streams), and every response, SSE events included, written with Nagle on until
     its end, so an event could wait for the client's ACK of the previous one."""
 
+    def __init__(self, *args: Any, send_timeout: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watch_sends(send_timeout)
+
     def set_nodelay(self, value: bool) -> None:
         """Kept on: see the class."""
 
+    def write(self, data: bytes | memoryview) -> Future[None]:
+        future = super().write(data)
+        self._written()
+        return future
+
     def close(self, exc_info: Any = False) -> None:
+        self._unwatch_sends()
         super().close(exc_info)
         # The socket error that closed it (a client's reset) holds, by its traceback, the
         # frames of the read that held this stream: a cycle per connection lost that way.
         drop_tracebacks(self.error)
 
 
-class _ClientSSLStream(SSLIOStream):
+class _ClientSSLStream(_SendDeadline, SSLIOStream):
     """_ClientStream for TLS connections."""
+
+    def __init__(self, *args: Any, send_timeout: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watch_sends(send_timeout)
 
     def set_nodelay(self, value: bool) -> None:
         """Kept on: see _ClientStream."""
 
+    def write(self, data: bytes | memoryview) -> Future[None]:
+        future = super().write(data)
+        self._written()
+        return future
+
     def close(self, exc_info: Any = False) -> None:
+        self._unwatch_sends()
         super().close(exc_info)
         drop_tracebacks(self.error)  # see _ClientStream.close
 
@@ -302,12 +371,14 @@ class ProxyServer(HTTPServer):
                     connection,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
+                    send_timeout=self.head_timeout,
                 )
             else:
                 stream = _ClientStream(
                     connection,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
+                    send_timeout=self.head_timeout,
                 )
             self.handle_stream(stream, address)
 

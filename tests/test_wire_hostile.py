@@ -226,3 +226,39 @@ def test_an_http10_keep_alive_client_gets_a_stream_that_ends(stack: Stack) -> No
         head, body, _ = read_answer(sock, rest)
         assert head.startswith(b"HTTP/1.1 200") and b"Keep-Alive" not in head
         assert b"Transfer-Encoding" not in head and body.endswith(b"data: [DONE]\n\n")
+
+
+# -- a client that never reads its answer ----------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_never_reads_its_answer_is_closed(make_stack: Any, stream: bool) -> None:
+    """A client that sends a request and never reads the answer held its connection, and
+    the unsent answer in the proxy's memory, for good: Tornado has no write deadline, and
+    the stream's own (the client took nothing while llama.cpp's output waited) ends with
+    llama.cpp's answer. Now a client that takes nothing of what waits for it for
+    --client-idle-timeout is closed, and the proxy serves the next client."""
+    stack = make_stack(client_idle_timeout=0.5)
+    stack.fake.script.tokens = ["x" * 10_000] * 1000  # 10 MB: more than the kernel buffers
+    stack.fake.script.mode = "merge"  # all of it at once: llama.cpp is done at once
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
+    sock.settimeout(10)
+    try:
+        sock.connect(("127.0.0.1", stack.port))
+        body = {"model": "m", "prompt": "hi", "max_tokens": 1000, "stream": stream}
+        data = json.dumps(body).encode()
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + UNLIMITED_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
+            + data
+        )
+        assert stack.wait_for(lambda: stack.fake.requests != [], 5)
+        assert stack.wait_for(lambda: stack.server.open_connections == 0, 10)
+    finally:
+        sock.close()
+    stack.fake.script.tokens = ["ok"]
+    with kept_alive(stack) as client:
+        answer = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "ok"
