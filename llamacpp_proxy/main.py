@@ -184,17 +184,17 @@ class _SendDeadline:
             self._send_timeout = timeout
 
     def _written(self) -> None:
-        if (
-            self._send_timeout is not None and self._send_timer is None and len(self._write_buffer)  # type: ignore[attr-defined]
-        ):
-            self._send_mark = self._total_write_done_index  # type: ignore[attr-defined]
+        stream: Any = self
+        # The buffer is None once the stream closed (a reset during this very write).
+        if self._send_timeout is not None and self._send_timer is None and stream._write_buffer:
+            self._send_mark = stream._total_write_done_index
             loop = asyncio.get_running_loop()
             self._send_timer = loop.call_later(self._send_timeout, self._send_due)
 
     def _send_due(self) -> None:
         self._send_timer = None
         stream: Any = self
-        if stream.closed() or not len(stream._write_buffer):
+        if stream.closed() or not stream._write_buffer:
             return
         if stream._total_write_done_index != self._send_mark:
             self._written()  # it took something: a new period starts

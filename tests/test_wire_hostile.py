@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -262,3 +264,33 @@ def test_a_client_that_never_reads_its_answer_is_closed(make_stack: Any, stream:
     with kept_alive(stack) as client:
         answer = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
         assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "ok"
+
+
+def test_clients_that_reset_mid_stream_leave_no_error_and_the_proxy_serves_on(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client killed mid-stream resets its connection while the proxy writes to it: the
+    write that meets the reset closes the stream; nothing after it may touch what the
+    close released (the send deadline's check did, a TypeError per reset, once)."""
+    caplog.set_level(logging.WARNING)
+    stack.fake.script.tokens = [f"token {i} " for i in range(1000)]
+    stack.fake.script.token_delay = 0.001
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+            body = {"model": "m", "prompt": "hi", "max_tokens": 1000, "stream": True}
+            data = json.dumps(body).encode()
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + UNLIMITED_KEY.encode()
+                + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
+                + data
+            )
+            assert sock.recv(3000)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
+    stack.fake.script.tokens, stack.fake.script.token_delay = ["ok"], 0.0
+    with kept_alive(stack) as client:
+        answer = client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "ok"
+    problems = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not problems, [r.getMessage() for r in problems]
