@@ -229,7 +229,8 @@ class _ClientStream(_SendDeadline, IOStream):
 
     def write(self, data: bytes | memoryview) -> Future[None]:
         future = super().write(data)
-        self._written()
+        if self._send_timer is None:  # else a check is due already
+            self._written()
         return future
 
     def close(self, exc_info: Any = False) -> None:
@@ -252,7 +253,8 @@ class _ClientSSLStream(_SendDeadline, SSLIOStream):
 
     def write(self, data: bytes | memoryview) -> Future[None]:
         future = super().write(data)
-        self._written()
+        if self._send_timer is None:  # else a check is due already
+            self._written()
         return future
 
     def close(self, exc_info: Any = False) -> None:
