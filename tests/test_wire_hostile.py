@@ -294,3 +294,71 @@ def test_clients_that_reset_mid_stream_leave_no_error_and_the_proxy_serves_on(
         assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "ok"
     problems = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not problems, [r.getMessage() for r in problems]
+
+
+# -- HTTP/1.1 framing from clients -----------------------------------------------------------
+
+
+def raw(body: bytes, *headers: bytes, key: str = UNLIMITED_KEY, length: bool = True) -> bytes:
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + key.encode()
+        + b"\r\nContent-Type: application/json\r\n"
+    )
+    if length:
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+
+
+def test_pipelined_requests_are_answered_in_order_none_mixed(stack: Stack) -> None:
+    """Requests pipelined on one connection (refused, streamed, chunked, malformed, plain)
+    get their answers in the order sent, each whole, the connection kept."""
+    texts = [json.dumps({"model": "m", "prompt": p}).encode() for p in ("a", "b", "c", "d")]
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(texts[2]), texts[2])
+    streamed = json.dumps({"model": "m", "prompt": "b", "stream": True}).encode()
+    requests = [
+        raw(texts[0], key="sk-wrong-key-0000000000"),
+        raw(streamed),
+        raw(chunked, b"Transfer-Encoding: chunked", length=False),
+        raw(b"{not json"),
+        raw(texts[3]),
+    ]
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(b"".join(requests))
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 5 or not data.endswith(b"}"):
+            piece = sock.recv(65536)
+            assert piece, data
+            data += piece
+    statuses = re.findall(rb"HTTP/1.1 (\d{3}) ", data)
+    assert statuses == [b"401", b"200", b"200", b"400", b"200"]
+    assert data.count(b"data: [DONE]") == 1 and b"invalid_json" in data
+
+
+@pytest.mark.parametrize(
+    ("headers", "length"),
+    [
+        ([b"Transfer-Encoding: chunked"], True),  # beside Content-Length: request smuggling
+        ([b"Content-Length: 5"], True),  # a second, different length
+        ([b"Content-Length: -1"], False),
+        ([b"Content-Length: +45"], False),
+        ([b"X-Folded: a", b" b"], True),  # obs-fold
+        ([b"Transfer-Encoding: gzip, chunked"], False),
+    ],
+)
+def test_ambiguous_request_framing_is_refused_and_the_connection_closed(
+    stack: Stack, headers: list[bytes], length: bool
+) -> None:
+    """Framing two readers could read two ways is refused with a 400 and the connection
+    closed (what follows could be the body or the next request), and nothing reaches
+    llama.cpp; the next connection is served."""
+    body = json.dumps({"model": "m", "prompt": "smuggled"}).encode()
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(raw(body, *headers, length=length) + raw(body))
+        data = b""
+        while piece := sock.recv(65536):
+            data += piece
+    assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1
+    assert stack.fake.requests == []
+    with kept_alive(stack) as client:
+        assert client.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 200
