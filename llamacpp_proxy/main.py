@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+from asyncio import Future
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -159,33 +160,107 @@ _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 _ACCEPT_BACKOFF_MIN = 0.05
 _ACCEPT_BACKOFF_MAX = 1.0
 _ACCEPTS_PER_WAKEUP = 128  # as Tornado: other work gets its turn during a connection flood
+RECLAIM_AFTER = 1.0
+"""Seconds a connection must have waited for a request head, with nothing of it come, before
+it may be closed to make room at the connection cap: a client sends its request within a
+round trip of connecting (or of its last answer), so a younger one may be on its way."""
 
 
-class _ClientStream(IOStream):
-    """A client connection with TCP_NODELAY on for its whole life (set once at accept).
+class _SendDeadline:
+    """A deadline on a client that takes nothing of what is written to it: when written
+    bytes wait unsent and none of them left for `send_timeout` seconds, the connection is
+    closed (nginx's `send_timeout`). Tornado has no write deadline: a client that sent a
+    request and never read its answer held the connection, and the unsent answer in
+    memory (64 MiB at most), for good. A stream's client is also bounded while llama.cpp's
+    output waits for it (ClientStalled); this covers every answer, whole. Checked only
+    when a write leaves bytes unsent, so a client that keeps up costs one length test."""
+
+    _send_timeout: float | None = None
+    _send_timer: asyncio.TimerHandle | None = None
+    _send_mark = -1
+
+    def _watch_sends(self, timeout: float | None) -> None:
+        # Tornado's names for what is unsent and how much has been sent; without them (a
+        # Tornado that renamed them) there is no deadline, as before.
+        if hasattr(self, "_write_buffer") and hasattr(self, "_total_write_done_index"):
+            self._send_timeout = timeout
+
+    def _written(self) -> None:
+        stream: Any = self
+        # The buffer is None once the stream closed (a reset during this very write).
+        if self._send_timeout is not None and self._send_timer is None and stream._write_buffer:
+            self._send_mark = stream._total_write_done_index
+            loop = asyncio.get_running_loop()
+            self._send_timer = loop.call_later(self._send_timeout, self._send_due)
+
+    def _send_due(self) -> None:
+        self._send_timer = None
+        stream: Any = self
+        if stream.closed() or not stream._write_buffer:
+            return
+        if stream._total_write_done_index != self._send_mark:
+            self._written()  # it took something: a new period starts
+            return
+        log.info(
+            "the client took nothing of its answer for %gs; closing its connection",
+            self._send_timeout,
+        )
+        stream.close()
+
+    def _unwatch_sends(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+
+class _ClientStream(_SendDeadline, IOStream):
+    """A client connection with TCP_NODELAY on for its whole life (set once at accept),
+    and a deadline on a client that takes nothing of its answer (_SendDeadline).
 
     Tornado turns Nagle's algorithm off when a response finishes and back on after it: two
     setsockopt calls per request (IOStream.set_nodelay was 5.6% of the event loop's samples
     at 32 streams), and every response, SSE events included, written with Nagle on until
     its end, so an event could wait for the client's ACK of the previous one."""
 
+    def __init__(self, *args: Any, send_timeout: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watch_sends(send_timeout)
+
     def set_nodelay(self, value: bool) -> None:
         """Kept on: see the class."""
 
+    def write(self, data: bytes | memoryview) -> Future[None]:
+        future = super().write(data)
+        if self._send_timer is None:  # else a check is due already
+            self._written()
+        return future
+
     def close(self, exc_info: Any = False) -> None:
+        self._unwatch_sends()
         super().close(exc_info)
         # The socket error that closed it (a client's reset) holds, by its traceback, the
         # frames of the read that held this stream: a cycle per connection lost that way.
         drop_tracebacks(self.error)
 
 
-class _ClientSSLStream(SSLIOStream):
+class _ClientSSLStream(_SendDeadline, SSLIOStream):
     """_ClientStream for TLS connections."""
+
+    def __init__(self, *args: Any, send_timeout: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watch_sends(send_timeout)
 
     def set_nodelay(self, value: bool) -> None:
         """Kept on: see _ClientStream."""
 
+    def write(self, data: bytes | memoryview) -> Future[None]:
+        future = super().write(data)
+        if self._send_timer is None:  # else a check is due already
+            self._written()
+        return future
+
     def close(self, exc_info: Any = False) -> None:
+        self._unwatch_sends()
         super().close(exc_info)
         drop_tracebacks(self.error)  # see _ClientStream.close
 
@@ -217,6 +292,10 @@ class ProxyServer(HTTPServer):
         self.head_timeout = idle_connection_timeout or 3600.0  # Tornado's default
         self.body_timeout = body_timeout
         self._deadlines: dict[object, ClientDeadlines] = {}  # each connection's current
+        # Connections waiting for a request head, oldest first, and those closed to make
+        # room whose on_close has not come yet (they no longer count as open).
+        self._idle: dict[object, ClientDeadlines] = {}
+        self._reclaimed: set[object] = set()
         self.max_connections = max_connections
         self.accepts_per_wakeup = accepts_per_wakeup
         self.open_connections = 0
@@ -263,8 +342,8 @@ class ProxyServer(HTTPServer):
 
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(self.accepts_per_wakeup):
-            if self.open_connections >= self.max_connections:
-                self._pause()  # resumed by on_close when a connection ends
+            if self.open_connections >= self.max_connections and not self._reclaim_idle():
+                self._pause()  # resumed when a connection ends or waits idle (start_request)
                 return
             try:
                 connection, address = sock.accept()
@@ -296,14 +375,42 @@ class ProxyServer(HTTPServer):
                     connection,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
+                    send_timeout=self.head_timeout,
                 )
             else:
                 stream = _ClientStream(
                     connection,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
+                    send_timeout=self.head_timeout,
                 )
             self.handle_stream(stream, address)
+
+    def _reclaim_idle(self) -> bool:
+        """At the cap, with a client waiting to be accepted: close the connection idle the
+        longest (kept alive after its answer, or never used), as nginx reuses its idle
+        keep-alive connections when it runs short. Without this, connections that clients'
+        pools keep open and idle held every place until --client-idle-timeout (75 s) while
+        new clients waited in the accept queue. True if one was closed."""
+        assert self._loop is not None
+        idle = self._idle
+        while idle:
+            server_conn, deadlines = next(iter(idle.items()))
+            due = deadlines.head_due
+            if due is None:
+                idle.pop(server_conn, None)
+                continue
+            wait = due - self.head_timeout + RECLAIM_AFTER - self._loop.time()
+            if wait > 0:  # the oldest is too young: ask again once it is not
+                if self._retry is None:
+                    self._retry = self._loop.call_later(wait, self._retry_accept)
+                return False
+            if deadlines.reclaim():  # leaves self._idle either way
+                self._reclaimed.add(server_conn)
+                self.open_connections -= 1
+                return True
+            idle.pop(server_conn, None)
+        return False
 
     def _accept_failed(self, exc: OSError) -> None:
         assert self._loop is not None
@@ -340,8 +447,14 @@ class ProxyServer(HTTPServer):
             request_conn,
             self.head_timeout,
             self.body_timeout,
+            self._idle,
+            server_conn,
         )
         self._deadlines[server_conn] = deadlines
+        if not self._accepting and self._retry is None:
+            # Paused at the cap: a client waiting to be accepted may now take this idle
+            # connection's place (_accept closes it), so listen again.
+            self._resume()
         return deadlines
 
     def on_close(self, server_conn: object) -> None:
@@ -349,7 +462,10 @@ class ProxyServer(HTTPServer):
         if deadlines is not None:
             deadlines.connection_ended()
         super().on_close(server_conn)
-        self.open_connections -= 1
+        if server_conn in self._reclaimed:
+            self._reclaimed.discard(server_conn)  # uncounted when it was closed
+        else:
+            self.open_connections -= 1
         if self._retry is None and self.open_connections < self.max_connections:
             self._resume()
 

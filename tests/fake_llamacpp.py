@@ -136,14 +136,25 @@ class _Base(tornado.web.RequestHandler):
 
 
 class _Completion(_Base):
+    _active = False  # the generation runs (post() to the final event, or the answer's end)
+
     async def post(self) -> None:
         fake = self.fake
         fake.active += 1
         fake.peak_active = max(fake.peak_active, fake.active)
+        self._active = True
         try:
             await self._post()
         finally:
-            fake.active -= 1
+            self._generation_ended()
+
+    def _generation_ended(self) -> None:
+        """The generation is over: at its final event for a stream (llama.cpp frees the
+        slot as it sends it, and the gateway ends the stream there, closing the connection
+        without waiting for the terminating chunk), else when the answer is written."""
+        if self._active:
+            self._active = False
+            self.fake.active -= 1
 
     async def _post(self) -> None:
         fake = self.fake
@@ -346,6 +357,8 @@ class _Completion(_Base):
                 await self.flush()
                 await asyncio.sleep(script.ping_interval)
             if script.mode == "merge":
+                if script.raw_events is None:
+                    self._generation_ended()  # the final event goes out with this write
                 self.write(b"".join(frames))
                 await self.flush()
                 self.finish()
@@ -372,6 +385,10 @@ class _Completion(_Base):
                     await script.mid_gate.wait()
                 if script.stall_after_tokens is not None and i == script.stall_after_tokens:
                     await asyncio.sleep(script.stall_seconds)
+                if i == len(frames) - 1 and script.raw_events is None:
+                    # Before the write: the gateway may read the final event and start its
+                    # next request before this coroutine resumes from the flush.
+                    self._generation_ended()
                 if script.mode == "split":
                     cut = len(frame) // 2
                     self.write(frame[:cut])
@@ -386,12 +403,17 @@ class _Completion(_Base):
                     await asyncio.sleep(script.token_delay)
             self.finish()
         except StreamClosedError:
-            self.fake.client_disconnects += 1
-            self.fake.disconnected.set()
+            self._client_left()
 
     def on_connection_close(self) -> None:
-        self.fake.client_disconnects += 1
-        self.fake.disconnected.set()
+        self._client_left()
+
+    def _client_left(self) -> None:
+        # Only before the answer was whole: the gateway closes a stream's connection once
+        # its final event is in, which is no disconnect of a client that left.
+        if self._active:
+            self.fake.client_disconnects += 1
+            self.fake.disconnected.set()
 
 
 def embedding_of(item: str | list[int], size: int) -> list[float]:

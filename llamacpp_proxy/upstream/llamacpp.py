@@ -91,6 +91,11 @@ class ClientStalled(ClientGone):
     the upstream request abandoned. llama.cpp, which had sent, is not blamed."""
 
 
+class StreamComplete(Exception):
+    """llama.cpp's final (`stop: true`) event arrived: the stream's call ends there, its
+    connection closed (a stream's connection is never reused) without reading on."""
+
+
 class UpstreamCall:
     """One request to llama.cpp that can be aborted at any moment, and its timers.
 
@@ -644,9 +649,10 @@ class LlamaCppClient:
                     problem = event_problem(event)
                     if problem is not None:
                         raise UpstreamError(f"llama.cpp sent a stream event with {problem}")
+                    events.append(event)
                     if event.get("stop"):
                         final = True
-                    events.append(event)
+                        break  # the answer is whole: nothing after it is part of it
             except ProxyError as exc:
                 failure = exc
             except EventTooLarge as exc:
@@ -657,6 +663,12 @@ class LlamaCppClient:
                 backlog = on_events(events)
             if failure is not None:  # events before a failure in the same read went first
                 call.abort(failure)
+            elif final:
+                # llama.cpp's final event ends the answer: the stream is not read to its
+                # framing's end (the terminating chunk), so an upstream that stalls, sends
+                # more events or closes without that chunk after it cannot turn a whole
+                # answer into an error, and the client's end is not held for one more read.
+                call.abort(StreamComplete())
             return backlog
 
         try:
@@ -675,6 +687,8 @@ class LlamaCppClient:
                 on_events([event])
             if not final:
                 raise UpstreamError("llama.cpp ended the stream before its final event")
+        except StreamComplete:
+            pass  # the final event arrived (on_body): the stream ended whole
         finally:
             call.done()
 
