@@ -54,8 +54,9 @@ class AppContext:
         """The first server's client: the whole upstream of a one-server gateway."""
         return self.routes.first_client()
 
-    def run_in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def run_in_background(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run bookkeeping that must not delay the response (kept referenced until done)."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task

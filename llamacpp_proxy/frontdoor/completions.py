@@ -629,10 +629,13 @@ class CompletionsHandler(BaseHandler):
         generations = self._generations
         if len(generations) == 1:
             try:
-                return [await self._start(generations[0], run)]
+                result = await self._start(generations[0], run)
             except BaseException:
                 self._charge_unfinished()
                 raise
+            if self.budget_hold is not None:
+                await self.settle_budget()  # before the answer ends
+            return [result]
         results: list[Any] = [None] * len(generations)
         turns = iter(range(len(generations)))  # shared: each generation is taken once
 
@@ -654,6 +657,8 @@ class CompletionsHandler(BaseHandler):
             # which holds the tasks: a cycle per request that only the cyclic collector frees.
             workers.clear()
             raise
+        if self.budget_hold is not None:
+            await self.settle_budget()
         return results
 
     # -- streamed -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and the small endpoints (models, health, unknown URLs). Completions are in compl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -91,6 +92,8 @@ class BaseHandler(tornado.web.RequestHandler):
     principal: Principal | None = None
     admission: Admission | None = None
     budget_hold: BudgetHold | None = None
+    SETTLE_WAIT = 0.05
+    """Seconds an answer's end waits for its budget charge (settle_budget)."""
     """The key's budgets' reservation for this request, settled by release()."""
     prompt_tokens = 0
     completion_tokens = 0
@@ -278,6 +281,19 @@ class BaseHandler(tornado.web.RequestHandler):
     def on_connection_close(self) -> None:
         self._client_left = True
         self.release()
+
+    async def settle_budget(self) -> None:
+        """Replace the key's budget hold by the tokens counted, before the answer's last bytes
+        go: the client's next request (to this process or another sharing Redis) must find
+        this one's real spend, not its hold, or a budget near its end refuses it. Waits at
+        most SETTLE_WAIT for the store; a slower charge lands in the background."""
+        hold = self.budget_hold
+        budgets, principal = self.ctx.budgets, self.principal
+        if hold is None or hold.settled or budgets is None or principal is None:
+            return
+        tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
+        charge = self.ctx.run_in_background(budgets.charge(principal, tokens, hold))
+        await asyncio.wait((charge,), timeout=self.SETTLE_WAIT)
 
     def end_for_shutdown(self, error: ProxyError) -> None:
         """The shutdown timeout: end now with `error`. Only a completion can run that long;

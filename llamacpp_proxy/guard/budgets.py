@@ -91,7 +91,8 @@ def refuse_if_exceeded(principal: Principal, states: Iterable[BudgetState], now:
     zone = principal.budget.timezone if principal.budget else "UTC"
     error = BudgetExceeded(
         f"Key '{principal.name}' has used its budget of {state.limit} tokens per "
-        f"{state.period} ({state.used} used, {zone} calendar); it resets at {reset}."
+        f"{state.period} ({state.used} used or held by requests running, {zone} calendar); "
+        f"it resets at {reset}."
     )
     error.headers = {"Retry-After": str(wait), "X-Budget-Reset": reset}
     raise error
