@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 from ..errors import BudgetExceeded, RateLimiterUnavailable
 from .auth import Budget, Principal
+from .redis_gate import POOL_WAIT, Gate, RedisBusy, connect
 
 log = logging.getLogger("llamacpp_proxy.budgets")
 
@@ -223,7 +224,6 @@ class LocalBudgets:
 
 
 POOL_SIZE = 32  # Redis connections per process for budgets
-POOL_WAIT = 5.0  # seconds a caller waits for one before a 503 "busy"
 CHARGE_ATTEMPTS = 6  # a charge that found no connection is retried (0.1 ... 3.2 s apart)
 
 # KEYS: the key's period counters. ARGV: tokens to hold, then per counter its limit and the
@@ -244,10 +244,6 @@ end
 table.insert(used, 1, spent and 0 or 1)
 return used
 """
-
-
-class RedisBusy(Exception):
-    """No Redis connection came free within POOL_WAIT: load, not a Redis failure."""
 
 
 class RedisBudgets:
@@ -276,8 +272,7 @@ class RedisBudgets:
         self.now = now
         self._healthy = True
         self._reserve = client.register_script(RESERVE)
-        self._gate = asyncio.Semaphore(pool_size)
-        self._pool_wait = pool_wait
+        self._gate = Gate(pool_size, pool_wait)
         self._closed = False
 
     @classmethod
@@ -290,29 +285,7 @@ class RedisBudgets:
         pool_size: int = POOL_SIZE,
     ) -> RedisBudgets:
         """Budgets on the Redis at `url`."""
-        import redis.asyncio
-
-        # A blocking pool behind our gate: redis-py's default pool raises "Too many
-        # connections" past its size, which looked like Redis being down.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            timeout=POOL_WAIT,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
-        return cls(redis.asyncio.Redis.from_pool(pool), failure_mode, pool_size=pool_size)
-
-    async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one Redis exchange once a connection is ours; RedisBusy if none frees in time."""
-        try:
-            await asyncio.wait_for(self._gate.acquire(), self._pool_wait)
-        except TimeoutError:
-            raise RedisBusy from None
-        try:
-            return await make()
-        finally:
-            self._gate.release()
+        return cls(connect(url, timeout, pool_size), failure_mode, pool_size=pool_size)
 
     def _slots(self, principal: Principal, now: float) -> list[tuple[str, str, int, float]]:
         """(redis key, period, limit, period end) of each budget of the key."""
@@ -334,7 +307,7 @@ class RedisBudgets:
         slots = self._slots(principal, now)
         if not slots:
             return []
-        values = await self._call(lambda: self._redis.mget([s[0] for s in slots]))
+        values = await self._gate.call(lambda: self._redis.mget([s[0] for s in slots]))
         self._ok()
         return [
             BudgetState(period, int(value or 0), limit, end)
@@ -385,7 +358,7 @@ class RedisBudgets:
             hold.counters.append((name, int(end) + 86400))
         keys = [s[0] for s in slots]
         try:
-            result = await self._call(lambda: self._reserve(keys=keys, args=args))
+            result = await self._gate.call(lambda: self._reserve(keys=keys, args=args))
         except Exception as exc:  # redis-py's errors, OSError, timeouts, RedisBusy
             self._unreachable(exc)
             return BudgetHold(0)  # admitted ("open"): nothing held, the tokens still charged
@@ -427,7 +400,7 @@ class RedisBudgets:
         delay = 0.1
         for attempt in range(1, CHARGE_ATTEMPTS + 1):
             try:
-                await self._call(write)
+                await self._gate.call(write)
             except Exception as exc:
                 # Only "busy" is tried again: nothing was sent. A write that failed in
                 # flight may have been applied, and applying it twice would count the

@@ -22,13 +22,13 @@ from typing import Any
 from ..errors import RateLimiterUnavailable
 from .auth import Principal
 from .ratelimit import ONE_GENERATION, TOKEN_WINDOW, Admission, Cost, KeyUsage, conclude
+from .redis_gate import POOL_WAIT, Gate, RedisBusy, connect
 
 log = logging.getLogger("llamacpp_proxy.ratelimit")
 
 SLOT_LEASE = 10.0  # seconds a slot is held without a heartbeat (a dead process's slots)
 HEARTBEAT = SLOT_LEASE / 4  # leases of live requests are renewed this often
 POOL_SIZE = 64  # Redis connections per process
-POOL_WAIT = 5.0  # seconds a caller waits for one before a 503 "busy"
 RELEASE_ATTEMPTS = 6  # a failed release is retried (0.1, 0.2, ... 3.2 s apart)
 TOKEN_WAIT_SCAN = 128  # oldest token entries read to compute a refusal's Retry-After
 
@@ -162,10 +162,6 @@ return 1
 """
 
 
-class RedisBusy(Exception):
-    """No Redis connection came free within POOL_WAIT: load, not a Redis failure."""
-
-
 class RedisLimiter:
     """The Limiter protocol on Redis; `failure_mode` is "open" (admit) or "closed" (503)."""
 
@@ -188,11 +184,7 @@ class RedisLimiter:
         self._healthy = True
         self._lease = lease
         self._heartbeat_every = lease / 4
-        # Our own turn-taking in front of the connection pool: a caller that cannot get a
-        # connection in time is told "busy", which redis-py would report as a
-        # ConnectionError indistinguishable from Redis being down.
-        self._gate = asyncio.Semaphore(pool_size)
-        self._pool_wait = pool_wait
+        self._gate = Gate(pool_size, pool_wait)  # "busy" under load, never "Redis down"
         self._live: dict[str, tuple[str, int]] = {}
         """Admissions holding slots: lease id -> (slots key, slots held), for the heartbeat."""
         self._heartbeat: asyncio.Task[None] | None = None
@@ -209,19 +201,7 @@ class RedisLimiter:
         pool_size: int = POOL_SIZE,
     ) -> RedisLimiter:
         """A limiter on the Redis at `url` (redis://host:port/db)."""
-        import redis.asyncio
-
-        # A blocking pool as a second guard: should the gate ever let more callers through
-        # than there are connections, they wait instead of failing.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            timeout=POOL_WAIT,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-        )
-        client = redis.asyncio.Redis.from_pool(pool)
+        client = connect(url, timeout, pool_size)
         return cls(client, failure_mode, lease=lease, pool_size=pool_size)
 
     def _keys(self, name: str) -> list[str]:
@@ -230,14 +210,7 @@ class RedisLimiter:
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run a script once a connection is ours; RedisBusy if none frees in time."""
-        try:
-            await asyncio.wait_for(self._gate.acquire(), self._pool_wait)
-        except TimeoutError:
-            raise RedisBusy from None
-        try:
-            return await script(keys=keys, args=args)
-        finally:
-            self._gate.release()
+        return await self._gate.call(lambda: script(keys=keys, args=args))
 
     def _redis_failed(self, exc: BaseException) -> None:
         if self._healthy:
