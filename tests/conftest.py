@@ -24,6 +24,7 @@ from llamacpp_proxy.config import Settings
 from llamacpp_proxy.context import AppContext
 from llamacpp_proxy.main import ProxyServer, build_context, make_server
 
+from .evil_upstream import EvilUpstream, Respond
 from .fake_llamacpp import FakeLlamaCpp
 
 T = TypeVar("T")
@@ -258,3 +259,28 @@ def stack(make_stack: Callable[..., Stack]) -> Stack:
 @pytest.fixture
 def client(stack: Stack) -> openai.OpenAI:
     return stack.client()
+
+
+def kept_alive(stack: Stack) -> httpx.Client:
+    """One client for many requests, as real clients are."""
+    return httpx.Client(
+        base_url=stack.url, headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}, timeout=10
+    )
+
+
+@pytest.fixture
+def evil_stack(
+    runner: LoopThread, make_stack: Callable[..., Stack]
+) -> Iterator[Callable[..., tuple[EvilUpstream, Stack]]]:
+    """A proxy in front of an EvilUpstream answering with `respond`."""
+    made: list[EvilUpstream] = []
+
+    def build(respond: Respond, **overrides: Any) -> tuple[EvilUpstream, Stack]:
+        evil = EvilUpstream(respond)
+        runner.run(evil.start())
+        made.append(evil)
+        return evil, make_stack(llamacpp_server=evil.url, **overrides)
+
+    yield build
+    for evil in made:
+        runner.run(evil.stop())

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import UNLIMITED_KEY, Stack, assert_schema
+from .conftest import UNLIMITED_KEY, Stack, assert_schema, kept_alive
 from .fake_llamacpp import count_prompt_tokens
 from .test_api import CHAT, post, sse_events
 
@@ -29,13 +29,6 @@ def raw_completion_request(body: dict[str, Any]) -> bytes:
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
         % (UNLIMITED_KEY.encode(), len(data), data)
-    )
-
-
-def kept_alive(stack: Stack) -> httpx.Client:
-    """One client for many requests, as real clients are."""
-    return httpx.Client(
-        base_url=stack.url, headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}, timeout=10
     )
 
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,8 +33,8 @@ from llamacpp_proxy.upstream.http import (
 )
 from llamacpp_proxy.upstream.llamacpp import LlamaCppClient
 
-from .conftest import UNLIMITED_KEY, LoopThread, Stack, default_settings
-from .evil_upstream import EvilUpstream, Respond, completion
+from .conftest import UNLIMITED_KEY, Stack, default_settings, kept_alive
+from .evil_upstream import EvilUpstream, completion
 from .test_api import CHAT, FULL_TEXT, post, sse_events
 
 CHUNKED = b"5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: 1\r\n\r\n"
@@ -429,31 +428,6 @@ def test_reads_of_event_loops_in_two_threads_never_mix() -> None:
 
 
 # -- against a misbehaving upstream ------------------------------------------------------
-
-
-@pytest.fixture
-def evil_stack(
-    runner: LoopThread, make_stack: Callable[..., Stack]
-) -> Iterator[Callable[..., tuple[EvilUpstream, Stack]]]:
-    """A proxy in front of an EvilUpstream answering with `respond`."""
-    made: list[EvilUpstream] = []
-
-    def build(respond: Respond, **overrides: Any) -> tuple[EvilUpstream, Stack]:
-        evil = EvilUpstream(respond)
-        runner.run(evil.start())
-        made.append(evil)
-        return evil, make_stack(llamacpp_server=evil.url, **overrides)
-
-    yield build
-    for evil in made:
-        runner.run(evil.stop())
-
-
-def kept_alive(stack: Stack) -> httpx.Client:
-    """One client for many requests, as real clients are."""
-    return httpx.Client(
-        base_url=stack.url, headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}, timeout=10
-    )
 
 
 def ask(client: httpx.Client, prompt: str) -> httpx.Response:

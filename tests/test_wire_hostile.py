@@ -10,14 +10,14 @@ import logging
 import re
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import UNLIMITED_KEY, LoopThread, Stack
-from .evil_upstream import EvilUpstream, Respond
+from .conftest import UNLIMITED_KEY, Stack, kept_alive
+from .evil_upstream import EvilUpstream
 
 FINAL = {
     "content": "",
@@ -37,30 +37,6 @@ def event(value: dict[str, Any]) -> bytes:
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-@pytest.fixture
-def evil_stack(
-    runner: LoopThread, make_stack: Callable[..., Stack]
-) -> Iterator[Callable[..., tuple[EvilUpstream, Stack]]]:
-    """A proxy in front of an EvilUpstream answering with `respond`."""
-    made: list[EvilUpstream] = []
-
-    def build(respond: Respond, **overrides: Any) -> tuple[EvilUpstream, Stack]:
-        evil = EvilUpstream(respond)
-        runner.run(evil.start())
-        made.append(evil)
-        return evil, make_stack(llamacpp_server=evil.url, **overrides)
-
-    yield build
-    for evil in made:
-        runner.run(evil.stop())
-
-
-def kept_alive(stack: Stack) -> httpx.Client:
-    return httpx.Client(
-        base_url=stack.url, headers={"Authorization": f"Bearer {UNLIMITED_KEY}"}, timeout=10
-    )
 
 
 def stream_texts(response: httpx.Response) -> tuple[list[str], list[str | None], list[str]]:
