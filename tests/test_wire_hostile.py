@@ -157,6 +157,18 @@ def test_idle_kept_alive_connections_make_room_for_new_clients_at_the_cap(
 # -- HTTP/1.0 clients ------------------------------------------------------------------------
 
 
+def raw(body: bytes, *headers: bytes, key: str = UNLIMITED_KEY, length: bool = True) -> bytes:
+    """A POST /v1/completions as raw bytes (headers added as given)."""
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + key.encode()
+        + b"\r\nContent-Type: application/json\r\n"
+    )
+    if length:
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+
+
 def http10_request(path: str, body: dict[str, Any]) -> bytes:
     data = json.dumps(body).encode()
     return (
@@ -225,13 +237,7 @@ def test_a_client_that_never_reads_its_answer_is_closed(make_stack: Any, stream:
     try:
         sock.connect(("127.0.0.1", stack.port))
         body = {"model": "m", "prompt": "hi", "max_tokens": 1000, "stream": stream}
-        data = json.dumps(body).encode()
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            + UNLIMITED_KEY.encode()
-            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
-            + data
-        )
+        sock.sendall(raw(json.dumps(body).encode()))
         assert stack.wait_for(lambda: stack.fake.requests != [], 5)
         assert stack.wait_for(lambda: stack.server.open_connections == 0, 10)
     finally:
@@ -254,13 +260,7 @@ def test_clients_that_reset_mid_stream_leave_no_error_and_the_proxy_serves_on(
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
             body = {"model": "m", "prompt": "hi", "max_tokens": 1000, "stream": True}
-            data = json.dumps(body).encode()
-            sock.sendall(
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                + UNLIMITED_KEY.encode()
-                + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
-                + data
-            )
+            sock.sendall(raw(json.dumps(body).encode()))
             assert sock.recv(3000)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
@@ -273,17 +273,6 @@ def test_clients_that_reset_mid_stream_leave_no_error_and_the_proxy_serves_on(
 
 
 # -- HTTP/1.1 framing from clients -----------------------------------------------------------
-
-
-def raw(body: bytes, *headers: bytes, key: str = UNLIMITED_KEY, length: bool = True) -> bytes:
-    head = (
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-        + key.encode()
-        + b"\r\nContent-Type: application/json\r\n"
-    )
-    if length:
-        head += b"Content-Length: %d\r\n" % len(body)
-    return head + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
 
 
 def test_pipelined_requests_are_answered_in_order_none_mixed(stack: Stack) -> None:
