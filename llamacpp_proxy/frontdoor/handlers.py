@@ -92,9 +92,10 @@ class BaseHandler(tornado.web.RequestHandler):
     principal: Principal | None = None
     admission: Admission | None = None
     budget_hold: BudgetHold | None = None
+    """The key's budgets' reservation for this request, settled by settle_budget() or
+    release(), once."""
     SETTLE_WAIT = 0.05
     """Seconds an answer's end waits for its budget charge (settle_budget)."""
-    """The key's budgets' reservation for this request, settled by release()."""
     prompt_tokens = 0
     completion_tokens = 0
     unreported_tokens = 0
@@ -287,13 +288,23 @@ class BaseHandler(tornado.web.RequestHandler):
         go: the client's next request (to this process or another sharing Redis) must find
         this one's real spend, not its hold, or a budget near its end refuses it. Waits at
         most SETTLE_WAIT for the store; a slower charge lands in the background."""
+        charge = self._charge_budget()
+        if charge is not None:
+            await asyncio.wait((charge,), timeout=self.SETTLE_WAIT)
+
+    def _charge_budget(self) -> asyncio.Task[None] | None:
+        """Start the charge that replaces the budget hold by the tokens counted (None: no
+        hold, or settled already)."""
         hold = self.budget_hold
         budgets, principal = self.ctx.budgets, self.principal
         if hold is None or hold.settled or budgets is None or principal is None:
-            return
-        tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
-        charge = self.ctx.run_in_background(budgets.charge(principal, tokens, hold))
-        await asyncio.wait((charge,), timeout=self.SETTLE_WAIT)
+            return None
+        return self.ctx.run_in_background(budgets.charge(principal, self.charged_tokens, hold))
+
+    @property
+    def charged_tokens(self) -> int:
+        """What the key's limits count: the answer's usage and the unreported work."""
+        return self.prompt_tokens + self.completion_tokens + self.unreported_tokens
 
     def end_for_shutdown(self, error: ProxyError) -> None:
         """The shutdown timeout: end now with `error`. Only a completion can run that long;
@@ -307,20 +318,17 @@ class BaseHandler(tornado.web.RequestHandler):
             self.ctx.running.discard(self)
         admission = self.admission
         if admission is not None and not admission.finished:
-            tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
+            tokens = self.charged_tokens
             limiter = self.ctx.limiter
             if type(limiter) is InMemoryLimiter:
                 limiter.finish_now(admission, tokens)  # no I/O: no task per request
             else:
                 self.ctx.run_in_background(limiter.finish(admission, tokens))
-        hold = self.budget_hold
-        if hold is not None and not hold.settled:
-            # Apart from the ledger row: a hold made after an early release() (the client
-            # left while it was being made) is settled by the later one, at on_finish.
-            budgets, principal = self.ctx.budgets, self.principal
-            if budgets is not None and principal is not None:
-                tokens = self.prompt_tokens + self.completion_tokens + self.unreported_tokens
-                self.ctx.run_in_background(budgets.charge(principal, tokens, hold))
+        if self.budget_hold is not None:
+            # Not settled at the answer's end (an error, the client gone); a hold made after
+            # an early release() (the client left while it was made) is settled by the
+            # later one, at on_finish.
+            self._charge_budget()
         if self.records_usage and not self._recorded:
             self._recorded = True
             self._record_usage()
