@@ -281,6 +281,28 @@ def test_rows_being_written_count_once_in_tokens_since(tmp_path: Path) -> None:
         ledger.close()
 
 
+def test_tokens_since_does_not_wait_out_a_write_on_a_locked_file(tmp_path: Path) -> None:
+    # tokens_since runs on the event loop (a budget period's first request). A write stuck
+    # on another process's lock holds the writer's commit lock for its whole busy timeout:
+    # waiting for it stalled every request for that long. It now counts the batch being
+    # written instead, while that write is still waiting.
+    db = tmp_path / "usage.db"
+    ledger = UsageLedger(db, busy_timeout=30, flush_interval=60)
+    try:
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")  # the writer's insert waits on this lock
+            ledger.record(rec("r0"))  # 7 tokens
+            assert ledger.flush(timeout=0) is False  # wakes the writer, which takes the row
+            assert wait_until(lambda: ledger._writing)
+            assert ledger.tokens_since("k", 0.0) == 7
+            assert ledger._writing  # answered while the write still waits on the lock
+            other.execute("COMMIT")
+        assert ledger.flush()
+        assert ledger.tokens_since("k", 0.0) == 7
+    finally:
+        ledger.close()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll a condition another thread makes true, with a deadline."""
     deadline = time.monotonic() + timeout

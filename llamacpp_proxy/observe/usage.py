@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 log = logging.getLogger("llamacpp_proxy.usage")
 
 DAY = 86400.0
+COMMIT_WAIT = 0.2
+"""Seconds tokens_since (on the event loop) waits for a batch being written (`_commit`)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -172,7 +174,7 @@ class UsageLedger:
         self._wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
         self._writing = False
-        self._in_write = 0  # rows of the batch being written
+        self._batch: list[tuple[Any, ...]] = []  # the rows being written
         self._closed = False
         self._failing = False
         self._day_start = 0.0
@@ -213,11 +215,19 @@ class UsageLedger:
 
         Each row is counted once: the writer holds `_commit` from taking a batch out of
         the queue until it is committed (or back in the queue), so this sees it in one of
-        the two, never in neither (a budget read low) nor in both."""
-        with self._commit:
+        the two, never in neither (a budget read low) nor in both. It runs on the event
+        loop (a budget period's first request), and a write on a locked file holds
+        `_commit` for up to `busy_timeout`: past COMMIT_WAIT it counts without it, the
+        batch being written included, which may then count that batch twice (high, the
+        safe side for a budget) if it commits meanwhile, but never misses it."""
+        locked = self._commit.acquire(timeout=COMMIT_WAIT)
+        try:
             with self._lock:
                 pending = sum(
-                    row[6] + row[7] for row in self._pending if row[1] == key and row[0] >= since
+                    row[6] + row[7]
+                    for rows in (self._pending, self._batch)
+                    for row in rows
+                    if row[1] == key and row[0] >= since
                 )
             # Its own connection: the writer's belongs to the writer thread.
             with contextlib.closing(connect(self.path)) as db:
@@ -227,11 +237,14 @@ class UsageLedger:
                     (key, since),
                 )
                 return int(cur.fetchone()[0]) + int(pending)
+        finally:
+            if locked:
+                self._commit.release()
 
     @property
     def pending(self) -> int:
         """Rows waiting in memory to be written (the batch being written included)."""
-        return len(self._pending) + self._in_write
+        return len(self._pending) + len(self._batch)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -277,7 +290,6 @@ class UsageLedger:
                 closed = self._write_pending()
             with self._lock:
                 self._writing = False
-                self._in_write = 0
                 if not self._pending:
                     self._idle.notify_all()
                 if closed and not self._pending:
@@ -292,13 +304,18 @@ class UsageLedger:
             batch, self._pending = self._pending, []
             closed = self._closed
             self._writing = bool(batch)
-            self._in_write = len(batch)
-        if batch and not self._write(batch):
+            self._batch = batch
+        if not batch:
+            return closed
+        if self._write(batch):
+            with self._lock:
+                self._batch = []  # in the file now
+        else:
             with self._lock:
                 # Back in front of what came meanwhile, in order; the oldest rows are the
                 # ones dropped when the cap is reached.
                 self._pending[:0] = batch
-                self._in_write = 0
+                self._batch = []
                 excess = len(self._pending) - self.max_pending
                 if excess > 0:
                     del self._pending[:excess]
