@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=d.queue_timeout,
         metavar="SECONDS",
-        help="longest wait for a free slot before 503 server_overloaded",
+        help="longest wait for a free slot before 503 server_overloaded (in all, failover "
+        "to another server included)",
     )
     p.add_argument(
         "--queue-keepalive",

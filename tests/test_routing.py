@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -147,6 +148,47 @@ def test_a_503_loading_answer_is_retried_on_another_server(
         assert client.completions.create(model="m", prompt=f"q{i}").choices[0].text == FULL_TEXT
     assert pool[0].requests  # it was tried...
     assert len(pool[1].requests) == 4  # ...and every request was answered by the other
+
+
+def test_failover_waits_within_one_queue_timeout_not_one_per_server(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """--queue-timeout bounds a request's whole wait for a slot. A request that waited,
+    was refused by the server it got (503 loading) and waits again for the other server
+    gets only what is left of it. Regression: each server tried started a fresh
+    --queue-timeout, so a request could wait servers x timeout (here 1.2 + 2.0 s)."""
+    pool = fakes[:2]
+    for fake in pool:
+        fake.script.total_slots = 1
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool), queue_timeout=2.0)
+    wait_ready(stack, pool)
+    router = stack.ctx.routes.pools["default"].router
+    keys = [server.key for server in router.pool.servers]
+    assert stack.wait_for(
+        lambda: all(getattr(router.upstream(k), "total_slots", None) == 1 for k in keys)
+    )
+    for fake in pool:
+        fake.script.gate = stack.runner.call(asyncio.Event)
+    with ThreadPoolExecutor(3) as threads:
+        holders = [
+            threads.submit(chat, stack, [{"role": "user", "content": f"holder {i}"}])
+            for i in range(2)
+        ]
+        assert stack.wait_for(lambda: pool[0].active == 1 and pool[1].active == 1)
+        started = time.monotonic()
+        victim = threads.submit(chat, stack, [{"role": "user", "content": "victim"}])
+        time.sleep(1.2)  # the victim waits for a slot...
+        first = pool[0]
+        first.script.fail_status, first.script.fail_prompt = 503, "victim"
+        stack.runner.call(first.script.gate.set)  # ...gets this one, which says loading
+        refused = victim.result(10)
+        waited = time.monotonic() - started
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "server_overloaded"
+        assert waited < 2.8, waited  # 2.0 s in all; 3.2 s with a fresh timeout
+        assert any("victim" in prompt_text(b["prompt"]) for b in first.requests)
+        stack.runner.call(pool[1].script.gate.set)
+        assert all(h.result(10).status_code == 200 for h in holders)
 
 
 def test_a_generation_llamacpp_may_have_started_is_never_sent_again(

@@ -513,15 +513,17 @@ class CompletionsHandler(BaseHandler):
     ) -> Any:
         """Run one generation on a server of the pool, holding a lease on its slot until it
         ends, whatever ends it. Failed before llama.cpp could have begun it (connection
-        refused, 503 loading), it runs again on another server of the pool, if one is up."""
+        refused, 503 loading), it runs again on another server of the pool, if one is up,
+        within what is left of the one --queue-timeout it started with."""
         pool = self._pool
         assert pool is not None
         router = pool.router
         tried: frozenset[str] = frozenset()
+        deadline = router.queue_deadline()
         while True:
             if self._client_gone or self._stopped:
                 raise self._shutdown or ClientGone()
-            lease = await self._lease(router, generation, tried)
+            lease = await self._lease(router, generation, tried, deadline)
             key = lease.server.key
             self.usage_server = lease.server.display
             try:
@@ -557,9 +559,12 @@ class CompletionsHandler(BaseHandler):
             finally:
                 lease.release()
 
-    async def _lease(self, router: Router, generation: Generation, tried: frozenset[str]) -> Lease:
+    async def _lease(
+        self, router: Router, generation: Generation, tried: frozenset[str], deadline: float
+    ) -> Lease:
         """A slot for the generation: at once when one is free (no task), else a wait in
-        the pool's queue that the client leaving cancels."""
+        the pool's queue, until `deadline` (the router's clock), that the client leaving
+        cancels."""
         principal = self.principal
         assert principal is not None
         # Fair between keys, in proportion to their weight (route/waitqueue.py).
@@ -577,7 +582,7 @@ class CompletionsHandler(BaseHandler):
             router.acquire(
                 generation.prompt,
                 self._session,
-                None,
+                deadline,
                 tried,
                 queue_key=key,
                 queue_weight=weight,

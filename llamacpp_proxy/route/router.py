@@ -233,6 +233,12 @@ class Router:
             self._queue.served(queue_key, queue_weight)
         return self._lease(upstream, want, hashes, data, session_key)
 
+    def queue_deadline(self) -> float:
+        """The end of a wait for a slot that starts now, on the router's clock: what
+        `acquire` waits until unless given a deadline. A request that fails over keeps the
+        one it began with, so --queue-timeout bounds its whole wait, not each server's."""
+        return self._clock.now() + self.policy.queue_timeout
+
     def acquire_nowait(
         self,
         prompt: str | bytes | None,
