@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -95,6 +96,33 @@ def test_first_byte_timeout_is_504(make_stack: Any) -> None:
         assert r.status_code == 504
         assert error_of(r)["code"] == "upstream_timeout"
         assert "did not start answering within 0.3s" in error_of(r)["message"]
+
+
+def test_a_failed_request_never_closes_a_connection_it_gave_back(make_stack: Any) -> None:
+    """A generation's connection goes back to the pool as soon as its answer is read. A
+    sibling that fails after that (or the client leaving) aborts the request's calls, and
+    must not close that connection: another request may be using it by then. Regression
+    (found by scripts/soak): request B, sent on the connection A's first choice gave back,
+    got 502 "llama.cpp closed the connection" when A's second choice timed out."""
+    stack = make_stack(upstream_first_byte_timeout=1.0)
+    fake = stack.fake
+    hang, hold_b = stack.runner.call(asyncio.Event), stack.runner.call(asyncio.Event)
+    fake.script.seed_gates[101] = hang  # A's choice 1: no answer, times out
+    fake.script.seed_gates[200] = hold_b  # B: answers once A has failed
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            a = threads.submit(post, stack, "/v1/completions", {"prompt": "a", "n": 2, "seed": 100})
+            assert stack.wait_for(lambda: len(fake.requests) == 2 and fake.active == 1)
+            b = threads.submit(post, stack, "/v1/completions", {"prompt": "b", "seed": 200})
+            assert stack.wait_for(lambda: len(fake.requests) == 3)
+            assert a.result(10).status_code == 504
+            stack.runner.call(hold_b.set)
+            answer = b.result(10)
+    finally:
+        stack.runner.call(hang.set)
+        stack.runner.call(hold_b.set)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"]
 
 
 def test_idle_timeout_mid_stream_ends_with_an_error_event(make_stack: Any) -> None:

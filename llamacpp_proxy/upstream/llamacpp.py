@@ -187,6 +187,12 @@ class UpstreamCall:
         if self.abort_reason is not None:
             connection.close()
 
+    def detach(self) -> None:
+        """The exchange is over and its connection goes back to the pool, for the next
+        request: an abort of this call from now on (a sibling choice failing, the client
+        leaving) must not close it under whoever takes it."""
+        self._connection = None
+
     def abort(self, reason: BaseException) -> None:
         """End the upstream request now: closing the connection makes llama.cpp stop
         generating and free its slot; a wait for a connection is cancelled."""
@@ -489,6 +495,8 @@ class LlamaCppClient:
                 raise call.abort_reason from None
             raise _connection_error(exc, self.where) from exc
         finally:
+            if reusable:
+                call.detach()
             pool.release(conn, reusable)
 
     async def _read_body(
