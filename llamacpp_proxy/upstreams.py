@@ -448,6 +448,13 @@ class Routes:
             # shield: a readiness caller that leaves must not cancel the shared probes.
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
 
+    def recheck(self, runtime: PoolRuntime, key: str) -> None:
+        """Probe this server soon: a request's failure could not tell whether it is the
+        server's (route/failover.py, `Verdict.recheck`)."""
+        runtime.router.recheck(key)
+        if self._wake is not None:
+            self._wake.set()
+
     async def probe_down_now(self, runtime: PoolRuntime) -> bool:
         """Every server of this pool looked down at its last probe: probe them all now,
         rather than refuse requests until the prober's backoff (up to 30 s) comes round, so

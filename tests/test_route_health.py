@@ -160,6 +160,7 @@ def test_failures_before_any_request_byte_are_retried_elsewhere() -> None:
 def test_503_loading_is_retried_elsewhere_and_marks_the_server_loading() -> None:
     verdict = after_failure(Phase.ANSWERED, status=503)
     assert verdict.retry_elsewhere and verdict.health is Outcome.LOADING
+    assert verdict.recheck  # probed soon: back in rotation once /health says ready
 
 
 @pytest.mark.parametrize("status", [400, 404, 500, 502])
@@ -169,11 +170,24 @@ def test_other_answers_are_the_clients_error_not_a_retry(status: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "error, health",
-    [(ConnectionResetError(), Outcome.ERROR), (TimeoutError(), None), (None, None)],
+    "error, recheck",
+    [(ConnectionResetError(), True), (TimeoutError(), False), (None, False)],
 )
 def test_a_request_that_may_have_reached_llamacpp_is_never_resent(
-    error: BaseException | None, health: Outcome | None
+    error: BaseException | None, recheck: bool
 ) -> None:
+    """Nor does its failure judge the server: a closed connection asks for a probe."""
     verdict = after_failure(Phase.SENT, error=error)
-    assert not verdict.retry_elsewhere and verdict.health is health
+    assert not verdict.retry_elsewhere and verdict.health is None
+    assert verdict.recheck is recheck
+
+
+def test_a_recheck_brings_the_next_probe_forward_and_never_back() -> None:
+    health = ServerHealth(ProbePolicy(jitter=0.0), now=0.0)
+    health.observe(Outcome.OK, 10.0)
+    assert health.next_probe_at == 11.0
+    health.recheck(10.2)
+    assert health.next_probe_at == pytest.approx(10.25)
+    health.recheck(10.21)  # a second failure meanwhile: no later, no probe more
+    assert health.next_probe_at == pytest.approx(10.25)
+    assert health.state is State.READY and health.failures == 0

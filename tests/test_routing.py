@@ -20,6 +20,7 @@ import pytest
 from llamacpp_proxy.main import reload
 
 from .conftest import UNLIMITED_KEY, LoopThread, Stack, assert_schema, start_stack, stop_stack
+from .evil_upstream import EvilUpstream, completion
 from .fake_llamacpp import DEFAULT_TOKENS, FakeLlamaCpp, prompt_text
 
 FULL_TEXT = "".join(DEFAULT_TOKENS)
@@ -189,6 +190,36 @@ def test_failover_waits_within_one_queue_timeout_not_one_per_server(
         assert any("victim" in prompt_text(b["prompt"]) for b in first.requests)
         stack.runner.call(pool[1].script.gate.set)
         assert all(h.result(10).status_code == 200 for h in holders)
+
+
+def test_requests_whose_connection_llamacpp_closed_do_not_take_its_server_out(
+    evil_stack: Callable[..., tuple[EvilUpstream, Stack]],
+) -> None:
+    """A connection closed before any answer fails that request (502: it may have started,
+    so it is never sent again), but the server's health is the prober's to judge: the
+    failure asks for a probe at once, and a server whose /health answers stays in
+    rotation. Regression (scripts/soak, docs/resilience.md): two such requests in a row
+    took the one server of the pool down, and every request for up to a second after
+    (the demand probe's interval) got 503 upstream_unavailable."""
+
+    async def respond(evil: EvilUpstream, head: bytes, body: bytes, writer: Any) -> bool:
+        if b"drop" in body:
+            return False  # close without an answer
+        writer.write(completion("fine"))
+        return True
+
+    evil, stack = evil_stack(respond)
+    client = stack.client()
+    for round_ in range(3):
+        for i in range(2):
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.completions.create(model="m", prompt=f"drop {round_} {i}")
+            assert caught.value.status_code == 502
+        answer = client.completions.create(model="m", prompt=f"after {round_}")
+        assert answer.choices[0].text == "fine"
+    assert evil.posts == 9  # none of the dropped ones was sent twice
+    router = stack.ctx.routes.pools["default"].router
+    assert [s.state for s in router.statuses()] == ["ready"]
 
 
 def test_a_generation_llamacpp_may_have_started_is_never_sent_again(

@@ -539,6 +539,8 @@ class CompletionsHandler(BaseHandler):
                     verdict = failure_verdict(exc, call, generation.opened)
                     if verdict.health is not None:
                         router.observe_probe(key, verdict.health)
+                    if verdict.recheck:
+                        self.ctx.routes.recheck(pool, key)
                     tried |= {key}
                     if (
                         not verdict.retry_elsewhere

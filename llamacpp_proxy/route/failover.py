@@ -37,6 +37,9 @@ class Verdict:
     """Safe to send the same request to another server of the pool."""
     health: Outcome | None
     """What to tell the server's health (None: the failure says nothing about it)."""
+    recheck: bool = False
+    """Probe the server soon: the failure may be the server's, or this request's alone
+    (one connection closed), and the prober, not one request, judges which."""
 
 
 def after_failure(
@@ -48,10 +51,16 @@ def after_failure(
         return Verdict(True, outcome_of_exception(error) if error is not None else Outcome.ERROR)
     if phase is Phase.ANSWERED:
         if status == 503:
-            return Verdict(True, Outcome.LOADING)
+            # Loading: out of rotation at once, and probed soon, so that the pool has it
+            # back as soon as /health says ready.
+            return Verdict(True, Outcome.LOADING, recheck=True)
         return Verdict(False, None)
-    # SENT: llama.cpp may be working on it. A reset says the server may be dying (counts
-    # toward down); a slow first byte is a long prompt, not a sick server.
+    # SENT: llama.cpp may be working on it. A connection closed or reset before any answer
+    # may be a dying server, or this one request's (a proxy between, a thread that
+    # crashed): the server is probed soon and the probe decides (a dead one refuses it
+    # and is down at once). Counted as a failure itself, two such requests in a row took
+    # a server whose /health answered out of rotation. A slow first byte is a long
+    # prompt, not a sick server.
     if error is not None and not isinstance(error, TimeoutError):
-        return Verdict(False, Outcome.ERROR)
+        return Verdict(False, None, recheck=True)
     return Verdict(False, None)

@@ -55,6 +55,9 @@ class ProbePolicy:
     """Longest wait between probes of a down server."""
     jitter: float = 0.1
     """Fraction (+-) by which waits vary, so many gateways do not probe in step."""
+    recheck_after: float = 0.05
+    """Longest wait for the probe a request's failure asks for (`ServerHealth.recheck`):
+    soon, yet at most about 20 probes a second for a server that fails every request."""
     failures_to_down: int = 2
     """Consecutive timeouts/errors that take a READY (or LOADING) server down. One slow
     answer is not a dead server; a refused connection is, and takes it down at once."""
@@ -108,6 +111,11 @@ class ServerHealth:
                 wait = min(p.backoff_max, p.backoff_base * 2.0 ** (self.failures - 1))
                 self.next_probe_at = now + self._jittered(wait)
         return self.state is not before
+
+    def recheck(self, now: float) -> None:
+        """A request failed on this server in a way that says nothing certain about it:
+        bring its next probe forward to within `recheck_after`, and let that decide."""
+        self.next_probe_at = min(self.next_probe_at, now + self.policy.recheck_after)
 
     def _set(self, state: State, now: float) -> None:
         if state is not self.state:

@@ -485,6 +485,13 @@ class Router:
             self._fail_unservable()
         return changed
 
+    def recheck(self, key: str) -> None:
+        """A request's failure asks for a probe of this server soon (the prober's loop must
+        then be woken: `Routes.recheck`)."""
+        upstream = self._servers.get(key)
+        if upstream is not None:
+            upstream.health.recheck(self._clock.now())
+
     def set_total_slots(self, key: str, total: int) -> None:
         """Record /props `total_slots`."""
         upstream = self._servers.get(key)
