@@ -157,10 +157,10 @@ def test_failures_before_any_request_byte_are_retried_elsewhere() -> None:
     assert timeout.retry_elsewhere and timeout.health is Outcome.TIMEOUT
 
 
-def test_503_loading_is_retried_elsewhere_and_marks_the_server_loading() -> None:
+def test_503_loading_is_retried_elsewhere_and_has_the_server_probed() -> None:
     verdict = after_failure(Phase.ANSWERED, status=503)
-    assert verdict.retry_elsewhere and verdict.health is Outcome.LOADING
-    assert verdict.recheck  # probed soon: back in rotation once /health says ready
+    assert verdict.retry_elsewhere and verdict.health is None
+    assert verdict.recheck  # probed soon: /health says whether it is loading
 
 
 @pytest.mark.parametrize("status", [400, 404, 500, 502])

@@ -222,6 +222,31 @@ def test_requests_whose_connection_llamacpp_closed_do_not_take_its_server_out(
     assert [s.state for s in router.statuses()] == ["ready"]
 
 
+def test_one_503_head_does_not_take_the_only_server_out_before_its_probe_says(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """A 503 head is retried elsewhere and has the server probed soon, but /health says
+    whether it is loading. Regression (scripts/soak at 200 clients): the 503 marked the
+    pool's only server loading until the probe's answer, so every request meanwhile
+    queued behind it (here: for the whole --queue-timeout, as the probe is held) and
+    bursts went past --max-queue (503 server_overloaded)."""
+    fake = fakes[0]
+    stack = make_gateway(llamacpp_server=(fake.url,), queue_timeout=0.5)
+    wait_ready(stack, [fake])
+    fake.script.fail_status, fake.script.fail_prompt = 503, "refuse"
+    fake.script.health_gate = stack.runner.call(asyncio.Event)  # probes get no answer yet
+    client = stack.client()
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="m", prompt="refuse me")
+        assert caught.value.status_code == 503 and caught.value.code == "upstream_loading"
+        answer = client.completions.create(model="m", prompt="and me?")
+        assert answer.choices[0].text == FULL_TEXT
+        assert ready_servers_on_loop(stack) == {f"127.0.0.1:{fake.port}": "ready"}
+    finally:
+        stack.runner.call(fake.script.health_gate.set)
+
+
 def test_a_generation_llamacpp_may_have_started_is_never_sent_again(
     make_gateway: Callable[..., Stack], fakes: Any
 ) -> None:

@@ -51,9 +51,11 @@ def after_failure(
         return Verdict(True, outcome_of_exception(error) if error is not None else Outcome.ERROR)
     if phase is Phase.ANSWERED:
         if status == 503:
-            # Loading: out of rotation at once, and probed soon, so that the pool has it
-            # back as soon as /health says ready.
-            return Verdict(True, Outcome.LOADING, recheck=True)
+            # llama.cpp refused to start it (loading): safe elsewhere. The server is
+            # probed soon, and /health says whether it is loading: one refusal taking the
+            # only server of a pool out held every request behind a probe's round trip,
+            # and a burst of them past --max-queue.
+            return Verdict(True, None, recheck=True)
         return Verdict(False, None)
     # SENT: llama.cpp may be working on it. A connection closed or reset before any answer
     # may be a dying server, or this one request's (a proxy between, a thread that
