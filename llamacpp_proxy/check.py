@@ -1,5 +1,6 @@
 """llamacpp-proxy-server --check: everything a start would read and reach, checked without
 serving, every problem listed; exit 0 when a start would work (systemctl reload runs it first).
+A llama-server that is down or loading is a warning: the proxy starts and waits for it.
 """
 
 from __future__ import annotations
@@ -10,13 +11,20 @@ from typing import Any, TextIO
 
 from .config import ConfigError, Settings, build_parser, load_settings
 from .config_file import exposed_secrets
-from .errors import ProxyError
+from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from .guard.auth import KeyFileError
 from .model_names import model_display_name
 from .observe.logs import redact
 from .render.templates import ChatTemplate, TemplateLoadError, load_chat_template
 from .route.pools import UpstreamsFileError
 from .upstream.llamacpp import LlamaCppClient
+
+NOT_YET = (
+    "the proxy starts without it and sends it requests once it answers "
+    "(its model and template are checked then, not now)"
+)
+"""Why an unreachable or loading llama-server is a warning: a start (or a reload, which
+runs this check first to rotate keys) must not wait for it."""
 
 UPSTREAM_CHECK_EXTRA = 10.0
 """Seconds an upstream may take to answer /health and /props, beyond the connect timeout."""
@@ -35,11 +43,13 @@ class Report:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.problems = 0
+        self.warnings = 0
 
     def ok(self, what: str, detail: str) -> None:
         self._line("ok      ", what, detail)
 
     def warning(self, what: str, detail: str) -> None:
+        self.warnings += 1
         self._line("WARNING ", what, detail)
 
     def problem(self, what: str, detail: str) -> None:
@@ -87,9 +97,16 @@ async def _check_upstream(
     what = f"upstream {url}"
     client = LlamaCppClient(settings, base_url=url)
     try:
-        ready, why = await client.health()
-        if not ready:
-            report.problem(what, why)
+        try:
+            health = await client._get("/health", settings.upstream_connect_timeout)
+        except (UpstreamUnavailable, UpstreamTimeout) as exc:
+            report.warning(what, f"{exc.message}; {NOT_YET}")
+            return
+        if health.status == 503:
+            report.warning(what, f"llama.cpp is loading the model; {NOT_YET}")
+            return
+        if health.status != 200:  # something answers there, and it is not a llama-server
+            report.problem(what, f"/health answered HTTP {health.status}, not llama.cpp's 200")
             return
         props = await client.props()
     except ProxyError as exc:
@@ -171,14 +188,15 @@ def run_check(argv: Sequence[str], environ: Mapping[str, str], out: TextIO) -> i
                 settings.upstream_connect_timeout + UPSTREAM_CHECK_EXTRA,
             )
         except TimeoutError:
-            report.problem(f"upstream {url}", "no answer in time")
+            report.warning(f"upstream {url}", f"no answer in time; {NOT_YET}")
 
     async def upstreams() -> None:
         await asyncio.gather(*(one(url, spec) for url, spec in servers))
 
     asyncio.run(upstreams())
+    warned = f", {report.warnings} warning(s)" if report.warnings else ""
     if report.problems:
-        print(f"{report.problems} problem(s)", file=out)
+        print(f"{report.problems} problem(s){warned}", file=out)
         return 1
-    print("all good", file=out)
+    print(f"no problems{warned}" if warned else "all good", file=out)
     return 0

@@ -101,10 +101,33 @@ def test_every_problem_is_listed_at_once(
     status, out = check(argv, capsys)
     assert status == 1
     problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
-    assert [p.split()[1] for p in problems] == ["keys:", "chat", "TLS:", "upstream"], out
-    assert "refused the connection" in problems[3]
+    assert [p.split()[1] for p in problems] == ["keys:", "chat", "TLS:"], out
     assert "key_sha256' must be 64 hex digits" in out
-    assert out.rstrip().endswith("4 problem(s)")
+    assert out.rstrip().endswith("3 problem(s), 1 warning(s)")
+
+
+@pytest.mark.parametrize("down", ["refused", "loading"])
+def test_a_llama_server_that_is_down_or_loading_is_a_warning_not_a_problem(
+    down: str, upstream: FakeLlamaCpp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The proxy starts without its llama-server and serves it once it answers, so a check
+    (and `systemctl reload`, which runs it first: a key rotation) must not fail for it.
+    Regression: the check failed, and a reload could not rotate keys during an outage."""
+    if down == "loading":
+        upstream.script.health_status = 503
+        url = upstream.url
+    else:
+        url = f"http://127.0.0.1:{closed_port()}"
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    argv = ["--llamacpp-server", url, "--chat-template-jinja", str(template)]
+    status, out = check([*argv, "--upstream-connect-timeout", "2"], capsys)
+    assert status == 0, out
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "once it answers" in warnings[0], out
+    assert ("refused the connection" if down == "refused" else "loading") in warnings[0]
+    assert "PROBLEM" not in out
+    assert out.rstrip().endswith("no problems, 1 warning(s)")
 
 
 def test_a_broken_config_file_or_no_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
