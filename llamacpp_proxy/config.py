@@ -37,6 +37,9 @@ class Settings:
     """Generations per pool that may wait in the gateway for a free slot; more: 503."""
     queue_timeout: float = 30.0
     """Seconds a generation may wait for a free slot before a 503 server_overloaded."""
+    eject_after_failures: int = 5
+    """Generations in a row that fail on a server whose /health answers before it leaves
+    rotation for a while (route/outliers.py); 0: never."""
     queue_keepalive: float = 10.0
     """Seconds a streamed request waits in the queue before its answer commits to 200 + SSE
     and sends an SSE comment (`: queued`), again every as many seconds; 0: never. A
@@ -226,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a streamed request still queued after this long gets 200 and an SSE comment "
         "(': queued') every as many seconds, so the connection stays alive; a refusal after "
         "that is the stream's error event instead of a 503 status; 0: off",
+    )
+    p.add_argument(
+        "--eject-after-failures",
+        type=_non_negative_int,
+        default=d.eject_after_failures,
+        metavar="N",
+        help="a server whose /health answers but where this many generations in a row "
+        "failed (5xx, cut or malformed answers) leaves rotation for 10 s, doubled each "
+        "time it fails again, up to 5 min; never the last server of a model, never more "
+        "than half of them; 0: off",
     )
     p.add_argument(
         "--chat-template-jinja",
@@ -554,6 +567,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         queue_keepalive=args.queue_keepalive,
+        eject_after_failures=args.eject_after_failures,
         chat_template=args.chat_template,
         tools_policy=args.tools_policy,
         allow_content_control_tokens=args.allow_content_control_tokens,

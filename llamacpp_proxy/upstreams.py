@@ -21,6 +21,7 @@ from .config import Settings
 from .errors import (
     ProxyError,
     ServerMisconfigured,
+    UpstreamError,
     UpstreamLoading,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -28,6 +29,7 @@ from .errors import (
 from .render.templates import ChatTemplate, TemplateLoadError, load_chat_template
 from .route.failover import Phase, Verdict, after_failure
 from .route.health import Outcome, ProbePolicy, ServerStatus, readiness
+from .route.outliers import EjectionPolicy
 from .route.pools import (
     Pool,
     Routing,
@@ -77,6 +79,7 @@ def routing_policy(settings: Settings) -> RoutingPolicy:
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
         probe=ProbePolicy(),
+        ejection=EjectionPolicy(failures=settings.eject_after_failures),
     )
 
 
@@ -109,6 +112,14 @@ def failure_verdict(exc: ProxyError, call: UpstreamCall, opened: bool) -> Verdic
     if call.got_first_byte:
         return after_failure(Phase.ANSWERED)
     return after_failure(Phase.SENT, error=_as_exception(exc))
+
+
+def counts_against_server(exc: ProxyError) -> bool:
+    """Whether a generation's failure counts toward ejecting its server (route/outliers.py):
+    llama.cpp's own failures (a 5xx other than 503, a malformed or cut answer, its error
+    event), not the client's (4xx), not a timeout (a long prompt, a busy server), not a 503
+    or a refusal (loading, down: the prober judges those)."""
+    return type(exc) is UpstreamError
 
 
 def _as_exception(exc: ProxyError) -> BaseException:

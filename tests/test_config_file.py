@@ -52,6 +52,7 @@ VALUES: dict[str, object] = {
     "max-queue": 5,
     "queue-timeout": 6.5,
     "queue-keepalive": 2.5,
+    "eject-after-failures": 3,
     "tools-policy": "drop",
     "usage-db": "/var/lib/llamacpp-proxy/usage.db",
     "workers": 2,

@@ -15,6 +15,7 @@ import pytest
 from llamacpp_proxy.errors import NoServerAvailable, ServerOverloaded
 from llamacpp_proxy.route.affinity import BLOCK_BYTES
 from llamacpp_proxy.route.health import Outcome, ProbePolicy, readiness
+from llamacpp_proxy.route.outliers import EjectionPolicy
 from llamacpp_proxy.route.pools import Pool, parse_server_url
 from llamacpp_proxy.route.router import Lease, Router, RoutingPolicy
 
@@ -595,3 +596,78 @@ def test_probes_fall_due_by_the_health_schedule() -> None:
         assert router.next_probe_at() == pytest.approx(clock.now())
 
     run(main())
+
+
+# -- outlier ejection (route/outliers.py) ---------------------------------------------------
+
+
+def servers_taken(router: Router, n: int) -> Counter[str]:
+    """Which servers n generations in a row go to (each released at once)."""
+
+    async def go() -> Counter[str]:
+        taken: Counter[str] = Counter()
+        for _ in range(n):
+            lease = await router.acquire(None)
+            taken[lease.server.key] += 1
+            lease.release()
+        return taken
+
+    return run(go())
+
+
+def fail(router: Router, key: str, times: int) -> None:
+    for _ in range(times):
+        router.observe_result(key, False, "HTTP 500")
+
+
+def test_a_server_whose_generations_keep_failing_leaves_rotation_then_returns() -> None:
+    router, clock = make_router(3, ejection=EjectionPolicy(failures=3, base=10.0, max=25.0))
+    a = "http://a:1"
+    fail(router, a, 2)
+    router.observe_result(a, True)  # a success between: the run starts again
+    fail(router, a, 2)
+    assert router.ejected() == []
+    fail(router, a, 1)  # three in a row
+    assert router.ejected() == [a]
+    assert "a:1" not in {k.split("/")[-1] for k in servers_taken(router, 6)}
+    status = {s.display: s.state for s in router.statuses()}
+    assert status == {"a:1": "ejected", "b:1": "ready", "c:1": "ready"}
+    assert readiness({"m": router.statuses()})[0]
+    clock.advance(10.0)  # the first ejection: 10 s
+    assert router.ejected() == []
+    assert servers_taken(router, 6)[a] == 2
+    fail(router, a, 1)  # back, and failing again at once: out for twice as long
+    assert router.ejected() == [a]
+    clock.advance(19.9)
+    assert router.ejected() == [a]
+    clock.advance(0.1)
+    fail(router, a, 1)
+    clock.advance(24.9)  # capped at max (25), not 40
+    assert router.ejected() == [a]
+    clock.advance(0.1)
+    assert router.ejected() == []
+    router.observe_result(a, True)  # a success forgives: the next run needs 3 again
+    fail(router, a, 2)
+    assert router.ejected() == []
+
+
+def test_ejection_never_takes_the_last_server_nor_more_than_half() -> None:
+    alone, _ = make_router(1, ejection=EjectionPolicy(failures=1))
+    fail(alone, "http://a:1", 5)
+    assert alone.ejected() == []  # its 502s would only become 503s
+    router, _ = make_router(3, ejection=EjectionPolicy(failures=1))
+    for key in SERVERS:
+        fail(router, key, 2)
+    assert router.ejected() == ["http://a:1"]  # 1 of 3: at most half
+    four, _ = make_router(3, ejection=EjectionPolicy(failures=0))
+    fail(four, "http://a:1", 50)
+    assert four.ejected() == []  # 0: off
+
+
+def test_ejected_servers_come_back_at_once_when_no_other_takes_work() -> None:
+    router, _ = make_router(2, ejection=EjectionPolicy(failures=1))
+    fail(router, "http://a:1", 1)
+    assert router.ejected() == ["http://a:1"]
+    router.observe_probe("http://b:1", Outcome.REFUSED)  # the healthy one goes down
+    assert router.ejected() == []
+    assert servers_taken(router, 2) == {"http://a:1": 2}

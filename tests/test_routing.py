@@ -247,6 +247,35 @@ def test_one_503_head_does_not_take_the_only_server_out_before_its_probe_says(
         stack.runner.call(fake.script.health_gate.set)
 
 
+def test_a_server_whose_generations_fail_while_its_health_answers_leaves_rotation(
+    make_gateway: Callable[..., Stack], fakes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A llama-server that answers /health but fails every generation frees its slots
+    fastest, so least-busy routing fed it more than its share. After
+    --eject-after-failures such failures in a row it is out of rotation for a while
+    (route/outliers.py), shown as "ejected"; the other server takes the work."""
+    pool = fakes[:2]
+    stack = make_gateway(llamacpp_server=tuple(f.url for f in pool), eject_after_failures=2)
+    wait_ready(stack, pool)
+    pool[0].script.fail_status = 500
+    client = stack.client()
+    answers = []
+    for i in range(10):
+        try:
+            answers.append(client.completions.create(model="m", prompt=f"q{i}").choices[0].text)
+        except openai.APIStatusError as error:
+            assert error.status_code == 502
+            answers.append("502")
+    assert len(pool[0].requests) == 2  # two failures in a row, then out
+    assert answers.count("502") == 2 and answers.count(FULL_TEXT) == 8
+    sick = f"127.0.0.1:{pool[0].port}"
+    assert ready_servers(stack)[sick] == "ejected"
+    assert stack.http.get("/health/ready").status_code == 200
+    assert any("out of rotation for 10s" in r.getMessage() for r in caplog.records)
+    metrics = stack.http.get("/metrics").text
+    assert f'llamacpp_proxy_upstream_up{{model="default",server="{sick}"}} 0.0' in metrics
+
+
 def test_a_generation_llamacpp_may_have_started_is_never_sent_again(
     make_gateway: Callable[..., Stack], fakes: Any
 ) -> None:

@@ -47,7 +47,7 @@ from ..route.pools import check_kind
 from ..route.router import Lease, Router
 from ..upstream.llamacpp import ClientGone, ClientStalled, LlamaCppClient, UpstreamCall
 from ..upstream.sse import DONE
-from ..upstreams import PoolRuntime, failure_verdict
+from ..upstreams import PoolRuntime, counts_against_server, failure_verdict
 from .chunk_writer import direct_stream
 from .handlers import BaseHandler, log
 from .openai_request import (
@@ -532,10 +532,12 @@ class CompletionsHandler(BaseHandler):
                 generation.client = client = pool.client_for(key)
                 generation.call = call = client.new_call()
                 try:
-                    return await run(generation)
+                    result = await run(generation)
                 except ProxyError as exc:
                     if exc is self._shutdown:
                         raise  # our own abort: says nothing about the server
+                    if counts_against_server(exc):
+                        router.observe_result(key, False, exc.message)
                     verdict = failure_verdict(exc, call, generation.opened)
                     if verdict.health is not None:
                         router.observe_probe(key, verdict.health)
@@ -558,6 +560,9 @@ class CompletionsHandler(BaseHandler):
                     call.done()
                     generation.call = None  # nothing to charge: it never started
                     generation.charged = False
+                else:
+                    router.observe_result(key, True)
+                    return result
             finally:
                 lease.release()
 

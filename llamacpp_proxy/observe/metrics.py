@@ -104,7 +104,7 @@ class _PoolCollector:
             GaugeMetricFamily(
                 "llamacpp_proxy_upstream_up",
                 "1 while the server takes work (ready, or draining after a reload), else 0 "
-                "(loading or down).",
+                "(loading, down, or ejected for failing requests).",
                 labels=["model", "server"],
             ),
             GaugeMetricFamily(

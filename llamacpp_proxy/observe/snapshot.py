@@ -17,7 +17,8 @@ class ServerSnapshot:
 
     display: str
     state: str
-    """ready, loading, down, or draining (removed by a reload, finishing its generations)."""
+    """ready, loading, down, ejected (ready, but out of rotation for failing requests:
+    route/outliers.py), or draining (removed by a reload, finishing its generations)."""
     busy: int
     """Slots processing: the gateway's generations plus outside load seen in /slots."""
     total: int | None

@@ -1,6 +1,6 @@
 """The status page: one server-rendered HTML page (no JavaScript) that refreshes itself.
 
-Per model its servers (ready/loading/down/draining, slots busy/total), the gateway's
+Per model its servers (ready/loading/down/ejected/draining, slots busy/total), the gateway's
 generations in flight and waiting; per key today's requests and tokens against its limits
 and budgets, with small bar charts. Pure: it renders the figures it is given (`StatusView`),
 so it is tested without a server; frontdoor/admin.py gathers them.

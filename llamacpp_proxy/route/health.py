@@ -133,7 +133,8 @@ class ServerStatus:
 
     display: str
     state: str
-    """ready, loading, down, or draining (removed by a reload, finishing its requests)."""
+    """ready, loading, down, ejected (ready, but out of rotation for failing requests), or
+    draining (removed by a reload, finishing its requests)."""
     slots_busy: int
     slots_total: int | None
     """From /props; None until known."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,8 +35,11 @@ from .affinity import prefix_hashes as _prefix_hashes
 from .affinity import prompt_bytes as _prompt_bytes
 from .clock import Clock, LoopClock, Timer
 from .health import Outcome, ProbePolicy, ServerHealth, ServerStatus, State
+from .outliers import EjectionPolicy, Outlier
 from .pools import Pool, Server
 from .waitqueue import FairQueue
+
+log = logging.getLogger("llamacpp_proxy.route")
 
 UNKNOWN_SLOTS = 1
 """Slots assumed before /props said: one is never an overload, whatever the server has."""
@@ -66,14 +70,18 @@ class RoutingPolicy:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     """Session keys kept for affinity (LRU)."""
     probe: ProbePolicy = field(default_factory=ProbePolicy)
+    ejection: EjectionPolicy = field(default_factory=EjectionPolicy)
+    """When a server whose generations keep failing leaves rotation (route/outliers.py)."""
 
 
 class Upstream:
     """One server's routing state: health, slots, the gateway's generations on it."""
 
-    def __init__(self, server: Server, health: ServerHealth) -> None:
+    def __init__(self, server: Server, health: ServerHealth, outlier: Outlier) -> None:
         self.server = server
         self.health = health
+        self.outlier = outlier
+        self.readmit_timer: Timer | None = None
         self.total_slots: int | None = None
         self.inflight = 0
         """The gateway's own generations on this server (open leases)."""
@@ -99,8 +107,8 @@ class Upstream:
 
     @property
     def usable(self) -> bool:
-        """Takes new work: ready and not draining."""
-        return self.health.state is State.READY and not self.draining
+        """Takes new work: ready, not draining, not ejected for failing requests."""
+        return self.health.state is State.READY and not self.draining and not self.outlier.ejected
 
     @property
     def expected(self) -> bool:
@@ -481,9 +489,72 @@ class Router:
                 # It may come back as a new process with an empty cache.
                 self._prefixes.forget_server(key)
                 self._sessions.forget_server(key)
+            self._readmit_if_none_usable()
             self._dispatch()
             self._fail_unservable()
         return changed
+
+    def observe_result(self, key: str, ok: bool, why: str = "") -> None:
+        """A generation on this server ended well (`ok`), or failed by the server's fault
+        (`why`; route/outliers.py says which failures count), which may eject it."""
+        upstream = self._servers.get(key)
+        if upstream is None:
+            return
+        outlier = upstream.outlier
+        if ok:
+            if outlier.failures or outlier.ejections:
+                outlier.succeeded()
+            return
+        if not outlier.failed() or not self._can_eject(upstream):
+            return
+        length = outlier.eject()
+        upstream.readmit_timer = self._clock.call_at(
+            self._clock.now() + length, lambda: self._readmit(upstream)
+        )
+        log.warning(
+            "model %s: server %s is out of rotation for %gs: %d generation(s) in a row failed "
+            "there while its /health answers (last: %s)",
+            self.pool.name,
+            upstream.server.display,
+            length,
+            outlier.failures,
+            why,
+        )
+
+    def _can_eject(self, upstream: Upstream) -> bool:
+        """At most half of the pool's servers out at once, and never the last that takes
+        work."""
+        servers = self._servers.values()
+        ejected = sum(1 for u in servers if u.outlier.ejected)
+        others = any(u.usable for u in servers if u is not upstream)
+        return others and ejected + 1 <= len(self._servers) // 2
+
+    def _readmit(self, upstream: Upstream) -> None:
+        if upstream.readmit_timer is not None:
+            upstream.readmit_timer.cancel()
+            upstream.readmit_timer = None
+        if upstream.outlier.ejected:
+            upstream.outlier.readmit()
+            if upstream.key in self._servers:
+                log.info(
+                    "model %s: server %s is back in rotation after failing requests",
+                    self.pool.name,
+                    upstream.server.display,
+                )
+            self._dispatch()
+
+    def _readmit_if_none_usable(self) -> None:
+        """Every server that was taking work went down or away: the ejected ones come back
+        now (failing now and then beats refusing every request)."""
+        servers = list(self._servers.values())
+        if not any(u.usable for u in servers):
+            for u in servers:
+                if u.outlier.ejected:
+                    self._readmit(u)
+
+    def ejected(self) -> list[str]:
+        """Keys of the servers out of rotation for failing requests."""
+        return [u.key for u in self._servers.values() if u.outlier.ejected]
 
     def recheck(self, key: str) -> None:
         """A request's failure asks for a probe of this server soon (the prober's loop must
@@ -549,6 +620,9 @@ class Router:
             if key in self._servers:
                 self._servers[key].server = server  # its credentials may have changed
         self._add_servers(s for s in pool.servers if s.key not in self._servers)
+        for upstream in removed:
+            self._readmit(upstream)  # its timer must not outlive it
+        self._readmit_if_none_usable()
         self._fail_unservable()
         self._dispatch()
         return removed
@@ -579,7 +653,9 @@ class Router:
         now = self._clock_now_or_zero()
         for server in servers:
             self._servers[server.key] = Upstream(
-                server, ServerHealth(self.policy.probe, now, self._rand)
+                server,
+                ServerHealth(self.policy.probe, now, self._rand),
+                Outlier(self.policy.ejection),
             )
 
     def _clock_now_or_zero(self) -> float:
@@ -604,7 +680,9 @@ class Router:
         out = [
             ServerStatus(
                 u.server.display,
-                u.health.state.value,
+                "ejected"
+                if u.outlier.ejected and u.health.state is State.READY
+                else u.health.state.value,
                 u.inflight + u.external_busy,
                 u.total_slots,
             )
