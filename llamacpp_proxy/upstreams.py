@@ -28,7 +28,7 @@ from .errors import (
 )
 from .render.templates import ChatTemplate, TemplateLoadError, load_chat_template
 from .route.failover import Phase, Verdict, after_failure
-from .route.health import Outcome, ProbePolicy, ServerStatus, readiness
+from .route.health import Outcome, ProbePolicy, ServerStatus, State, readiness
 from .route.outliers import EjectionPolicy
 from .route.pools import (
     Pool,
@@ -237,6 +237,8 @@ class Routes:
         self._probing: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._reading: dict[tuple[int, str], asyncio.Task[None]] = {}
         """Per server, the /props and /slots read a ready probe started (one at a time)."""
+        self._ending: dict[tuple[int, str], asyncio.Task[None]] = {}
+        """Per server, the end of the requests waiting on it once it is unreachable."""
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -278,6 +280,7 @@ class Routes:
                 self._task,
                 *self._probing.values(),
                 *self._reading.values(),
+                *self._ending.values(),
                 *self._closing,
                 *polls,
             )
@@ -343,7 +346,22 @@ class Routes:
         router = runtime.router
         upstream = router.upstream(key)
         was = upstream.health.state.value if upstream is not None else None
-        if router.observe_probe(key, outcome) and upstream is not None:
+        changed = router.observe_probe(key, outcome)
+        if (
+            outcome in (Outcome.REFUSED, Outcome.TIMEOUT)
+            and upstream is not None
+            and upstream.health.state is State.DOWN
+        ):
+            # Apart from the probe: whoever waits for it (a request that found every
+            # server down) must not wait for the TCP connect this may try too.
+            ident = (id(runtime), key)
+            if ident not in self._ending:
+                task = asyncio.ensure_future(
+                    self._end_silent_requests(runtime, key, upstream, outcome)
+                )
+                self._ending[ident] = task
+                task.add_done_callback(lambda _: self._ending.pop(ident, None))
+        if changed and upstream is not None:
             now = upstream.health.state.value
             if now == "ready":
                 # Back from down or loading, maybe as a new process started with other
@@ -368,6 +386,43 @@ class Routes:
             task = asyncio.ensure_future(self._read_capacity(runtime, client, key, upstream))
             self._reading[ident] = task
             task.add_done_callback(lambda _: self._reading.pop(ident, None))
+
+    async def _end_silent_requests(
+        self, runtime: PoolRuntime, key: str, upstream: Upstream, outcome: Outcome
+    ) -> None:
+        """The server is down, and nothing takes connections there: its probe was refused,
+        or timed out and a bare TCP connect does too (a busy or hung llama-server still
+        completes the handshake: its kernel does, so this never ends a long prompt's
+        wait). A machine that lost power or its network sends no reset, so the requests
+        waiting on it would hear nothing until --upstream-first-byte-timeout (10 minutes
+        by default): end those that have heard nothing from it for
+        --upstream-connect-timeout."""
+        client = runtime.clients.get(key)
+        if client is None or not client.in_flight:
+            return
+        if outcome is Outcome.TIMEOUT and await client.reachable():
+            return
+        display = upstream.server.display
+        why = (
+            "connection refused"
+            if outcome is Outcome.REFUSED
+            else "timed out, and so did a TCP connect"
+        )
+
+        def reason() -> ProxyError:
+            return UpstreamUnavailable(
+                f"llama.cpp at {display} stopped answering (its health probe: {why})"
+            )
+
+        ended = client.abort_silent(self.settings.upstream_connect_timeout, reason)
+        if ended:
+            log.warning(
+                "model %s: server %s is unreachable (%s): ended %d request(s) waiting on it",
+                runtime.pool.name,
+                display,
+                why,
+                ended,
+            )
 
     async def _read_capacity(
         self, runtime: PoolRuntime, client: LlamaCppClient, key: str, upstream: Upstream

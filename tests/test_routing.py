@@ -5,6 +5,7 @@ what it received, so a test sees which server served which request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -918,3 +919,176 @@ def test_after_a_reload_what_it_replaced_can_be_collected(two_models: Any, fakes
         assert stack.client().completions.create(model="chat", prompt="still").choices
     finally:
         gc.unfreeze()
+
+
+PROBE_ANSWERS = {
+    b"/health": b'{"status": "ok"}',
+    b"/props": b'{"total_slots": 4, "model_path": "/m.gguf"}',
+    b"/slots": b"[]",
+}
+
+
+class VanishingServer:
+    """A llama.cpp stand-in on a raw listening socket that answers probes, takes generations
+    and never answers them; `vanish()` makes it a machine gone from the network: nothing
+    answers on the open connections any more, and a new connection's SYN gets no answer
+    (its accept queue is full: Linux drops the SYN), so connecting times out."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.posts = 0
+        self.gone = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._fillers: list[socket.socket] = []
+        self._accepting: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._accepting = asyncio.ensure_future(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self.sock)
+            task = asyncio.ensure_future(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        buffer = b""
+        try:
+            while not self.gone:
+                data = await loop.sock_recv(conn, 65536)
+                if not data or self.gone:
+                    break
+                buffer += data
+                while b"\r\n\r\n" in buffer:
+                    head, _, rest = buffer.partition(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    if len(rest) < length:
+                        break
+                    buffer = rest[length:]
+                    path = head.split(b" ")[1]
+                    if path == b"/completion":
+                        self.posts += 1  # taken, and never answered
+                        continue
+                    body = PROBE_ANSWERS.get(path, b"{}")
+                    await loop.sock_sendall(
+                        conn,
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+                    )
+            await asyncio.Event().wait()  # gone: the connection stays open, silent
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            conn.close()
+
+    def hang(self) -> None:
+        """A process hung (or too busy to answer): its kernel still takes connections."""
+        self.gone = True
+
+    def vanish(self) -> None:
+        self.gone = True
+        assert self._accepting is not None
+        self._accepting.cancel()
+        for _ in range(3):  # fill the accept queue (backlog 0 holds one): SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", self.port))
+            self._fillers.append(filler)
+
+    def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for filler in self._fillers:
+            filler.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_on_a_server_gone_from_the_network_end_when_probes_find_it_unreachable(
+    stream: bool, make_gateway: Callable[..., Stack], runner: LoopThread
+) -> None:
+    """A machine that loses power or its network sends no reset: a request waiting for its
+    answer heard nothing until --upstream-first-byte-timeout (600 s by default), even
+    after the probes found the server unreachable and took it down. Now a probe that cannot
+    connect ends the requests waiting on that server that have heard nothing from it for
+    --upstream-connect-timeout, with 502 upstream_unavailable (a stream, with its error
+    event). Regression: the request below hung until the client's own 20 s timeout."""
+    server = VanishingServer()
+    runner.call(server.start)
+    try:
+        stack = make_gateway(
+            llamacpp_server=(server.url,),
+            upstream_connect_timeout=0.5,
+            upstream_first_byte_timeout=60.0,
+        )
+        assert stack.wait_for(
+            lambda: ready_servers_on_loop(stack) == {f"127.0.0.1:{server.port}": "ready"}
+        )
+        client = stack.client()
+        with ThreadPoolExecutor(1) as threads:
+            if stream:
+                waiting = threads.submit(
+                    lambda: list(client.completions.create(model="m", prompt="hi", stream=True))
+                )
+            else:
+                waiting = threads.submit(client.completions.create, model="m", prompt="hi")
+            assert stack.wait_for(lambda: server.posts == 1)
+            runner.call(server.vanish)
+            with pytest.raises(openai.APIError) as caught:
+                waiting.result(30)
+        error = caught.value
+        assert "stopped answering" in str(error), error
+        if not stream:
+            assert isinstance(error, openai.APIStatusError) and error.status_code == 502
+            assert error.code == "upstream_unavailable"
+        assert ready_servers_on_loop(stack) == {f"127.0.0.1:{server.port}": "down"}
+    finally:
+        runner.call(server.stop)
+
+
+def test_a_server_that_still_takes_connections_keeps_its_requests_however_silent(
+    make_gateway: Callable[..., Stack], runner: LoopThread
+) -> None:
+    """A llama-server that answers nothing, not even /health, but whose machine still
+    completes a TCP handshake, may be busy with a long prompt: it goes down for routing,
+    but the requests waiting on it keep waiting, up to --upstream-first-byte-timeout."""
+    server = VanishingServer()
+    runner.call(server.start)
+    try:
+        stack = make_gateway(
+            llamacpp_server=(server.url,),
+            upstream_connect_timeout=0.5,
+            upstream_first_byte_timeout=6.0,
+        )
+        sick = f"127.0.0.1:{server.port}"
+        assert stack.wait_for(lambda: ready_servers_on_loop(stack) == {sick: "ready"})
+        client = stack.client()
+        with ThreadPoolExecutor(1) as threads:
+            waiting = threads.submit(client.completions.create, model="m", prompt="long")
+            assert stack.wait_for(lambda: server.posts == 1)
+            runner.call(server.hang)
+            assert stack.wait_for(lambda: ready_servers_on_loop(stack) == {sick: "down"})
+            with pytest.raises(openai.APIStatusError) as caught:
+                waiting.result(30)
+        assert caught.value.status_code == 504, caught.value  # its own deadline, not 502
+        assert "did not start answering within 6s" in caught.value.message
+    finally:
+        runner.call(server.stop)

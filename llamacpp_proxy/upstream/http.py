@@ -947,6 +947,17 @@ class ConnectionPool:
         finally:
             self._sparing -= 1
 
+    async def reachable(self) -> bool:
+        """A plain TCP connection to the server opens within the connect timeout, and is
+        closed at once (no TLS handshake: a hung server's kernel still completes TCP's)."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, writer = await asyncio.open_connection(self.host, self.port)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
+
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         # One deadline for the lookup, the connect (and the TLS handshake).

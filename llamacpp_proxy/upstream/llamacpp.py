@@ -111,6 +111,7 @@ class UpstreamCall:
         "_connection",
         "_first_byte_timeout",
         "_idle_timeout",
+        "_live",
         "_loop",
         "_timer",
         "_waiting",
@@ -122,8 +123,16 @@ class UpstreamCall:
         "streamed",
     )
 
-    def __init__(self, first_byte_timeout: float, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        first_byte_timeout: float,
+        idle_timeout: float,
+        live: set[UpstreamCall] | None = None,
+    ) -> None:
         self._loop = IOLoop.current()
+        self._live = live  # the client's calls in flight (LlamaCppClient.abort_silent)
+        if live is not None:
+            live.add(self)
         self._connection: Connection | None = None
         self._waiting: asyncio.Task[Any] | None = None
         self._first_byte_timeout = first_byte_timeout
@@ -236,6 +245,9 @@ class UpstreamCall:
         if self._timer is not None:
             self._loop.remove_timeout(self._timer)
             self._timer = None
+        if self._live is not None:
+            self._live.discard(self)
+            self._live = None
 
 
 @dataclass
@@ -319,6 +331,8 @@ class LlamaCppClient:
         self._probe_pool = ConnectionPool(
             self.base, PROBE_CONNECTIONS, settings.upstream_connect_timeout
         )
+        self._live: set[UpstreamCall] = set()
+        """Calls in flight to this server (each removes itself when done)."""
         self.where = self._pool.display
         """llama.cpp's host:port (never the URL: it may hold a password)."""
         self._props = Shared(self._fetch_props, PROPS_TTL, now)
@@ -585,8 +599,30 @@ class LlamaCppClient:
     def new_call(self) -> UpstreamCall:
         """A handle for one upstream request, armed with the configured timeouts."""
         return UpstreamCall(
-            self._settings.upstream_first_byte_timeout, self._settings.upstream_idle_timeout
+            self._settings.upstream_first_byte_timeout,
+            self._settings.upstream_idle_timeout,
+            self._live,
         )
+
+    @property
+    def in_flight(self) -> int:
+        """Calls to this server not yet done."""
+        return len(self._live)
+
+    async def reachable(self) -> bool:
+        """A TCP connection to the server opens within --upstream-connect-timeout (and is
+        closed at once): something there takes connections, however busy or hung."""
+        return await self._pool.reachable()
+
+    def abort_silent(self, silent_for: float, reason: Callable[[], ProxyError]) -> int:
+        """End every request in flight to this server that has heard nothing from it for
+        `silent_for` seconds, each with its own `reason()`: the prober found the server
+        unreachable, and a machine gone sends no reset. Returns how many it ended."""
+        now = IOLoop.current().time()
+        silent = [c for c in self._live if now - c.last_activity >= silent_for]
+        for call in silent:
+            call.abort(reason())
+        return len(silent)
 
     async def complete(self, body: dict[str, Any], call: UpstreamCall) -> dict[str, Any]:
         """A non-streamed /completion: llama.cpp's final result object, checked."""
