@@ -318,3 +318,25 @@ def test_grafana_dashboard_uses_only_series_the_gateway_exposes(tmp_path: Path) 
         "llamacpp_proxy_usage_write_failures_total",
     }
     assert listed <= used, listed - used
+
+
+def test_long_generations_and_slow_first_tokens_land_in_a_finite_bucket() -> None:
+    """A long agent stream (4,096 tokens at 10 tokens/s: about 400 s) and a long prompt's
+    first token on a CPU (minutes, within --upstream-first-byte-timeout's 600 s) must be
+    told apart from each other, not all lumped into +Inf. Regression: the buckets stopped
+    at 300 s (duration) and 60 s (first token)."""
+    metrics = Metrics(list)
+    metrics.request_finished("k", "m", "chat", 200, 10, 4096, 0, 450.0, 240.0, None)
+    text = metrics.exposition().decode()
+
+    def bucket(name: str, le: str) -> float:
+        prefix = f"{name}_bucket{{"
+        for line in text.splitlines():
+            if line.startswith(prefix) and f'le="{le}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no {name} bucket le={le}")
+
+    duration = "llamacpp_proxy_request_duration_seconds"
+    ttft = "llamacpp_proxy_time_to_first_token_seconds"
+    assert bucket(duration, "300.0") == 0 and bucket(duration, "600.0") == 1
+    assert bucket(ttft, "120.0") == 0 and bucket(ttft, "300.0") == 1

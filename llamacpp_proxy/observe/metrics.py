@@ -30,10 +30,16 @@ from .usage import UsageLedger
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-"""Whole requests: from a cached short answer to a long generation."""
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-"""Time to first token: prompt processing (plus any wait for a slot)."""
+DURATION_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+)  # fmt: skip
+"""Whole requests: from a cached short answer to a long generation (an agent's 4,096
+tokens at 10 tokens/s take about 400 s)."""
+TTFT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+"""Time to first token: prompt processing (plus any wait for a slot), up to
+--upstream-first-byte-timeout's default 600 s (a long prompt on a CPU takes minutes)."""
 QUEUE_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Waits for a free slot, up to --queue-timeout."""
 
