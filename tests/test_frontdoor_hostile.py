@@ -580,3 +580,43 @@ def test_a_malformed_cache_count_from_llamacpp_is_no_500(make_stack: Any, cache_
         "/v1/responses", json={"input": "hi", "stream": True}, headers=AUTH
     ).text
     assert "event: response.completed" in streamed
+
+
+HUGE = "18446744073709551616"  # 2**64: past 64 bits, which orjson reads as a float
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "@RAW@"},
+            f"'max_tokens' must be between 1 and 2147483647, not {HUGE}",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "seed": "@RAW@"},
+            f"not {HUGE}",
+        ),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": "@RAW@"}, f"not {HUGE}"),
+        ("/v1/embeddings", {"input": "hi", "dimensions": "@RAW@"}, "positive integer up to"),
+        ("/v1/embeddings", {"input": [1, "@RAW@"]}, "token ids: integers from 0 to"),
+    ],
+)
+def test_an_integer_past_64_bits_is_called_out_of_range_not_a_float(
+    stack: Stack, path: str, body: Any, words: str
+) -> None:
+    """orjson reads an integer beyond 64 bits as a float. Regression: the 400 said "must be
+    an integer, not float" of what the client sent as an integer."""
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post(path, content=with_raw(body, HUGE))
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert words in message and "float" not in message, message
+
+
+def test_an_anthropic_max_tokens_past_64_bits_is_capped_like_any_other(stack: Stack) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "@RAW@"}
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post("/v1/messages", content=with_raw(body, HUGE))
+        assert r.status_code == 200, r.text

@@ -23,7 +23,7 @@ from ..errors import ContextLengthExceeded, InvalidRequest, ProxyError, ServerOv
 from ..fastjson import dumps
 from ..ids import unique_id
 from ..request import CompletionRequest
-from .fields import MAX_INT32, is_int, number, typed
+from .fields import MAX_INT32, huge_int, is_int, number, typed
 from .openai_request import MAX_MESSAGES, MAX_STOP, MAX_TOOL_CALLS, MAX_TOOLS
 
 ROLES = ("user", "assistant", "system")  # system: Claude Code sends it inside messages
@@ -329,6 +329,7 @@ def parse_messages_request(body: dict[str, Any], *, count_only: bool = False) ->
         raise _missing("max_tokens")
     # No upper bound here: the front door caps it at --max-tokens-limit (clients send their
     # model's maximum), so a larger count is capped like any other, never refused.
+    max_tokens = huge_int(max_tokens) or max_tokens
     if not is_int(max_tokens) or max_tokens < 1:
         raise _bad("max_tokens", f"must be an integer of at least 1, not {max_tokens!r}")
     request.max_tokens = min(max_tokens, MAX_INT32)

@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import fastjson
 from ..errors import InvalidRequest
+from .fields import huge_int
 
 MAX_INPUTS = 2048
 """Inputs per request (OpenAI's limit): each is a vector to compute and to answer."""
@@ -67,7 +68,8 @@ def _token_array(value: list[Any], where: str) -> list[int]:
 
 def _not_token(value: Any, where: str) -> InvalidRequest:
     # JSON Schema takes 2.0 for an integer; the words say why it is refused all the same.
-    kind = "; a token id must be an integer, not float" if type(value) is float else ""
+    float_ = type(value) is float and huge_int(value) is None
+    kind = "; a token id must be an integer, not float" if float_ else ""
     return _bad("input", f"{where} must hold token ids: integers from 0 to {MAX_TOKEN_ID}{kind}.")
 
 
@@ -138,7 +140,7 @@ def parse_embeddings_request(body: dict[str, Any]) -> EmbeddingsRequest:
         request.encoding_format = encoding
     dimensions = body.get("dimensions")
     if dimensions is not None:
-        if type(dimensions) is float:
+        if type(dimensions) is float and huge_int(dimensions) is None:
             raise _bad("dimensions", "'dimensions' must be an integer, not float.")
         if type(dimensions) is not int or not 1 <= dimensions <= MAX_TOKEN_ID:
             raise _bad(

@@ -23,6 +23,15 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def huge_int(value: Any) -> int | None:
+    """A JSON integer beyond 64 bits, which orjson reads as a float: as an int (its float's
+    value), so that a check says it is out of range, not that it is no integer. None for
+    anything else (a float a client wrote as one, like 5.0 or 1e3, stays a float)."""
+    if type(value) is float and value.is_integer() and abs(value) >= 2**63:
+        return int(value)
+    return None
+
+
 def number(body: dict[str, Any], name: str, lo: float, hi: float, bad: BadField) -> float | None:
     """`body[name]` as a float in [lo, hi]; None when absent."""
     value = body.get(name)

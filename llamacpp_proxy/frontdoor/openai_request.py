@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover - a platform without orjson wheels
     _orjson_dumps = None  # type: ignore[assignment]
 from ..errors import InvalidRequest
 from ..request import CompletionRequest
+from .fields import huge_int
 
 MAX_N = 16  # choices per request: each is a full generation on the GPU
 MAX_STOP = 16
@@ -115,7 +116,9 @@ def _integer(body: dict[str, Any], name: str, lo: int, hi: int | None = None) ->
     if value is None:
         return None
     if not _is_int(value):
-        raise _bad(name, f"'{name}' must be an integer, not {type(value).__name__}")
+        value = huge_int(value)
+        if value is None:
+            raise _bad(name, f"'{name}' must be an integer, not {type(body[name]).__name__}")
     if value < lo or (hi is not None and value > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
         raise _bad(name, f"'{name}' must be {bound}, not {value}")

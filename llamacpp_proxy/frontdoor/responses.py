@@ -24,7 +24,7 @@ from ..errors import InvalidRequest, ProxyError
 from ..fastjson import dumps
 from ..ids import unique_id
 from ..request import CompletionRequest
-from .fields import MAX_INT32, is_int, number, typed
+from .fields import MAX_INT32, huge_int, is_int, number, typed
 from .openai_request import (
     MAX_MESSAGES,
     MAX_TOOL_CALLS,
@@ -468,6 +468,7 @@ def _accepted_extras(body: dict[str, Any]) -> None:
         raise _bad("truncation", "must be 'auto' or 'disabled'")
     for name in ("top_logprobs", "max_tool_calls"):
         value = body.get(name)
+        value = huge_int(value) or value
         if value is not None and not is_int(value):
             raise _bad(name, f"must be an integer, not {type(value).__name__}")
         if value is not None and value < 0:
@@ -503,6 +504,7 @@ def parse_responses_request(body: dict[str, Any]) -> ResponsesRequest:
         request.tool_choice = None  # nothing left to offer
     request.parallel_tool_calls = body.get("parallel_tool_calls") is not False
     max_output = body.get("max_output_tokens")
+    max_output = huge_int(max_output) or max_output
     if max_output is not None:
         if not is_int(max_output):
             name = type(max_output).__name__
