@@ -93,7 +93,12 @@ def events(response: httpx.Response) -> list[dict[str, Any]]:
         data = json.loads(data_line[len("data: ") :])
         assert data["type"] == name_line[len("event: ") :]
         assert_event_schema(data)
-        if data["type"] in ("response.created", "response.completed", "response.incomplete"):
+        if data["type"] in (
+            "response.created",
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+        ):
             assert_schema(data["response"], "Response")
         assert data["sequence_number"] == len(out)
         out.append(data)
@@ -220,13 +225,21 @@ def test_a_response_cut_by_the_token_limit_is_incomplete(
     assert got[-2]["item"]["status"] == "incomplete"
 
 
-def test_failure_after_the_start_is_an_error_event(stack: Stack) -> None:
+def test_failure_after_the_start_is_an_error_event_then_response_failed(stack: Stack) -> None:
+    """As OpenAI's stream ends a response that fails: the `error` event, then the terminal
+    `response.failed` whose response carries the error (Codex reads its message there;
+    without it, it saw a stream that just stopped). Regression: only the `error` event."""
     stack.fake.script.drop_after_tokens = 3
     response = post(stack, {"model": "m", "input": "Hi", "stream": True})
     assert response.status_code == 200
     got = events(response)
     assert got[0]["type"] == "response.created"
-    assert got[-1]["type"] == "error" and got[-1]["message"]
+    assert got[-2]["type"] == "error" and got[-2]["message"]
+    failed = got[-1]
+    assert failed["type"] == "response.failed"
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": "server_error", "message": got[-2]["message"]}
+    assert failed["response"]["id"] == got[0]["response"]["id"]
     assert not any(e["type"] == "response.completed" for e in got)
     stack.fake.script.drop_after_tokens = None
     assert post(stack, {"model": "m", "input": "Hi"}).status_code == 200  # kept alive

@@ -563,7 +563,7 @@ def response_object(
     output: list[dict[str, Any]],
     usage_: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `response` object at a given status (in_progress, completed, incomplete)."""
+    """The `response` object at a given status (in_progress, completed, incomplete, failed)."""
     response = {
         "id": response_id,
         "object": "response",
@@ -800,7 +800,15 @@ class EventEncoder:
         return out + self._event(kind, {"response": self._response(status, usage_)})
 
     def error(self, error: ProxyError) -> bytes:
-        """The error event that ends a stream that already started."""
+        """What ends a stream that already started with a failure, as OpenAI's does: the
+        `error` event, then the terminal `response.failed`, whose response carries the error
+        (Codex reads the message there). Its code is one of the Responses API's
+        (`rate_limit_exceeded`, else `server_error`); the `error` event has ours."""
+        failed = self._response("failed")
+        failed["error"] = {
+            "code": "rate_limit_exceeded" if error.status == 429 else "server_error",
+            "message": error.message,
+        }
         return self._event(
             "error",
             {
@@ -808,4 +816,4 @@ class EventEncoder:
                 "message": error.message,
                 "param": error.param,
             },
-        )
+        ) + self._event("response.failed", {"response": failed})
