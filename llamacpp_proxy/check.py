@@ -6,8 +6,10 @@ A llama-server that is down or loading is a warning: the proxy starts and waits 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from .config import ConfigError, Settings, build_parser, load_settings
 from .config_file import exposed_secrets
@@ -19,12 +21,14 @@ from .render.templates import ChatTemplate, TemplateLoadError, load_chat_templat
 from .route.pools import UpstreamsFileError
 from .upstream.llamacpp import LlamaCppClient
 
-NOT_YET = (
-    "the proxy starts without it and sends it requests once it answers "
-    "(its model and template are checked then, not now)"
-)
+NOT_YET = "the proxy starts without it and sends it requests once it answers"
 """Why an unreachable or loading llama-server is a warning: a start (or a reload, which
 runs this check first to rotate keys) must not wait for it."""
+
+TLS_ADVICE = (
+    "is it a plain-HTTP llama-server (then its URL is http://, not https://), and does "
+    "the gateway trust its certificate?"
+)
 
 UPSTREAM_CHECK_EXTRA = 10.0
 """Seconds an upstream may take to answer /health and /props, beyond the connect timeout."""
@@ -95,15 +99,30 @@ async def _check_upstream(
     operator_template: bool,
 ) -> None:
     what = f"upstream {url}"
+    # The operator's template needs no llama-server to be rendered, so a server that is
+    # down or loading does not leave it unchecked; the model's own comes from /props.
+    later = (
+        "its model is checked then, not now"
+        if operator_template
+        else "its model and its chat template are checked then, not now"
+    )
     client = LlamaCppClient(settings, base_url=url)
     try:
         try:
             health = await client._get("/health", settings.upstream_connect_timeout)
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
-            report.warning(what, f"{exc.message}; {NOT_YET}")
+            tls = await _tls_failure(url, exc, settings.upstream_connect_timeout)
+            if tls is not None:
+                report.problem(what, tls)
+                return
+            report.warning(what, f"{exc.message}; {NOT_YET} ({later})")
+            if operator_template and template is not None:
+                _render(report, what, template, {})
             return
         if health.status == 503:
-            report.warning(what, f"llama.cpp is loading the model; {NOT_YET}")
+            report.warning(what, f"llama.cpp is loading the model; {NOT_YET} ({later})")
+            if operator_template and template is not None:
+                _render(report, what, template, {})
             return
         if health.status != 200:  # something answers there, and it is not a llama-server
             report.problem(what, f"/health answered HTTP {health.status}, not llama.cpp's 200")
@@ -131,6 +150,32 @@ async def _check_upstream(
             report.problem(what, f"{exc}; give one with --chat-template-jinja")
     else:
         report.problem(what, "the model has no chat template; give one with --chat-template-jinja")
+
+
+async def _tls_failure(url: str, exc: ProxyError, timeout: float) -> str | None:
+    """Why an https:// upstream that could not be reached is misconfigured, not down (None:
+    it may just be down). A failed handshake, or one that got no answer from something
+    that accepts connections (a plain-HTTP llama-server waits for a request line), will
+    fail the same way after any restart of llama.cpp."""
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        return None
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError):
+        return f"the TLS handshake failed ({cause}); {TLS_ADVICE}"
+    if not isinstance(exc, UpstreamTimeout):
+        return None
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 443), timeout
+        )
+    except (OSError, TimeoutError):
+        return None  # nothing accepts connections there: down
+    writer.close()
+    return (
+        f"it accepts connections, but its TLS handshake got no answer in {timeout:g}s; "
+        + TLS_ADVICE
+    )
 
 
 def run_check(argv: Sequence[str], environ: Mapping[str, str], out: TextIO) -> int:

@@ -130,6 +130,44 @@ def test_a_llama_server_that_is_down_or_loading_is_a_warning_not_a_problem(
     assert out.rstrip().endswith("no problems, 1 warning(s)")
 
 
+def test_an_https_url_to_a_plain_server_is_a_problem_not_a_server_that_is_down(
+    upstream: FakeLlamaCpp, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TLS handshake that fails is a wrong URL (https to a plain llama-server) or a
+    certificate the gateway does not trust: no restart of llama.cpp will make it answer.
+    Regression: it was a WARNING ('sends it requests once it answers'), exit 0, and the
+    proxy started unable to reach its only server."""
+    url = upstream.url.replace("http://", "https://")
+    status, out = check(["--llamacpp-server", url, "--upstream-connect-timeout", "2"], capsys)
+    assert status == 1, out
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    assert len(problems) == 1 and f"upstream {url}" in problems[0], out
+    assert "TLS" in problems[0] and "https" in problems[0]
+    assert "WARNING" not in out
+
+
+@pytest.mark.parametrize("down", ["refused", "loading"])
+def test_the_operators_template_is_checked_while_the_server_is_down(
+    down: str, upstream: FakeLlamaCpp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--chat-template-jinja needs no llama-server to be rendered: a template that leaves
+    the user's message out is a problem whether or not llama.cpp answers. Regression: with
+    the server down or loading, the check warned about the server and never rendered the
+    template (exit 0); every request would have been answered from a broken prompt."""
+    if down == "loading":
+        upstream.script.health_status = 503
+        url = upstream.url
+    else:
+        url = f"http://127.0.0.1:{closed_port()}"
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")
+    argv = ["--llamacpp-server", url, "--chat-template-jinja", str(broken)]
+    status, out = check([*argv, "--upstream-connect-timeout", "2"], capsys)
+    assert status == 1, out
+    assert "leaves the user's message out of the prompt" in out
+    assert len([line for line in out.splitlines() if line.startswith("WARNING")]) == 1
+
+
 def test_a_broken_config_file_or_no_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "config.toml"
     config.write_text("port = 8000\nlisten = 1\n")

@@ -277,6 +277,40 @@ def test_a_server_whose_generations_fail_while_its_health_answers_leaves_rotatio
     assert f'llamacpp_proxy_upstream_up{{model="default",server="{sick}"}} 0.0' in metrics
 
 
+def test_a_refused_generation_does_not_wait_for_an_ejected_server(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """A generation that llama.cpp refused with a 503 head fails over to another server
+    only if one takes work: an ejected server is out of rotation for seconds to minutes,
+    so the refusal is the answer, at once. Regression: failover counted the ejected server
+    as one to wait for, so the request waited its whole --queue-timeout and then got 503
+    'No server ... finished loading its model in time', about a server that was loaded."""
+    pool = fakes[:2]
+    stack = make_gateway(
+        llamacpp_server=tuple(f.url for f in pool), eject_after_failures=1, queue_timeout=1.0
+    )
+    wait_ready(stack, pool)
+    sick, healthy = pool
+    sick.script.fail_status = 500
+    client = stack.client()
+    for i in range(4):
+        try:
+            client.completions.create(model="m", prompt=f"q{i}")
+        except openai.APIStatusError as error:
+            assert error.status_code == 502
+        if sick.requests:
+            break
+    assert ready_servers(stack)[f"127.0.0.1:{sick.port}"] == "ejected"
+    healthy.script.fail_status, healthy.script.fail_prompt = 503, "refuse"
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(model="m", prompt="refuse me")
+    assert caught.value.status_code == 503 and caught.value.code == "upstream_loading"
+    assert "llama.cpp is not ready: fake failure" in caught.value.message
+    assert len(sick.requests) == 1  # the ejected server got nothing more
+    answer = client.completions.create(model="m", prompt="and me?")
+    assert answer.choices[0].text == FULL_TEXT
+
+
 def test_a_generation_llamacpp_may_have_started_is_never_sent_again(
     make_gateway: Callable[..., Stack], fakes: Any
 ) -> None:

@@ -112,8 +112,13 @@ class Upstream:
 
     @property
     def expected(self) -> bool:
-        """Worth waiting for: ready or loading, and not draining."""
-        return self.health.state is not State.DOWN and not self.draining
+        """Worth waiting for: ready or loading, not draining, not ejected. An ejected
+        server is out for seconds to minutes, and while it is, another takes work (the
+        router readmits it when none does): a failover that only it could take fails now,
+        with the refusal it had, rather than wait out --queue-timeout for it."""
+        return (
+            self.health.state is not State.DOWN and not self.draining and not self.outlier.ejected
+        )
 
 
 class Lease:
@@ -511,6 +516,7 @@ class Router:
         upstream.readmit_timer = self._clock.call_at(
             self._clock.now() + length, lambda: self._readmit(upstream)
         )
+        self._fail_unservable()  # failovers that were waiting for this server alone
         log.warning(
             "model %s: server %s is out of rotation for %gs: %d generation(s) in a row failed "
             "there while its /health answers (last: %s)",
