@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..request import CompletionRequest
+from .grammar_guard import grammar_problem, schema_problem
 from .tool_calls import forced_call_schema
 
 # In this order, the first is the one kept in the error message, the second is the `param`.
@@ -44,4 +45,21 @@ def merge_constraints(request: CompletionRequest, tools: list[dict[str, Any]] | 
         )
     if "grammar" not in found:
         request.json_schema = next(iter(found.values()), None)
+    _refuse_what_llamacpp_cannot_build(found)
     return forced is not None
+
+
+def _refuse_what_llamacpp_cannot_build(found: dict[str, Any]) -> None:
+    """A 400 for a constraint that would hang llama.cpp's grammar builder (grammar_guard.py):
+    it matches nothing anyway."""
+    for source, constraint in found.items():
+        if source == "grammar":
+            problem = grammar_problem(constraint) if isinstance(constraint, str) else None
+            code = "invalid_grammar"
+        else:
+            problem = schema_problem(constraint)
+            code = "invalid_json_schema"
+        if problem is not None:
+            # A forced call's schema is the tool's parameters: the client wrote it there.
+            param = "tools" if source == "tool_choice" else source
+            raise InvalidRequest(f"'{param}' {problem}.", param=param, code=code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -321,6 +322,38 @@ def test_bad_grammar_is_400_and_the_proxy_keeps_serving(
     assert "grammar" in info.value.message
     assert_schema(info.value.response.json(), "ErrorResponse")
 
+    again = openai_client.completions.create(
+        model=MODEL, prompt=COUNTING, max_tokens=2, temperature=0
+    )
+    assert again.choices[0].text.startswith("5")
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"grammar": 'root ::= "a"{5,2}'},
+        {"json_schema": {"type": "string", "minLength": 5, "maxLength": 2}},
+        {"json_schema": {"type": "string", "pattern": "^a{5,2}$"}},
+    ],
+    ids=["grammar", "string-bounds", "pattern"],
+)
+def test_a_constraint_that_hangs_llamacpps_grammar_builder_never_reaches_it(
+    openai_client: openai.OpenAI, llama_server: Service, constraint: dict[str, Any]
+) -> None:
+    """Sent straight to this llama-server, each of these makes its grammar parser loop and
+    take about 300 MB a second until the machine runs out of memory, the client leaving or
+    not (render/grammar_guard.py). Through the gateway: a 400, and llama-server unharmed."""
+    assert llama_server.process is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.completions.create(
+            model=MODEL, prompt="hi", max_tokens=2, extra_body=constraint, timeout=30
+        )
+    assert "minimum above its maximum" in info.value.message or (
+        "greater than 'maxLength'" in info.value.message
+    )
+    status = Path(f"/proc/{llama_server.process.pid}/status").read_text()
+    rss_kib = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+    assert rss_kib < 1024 * 1024, f"llama-server holds {rss_kib} KiB"
     again = openai_client.completions.create(
         model=MODEL, prompt=COUNTING, max_tokens=2, temperature=0
     )
