@@ -240,6 +240,28 @@ def test_in_flight_returns_to_zero_after_every_kind_of_exit(stack: Stack) -> Non
     assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
 
 
+def test_no_upstream_call_outlives_its_request(stack: Stack) -> None:
+    """Each server's client keeps its calls in flight (to end them if the machine vanishes:
+    LlamaCppClient.abort_silent); every kind of exit must take its call out, or the set
+    grows for ever."""
+    script = stack.fake.script
+    post(stack, "/v1/completions", {"prompt": "x"})
+    post(stack, "/v1/chat/completions", {"messages": CHAT, "stream": True, "n": 2})
+    script.fail_status = 500
+    post(stack, "/v1/completions", {"prompt": "x", "stream": True})
+    post(stack, "/v1/completions", {"prompt": "x", "n": 3})
+    script.fail_status = None
+    script.drop_after_tokens = 2
+    post(stack, "/v1/completions", {"prompt": "x", "stream": True})
+    script.drop_after_tokens = None
+    with socket.create_connection(("127.0.0.1", stack.port)) as sock:  # leaves mid-stream
+        sock.sendall(raw_completion_request({"prompt": "x", "stream": True}))
+        assert sock.recv(65536)
+    clients = [c for r in stack.ctx.routes.pools.values() for c in r.clients.values()]
+    assert stack.wait_for(lambda: stack.ctx.in_flight == 0)
+    assert stack.wait_for(lambda: all(c.in_flight == 0 for c in clients))
+
+
 def test_upstream_json_that_is_malformed_is_502(stack: Stack) -> None:
     stack.fake.script.fail_status = 200
     stack.fake.script.fail_body = "{not json"

@@ -565,6 +565,8 @@ class CompletionsHandler(BaseHandler):
                     return result
             finally:
                 lease.release()
+                if generation.call is not None:
+                    generation.call.done()  # whatever ended it: out of the client's live calls
 
     async def _lease(
         self, router: Router, generation: Generation, tried: frozenset[str], deadline: float
