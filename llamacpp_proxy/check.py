@@ -111,7 +111,7 @@ async def _check_upstream(
         try:
             health = await client._get("/health", settings.upstream_connect_timeout)
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
-            tls = await _tls_failure(url, exc, settings.upstream_connect_timeout)
+            tls = await _tls_failure(client, url, exc, settings.upstream_connect_timeout)
             if tls is not None:
                 report.problem(what, tls)
                 return
@@ -152,7 +152,9 @@ async def _check_upstream(
         report.problem(what, "the model has no chat template; give one with --chat-template-jinja")
 
 
-async def _tls_failure(url: str, exc: ProxyError, timeout: float) -> str | None:
+async def _tls_failure(
+    client: LlamaCppClient, url: str, exc: ProxyError, timeout: float
+) -> str | None:
     """Why an https:// upstream that could not be reached is misconfigured, not down (None:
     it may just be down). A failed handshake, or one that got no answer from something
     that accepts connections (a plain-HTTP llama-server waits for a request line), will
@@ -163,15 +165,8 @@ async def _tls_failure(url: str, exc: ProxyError, timeout: float) -> str | None:
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLError):
         return f"the TLS handshake failed ({cause}); {TLS_ADVICE}"
-    if not isinstance(exc, UpstreamTimeout):
-        return None
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, parts.port or 443), timeout
-        )
-    except (OSError, TimeoutError):
-        return None  # nothing accepts connections there: down
-    writer.close()
+    if not isinstance(exc, UpstreamTimeout) or not await client.reachable():
+        return None  # (nothing accepts connections there: down)
     return (
         f"it accepts connections, but its TLS handshake got no answer in {timeout:g}s; "
         + TLS_ADVICE
