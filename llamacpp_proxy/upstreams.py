@@ -356,9 +356,7 @@ class Routes:
             # server down) must not wait for the TCP connect this may try too.
             ident = (id(runtime), key)
             if ident not in self._ending:
-                task = asyncio.ensure_future(
-                    self._end_silent_requests(runtime, key, upstream, outcome)
-                )
+                task = asyncio.ensure_future(self._end_silent_requests(runtime, key, upstream))
                 self._ending[ident] = task
                 task.add_done_callback(lambda _: self._ending.pop(ident, None))
         if changed and upstream is not None:
@@ -388,39 +386,31 @@ class Routes:
             task.add_done_callback(lambda _: self._reading.pop(ident, None))
 
     async def _end_silent_requests(
-        self, runtime: PoolRuntime, key: str, upstream: Upstream, outcome: Outcome
+        self, runtime: PoolRuntime, key: str, upstream: Upstream
     ) -> None:
-        """The server is down, and nothing takes connections there: its probe was refused,
-        or timed out and a bare TCP connect does too (a busy or hung llama-server still
-        completes the handshake: its kernel does, so this never ends a long prompt's
-        wait). A machine that lost power or its network sends no reset, so the requests
-        waiting on it would hear nothing until --upstream-first-byte-timeout (10 minutes
-        by default): end those that have heard nothing from it for
-        --upstream-connect-timeout."""
+        """The server is down, and nothing takes connections there: its probe failed, and
+        so does a plain TCP connect to the address it had (LlamaCppClient.reachable: a busy
+        or hung llama-server still completes the handshake, its kernel does, so this never
+        ends a long prompt's wait; a resolver that fails proves nothing). A machine that
+        lost power or its network sends no reset, so the requests waiting on it would hear
+        nothing until --upstream-first-byte-timeout (10 minutes by default): end those
+        that have heard nothing from it for --upstream-connect-timeout."""
         client = runtime.clients.get(key)
-        if client is None or not client.in_flight:
-            return
-        if outcome is Outcome.TIMEOUT and await client.reachable():
+        if client is None or not client.in_flight or await client.reachable():
             return
         display = upstream.server.display
-        why = (
-            "connection refused"
-            if outcome is Outcome.REFUSED
-            else "timed out, and so did a TCP connect"
-        )
 
         def reason() -> ProxyError:
             return UpstreamUnavailable(
-                f"llama.cpp at {display} stopped answering (its health probe: {why})"
+                f"llama.cpp at {display} stopped answering (nothing takes connections there)"
             )
 
         ended = client.abort_silent(self.settings.upstream_connect_timeout, reason)
         if ended:
             log.warning(
-                "model %s: server %s is unreachable (%s): ended %d request(s) waiting on it",
+                "model %s: server %s is unreachable: ended %d request(s) waiting on it",
                 runtime.pool.name,
                 display,
-                why,
                 ended,
             )
 

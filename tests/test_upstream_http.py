@@ -687,3 +687,36 @@ def test_an_idle_connection_is_quiet_exactly_when_the_kernel_holds_nothing_for_i
         ("close", False, False),
         ("reset", False, False),
     ]
+
+
+def test_reachable_asks_the_addresses_it_knows_not_the_resolver() -> None:
+    """`reachable` decides whether requests waiting on a server are ended (its machine is
+    gone): a resolver that fails says nothing about a server the gateway is connected to,
+    so the addresses of the last lookup are tried, and a lookup that fails is "cannot
+    tell" (True), never "gone". Only a connect refused or timed out is False."""
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clock = [100.0]
+        pool = ConnectionPool(f"http://localhost:{port}", 2, 1.0, now=lambda: clock[0])
+        loop = asyncio.get_running_loop()
+        real_lookup = loop.getaddrinfo
+
+        async def broken_lookup(*args: Any, **kwargs: Any) -> Any:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+        loop.getaddrinfo = broken_lookup  # type: ignore[method-assign]
+        assert await pool.reachable()  # never looked up, no resolver: cannot tell
+        loop.getaddrinfo = real_lookup  # type: ignore[method-assign]
+        conn = await pool.acquire()  # looked up and connected
+        pool.release(conn, False)
+        clock[0] += 3600.0  # the lookup is long stale
+        loop.getaddrinfo = broken_lookup  # type: ignore[method-assign]
+        assert await pool.reachable()  # the known address still takes connections
+        server.close()
+        await server.wait_closed()
+        assert not await pool.reachable()  # refused: gone
+        pool.close()
+
+    asyncio.run(scenario())

@@ -849,6 +849,8 @@ class ConnectionPool:
             self._addresses = [(family, (self.host, self.port))]
             break
         self._looked_up: tuple[float, list[tuple[int, tuple[Any, ...]]]] | None = None
+        self._known: list[tuple[int, tuple[Any, ...]]] | None = None
+        """The last lookup's addresses, kept when connects fail (`reachable`)."""
         self._now = now
         self._idle: deque[Connection] = deque()  # oldest on the left
         self._open = 0
@@ -948,15 +950,30 @@ class ConnectionPool:
             self._sparing -= 1
 
     async def reachable(self) -> bool:
-        """A plain TCP connection to the server opens within the connect timeout, and is
-        closed at once (no TLS handshake: a hung server's kernel still completes TCP's)."""
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, writer = await asyncio.open_connection(self.host, self.port)
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        return True
+        """False only when nothing takes a plain TCP connection at the server's address
+        within the connect timeout (refused, or no answer): its machine or network is gone.
+        No TLS handshake (a hung server's kernel still completes TCP's), and the addresses
+        of the last lookup, not the resolver's word: a resolver that fails says nothing of
+        a server this pool is connected to (never looked up and no resolver: True, since
+        nothing says it is gone)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        addresses = self._addresses or self._known
+        if not addresses:
+            try:
+                addresses = await self._lookup(deadline)
+            except (OSError, TimeoutError):
+                return True
+        for family, address in addresses:
+            try:
+                conn = await _open(loop, family, address, deadline)
+            except TimeoutError:
+                return False
+            except OSError:
+                continue
+            conn.close()
+            return True
+        return False
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -1006,6 +1023,7 @@ class ConnectionPool:
         ]
         if addresses:
             self._looked_up = (now, addresses)
+            self._known = addresses
         return addresses
 
     def release(self, conn: Connection, reusable: bool) -> None:
