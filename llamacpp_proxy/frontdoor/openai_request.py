@@ -71,7 +71,25 @@ _EXT_INT = (
     "min_keep",
 )
 _EXT_BOOL = ("cache_prompt", "ignore_eos", "penalize_nl", "return_tokens", "timings_per_token")
-_EXT_STR_LIST = ("samplers", "dry_sequence_breakers")
+# Bounds on what llama-server (b11434) sizes its work by, each far beyond any real use
+# (docs/compatibility.md, "llama.cpp extensions", has the measurements):
+_EXT_MAX = {
+    # A window of past tokens: llama.cpp allocates it whole, for every request (4 bytes a
+    # token for repeat_last_n, 8 for DRY's): 2**31-1 is 8 and 17 GB, the server OOM-killed.
+    # 2**20 is beyond any context a model has.
+    "repeat_last_n": 2**20,
+    "dry_penalty_last_n": 2**20,
+}
+_EXT_MAX_ITEMS = {
+    # Each entry is one more sampler run over the whole vocabulary for every token (3000
+    # "penalties" took 0.5 s a token): llama.cpp has a dozen kinds, a chain names each once.
+    "samplers": 16,
+    # Each breaker is a scan of the whole vocabulary when the request starts, on the slot
+    # (about 10 ms with a 49k vocabulary, more the more there are: 1000 took 21 s of a core
+    # before the first token); llama.cpp's own default is 4.
+    "dry_sequence_breakers": 32,
+}
+_EXT_STR_LIST = tuple(_EXT_MAX_ITEMS)
 
 
 def _bad(param: str, message: str) -> InvalidRequest:
@@ -661,7 +679,7 @@ def _extensions(body: dict[str, Any]) -> dict[str, Any]:
             ext[name] = _number(body, name, -1e9, 1e9)
     for name in _EXT_INT:
         if body.get(name) is not None:
-            ext[name] = _integer(body, name, -1, MAX_INT32)
+            ext[name] = _integer(body, name, -1, _EXT_MAX.get(name, MAX_INT32))
     for name in _EXT_BOOL:
         if body.get(name) is not None:
             ext[name] = _boolean(body, name)
@@ -670,6 +688,8 @@ def _extensions(body: dict[str, Any]) -> dict[str, Any]:
         if value is not None:
             if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
                 raise _bad(name, f"'{name}' must be an array of strings")
+            if len(value) > _EXT_MAX_ITEMS[name]:
+                raise _too_long(name, len(value), _EXT_MAX_ITEMS[name])
             ext[name] = value
     grammar = _string(body, "grammar")
     if grammar:

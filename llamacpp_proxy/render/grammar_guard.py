@@ -13,10 +13,16 @@ comes from three places a client controls:
   that repetition), at any depth;
 - a JSON schema's `pattern` with such a quantifier, `^a{5,2}$`.
 
-Each is unsatisfiable anyway (no output matches it), so refusing it with a 400 takes nothing
-from a client. Arrays' and objects' bounds (`minItems` > `maxItems`, ...), huge bounds and
-other odd schemas were tried against the same llama-server and are answered (a 400 or a
-generation), so they pass through as before.
+A raw grammar's groups nested thousands deep (`root ::= ((((...))))`, 20000 levels) make
+its parser recurse until the stack overflows: llama-server dies at once, every request on
+it with it. So do 100000 rules each naming the next (`r0 ::= r1`, ...): llama.cpp follows rule
+references by recursion too. A grammar is refused past MAX_GRAMMAR_NESTING levels of groups
+or MAX_GRAMMAR_RULES rules, far beyond what a grammar needs.
+
+Each inverted repetition is unsatisfiable anyway (no output matches it), so refusing it
+with a 400 takes nothing from a client. Arrays' and objects' bounds (`minItems` >
+`maxItems`, ...), huge bounds and other odd schemas were tried against the same
+llama-server and are answered (a 400 or a generation), so they pass through as before.
 """
 
 from __future__ import annotations
@@ -27,18 +33,46 @@ from typing import Any, TypeGuard
 _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
 """`{m,n}` with both bounds: the only form whose bounds can be inverted."""
 
+MAX_GRAMMAR_NESTING = 256
+"""Parenthesised groups a raw grammar may nest. llama-server b11434 survived 10000 levels
+and crashed on 20000 (its main thread's 8 MB stack); a thread with a smaller stack, or
+another build, overflows sooner, so the bound keeps a wide margin."""
+
+MAX_GRAMMAR_RULES = 4096
+"""Rules a raw grammar may define: a chain of 20000 rule references was answered, 100000
+crashed llama-server (each group is a rule too, so the two bounds hold the depth together)."""
+
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples"})
 """Keys whose values are data, not schemas: not walked (an example object may have any
 fields, `minLength` among them)."""
 
 
 def grammar_problem(grammar: str) -> str | None:
-    """Why llama.cpp must not get this GBNF grammar, or None. Quantifiers inside string
-    literals, character classes and comments are text, not repetitions."""
-    i, n = 0, len(grammar)
+    """Why llama.cpp must not get this GBNF grammar, or None. Quantifiers and parentheses
+    inside string literals, character classes and comments are text."""
+    i, n, depth, rules = 0, len(grammar), 0, 0
     while i < n:
         c = grammar[i]
-        if c == "#":
+        if c == ":" and grammar.startswith("::=", i):
+            rules += 1
+            if rules > MAX_GRAMMAR_RULES:
+                return (
+                    f"defines more than {MAX_GRAMMAR_RULES} rules: llama.cpp follows rule "
+                    "references by recursion and overflows its stack"
+                )
+            i += 3
+        elif c == "(":
+            depth += 1
+            if depth > MAX_GRAMMAR_NESTING:
+                return (
+                    f"nests groups more than {MAX_GRAMMAR_NESTING} levels deep: llama.cpp's "
+                    "grammar parser recurses once a level and overflows its stack"
+                )
+            i += 1
+        elif c == ")":
+            depth -= 1
+            i += 1
+        elif c == "#":
             end = grammar.find("\n", i)
             i = n if end < 0 else end + 1
         elif c == '"' or c == "[":

@@ -360,6 +360,33 @@ def test_a_constraint_that_hangs_llamacpps_grammar_builder_never_reaches_it(
     assert again.choices[0].text.startswith("5")
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000},
+        {"repeat_last_n": 2**31 - 1, "repeat_penalty": 1.1},
+        {"dry_sequence_breakers": [f"b{i}" for i in range(1000)], "dry_multiplier": 0.8},
+    ],
+    ids=["nested-grammar", "penalty-window", "dry-breakers"],
+)
+def test_input_that_crashes_or_exhausts_llama_server_never_reaches_it(
+    openai_client: openai.OpenAI, llama_server: Service, extra: dict[str, Any]
+) -> None:
+    """Sent straight to this llama-server: the grammar crashes it (stack overflow), the
+    window allocates 8 GB, the breakers take a core for minutes before the first token.
+    Through the gateway: a 400, and llama-server unharmed (tests/test_llamacpp_hazards.py)."""
+    assert llama_server.process is not None
+    with pytest.raises(openai.BadRequestError):
+        openai_client.completions.create(
+            model=MODEL, prompt="hi", max_tokens=2, extra_body=extra, timeout=30
+        )
+    assert llama_server.process.poll() is None
+    again = openai_client.completions.create(
+        model=MODEL, prompt=COUNTING, max_tokens=2, temperature=0
+    )
+    assert again.choices[0].text.startswith("5")
+
+
 def test_json_schema_response_format_gives_json_that_follows_the_schema(
     openai_client: openai.OpenAI,
 ) -> None:
