@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 from typing import Any, TypeGuard
 
+from .gbnf import runaway_left_recursion
+
 _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
 """`{m,n}` with both bounds: the only form whose bounds can be inverted."""
 
@@ -84,6 +86,14 @@ def grammar_problem(grammar: str) -> str | None:
             i += 1
         else:
             i += 1
+    # Only once the bounds above hold: the analysis is linear, but on a bounded grammar.
+    rule = runaway_left_recursion(grammar)
+    if rule is not None:
+        return (
+            f"rule '{rule}' is left-recursive through elements that can match nothing: "
+            "llama.cpp's check misses it and its grammar expansion then takes memory until "
+            "none is left"
+        )
     return None
 
 

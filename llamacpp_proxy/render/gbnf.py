@@ -1,0 +1,406 @@
+"""Left recursion in a raw GBNF grammar that llama.cpp's own check misses (pure: no I/O).
+
+llama-server (b11434) refuses `root ::= root "a" | "a"`, but its check only counts a rule as
+able to match nothing when one of its alternatives is literally empty. Through a rule that
+matches nothing some other way (`x ::= "b"?` compiles to a reference to `x_1 ::= "b" |`),
+`root ::= x root "a" | "a"` gets past it, and llama.cpp's stack expansion then pushes
+`"a"` and re-enters `root` forever: 2 GB in 4 s, on the thread that took the request.
+
+Measured against that server, what runs away is a cycle of leftmost references (each
+reached past elements that can match nothing) in which some reference is followed by
+more elements: each turn leaves them on the stack, which grows without end. A cycle of
+references that each end their alternative (`root ::= x root | "a"`, `("a"?)*`, which
+compiles to `s ::= g s |` with `g` able to match nothing) leaves the stack as it was and
+is answered normally, so it passes.
+
+The parser follows llama.cpp's `parse_rule`/`parse_sequence`/`parse_alternates` (newlines
+end a rule except inside groups and after `|`; `"..."` and `[...]` with its escapes; `.`;
+`<token>` and `!<token>`; `? * + {m} {m,} {m,n}`; `#` comments). A grammar it cannot parse
+is left to llama.cpp, which answers a 400. Work is linear in the grammar and iterative:
+a group or a repetition becomes one node (llama.cpp's synthesized rule), and a repetition's
+copies collapse to at most two, which reach the same rules with the same stack growth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+TERMINAL = -1
+"""An element that matches a character or token: it can never match nothing."""
+
+_Alternative = list[int]
+"""Node ids of a compiled sequence, TERMINAL for characters; empty literals take no place."""
+
+_MAX_REPETITION = 2000
+"""llama.cpp's MAX_REPETITION_THRESHOLD: a larger minimum is an error, a larger maximum
+means no maximum."""
+
+_ESCAPES = frozenset('tnr\\"[]-')
+_HEX = {"x": 2, "u": 4, "U": 8}
+
+
+class _Unparsable(Exception):
+    """llama.cpp would refuse this grammar itself (a 400): not ours to judge."""
+
+
+def runaway_left_recursion(grammar: str) -> str | None:
+    """The rule whose left recursion would make llama.cpp's stack grow without end, or None
+    (also None for a grammar llama.cpp cannot parse)."""
+    try:
+        return _Parser(grammar).parse().runaway()
+    except _Unparsable:
+        return None
+
+
+class _Grammar:
+    def __init__(self) -> None:
+        self.names: dict[str, int] = {}
+        self.owner: list[str] = []  # the named rule each node was written in
+        self.alternatives: list[list[_Alternative] | None] = []  # None: referenced, undefined
+
+    def node(self, owner: str) -> int:
+        self.owner.append(owner)
+        self.alternatives.append(None)
+        return len(self.owner) - 1
+
+    def named(self, name: str) -> int:
+        found = self.names.get(name)
+        if found is None:
+            found = self.names[name] = self.node(name)
+        return found
+
+    def runaway(self) -> str | None:
+        if any(alts is None for alts in self.alternatives):
+            raise _Unparsable  # llama.cpp: "Undefined rule identifier"
+        rules = [alts or [] for alts in self.alternatives]
+        nullable = _nullable(rules)
+        # edges[a]: (b, grows) for each b reachable at a's left past elements that match
+        # nothing; grows when more elements follow b, left on the stack each turn.
+        edges: list[list[tuple[int, bool]]] = [[] for _ in rules]
+        for a, alts in enumerate(rules):
+            for alt in alts:
+                for i, element in enumerate(alt):
+                    if element == TERMINAL:
+                        break
+                    edges[a].append((element, i < len(alt) - 1))
+                    if not nullable[element]:
+                        break
+        component = _components(edges)
+        for a, outgoing in enumerate(edges):
+            for b, grows in outgoing:
+                if grows and component[a] == component[b]:
+                    return self.owner[a]
+        return None
+
+
+def _nullable(rules: list[list[_Alternative]]) -> list[bool]:
+    """Which nodes can match the empty string: a worklist over the alternatives, linear."""
+    nullable = [False] * len(rules)
+    pending: list[int] = []  # per alternative: elements not yet known to match nothing
+    owner: list[int] = []
+    users: list[list[int]] = [[] for _ in rules]  # node -> alternatives that name it
+    ready: list[int] = []
+    for node, alts in enumerate(rules):
+        for alt in alts:
+            index = len(pending)
+            owner.append(node)
+            pending.append(len(alt))
+            for element in alt:
+                if element != TERMINAL:
+                    users[element].append(index)
+            if not alt:
+                ready.append(node)
+    while ready:
+        node = ready.pop()
+        if nullable[node]:
+            continue
+        nullable[node] = True
+        for index in users[node]:
+            pending[index] -= 1  # one count per occurrence, as users lists each one
+            if pending[index] == 0:
+                ready.append(owner[index])
+    return nullable
+
+
+def _components(edges: list[list[tuple[int, bool]]]) -> list[int]:
+    """Strongly connected components (Tarjan's algorithm, with an explicit stack)."""
+    n = len(edges)
+    index = [-1] * n
+    low = [0] * n
+    component = [-1] * n
+    on_stack = [False] * n
+    stack: list[int] = []
+    counter = 0
+    for start in range(n):
+        if index[start] != -1:
+            continue
+        work: list[tuple[int, Iterator[tuple[int, bool]]]] = [(start, iter(edges[start]))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack[start] = True
+        while work:
+            node, children = work[-1]
+            for child, _ in children:
+                if index[child] == -1:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack[child] = True
+                    work.append((child, iter(edges[child])))
+                    break
+                if on_stack[child]:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    while True:
+                        member = stack.pop()
+                        on_stack[member] = False
+                        component[member] = node
+                        if member == node:
+                            break
+    return component
+
+
+class _Parser:
+    """llama.cpp's recursive descent, with an explicit stack of open groups."""
+
+    def __init__(self, text: str) -> None:
+        end = text.find("\0")  # llama.cpp reads the grammar as a C string
+        self.text = text if end < 0 else text[:end]
+        self.pos = 0
+        self.grammar = _Grammar()
+
+    def parse(self) -> _Grammar:
+        self.space(newlines=True)
+        while self.pos < len(self.text):
+            self.rule()
+        return self.grammar
+
+    def peek(self, ahead: int = 0) -> str:
+        at = self.pos + ahead
+        return self.text[at] if at < len(self.text) else ""
+
+    def space(self, newlines: bool) -> None:
+        text, n, i = self.text, len(self.text), self.pos
+        while i < n and (text[i] in " \t#" or (newlines and text[i] in "\r\n")):
+            if text[i] == "#":
+                while i < n and text[i] not in "\r\n":
+                    i += 1
+            else:
+                i += 1
+        self.pos = i
+
+    def name(self) -> str:
+        start = self.pos
+        while _is_word(self.peek()):
+            self.pos += 1
+        if self.pos == start:
+            raise _Unparsable
+        return self.text[start : self.pos]
+
+    def rule(self) -> None:
+        name = self.name()
+        self.space(newlines=False)
+        if not self.text.startswith("::=", self.pos):
+            raise _Unparsable
+        self.pos += 3
+        self.space(newlines=True)
+        node = self.grammar.named(name)
+        self.grammar.alternatives[node] = self.alternates(name)
+        c = self.peek()
+        if c == "\r":
+            self.pos += 2 if self.peek(1) == "\n" else 1
+        elif c == "\n":
+            self.pos += 1
+        elif c:
+            raise _Unparsable
+        self.space(newlines=True)
+
+    def alternates(self, name: str) -> list[_Alternative]:
+        """A rule's alternatives; its groups open and close on an explicit stack."""
+        levels: list[tuple[list[_Alternative], _Alternative, list[_Alternative]]] = []
+        alts: list[_Alternative] = []
+        seq: _Alternative = []
+        last: list[_Alternative] = []  # the last symbol's elements, for a quantifier
+        while True:
+            if self.sequence(name, seq, last, nested=bool(levels)):
+                levels.append((alts, seq, last))  # a group opened
+                alts, seq, last = [], [], []
+                continue
+            alts.append(seq)
+            if self.peek() == "|":
+                self.pos += 1
+                self.space(newlines=True)
+                seq, last = [], []
+                continue
+            if not levels:
+                return alts
+            if self.peek() != ")":
+                raise _Unparsable
+            self.pos += 1
+            group = self.grammar.node(name)
+            self.grammar.alternatives[group] = alts
+            alts, seq, last = levels.pop()
+            seq.append(group)
+            last[:] = [[group]]
+            self.space(newlines=bool(levels))
+
+    def sequence(
+        self, name: str, seq: _Alternative, last: list[_Alternative], nested: bool
+    ) -> bool:
+        """Reads elements into `seq` until the sequence ends; True when a group opens."""
+        text = self.text
+        while self.pos < len(text):
+            c = text[self.pos]
+            if c == '"':
+                self.pos += 1
+                empty = True
+                while self.peek() != '"':
+                    if not self.peek():
+                        raise _Unparsable
+                    self.char()
+                    empty = False
+                self.pos += 1
+                symbol: _Alternative = [] if empty else [TERMINAL]
+            elif c == "[":
+                self.pos += 1
+                if self.peek() == "^":
+                    self.pos += 1
+                empty = True
+                while self.peek() != "]":
+                    if not self.peek():
+                        raise _Unparsable
+                    self.char()
+                    empty = False
+                    if self.peek() == "-" and self.peek(1) != "]":
+                        if not self.peek(1):
+                            raise _Unparsable
+                        self.pos += 1
+                        self.char()
+                self.pos += 1
+                symbol = [] if empty else [TERMINAL]
+            elif c == "<" or c == "!":
+                self.token()
+                symbol = [TERMINAL]
+            elif _is_word(c):
+                symbol = [self.grammar.named(self.name())]
+            elif c == "(":
+                self.pos += 1
+                self.space(newlines=True)
+                return True
+            elif c == ".":
+                self.pos += 1
+                symbol = [TERMINAL]
+            elif c in "*+?{":
+                self.pos += 1
+                self.space(nested)
+                low, high = (0, None) if c == "*" else (1, None) if c == "+" else (0, 1)
+                if c == "{":
+                    low, high = self.bounds(nested)
+                    if high is not None and low > high:
+                        raise _Unparsable  # grammar_guard's inverted repetition
+                self.repeat(name, seq, last, low, high)
+                continue
+            else:
+                return False
+            self.space(nested)
+            seq.extend(symbol)
+            last[:] = [symbol]
+        return False
+
+    def repeat(
+        self,
+        name: str,
+        seq: _Alternative,
+        last: list[_Alternative],
+        low: int,
+        high: int | None,
+    ) -> None:
+        """llama.cpp's rewrite: S{m,n} is S m times, then S'(n-m) with S'(k) ::= S S'(k-1) |.
+        Two copies of S reach what m copies reach, with the same growth; every S'(k) with
+        k >= 2 behaves as the unbounded S' ::= S S' |, and S'(1) ::= S | ends there."""
+        if not last or not last[0]:
+            raise _Unparsable  # "expecting preceding item to */+/?/{"
+        symbol = last[0]
+        del seq[len(seq) - len(symbol) :]
+        if len(symbol) > 1:  # keep S one element: a node of its own reaches the same
+            wrapped = self.grammar.node(name)
+            self.grammar.alternatives[wrapped] = [list(symbol)]
+            symbol = [wrapped]
+        element = symbol[0]
+        compiled: _Alternative = [element] * min(low, 2)
+        optional = None if high is None else high - low
+        if optional is None or optional > 0:
+            tail = self.grammar.node(name)
+            more = [element, tail] if optional is None or optional > 1 else [element]
+            self.grammar.alternatives[tail] = [more, []]
+            compiled.append(tail)
+        seq.extend(compiled)
+        last[:] = [compiled]
+
+    def bounds(self, nested: bool) -> tuple[int, int | None]:
+        low = self.integer()
+        self.space(nested)
+        high: int | None
+        if self.peek() == "}":
+            high = low
+        elif self.peek() == ",":
+            self.pos += 1
+            self.space(nested)
+            high = self.integer() if self.peek().isdigit() and self.peek().isascii() else None
+            self.space(nested)
+            if self.peek() != "}":
+                raise _Unparsable
+        else:
+            raise _Unparsable
+        self.pos += 1
+        self.space(nested)
+        if low > _MAX_REPETITION:
+            raise _Unparsable
+        if high is not None and high > _MAX_REPETITION:
+            high = None
+        return low, high
+
+    def integer(self) -> int:
+        start = self.pos
+        while "0" <= self.peek() <= "9" and self.peek():
+            self.pos += 1
+        digits = self.text[start : self.pos].lstrip("0")
+        if self.pos == start or len(digits) > 20 or (digits and int(digits) >= 2**64):
+            raise _Unparsable  # std::stoull: out of range
+        return int(digits) if digits else 0
+
+    def char(self) -> None:
+        if self.peek() != "\\":
+            self.pos += 1
+            return
+        kind = self.peek(1)
+        if kind in _HEX:
+            size = _HEX[kind]
+            digits = self.text[self.pos + 2 : self.pos + 2 + size]
+            if len(digits) != size or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                raise _Unparsable
+            self.pos += 2 + size
+        elif kind and kind in _ESCAPES:
+            self.pos += 2
+        else:
+            raise _Unparsable
+
+    def token(self) -> None:
+        if self.peek() == "!":
+            self.pos += 1
+        if self.peek() != "<":
+            raise _Unparsable
+        end = self.text.find(">", self.pos)
+        if end < 0:
+            raise _Unparsable
+        self.pos = end + 1
+
+
+def _is_word(c: str) -> bool:
+    return c != "" and (("a" <= c <= "z") or ("A" <= c <= "Z") or ("0" <= c <= "9") or c == "-")
