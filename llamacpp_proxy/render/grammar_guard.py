@@ -40,6 +40,11 @@ MAX_GRAMMAR_NESTING = 256
 and crashed on 20000 (its main thread's 8 MB stack); a thread with a smaller stack, or
 another build, overflows sooner, so the bound keeps a wide margin."""
 
+MAX_GRAMMAR_CHARS = 65536
+"""A raw grammar's length. Its analysis (render/gbnf.py) runs on the event loop at about
+0.6 ms a KiB (an 800 KB grammar held every client for 0.87 s); llama.cpp's own grammars
+(JSON, C, chess) are 1-2 KiB, and a large structure is better sent as a JSON schema."""
+
 MAX_GRAMMAR_RULES = 4096
 """Rules a raw grammar may define: a chain of 20000 rule references was answered, 100000
 crashed llama-server (each group is a rule too, so the two bounds hold the depth together)."""
@@ -52,6 +57,11 @@ fields, `minLength` among them)."""
 def grammar_problem(grammar: str) -> str | None:
     """Why llama.cpp must not get this GBNF grammar, or None. Quantifiers and parentheses
     inside string literals, character classes and comments are text."""
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        return (
+            f"is {len(grammar)} characters long; at most {MAX_GRAMMAR_CHARS} are taken (each "
+            "grammar is checked for what would crash llama.cpp before it is sent)"
+        )
     i, n, depth, rules = 0, len(grammar), 0, 0
     while i < n:
         c = grammar[i]
