@@ -63,6 +63,7 @@ way of skipping them (100 took 3 to 6 s for one token)."""
 
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "required", "type"})
 _BUILT_ONLY_BY_REF = frozenset({"$defs", "definitions"})
+_COUNTED = frozenset({"enum", "const", "anyOf", "oneOf", "properties", "pattern"})
 
 
 def schema_limits_problem(schema: Any) -> str | None:
@@ -116,19 +117,21 @@ def _walk_unit(
 ) -> tuple[str | None, int]:
     """Count what llama.cpp builds for one unit; its `$ref`s go to `refs` with their depth.
     A problem, or None and the unit's height."""
-    stack: list[tuple[Any, str, int, int]] = [(node, unit, 1, 1)]
+    # A pointer is kept as (parent, token) and spelled out only for a problem: most
+    # schemas have none, and formatting one per node was most of the walk's time.
+    stack: list[tuple[Any, _Where, int, int]] = [(node, unit, 1, 1)]
     height = 0
     while stack:
         node, where, depth, times = stack.pop()
         if isinstance(node, list):
-            stack.extend((item, f"{where}/{i}", depth, times) for i, item in enumerate(node))
+            stack.extend((item, (where, str(i)), depth, times) for i, item in enumerate(node))
             continue
         if not isinstance(node, dict):
             continue
         totals.nodes += times
         if totals.nodes > MAX_SCHEMA_NODES:
             return (
-                f"{where}: the schema asks llama.cpp to build more than {MAX_SCHEMA_NODES} "
+                f"{_spell(where)}: the schema asks llama.cpp to build more than {MAX_SCHEMA_NODES} "
                 "schemas (each '$ref' target once, a schema listing several 'type's once per "
                 "type)"
             ), 0
@@ -139,9 +142,10 @@ def _walk_unit(
             if ref.startswith("#/"):
                 refs.append((depth, ref))
             continue
-        found = _node_problem(node, where, times, totals)
-        if found is not None:
-            return found, 0
+        if not _COUNTED.isdisjoint(node):
+            found = _node_problem(node, where, times, totals)
+            if found is not None:
+                return found, 0
         kinds = node.get("type")
         # llama.cpp builds a copy of the whole schema for each listed type.
         inner = times * len(kinds) if isinstance(kinds, list) and kinds else times
@@ -149,18 +153,23 @@ def _walk_unit(
             if key in _NOT_SCHEMAS or key in _BUILT_ONLY_BY_REF:
                 continue
             if isinstance(value, dict | list):
-                stack.append((value, f"{where}/{_pointer_token(str(key))}", depth + 1, inner))
+                stack.append((value, (where, str(key)), depth + 1, inner))
     return None, height
 
 
-def _node_problem(node: dict[str, Any], where: str, times: int, totals: _Totals) -> str | None:
+def _node_problem(node: dict[str, Any], at: _Where, times: int, totals: _Totals) -> str | None:
+    problem = _node_problem_text(node, times, totals)
+    return None if problem is None else f"{_spell(at)}: {problem}"
+
+
+def _node_problem_text(node: dict[str, Any], times: int, totals: _Totals) -> str | None:
     values = node.get("enum")
     if isinstance(values, list) or "const" in node:
         totals.enum_values += times * (len(values) if isinstance(values, list) else 1)
         if totals.enum_values > MAX_ENUM_VALUES:
             key = "enum" if isinstance(values, list) else "const"
             return (
-                f"{where}: '{key}' brings the schema's enum and const values to more than "
+                f"'{key}' brings the schema's enum and const values to more than "
                 f"{MAX_ENUM_VALUES} (OpenAI's limit): llama.cpp tries each on every token"
             )
     for key in ("anyOf", "oneOf"):
@@ -169,7 +178,7 @@ def _node_problem(node: dict[str, Any], where: str, times: int, totals: _Totals)
             totals.alternatives += times * len(branches)
             if totals.alternatives > MAX_ALTERNATIVES:
                 return (
-                    f"{where}: '{key}' brings the schema's anyOf and oneOf alternatives to "
+                    f"'{key}' brings the schema's anyOf and oneOf alternatives to "
                     f"more than {MAX_ALTERNATIVES}: llama.cpp may try each on every token"
                 )
     properties = node.get("properties")
@@ -177,7 +186,7 @@ def _node_problem(node: dict[str, Any], where: str, times: int, totals: _Totals)
         totals.properties += times * len(properties)
         if totals.properties > MAX_PROPERTIES:
             return (
-                f"{where}: 'properties' brings the schema's properties to more than "
+                f"'properties' brings the schema's properties to more than "
                 f"{MAX_PROPERTIES} (OpenAI's limit)"
             )
         required = node.get("required")
@@ -192,7 +201,7 @@ def _node_problem(node: dict[str, Any], where: str, times: int, totals: _Totals)
         totals.optional_cost += times * optional * optional
         if totals.optional_cost > MAX_OPTIONAL_PROPERTIES_COST:
             return (
-                f"{where}: 'properties' has too many optional properties ({optional} here): "
+                f"'properties' has too many optional properties ({optional} here): "
                 "llama.cpp's grammar grows with the square of an object's optional "
                 "properties, and the schema's objects may have at most 256 of them in one, "
                 "or fewer in several (the sum of their squares at most 65536)"
@@ -202,13 +211,13 @@ def _node_problem(node: dict[str, Any], where: str, times: int, totals: _Totals)
         totals.patterns += times
         if totals.patterns > MAX_PATTERNS:
             return (
-                f"{where}: 'pattern' brings the schema's anchored patterns to more than "
+                f"'pattern' brings the schema's anchored patterns to more than "
                 f"{MAX_PATTERNS}: llama.cpp's work on each grows with the whole schema"
             )
         ambiguity = pattern_ambiguity(pattern)
         if ambiguity > MAX_PATTERN_AMBIGUITY:
             return (
-                f"{where}: 'pattern' has more than {MAX_PATTERN_AMBIGUITY} optional pieces "
+                f"'pattern' has more than {MAX_PATTERN_AMBIGUITY} optional pieces "
                 f"that can be skipped in a row, repetitions multiplying (about {ambiguity}): "
                 "llama.cpp follows every way of skipping them on each token"
             )
@@ -402,6 +411,18 @@ class _Regex:
             raise _Malformed  # nothing to repeat
         self.i += 2 if c == "\\" else 1
         return False, 0
+
+
+_Where = str | tuple[Any, str]
+"""A JSON pointer: the unit's own, or (the parent's, a key or index)."""
+
+
+def _spell(where: _Where) -> str:
+    tokens: list[str] = []
+    while isinstance(where, tuple):
+        where, token = where
+        tokens.append(_pointer_token(token))
+    return "/".join([where, *reversed(tokens)])
 
 
 def _pointer_token(key: str) -> str:
