@@ -40,9 +40,11 @@ MAX_ENUM_VALUES = 1000
 """`enum` values and `const`s in all (OpenAI's limit on enum values): each is an alternative
 llama.cpp tries on every token (1000: 0.3 s before the first token; 5000: 1.1 s)."""
 
-MAX_ALTERNATIVES = 5000
-"""`anyOf`/`oneOf` entries in all: like enum values, alternatives llama.cpp may try at once
-(1000 took 0.8 s for 8 tokens); room for 2500 optional fields written `[X, null]`."""
+MAX_ALTERNATIVES = 2000
+"""`anyOf`/`oneOf` entries in all: like enum values, alternatives llama.cpp may try on
+every token (5000 one-key objects: 1.3 s before the first token, then about 1 s a token;
+1000 consts: 0.8 s for 8 tokens). `{"type": "null"}` branches are not counted, nor a single branch:
+any number of optional fields written `anyOf: [X, {"type": "null"}]` pass."""
 
 MAX_PROPERTIES = 5000
 """Properties in all (OpenAI's limit)."""
@@ -63,6 +65,7 @@ way of skipping them (100 took 3 to 6 s for one token)."""
 
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "required", "type"})
 _BUILT_ONLY_BY_REF = frozenset({"$defs", "definitions"})
+_NULL = {"type": "null"}
 _COUNTED = frozenset({"enum", "const", "anyOf", "oneOf", "properties", "pattern"})
 
 
@@ -175,11 +178,16 @@ def _node_problem_text(node: dict[str, Any], times: int, totals: _Totals) -> str
     for key in ("anyOf", "oneOf"):
         branches = node.get(key)
         if isinstance(branches, list):
-            totals.alternatives += times * len(branches)
+            # `{"type": "null"}` is how Pydantic and zod write an optional field: it
+            # matches only `null`, so it costs nothing beside the other branch, and one
+            # branch is no choice at all.
+            counted = sum(1 for branch in branches if branch != _NULL)
+            totals.alternatives += times * counted if counted > 1 else 0
             if totals.alternatives > MAX_ALTERNATIVES:
                 return (
-                    f"'{key}' brings the schema's anyOf and oneOf alternatives to "
-                    f"more than {MAX_ALTERNATIVES}: llama.cpp may try each on every token"
+                    f"'{key}' brings the schema's anyOf and oneOf alternatives (other than "
+                    f'{{"type": "null"}}) to more than {MAX_ALTERNATIVES}: llama.cpp may try '
+                    "each on every token"
                 )
     properties = node.get("properties")
     if isinstance(properties, dict):
