@@ -31,6 +31,7 @@ import re
 from typing import Any, TypeGuard
 
 from .gbnf import runaway_left_recursion
+from .schema_limits import schema_limits_problem
 
 _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
 """`{m,n}` with both bounds: the only form whose bounds can be inverted."""
@@ -108,7 +109,9 @@ def grammar_problem(grammar: str) -> str | None:
 
 
 def schema_problem(schema: Any) -> str | None:
-    """Why llama.cpp must not get this JSON schema, or None."""
+    """Why llama.cpp must not get this JSON schema, or None: an inverted bound here, or
+    more than it can build or follow without crashing or burning a slot
+    (schema_limits.py)."""
     stack: list[tuple[Any, str]] = [(schema, "#")]
     while stack:
         node, where = stack.pop()
@@ -132,7 +135,8 @@ def schema_problem(schema: Any) -> str | None:
         for key, value in node.items():
             if key not in _NOT_SCHEMAS and isinstance(value, dict | list):
                 stack.append((value, f"{where}/{_pointer_token(str(key))}"))
-    return None
+    # What it would cost llama.cpp to build and follow (schema_limits.py).
+    return schema_limits_problem(schema)
 
 
 def _pattern_problem(pattern: str) -> str | None:

@@ -360,6 +360,19 @@ def test_a_constraint_that_hangs_llamacpps_grammar_builder_never_reaches_it(
     assert again.choices[0].text.startswith("5")
 
 
+def _ref_chain(n: int) -> dict[str, Any]:
+    defs: dict[str, Any] = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(n)}
+    defs[f"d{n}"] = {"type": "string"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def _listed_types(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": ["object", "object"], "properties": {"x": schema}, "required": ["x"]}
+    return schema
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -368,16 +381,31 @@ def test_a_constraint_that_hangs_llamacpps_grammar_builder_never_reaches_it(
         {"dry_sequence_breakers": [f"b{i}" for i in range(1000)], "dry_multiplier": 0.8},
         # left recursion through a rule that matches nothing (render/gbnf.py): 2 GB in 4 s
         {"grammar": 'root ::= x root "a" | "a"\nx ::= "b"?'},
+        {"json_schema": _ref_chain(20000)},
+        {"json_schema": _listed_types(20)},
+        {"json_schema": {"type": "string", "pattern": "^(a{0,2}){0,300}$"}},
+        {"json_schema": {"enum": list(range(50000))}},
     ],
-    ids=["nested-grammar", "penalty-window", "dry-breakers", "left-recursive-grammar"],
+    ids=[
+        "nested-grammar",
+        "penalty-window",
+        "dry-breakers",
+        "left-recursive-grammar",
+        "schema-ref-chain",
+        "schema-listed-types",
+        "schema-pattern",
+        "schema-enum",
+    ],
 )
 def test_input_that_crashes_or_exhausts_llama_server_never_reaches_it(
     openai_client: openai.OpenAI, llama_server: Service, extra: dict[str, Any]
 ) -> None:
-    """Sent straight to this llama-server: the nested grammar crashes it (stack overflow),
-    the window allocates 8 GB, the breakers take a core for minutes before the first token,
-    the left-recursive grammar takes memory until killed.
-    Through the gateway: a 400, and llama-server unharmed (tests/test_llamacpp_hazards.py)."""
+    """Sent straight to this llama-server: the nested grammar and the `$ref` chain crash it
+    (stack overflow), the window allocates 8 GB, the breakers take a core for minutes before
+    the first token, the left-recursive grammar takes memory until killed, and the other
+    schemas keep a core busy long after the client left. Through the gateway: a 400, and
+    llama-server unharmed (tests/test_llamacpp_hazards.py, tests/test_gbnf.py,
+    tests/test_schema_limits.py)."""
     assert llama_server.process is not None
     with pytest.raises(openai.BadRequestError):
         openai_client.completions.create(

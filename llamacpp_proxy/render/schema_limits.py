@@ -1,0 +1,437 @@
+"""Bounds on what a JSON schema may ask of llama.cpp's grammar builder (pure: no I/O).
+
+llama-server (b11434) turns a `json_schema` into a grammar on the HTTP thread, recursively,
+then matches every token against it. Measured against it (SmolLM2-135M, `-c 512 -np 1 -t 1`,
+docs/compatibility.md), a client could:
+
+- crash it: the builder follows each `$ref` by recursion, so a chain of 7000 `$ref`s, or of
+  5000 objects each referring to the next (10000 schema levels), overflowed its stack (5000
+  and 3000 passed);
+- burn its slot after the client left (a core at 100%, the first token never sampled, so
+  the disconnect is never noticed): `"type": ["object", "object"]` nested 20 levels (the
+  builder copies and rebuilds the schema once per listed type: 2^20 times, from a 1.5 KB
+  body), an enum of 50000 values (5000: 1.1 s before the first token), 2000 optional
+  properties in one object (llama.cpp writes out a rule for every suffix of them: 1000 took
+  2.8 s for 64 tokens), and a pattern whose optional pieces can be skipped in many ways:
+  `^(a{0,2}){0,300}$` or 300 `a?` in a row (more than 20 s for one token; 100 took 3 to 6 s,
+  50 took 0.5 s).
+
+Each bound below keeps a wide margin under what was measured and stays no stricter than
+OpenAI's own structured-output limits (5000 properties, 1000 enum values in all), so agents'
+tool schemas and OpenAI structured outputs pass. The walk is iterative and visits each
+schema llama.cpp would build once: it stops as soon as a bound is passed, so its work is
+linear in the schema's size whatever the schema says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_SCHEMA_DEPTH = 512
+"""Schema levels llama.cpp recurses through, `$ref`s followed: about 6000 overflowed the
+HTTP thread's 8 MB stack; a thread with a smaller stack overflows sooner. Deeper than the
+gateway's JSON depth limit allows a schema without `$ref`s."""
+
+MAX_SCHEMA_NODES = 20000
+"""Schemas llama.cpp builds in all (each `$ref` target once, a schema listing k types k
+times): room for OpenAI's 5000 properties with a few subschemas each."""
+
+MAX_ENUM_VALUES = 1000
+"""`enum` values and `const`s in all (OpenAI's limit on enum values): each is an alternative
+llama.cpp tries on every token (1000: 0.3 s before the first token; 5000: 1.1 s)."""
+
+MAX_ALTERNATIVES = 2000
+"""`anyOf`/`oneOf` entries in all: like enum values, alternatives llama.cpp may try on
+every token (5000 one-key objects: 1.3 s before the first token, then about 1 s a token;
+1000 consts: 0.8 s for 8 tokens). `{"type": "null"}` branches are not counted, nor a single branch:
+any number of optional fields written `anyOf: [X, {"type": "null"}]` pass."""
+
+MAX_PROPERTIES = 5000
+"""Properties in all (OpenAI's limit)."""
+
+MAX_OPTIONAL_PROPERTIES_COST = 256 * 256
+"""The sum over objects of the square of their optional properties (llama.cpp's grammar
+for them is quadratic): 256 optional properties in one object, or 100 objects of 25."""
+
+MAX_PATTERNS = 256
+"""Anchored `pattern`s in all: llama.cpp copies every rule built so far before reading each
+one, so their cost grows with the square of the schema (5000 took 2.5 s before the first
+token, 20000 more than 20 s; 1000 took 0.12 s)."""
+
+MAX_PATTERN_AMBIGUITY = 32
+"""Optional pieces of a `pattern` that can be skipped in a row, repetitions multiplying
+(`a?b?` is 2, `(a?){0,10}` is 10, `(a{0,3}){0,100}` is 100): llama.cpp keeps one parse per
+way of skipping them (100 took 3 to 6 s for one token)."""
+
+_NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "required", "type"})
+_BUILT_ONLY_BY_REF = frozenset({"$defs", "definitions"})
+_NULL = {"type": "null"}
+_COUNTED = frozenset({"enum", "const", "anyOf", "oneOf", "properties", "pattern"})
+
+
+def schema_limits_problem(schema: Any) -> str | None:
+    """Why llama.cpp must not build this JSON schema (it would crash or burn a slot), or
+    None. The answer names the keyword and a JSON pointer to it."""
+    # Each unit is the root or one `$ref` target: llama.cpp builds each once, keyed by the
+    # `$ref` string, and recurses into it where it is first met.
+    units: dict[str, Any] = {"#": schema}
+    local: dict[str, int] = {}
+    edges: dict[str, list[tuple[int, str]]] = {}
+    todo = ["#"]
+    totals = _Totals()
+    while todo:
+        unit = todo.pop()
+        outgoing: list[tuple[int, str]] = []
+        edges[unit] = outgoing
+        problem, height = _walk_unit(schema, unit, units[unit], totals, outgoing)
+        if problem is not None:
+            return problem
+        local[unit] = height
+        for _, target in outgoing:
+            if target not in units:
+                resolved = _resolve(schema, target)
+                if isinstance(resolved, dict):
+                    units[target] = resolved
+                    todo.append(target)
+    depth = _effective_depth(local, edges)
+    if depth > MAX_SCHEMA_DEPTH:
+        return (
+            f"#: '$ref' makes the schema more than {MAX_SCHEMA_DEPTH} levels deep with its "
+            f"references followed (about {depth}): llama.cpp builds the grammar by recursion "
+            "and overflows its stack"
+        )
+    return None
+
+
+class _Totals:
+    __slots__ = ("alternatives", "enum_values", "nodes", "optional_cost", "patterns", "properties")
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.enum_values = 0
+        self.alternatives = 0
+        self.properties = 0
+        self.optional_cost = 0
+        self.patterns = 0
+
+
+def _walk_unit(
+    root: Any, unit: str, node: Any, totals: _Totals, refs: list[tuple[int, str]]
+) -> tuple[str | None, int]:
+    """Count what llama.cpp builds for one unit; its `$ref`s go to `refs` with their depth.
+    A problem, or None and the unit's height."""
+    # A pointer is kept as (parent, token) and spelled out only for a problem: most
+    # schemas have none, and formatting one per node was most of the walk's time.
+    stack: list[tuple[Any, _Where, int, int]] = [(node, unit, 1, 1)]
+    height = 0
+    while stack:
+        node, where, depth, times = stack.pop()
+        if isinstance(node, list):
+            stack.extend((item, (where, str(i)), depth, times) for i, item in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        totals.nodes += times
+        if totals.nodes > MAX_SCHEMA_NODES:
+            return (
+                f"{_spell(where)}: the schema asks llama.cpp to build more than {MAX_SCHEMA_NODES} "
+                "schemas (each '$ref' target once, a schema listing several 'type's once per "
+                "type)"
+            ), 0
+        height = max(height, depth)
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            # llama.cpp builds the target and ignores the reference's other keywords.
+            if ref.startswith("#/"):
+                refs.append((depth, ref))
+            continue
+        if not _COUNTED.isdisjoint(node):
+            found = _node_problem(node, where, times, totals)
+            if found is not None:
+                return found, 0
+        kinds = node.get("type")
+        # llama.cpp builds a copy of the whole schema for each listed type.
+        inner = times * len(kinds) if isinstance(kinds, list) and kinds else times
+        for key, value in node.items():
+            if key in _NOT_SCHEMAS or key in _BUILT_ONLY_BY_REF:
+                continue
+            if isinstance(value, dict | list):
+                stack.append((value, (where, str(key)), depth + 1, inner))
+    return None, height
+
+
+def _node_problem(node: dict[str, Any], at: _Where, times: int, totals: _Totals) -> str | None:
+    problem = _node_problem_text(node, times, totals)
+    return None if problem is None else f"{_spell(at)}: {problem}"
+
+
+def _node_problem_text(node: dict[str, Any], times: int, totals: _Totals) -> str | None:
+    values = node.get("enum")
+    if isinstance(values, list) or "const" in node:
+        totals.enum_values += times * (len(values) if isinstance(values, list) else 1)
+        if totals.enum_values > MAX_ENUM_VALUES:
+            key = "enum" if isinstance(values, list) else "const"
+            return (
+                f"'{key}' brings the schema's enum and const values to more than "
+                f"{MAX_ENUM_VALUES} (OpenAI's limit): llama.cpp tries each on every token"
+            )
+    for key in ("anyOf", "oneOf"):
+        branches = node.get(key)
+        if isinstance(branches, list):
+            # `{"type": "null"}` is how Pydantic and zod write an optional field: it
+            # matches only `null`, so it costs nothing beside the other branch, and one
+            # branch is no choice at all.
+            counted = sum(1 for branch in branches if branch != _NULL)
+            totals.alternatives += times * counted if counted > 1 else 0
+            if totals.alternatives > MAX_ALTERNATIVES:
+                return (
+                    f"'{key}' brings the schema's anyOf and oneOf alternatives (other than "
+                    f'{{"type": "null"}}) to more than {MAX_ALTERNATIVES}: llama.cpp may try '
+                    "each on every token"
+                )
+    properties = node.get("properties")
+    if isinstance(properties, dict):
+        totals.properties += times * len(properties)
+        if totals.properties > MAX_PROPERTIES:
+            return (
+                f"'properties' brings the schema's properties to more than "
+                f"{MAX_PROPERTIES} (OpenAI's limit)"
+            )
+        required = node.get("required")
+        named = (
+            {name for name in required if isinstance(name, str)}
+            if isinstance(required, list)
+            else set()
+        )
+        optional = sum(1 for name in properties if name not in named)
+        if node.get("additionalProperties", False) is not False:
+            optional += 1
+        totals.optional_cost += times * optional * optional
+        if totals.optional_cost > MAX_OPTIONAL_PROPERTIES_COST:
+            return (
+                f"'properties' has too many optional properties ({optional} here): "
+                "llama.cpp's grammar grows with the square of an object's optional "
+                "properties, and the schema's objects may have at most 256 of them in one, "
+                "or fewer in several (the sum of their squares at most 65536)"
+            )
+    pattern = node.get("pattern")
+    if isinstance(pattern, str) and pattern.startswith("^") and pattern.endswith("$"):
+        totals.patterns += times
+        if totals.patterns > MAX_PATTERNS:
+            return (
+                f"'pattern' brings the schema's anchored patterns to more than "
+                f"{MAX_PATTERNS}: llama.cpp's work on each grows with the whole schema"
+            )
+        ambiguity = pattern_ambiguity(pattern)
+        if ambiguity > MAX_PATTERN_AMBIGUITY:
+            return (
+                f"'pattern' has more than {MAX_PATTERN_AMBIGUITY} optional pieces "
+                f"that can be skipped in a row, repetitions multiplying (about {ambiguity}): "
+                "llama.cpp follows every way of skipping them on each token"
+            )
+    return None
+
+
+def _effective_depth(local: dict[str, int], edges: dict[str, list[tuple[int, str]]]) -> int:
+    """How deep llama.cpp may recurse: the longest path through the units, each entered at
+    the depth of the reference that first meets it. References may form cycles (llama.cpp
+    stops at one it is already building), and then the order it meets them in decides the
+    path: a group of units that reach each other may all lie on one path, so the group
+    counts the sum of its heights. Tarjan's strongly connected components, iteratively."""
+    out = {unit: [(d, t) for d, t in edges.get(unit, ()) if t in local] for unit in local}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    group_of: dict[str, int] = {}
+    group_height: list[int] = []
+    on_stack: list[str] = []
+    stacked: set[str] = set()
+    work: list[tuple[str, int]] = [("#", 0)]
+    while work:
+        unit, i = work.pop()
+        if i == 0:
+            index[unit] = low[unit] = len(index)
+            on_stack.append(unit)
+            stacked.add(unit)
+        if i < len(out[unit]):
+            work.append((unit, i + 1))
+            target = out[unit][i][1]
+            if target not in index:
+                work.append((target, 0))
+            elif target in stacked:
+                low[unit] = min(low[unit], index[target])
+            continue
+        for _, target in out[unit]:
+            if target in stacked:
+                low[unit] = min(low[unit], low[target])
+        if low[unit] != index[unit]:
+            continue
+        # `unit` closes a group: every unit it reaches outside it is already measured.
+        members = []
+        while True:
+            member = on_stack.pop()
+            stacked.discard(member)
+            group_of[member] = len(group_height)
+            members.append(member)
+            if member == unit:
+                break
+        group = len(group_height)
+        own = sum(local[m] for m in members)
+        beyond = max(
+            (
+                d + group_height[group_of[t]]
+                for m in members
+                for d, t in out[m]
+                if group_of.get(t, group) != group
+            ),
+            default=0,
+        )
+        group_height.append(
+            own + beyond
+            if len(members) > 1 or _loops(out, unit)
+            else max([local[unit]] + [d + group_height[group_of[t]] for d, t in out[unit]])
+        )
+    return group_height[group_of["#"]]
+
+
+def _loops(out: dict[str, list[tuple[int, str]]], unit: str) -> bool:
+    return any(target == unit for _, target in out[unit])
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """The value a `#/a/b` reference names, as llama.cpp reads it (no `~` escapes), or None."""
+    node = root
+    for token in ref[2:].split("/"):
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return None
+    return node
+
+
+def pattern_ambiguity(pattern: str) -> int:
+    """How many optional pieces of an anchored `pattern` can be skipped in a row,
+    repetitions multiplying. llama.cpp ignores a pattern without `^...$` (any string), and
+    reports a malformed one: both are 0 here."""
+    if len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$":
+        return 0
+    try:
+        _, weight, _ = _Regex(pattern[1:-1]).sequence()
+    except _Malformed:
+        return 0
+    return weight
+
+
+class _Malformed(Exception):
+    pass
+
+
+_UNBOUNDED = 1 << 20
+"""The weight of an unbounded repetition of something that can match nothing."""
+
+
+class _Regex:
+    """A recursive-descent reading of llama.cpp's pattern subset: each part gives whether it
+    can match nothing and its weight (optional pieces skippable in a row)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.i = 0
+        self.depth = 0
+
+    def sequence(self) -> tuple[bool, int, bool]:
+        """(can be empty, weight, ended at ')')."""
+        best, nullable_all = 0, True
+        run, alternatives_empty = 0, False
+        while self.i < len(self.text):
+            c = self.text[self.i]
+            if c == ")":
+                self.i += 1
+                return (nullable_all or alternatives_empty), best, True
+            if c == "|":
+                self.i += 1
+                alternatives_empty = alternatives_empty or nullable_all
+                best, run, nullable_all = max(best, run), 0, True
+                continue
+            nullable, weight = self.quantified()
+            if nullable:
+                run += max(1, weight)
+                best = max(best, run)
+            else:
+                best, run = max(best, weight, run), 0
+                nullable_all = False
+        return (nullable_all or alternatives_empty), max(best, run), False
+
+    def quantified(self) -> tuple[bool, int]:
+        nullable, weight = self.atom()
+        text, n = self.text, len(self.text)
+        while self.i < n and text[self.i] in "?*+{":
+            c = text[self.i]
+            if c == "{":
+                end = text.find("}", self.i)
+                if end < 0:
+                    raise _Malformed
+                parts = text[self.i + 1 : end].split(",")
+                self.i = end + 1
+                try:
+                    low = int(parts[0]) if parts[0].strip() else 0
+                    high = int(parts[-1]) if len(parts) == 1 or parts[1].strip() else _UNBOUNDED
+                except ValueError:
+                    raise _Malformed from None
+                if len(parts) > 2:
+                    raise _Malformed
+            else:
+                self.i += 1
+                low = 1 if c == "+" else 0
+                high = 1 if c == "?" else _UNBOUNDED
+            if self.i < n and text[self.i] in "?+":  # lazy/possessive: same language
+                self.i += 1
+            if nullable:
+                weight = min(_UNBOUNDED, high * max(1, weight))
+            nullable = nullable or low == 0
+        return nullable, weight
+
+    def atom(self) -> tuple[bool, int]:
+        text, n = self.text, len(self.text)
+        c = text[self.i]
+        if c == "(":
+            self.depth += 1
+            if self.depth > 100:  # llama.cpp refuses deeper patterns
+                raise _Malformed
+            self.i += 1
+            if text.startswith("?:", self.i):
+                self.i += 2
+            nullable, weight, closed = self.sequence()
+            if not closed:
+                raise _Malformed
+            self.depth -= 1
+            return nullable, weight
+        if c == "[":
+            self.i += 1
+            if self.i < n and text[self.i] == "]":
+                self.i += 1
+            while self.i < n and text[self.i] != "]":
+                self.i += 2 if text[self.i] == "\\" else 1
+            self.i += 1
+            return False, 0
+        if c in "?*+{":
+            raise _Malformed  # nothing to repeat
+        self.i += 2 if c == "\\" else 1
+        return False, 0
+
+
+_Where = str | tuple[Any, str]
+"""A JSON pointer: the unit's own, or (the parent's, a key or index)."""
+
+
+def _spell(where: _Where) -> str:
+    tokens: list[str] = []
+    while isinstance(where, tuple):
+        where, token = where
+        tokens.append(_pointer_token(token))
+    return "/".join([where, *reversed(tokens)])
+
+
+def _pointer_token(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")

@@ -1,0 +1,384 @@
+"""JSON schemas that would crash llama-server or burn its slot after the client left
+(render/schema_limits.py), refused with a 400 naming the keyword and a JSON pointer before
+they reach llama.cpp; realistic schemas (agents' tools, OpenAI structured outputs at
+OpenAI's own limits) pass. Each refused shape was measured against llama-server b11434
+(docs/compatibility.md); tests/e2e/test_openai_sdk.py sends some through the gateway to a
+real one."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from llamacpp_proxy.render.grammar_guard import schema_problem
+from llamacpp_proxy.render.schema_limits import pattern_ambiguity
+
+from .conftest import UNLIMITED_KEY, Stack
+
+AUTH = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def ref_chain(n: int) -> dict[str, Any]:
+    """`$defs` each referring to the next: 7000 crashed llama-server."""
+    defs: dict[str, Any] = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(n)}
+    defs[f"d{n}"] = {"type": "string"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def object_chain(n: int) -> dict[str, Any]:
+    """Objects each referring to the next: 5000 crashed llama-server."""
+    defs: dict[str, Any] = {
+        f"d{i}": {
+            "type": "object",
+            "properties": {"next": {"$ref": f"#/$defs/d{i + 1}"}},
+            "required": ["next"],
+        }
+        for i in range(n)
+    }
+    defs[f"d{n}"] = {"type": "string"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def listed_types(levels: int) -> dict[str, Any]:
+    """llama.cpp rebuilds the schema once per listed type: 2^20 builds burned its slot."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": ["object", "object"], "properties": {"x": schema}, "required": ["x"]}
+    return schema
+
+
+def flat(properties: int, required: bool = True) -> dict[str, Any]:
+    names = [f"field_{i}" for i in range(properties)]
+    return {
+        "type": "object",
+        "properties": {name: {"type": "integer"} for name in names},
+        **({"required": names} if required else {}),
+    }
+
+
+def objects(count: int, properties: int, required: bool = True) -> dict[str, Any]:
+    one = flat(properties, required)
+    return {
+        "type": "object",
+        "properties": {f"o{i}": one for i in range(count)},
+        "required": [f"o{i}" for i in range(count)],
+    }
+
+
+def string(pattern: str) -> dict[str, Any]:
+    return {"type": "string", "pattern": pattern}
+
+
+REFUSED = [
+    # (schema, words in the problem, JSON pointer it names)
+    (ref_chain(20000), "more than", "#"),  # the schemas it builds are too many first
+    (ref_chain(600), "levels deep", "#"),
+    (object_chain(20000), "more than", "#"),
+    (object_chain(300), "levels deep", "#"),
+    (
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/d0"}}, **ref_chain(600)},
+        "levels deep",
+        "#",
+    ),
+    (listed_types(20), "more than", "#/properties/x"),
+    ({"enum": [f"v{i}" for i in range(50000)]}, "'enum'", "#"),
+    ({"enum": [f"v{i}" for i in range(1001)]}, "'enum'", "#"),
+    (
+        {  # 1001 in all, over two properties, a const among them
+            "type": "object",
+            "properties": {
+                "a": {"enum": list(range(500))},
+                "b": {"enum": list(range(500))},
+                "c": {"const": "x"},
+            },
+        },
+        "enum and const values",
+        "#/properties/",
+    ),
+    ({"anyOf": [{"const": i} for i in range(1001)]}, "enum and const values", "#/anyOf/"),
+    ({"anyOf": [{"type": "integer", "minimum": i} for i in range(2001)]}, "'anyOf'", "#"),
+    (objects(2, 2500), "'properties'", "#/properties/o"),
+    (flat(2000, required=False), "optional properties", "#"),
+    (flat(257, required=False), "optional properties", "#"),
+    (objects(2, 200, required=False), "optional properties", "#/properties/o"),
+    (
+        {
+            "type": "object",
+            "properties": {f"p{i}": string("^[a-z]+$") for i in range(257)},
+            "required": [f"p{i}" for i in range(257)],
+        },
+        "anchored patterns",
+        "#/properties/p",
+    ),
+    (string("^((a{0,1000}){0,1000}){0,1000}$"), "'pattern'", "#"),
+    (string("^((a{0,100}){0,100})$"), "'pattern'", "#"),
+    (string("^(a{0,2}){0,300}$"), "'pattern'", "#"),
+    (string("^" + "a?" * 300 + "$"), "'pattern'", "#"),
+    (string("^(a?)*$"), "'pattern'", "#"),
+    (string("^(?:x|y?z?){0,20}$"), "'pattern'", "#"),
+    (
+        {"type": "array", "items": {"$ref": "#/$defs/s"}, "$defs": {"s": string("^(a?){33}$")}},
+        "'pattern'",
+        "#/$defs/s",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("schema", "words", "where"), REFUSED, ids=[f"{i}-{r[1]}" for i, r in enumerate(REFUSED)]
+)
+def test_a_schema_llamacpp_cannot_survive_is_found(schema: Any, words: str, where: str) -> None:
+    problem = schema_problem(schema)
+    assert problem is not None and words in problem, problem
+    assert problem.startswith(where), problem
+
+
+def pydantic_like_tool() -> dict[str, Any]:
+    """A large agent tool schema, in the shape Pydantic and zod write them: `$defs`, a
+    recursive tree, Optional fields as `anyOf [X, null]`, enums, formats and patterns."""
+    defs: dict[str, Any] = {
+        "Node": {  # recursive: llama.cpp makes it a recursive rule
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 200},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}},
+                "parent": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]},
+            },
+            "required": ["name"],
+        },
+        "A": {"type": "object", "properties": {"b": {"$ref": "#/$defs/B"}}},
+        "B": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}},
+        "Country": {"type": "string", "enum": [f"C{i:03}" for i in range(250)]},
+    }
+    for i in range(60):
+        defs[f"Model{i}"] = {
+            "type": "object",
+            "description": f"Model {i}",
+            "properties": {
+                "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"},
+                "email": {"type": ["string", "null"], "format": "email"},
+                "phone": string(r"^(\+\d{1,3}\s?)?\(?\d{3}\)?[\s.-]?\d{3}[\s.-]?\d{4}$"),
+                "amount": string(r"^-?\d+(\.\d+)?([eE][+-]?\d+)?$"),
+                "when": string(
+                    r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?(\.\d+)?(Z|[+-]\d{2}:\d{2})?)?$"
+                ),
+                "country": {"$ref": "#/$defs/Country"},
+                "status": {"type": "string", "enum": ["open", "closed", "pending"]},
+                "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 20},
+                "tree": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]},
+                "next": {"anyOf": [{"$ref": f"#/$defs/Model{i + 1}"}, {"type": "null"}]}
+                if i < 59
+                else {"type": "null"},
+                **{
+                    f"opt{j}": {"anyOf": [{"type": "integer"}, {"type": "null"}]} for j in range(20)
+                },
+            },
+            "required": ["id", "status"],
+            "additionalProperties": False,
+        }
+    return {
+        "type": "object",
+        "properties": {
+            "models": {"type": "array", "items": {"$ref": "#/$defs/Model0"}},
+            "a": {"$ref": "#/$defs/A"},
+            "self": {"$ref": "#"},  # llama.cpp refuses it itself (not "#/"): passed on
+        },
+        "required": ["models"],
+        "$defs": defs,
+    }
+
+
+def openai_at_its_limits() -> dict[str, Any]:
+    """OpenAI's structured-output limits, each about reached: 5000 properties, 1000 enum
+    values, 10 levels of nesting."""
+    schema = objects(98, 50)
+    schema["properties"]["o0"] = {
+        "type": "object",
+        "properties": {f"e{i}": {"enum": [f"v{j}" for j in range(100)]} for i in range(10)},
+        "required": [f"e{i}" for i in range(10)],
+        "additionalProperties": False,
+    }
+    nested: dict[str, Any] = {"type": "string"}
+    for _ in range(10):
+        nested = {"type": "object", "properties": {"x": nested}, "required": ["x"]}
+    schema["properties"]["o1"] = nested
+    return schema
+
+
+def flat_optional_nullable(properties: int) -> dict[str, Any]:
+    field = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    names = [f"f{i}" for i in range(properties)]
+    return {
+        "type": "object",
+        "properties": dict.fromkeys(names, field),
+        "required": names,
+    }
+
+
+def deep_items(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+PASSING = [
+    pydantic_like_tool(),
+    openai_at_its_limits(),
+    flat(5000),
+    flat(256, required=False),
+    {"enum": list(range(1000))},
+    {"anyOf": [{"type": "integer", "minimum": i} for i in range(2000)] + [{"type": "null"}]},
+    flat_optional_nullable(5000),  # OpenAI's 5000 properties, each written as Pydantic does
+    deep_items(250),  # as deep as the gateway's JSON depth limit lets a plain schema go
+    ref_chain(500),
+    object_chain(150),
+    {"$defs": {"x": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"},  # a cycle: llama.cpp's fine
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    {"$ref": "#/$defs/missing"},  # llama.cpp answers it with a 400
+    {"$defs": {f"d{i}": {"enum": list(range(1000))} for i in range(50)}},  # never built
+    {"type": ["string", "null", "integer"]},
+    listed_types(12),
+    string("^[a-z]{1,64}$"),
+    string("^.{0,2000}$"),
+    string("^(ab?){0,2000}$"),  # not ambiguous: every repetition starts with an 'a'
+    string("^((a{1,10}){0,1000})$"),
+    string("^(a?){32}$"),
+    string("(a{0,2}){0,300}"),  # unanchored: llama.cpp takes any string
+    string("^(a{0,2}){0,300"),  # malformed: llama.cpp reports it
+    {
+        "type": "object",
+        "properties": {f"p{i}": string("^[a-z]+$") for i in range(256)},
+        "required": [f"p{i}" for i in range(256)],
+    },
+]
+
+
+@pytest.mark.parametrize("schema", PASSING, ids=[str(i) for i in range(len(PASSING))])
+def test_realistic_and_limit_schemas_pass(schema: Any) -> None:
+    assert schema_problem(schema) is None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "weight"),
+    [
+        ("^abc$", 0),
+        ("^a?b?c$", 2),
+        ("^a?b(c?d?e?)f$", 3),
+        ("^(a?){0,10}$", 10),
+        ("^((a?){0,10}){0,10}$", 100),
+        ("^(a{0,3}){0,100}$", 100),
+        ("^(a{1,3}){0,100}$", 1),
+        ("^(x|y?)z?$", 2),
+        ("^[?*+]{0,5}\\?*$", 2),  # quantifiers in a class, and an escaped '?', are text
+        ("^a{,5}$", 1),
+        ("abc?d?", 0),  # unanchored
+    ],
+)
+def test_pattern_ambiguity_counts_skippable_pieces(pattern: str, weight: int) -> None:
+    assert pattern_ambiguity(pattern) == weight
+
+
+def test_the_walk_stops_at_the_first_bound_passed() -> None:
+    """2^200 builds: a walk that followed them all would never end."""
+    problem = schema_problem(listed_types(200))
+    assert problem is not None and "more than" in problem
+
+
+def test_references_spelled_differently_are_each_built() -> None:
+    """llama.cpp builds a `$ref` target once per spelling of the reference."""
+    big = flat(1000)
+    spellings = [f"#/properties/{'0' * k}0" for k in range(1, 8)]
+    schema = {"type": "array", "prefixItems": [big], "anyOf": [{"$ref": s} for s in spellings]}
+    schema["properties"] = [big]
+    problem = schema_problem(schema)
+    assert problem is not None and "'properties'" in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            {
+                "messages": CHAT,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": ref_chain(20000)},
+                },
+            },
+            "response_format",
+        ),
+        ("/v1/completions", {"prompt": "hi", "json_schema": listed_types(20)}, "json_schema"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "json_schema": {"enum": list(range(50000))}},
+            "json_schema",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": CHAT,
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"s": string("^((a{0,100}){0,100})$")},
+                            },
+                        },
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+        (
+            "/v1/responses",
+            {
+                "input": "hi",
+                "text": {
+                    "format": {
+                        "type": "json_schema",
+                        "name": "x",
+                        "schema": flat(2000, required=False),
+                    }
+                },
+            },
+            None,
+        ),
+    ],
+    ids=["ref-chain", "listed-types", "enum", "tool-pattern", "responses-optional"],
+)
+def test_a_schema_llamacpp_cannot_survive_is_a_400_and_never_sent(
+    stack: Stack, path: str, body: Any, param: str | None
+) -> None:
+    """Regression: each went to llama.cpp, which crashed (the `$ref` chain) or kept a core
+    busy long after the client left (the rest)."""
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post(path, content=json.dumps({**body, "max_tokens": 4}))
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_json_schema", error
+        assert error["message"].count("#") >= 1, error  # a JSON pointer into the schema
+        if param is not None:
+            assert error["param"] == param, error
+        assert not stack.fake.requests  # never reached llama.cpp
+        ok = client.post("/v1/completions", content=json.dumps({"prompt": "hi"}))
+        assert ok.status_code == 200  # the same connection goes on serving
+
+
+def test_a_large_realistic_schema_reaches_llamacpp(stack: Stack) -> None:
+    schema = pydantic_like_tool()
+    response_format = {"type": "json_schema", "json_schema": {"name": "save", "schema": schema}}
+    body = {"messages": CHAT, "response_format": response_format, "max_tokens": 4}
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post("/v1/chat/completions", content=json.dumps(body))
+    assert r.status_code == 200, r.text
+    assert stack.fake.requests[0]["json_schema"] == schema
