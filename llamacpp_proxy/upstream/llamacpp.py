@@ -610,8 +610,9 @@ class LlamaCppClient:
         return len(self._live)
 
     async def reachable(self) -> bool:
-        """A TCP connection to the server opens within --upstream-connect-timeout (and is
-        closed at once): something there takes connections, however busy or hung."""
+        """False only when nothing takes a TCP connection at the server's address within
+        --upstream-connect-timeout: its machine or network is gone (a busy or hung
+        llama-server still does; a resolver that fails is no answer: ConnectionPool.reachable)."""
         return await self._pool.reachable()
 
     def abort_silent(self, silent_for: float, reason: Callable[[], ProxyError]) -> int:
