@@ -49,6 +49,8 @@ HAZARDS = [
     ({"grammar": nested_groups(20000)}, "grammar", "levels deep"),
     ({"grammar": "root ::= " + "(" * 20000}, "grammar", "levels deep"),  # never closed
     ({"grammar": rule_chain(100000)}, "grammar", "characters long"),
+    # a long literal copied once per count: 855 MB at once, 640 MB kept after the answer
+    ({"grammar": 'root ::= "' + "a" * 30000 + '"{2000}'}, "grammar", "grammar elements"),
     ({"grammar": "root ::= " + '"a" ' * 200_000}, "grammar", "characters long"),
 ]
 
@@ -115,3 +117,19 @@ def test_a_grammar_past_its_size_bound_is_refused_before_it_is_analysed() -> Non
     assert len(short_rules) < 65536
     rules = grammar_problem(short_rules)
     assert rules is not None and "more than 4096 rules" in rules
+
+
+@pytest.mark.parametrize(
+    ("grammar", "refused"),
+    [
+        ('root ::= "' + "a" * 600 + '"{2000}', True),  # 1,200,000 elements
+        ('root ::= "' + "a" * 400 + '"{2000}', False),
+        ('root ::= ("' + "a" * 400 + '"){2000}', False),  # a group: one reference per copy
+        ('root ::= [a-z0-9]{1,2000} ("x"{0,2000}){0,2000}', False),
+        ('root ::= "' + "ab" * 200 + '"{1000}{3}', True),  # a repetition of a repetition
+        ('root ::= x{2000}\nx ::= "' + "a" * 30000 + '"', False),  # a reference, not a copy
+    ],
+)
+def test_repetitions_are_bounded_by_what_llamacpp_writes_out(grammar: str, refused: bool) -> None:
+    problem = grammar_problem(grammar)
+    assert (problem is not None and "grammar elements" in problem) is refused, problem

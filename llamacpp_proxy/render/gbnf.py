@@ -35,6 +35,13 @@ _MAX_REPETITION = 2000
 """llama.cpp's MAX_REPETITION_THRESHOLD: a larger minimum is an error, a larger maximum
 means no maximum."""
 
+MAX_EXPANDED_ELEMENTS = 1_000_000
+"""Grammar elements llama.cpp may write out for repetitions: it copies a repeated item once
+per count (`S{m,n}` is S m times, then n - m rules each holding S), so a 30000-character
+literal repeated 2000 times took llama-server (b11434) to 855 MB at once, and it kept
+640 MB after the answer. Legitimate repetitions are of a character or a short piece
+(`[0-9]{1,2000}` is 4000 elements); this is about 14 MB."""
+
 _ESCAPES = frozenset('tnr\\"[]-')
 _HEX = {"x": 2, "u": 4, "U": 8}
 
@@ -43,9 +50,18 @@ class _Unparsable(Exception):
     """llama.cpp would refuse this grammar itself (a 400): not ours to judge."""
 
 
+class GrammarTooLarge(Exception):
+    """Its repetitions would have llama.cpp write out more than MAX_EXPANDED_ELEMENTS."""
+
+    def __init__(self, elements: int) -> None:
+        super().__init__(elements)
+        self.elements = elements
+
+
 def runaway_left_recursion(grammar: str) -> str | None:
     """The rule whose left recursion would make llama.cpp's stack grow without end, or None
-    (also None for a grammar llama.cpp cannot parse)."""
+    (also None for a grammar llama.cpp cannot parse). GrammarTooLarge when its repetitions
+    would have llama.cpp write out more than MAX_EXPANDED_ELEMENTS elements."""
     try:
         return _Parser(grammar).parse().runaway()
     except _Unparsable:
@@ -174,6 +190,8 @@ class _Parser:
         self.text = text if end < 0 else text[:end]
         self.pos = 0
         self.grammar = _Grammar()
+        self.width = 0  # llama.cpp's elements for the last symbol (what a quantifier copies)
+        self.expanded = 0  # elements llama.cpp writes out for repetitions so far
 
     def parse(self) -> _Grammar:
         self.space(newlines=True)
@@ -248,6 +266,7 @@ class _Parser:
             alts, seq, last = levels.pop()
             seq.append(group)
             last[:] = [[group]]
+            self.width = 1  # a rule reference
             self.space(newlines=bool(levels))
 
     def sequence(
@@ -259,43 +278,44 @@ class _Parser:
             c = text[self.pos]
             if c == '"':
                 self.pos += 1
-                empty = True
+                width = 0
                 while self.peek() != '"':
                     if not self.peek():
                         raise _Unparsable
                     self.char()
-                    empty = False
+                    width += 1  # a character element each
                 self.pos += 1
-                symbol: _Alternative = [] if empty else [TERMINAL]
+                symbol: _Alternative = [TERMINAL] if width else []
             elif c == "[":
                 self.pos += 1
                 if self.peek() == "^":
                     self.pos += 1
-                empty = True
+                width = 0
                 while self.peek() != "]":
                     if not self.peek():
                         raise _Unparsable
                     self.char()
-                    empty = False
+                    width += 1
                     if self.peek() == "-" and self.peek(1) != "]":
                         if not self.peek(1):
                             raise _Unparsable
                         self.pos += 1
                         self.char()
+                        width += 1  # a range's upper bound is an element of its own
                 self.pos += 1
-                symbol = [] if empty else [TERMINAL]
+                symbol = [TERMINAL] if width else []
             elif c == "<" or c == "!":
                 self.token()
-                symbol = [TERMINAL]
+                symbol, width = [TERMINAL], 1
             elif _is_word(c):
-                symbol = [self.grammar.named(self.name())]
+                symbol, width = [self.grammar.named(self.name())], 1
             elif c == "(":
                 self.pos += 1
                 self.space(newlines=True)
                 return True
             elif c == ".":
                 self.pos += 1
-                symbol = [TERMINAL]
+                symbol, width = [TERMINAL], 1
             elif c in "*+?{":
                 self.pos += 1
                 self.space(nested)
@@ -311,6 +331,7 @@ class _Parser:
             self.space(nested)
             seq.extend(symbol)
             last[:] = [symbol]
+            self.width = width
         return False
 
     def repeat(
@@ -326,6 +347,14 @@ class _Parser:
         k >= 2 behaves as the unbounded S' ::= S S' |, and S'(1) ::= S | ends there."""
         if not last or not last[0]:
             raise _Unparsable  # "expecting preceding item to */+/?/{"
+        # What llama.cpp writes out: S low times inline, then one rule per optional count
+        # holding S, a reference and two markers; the result is what a next quantifier copies.
+        optional_rules = 1 if high is None else high - low
+        width = self.width
+        self.expanded += width * (low + optional_rules) + 3 * optional_rules
+        if self.expanded > MAX_EXPANDED_ELEMENTS:
+            raise GrammarTooLarge(self.expanded)
+        self.width = width * low + (1 if optional_rules else 0)
         symbol = last[0]
         del seq[len(seq) - len(symbol) :]
         if len(symbol) > 1:  # keep S one element: a node of its own reaches the same

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from typing import Any, TypeGuard
 
-from .gbnf import runaway_left_recursion
+from .gbnf import MAX_EXPANDED_ELEMENTS, GrammarTooLarge, runaway_left_recursion
 from .schema_limits import schema_limits_problem
 
 _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
@@ -98,7 +98,14 @@ def grammar_problem(grammar: str) -> str | None:
         else:
             i += 1
     # Only once the bounds above hold: the analysis is linear, but on a bounded grammar.
-    rule = runaway_left_recursion(grammar)
+    try:
+        rule = runaway_left_recursion(grammar)
+    except GrammarTooLarge as large:
+        return (
+            f"repeats its items into more than {MAX_EXPANDED_ELEMENTS} grammar elements "
+            f"(about {large.elements} so far): llama.cpp writes out a copy of an item per "
+            "count, and a long literal repeated 2000 times takes it to about a GB"
+        )
     if rule is not None:
         return (
             f"rule '{rule}' is left-recursive through elements that can match nothing: "
