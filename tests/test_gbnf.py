@@ -79,6 +79,38 @@ def test_llamacpps_own_grammars_pass() -> None:
     assert len(files) >= 5
     for path in files:
         assert runaway_left_recursion(path.read_text()) is None, path.name
+        assert grammar_problem(path.read_text()) is None, path.name
+
+
+GENERATED = [
+    # What llama.cpp's json-schema-to-grammar (b11434) writes: bounded repetitions in its
+    # primitives (`[0-9]{1,16}`, `[ \t]{0,20}`, `{4}` hex), optional comma lists, formats.
+    r"""char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\bfnrt] | "u" [0-9a-fA-F]{4})
+date ::= [0-9]{4} "-" ( "0" [1-9] | "1" [0-2] ) "-" ( "0" [1-9] | [1-2] [0-9] | "3" [0-1] )
+date-time ::= date "T" time
+date-time-string ::= "\"" date-time "\"" space
+decimal-part ::= [0-9]{1,16}
+integral-part ::= [0] | [1-9] [0-9]{0,15}
+number ::= ("-"? integral-part) ("." decimal-part)? ([eE] [-+]? integral-part)? space
+root ::= "{" space  (root-a-kv ( "," space ( root-b-kv ) )? | root-b-kv )? "}" space
+root-a-kv ::= "\"a\"" space ":" space root-a
+root-a ::= "[" space (number ("," space number){0,9})? "]" space
+root-b-kv ::= "\"b\"" space ":" space date-time-string
+space ::= | " " | "\n"{1,2} [ \t]{0,20}
+string ::= "\"" char* "\"" space
+time ::= ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ( "." [0-9]{3} )? ( "Z" | ( "+" | "-" ) ( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] )
+uuid ::= "\"" [0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{12} "\"" space
+""",
+    # A pattern `^[a-z0-9._%+-]+@[a-z0-9.-]+\.[a-z]{2,}$` as it translates it.
+    r"""root ::= "\"" ([a-z0-9._%+-]+ "@" [a-z0-9.-]+ "." [a-z] [a-z]+) "\"" space
+space ::= | " " | "\n"{1,2} [ \t]{0,20}
+""",
+]
+
+
+@pytest.mark.parametrize("grammar", GENERATED)
+def test_grammars_llamacpp_generates_from_schemas_pass(grammar: str) -> None:
+    assert grammar_problem(grammar) is None
 
 
 def test_large_grammars_are_walked_without_recursion() -> None:

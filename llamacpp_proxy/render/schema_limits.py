@@ -312,8 +312,9 @@ def _resolve(root: Any, ref: str) -> Any:
 
 def pattern_ambiguity(pattern: str) -> int:
     """How many optional pieces of an anchored `pattern` can be skipped in a row,
-    repetitions multiplying. llama.cpp ignores a pattern without `^...$` (any string), and
-    reports a malformed one: both are 0 here."""
+    repetitions multiplying. llama.cpp ignores a pattern without `^...$` or with anything
+    it cannot translate (`\\d`, `\\w`, `\\s`, `\\/`, a lookahead, an inner `^`: it
+    accepts any string instead), and reports a malformed one: all are 0 here."""
     if len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$":
         return 0
     try:
@@ -324,11 +325,23 @@ def pattern_ambiguity(pattern: str) -> int:
 
 
 class _Malformed(Exception):
-    pass
+    """A pattern llama.cpp does not build: malformed, or beyond what it translates."""
+
+
+_LITERAL_ESCAPES = frozenset("^$.[]()|{}*+?")
+"""Escapes llama.cpp turns into a literal character outside a class."""
+
+_GBNF_ESCAPES = frozenset('trn\\"[]-')
+"""Escapes llama.cpp copies into GBNF as they are (`gbnf_escape_length`), with `\\xHH`,
+`\\uHHHH` and `\\UHHHHHHHH`: any other (`\\d`, `\\w`, `\\s`, `\\/`, `\\b`) makes it drop the
+whole pattern and accept any string, so nothing in it is matched token by token."""
+
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 _UNBOUNDED = 1 << 20
-"""The weight of an unbounded repetition of something that can match nothing."""
+"""No maximum (`*`, `+`, `{m,}`), and the most a weight is counted up to."""
 
 
 class _Regex:
@@ -388,7 +401,13 @@ class _Regex:
             if self.i < n and text[self.i] in "?+":  # lazy/possessive: same language
                 self.i += 1
             if nullable:
-                weight = min(_UNBOUNDED, high * max(1, weight))
+                # A bounded repetition is written out as that many nested rules, one parse
+                # kept per way of skipping them (`(a?){0,100}`: 6 s for one token); an
+                # unbounded one is one recursive rule whose parses coincide once each copy
+                # is skipped, so it weighs its minimum and one more (`(a?)*`, `((a?)*)*`
+                # ten deep, the URL pattern `([/a-z .-]*)*`: each under 0.3 s for 16 tokens).
+                copies = low + 1 if high == _UNBOUNDED else high
+                weight = min(_UNBOUNDED, copies * max(1, weight))
             nullable = nullable or low == 0
         return nullable, weight
 
@@ -402,6 +421,8 @@ class _Regex:
             self.i += 1
             if text.startswith("?:", self.i):
                 self.i += 2
+            elif text.startswith("?", self.i):
+                raise _Malformed  # a lookaround or named group: llama.cpp takes any string
             nullable, weight, closed = self.sequence()
             if not closed:
                 raise _Malformed
@@ -412,13 +433,27 @@ class _Regex:
             if self.i < n and text[self.i] == "]":
                 self.i += 1
             while self.i < n and text[self.i] != "]":
-                self.i += 2 if text[self.i] == "\\" else 1
+                self.i += self.escape(in_class=True) if text[self.i] == "\\" else 1
             self.i += 1
             return False, 0
         if c in "?*+{":
             raise _Malformed  # nothing to repeat
-        self.i += 2 if c == "\\" else 1
+        if c in "^$":
+            raise _Malformed  # an anchor inside: llama.cpp takes any string
+        self.i += self.escape(in_class=False) if c == "\\" else 1
         return False, 0
+
+    def escape(self, in_class: bool) -> int:
+        """The length of the escape at `i`, as llama.cpp translates it; _Malformed for one
+        it does not (it then builds no rule from the pattern)."""
+        kind = self.text[self.i + 1 : self.i + 2]
+        if (not in_class and kind in _LITERAL_ESCAPES) or kind in _GBNF_ESCAPES:
+            return 2
+        size = _HEX_ESCAPES.get(kind) if kind else None
+        digits = self.text[self.i + 2 : self.i + 2 + size] if size else ""
+        if size is None or len(digits) != size or not _HEX_DIGITS.issuperset(digits):
+            raise _Malformed
+        return 2 + size
 
 
 _Where = str | tuple[Any, str]
