@@ -284,3 +284,13 @@ def evil_stack(
     yield build
     for evil in made:
         runner.run(evil.stop())
+
+
+def forced_tool_call(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A chat body that forces a call of a tool with these `parameters`: the gateway turns
+    them into llama.cpp's JSON schema (render/constraints.py)."""
+    return {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}],
+        "tool_choice": "required",
+    }

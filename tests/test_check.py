@@ -29,6 +29,14 @@ def check(
     return status, capsys.readouterr().out
 
 
+def down_server_url(down: str, upstream: FakeLlamaCpp) -> str:
+    """A llama-server URL that is `down` ("refused": nothing listens) or "loading"."""
+    if down == "loading":
+        upstream.script.health_status = 503
+        return upstream.url
+    return f"http://127.0.0.1:{closed_port()}"
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,11 +121,7 @@ def test_a_llama_server_that_is_down_or_loading_is_a_warning_not_a_problem(
     """The proxy starts without its llama-server and serves it once it answers, so a check
     (and `systemctl reload`, which runs it first: a key rotation) must not fail for it.
     Regression: the check failed, and a reload could not rotate keys during an outage."""
-    if down == "loading":
-        upstream.script.health_status = 503
-        url = upstream.url
-    else:
-        url = f"http://127.0.0.1:{closed_port()}"
+    url = down_server_url(down, upstream)
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     argv = ["--llamacpp-server", url, "--chat-template-jinja", str(template)]
@@ -154,11 +158,7 @@ def test_the_operators_template_is_checked_while_the_server_is_down(
     the user's message out is a problem whether or not llama.cpp answers. Regression: with
     the server down or loading, the check warned about the server and never rendered the
     template (exit 0); every request would have been answered from a broken prompt."""
-    if down == "loading":
-        upstream.script.health_status = 503
-        url = upstream.url
-    else:
-        url = f"http://127.0.0.1:{closed_port()}"
+    url = down_server_url(down, upstream)
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")
     argv = ["--llamacpp-server", url, "--chat-template-jinja", str(broken)]

@@ -13,7 +13,7 @@ import pytest
 
 from llamacpp_proxy.render.grammar_guard import grammar_problem, schema_problem
 
-from .conftest import UNLIMITED_KEY, Stack
+from .conftest import UNLIMITED_KEY, Stack, forced_tool_call
 
 AUTH = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
 
@@ -131,22 +131,9 @@ CHAT = [{"role": "user", "content": "hi"}]
         ),
         (
             "/v1/chat/completions",
-            {
-                "messages": CHAT,
-                "tools": [
-                    {
-                        "type": "function",
-                        "function": {
-                            "name": "f",
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"s": {"type": "string", "pattern": "^x{3,1}$"}},
-                            },
-                        },
-                    }
-                ],
-                "tool_choice": "required",
-            },
+            forced_tool_call(
+                {"type": "object", "properties": {"s": {"type": "string", "pattern": "^x{3,1}$"}}}
+            ),
             "tools",
             "invalid_json_schema",
         ),

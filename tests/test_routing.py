@@ -1055,6 +1055,20 @@ class VanishingServer:
         self.sock.close()
 
 
+def gateway_before(
+    make_gateway: Callable[..., Stack], server: VanishingServer, first_byte_timeout: float
+) -> Stack:
+    """A gateway in front of `server` alone (connects time out after 0.5 s), once ready."""
+    stack = make_gateway(
+        llamacpp_server=(server.url,),
+        upstream_connect_timeout=0.5,
+        upstream_first_byte_timeout=first_byte_timeout,
+    )
+    ready = {f"127.0.0.1:{server.port}": "ready"}
+    assert stack.wait_for(lambda: ready_servers_on_loop(stack) == ready)
+    return stack
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_requests_on_a_server_gone_from_the_network_end_when_probes_find_it_unreachable(
     stream: bool, make_gateway: Callable[..., Stack], runner: LoopThread
@@ -1068,14 +1082,7 @@ def test_requests_on_a_server_gone_from_the_network_end_when_probes_find_it_unre
     server = VanishingServer()
     runner.call(server.start)
     try:
-        stack = make_gateway(
-            llamacpp_server=(server.url,),
-            upstream_connect_timeout=0.5,
-            upstream_first_byte_timeout=60.0,
-        )
-        assert stack.wait_for(
-            lambda: ready_servers_on_loop(stack) == {f"127.0.0.1:{server.port}": "ready"}
-        )
+        stack = gateway_before(make_gateway, server, first_byte_timeout=60.0)
         client = stack.client()
         with ThreadPoolExecutor(1) as threads:
             if stream:
@@ -1107,13 +1114,8 @@ def test_a_server_that_still_takes_connections_keeps_its_requests_however_silent
     server = VanishingServer()
     runner.call(server.start)
     try:
-        stack = make_gateway(
-            llamacpp_server=(server.url,),
-            upstream_connect_timeout=0.5,
-            upstream_first_byte_timeout=6.0,
-        )
+        stack = gateway_before(make_gateway, server, first_byte_timeout=6.0)
         sick = f"127.0.0.1:{server.port}"
-        assert stack.wait_for(lambda: ready_servers_on_loop(stack) == {sick: "ready"})
         client = stack.client()
         with ThreadPoolExecutor(1) as threads:
             waiting = threads.submit(client.completions.create, model="m", prompt="long")

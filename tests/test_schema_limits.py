@@ -17,7 +17,7 @@ import pytest
 from llamacpp_proxy.render.grammar_guard import schema_problem
 from llamacpp_proxy.render.schema_limits import pattern_ambiguity
 
-from .conftest import UNLIMITED_KEY, Stack
+from .conftest import UNLIMITED_KEY, Stack, forced_tool_call
 
 AUTH = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
 CHAT = [{"role": "user", "content": "hi"}]
@@ -354,22 +354,9 @@ def test_references_spelled_differently_are_each_built() -> None:
         ),
         (
             "/v1/chat/completions",
-            {
-                "messages": CHAT,
-                "tools": [
-                    {
-                        "type": "function",
-                        "function": {
-                            "name": "f",
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"s": string("^((a{0,100}){0,100})$")},
-                            },
-                        },
-                    }
-                ],
-                "tool_choice": "required",
-            },
+            forced_tool_call(
+                {"type": "object", "properties": {"s": string("^((a{0,100}){0,100})$")}}
+            ),
             "tools",
         ),
         (
