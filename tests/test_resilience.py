@@ -449,12 +449,12 @@ def test_a_client_that_leaves_while_waiting_for_a_connection_stops_waiting(
     acquire = pool.acquire
     queued = 0  # requests waiting for a connection now
 
-    async def watched_acquire(spare: bool = False) -> Any:
+    async def watched_acquire(*args: Any) -> Any:
         # Who waits in the pool is not visible over HTTP: count them at its door.
         nonlocal queued
         queued += 1
         try:
-            return await acquire(spare)
+            return await acquire(*args)
         finally:
             queued -= 1
 

@@ -1128,3 +1128,24 @@ def test_a_server_that_still_takes_connections_keeps_its_requests_however_silent
         assert "did not start answering within 6s" in caught.value.message
     finally:
         runner.call(server.stop)
+
+
+def test_a_deadline_that_ends_during_a_connect_says_so(
+    make_gateway: Callable[..., Stack], runner: LoopThread
+) -> None:
+    """A request whose deadline passes while its connection to llama.cpp is still being
+    opened timed out connecting, and says so. Regression: it said "every connection to
+    llama.cpp stayed busy (--upstream-max-connections)", sending the operator to a limit
+    that had nothing to do with it (seen in --check, whose deadline is the connect's)."""
+    server = VanishingServer()
+    runner.call(server.start)
+    try:
+        stack = gateway_before(make_gateway, server, first_byte_timeout=0.3)
+        runner.call(server.vanish)  # a new connection's SYN now goes unanswered
+        with pytest.raises(openai.APIStatusError) as caught:
+            stack.client().completions.create(model="m", prompt="hi")
+        assert caught.value.status_code == 504, caught.value
+        assert "timed out connecting to llama.cpp" in caught.value.message
+        assert "busy" not in caught.value.message
+    finally:
+        runner.call(server.stop)

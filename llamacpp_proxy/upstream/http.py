@@ -873,11 +873,15 @@ class ConnectionPool:
         """Every connection is in use: an acquire would wait."""
         return self._slots.locked()
 
-    async def acquire(self, spare: bool = False) -> Connection:
+    async def acquire(
+        self, spare: bool = False, connecting: Callable[[], None] | None = None
+    ) -> Connection:
         """A connection for one request: an idle one that is still quiet, or a new one.
         `spare`: the request will not give it back (a stream: llama-server closes its
         connection), so the pool opens one for the next request (`_top_up`). A request
-        that gives its connection back leaves that one for the next: it asks for none."""
+        that gives its connection back leaves that one for the next: it asks for none.
+        `connecting` is called when the wait for a slot is over and a new connection is
+        being opened (what a deadline that ends now was spent on)."""
         await self._slots.acquire()
         try:
             now = self._now()
@@ -891,6 +895,8 @@ class ConnectionPool:
                 self._discard(conn)
             # Holding a slot, with no idle connection left: fewer than max are open.
             self._open += 1
+            if connecting is not None:
+                connecting()
             try:
                 conn = await self._connect()
             except BaseException:

@@ -108,6 +108,7 @@ class UpstreamCall:
     """
 
     __slots__ = (
+        "_connecting",
         "_connection",
         "_first_byte_timeout",
         "_idle_timeout",
@@ -135,6 +136,7 @@ class UpstreamCall:
             live.add(self)
         self._connection: Connection | None = None
         self._waiting: asyncio.Task[Any] | None = None
+        self._connecting = False  # the wait for a connection is a connect, not a slot
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         self.abort_reason: BaseException | None = None
@@ -164,7 +166,9 @@ class UpstreamCall:
         self._timer = None
         now = self._loop.time()
         if not self.got_first_byte or not self.streamed:
-            if self._waiting is not None:
+            if self._waiting is not None and self._connecting:
+                message = f"timed out connecting to llama.cpp within {self._first_byte_timeout:g}s"
+            elif self._waiting is not None:
                 message = (
                     "every connection to llama.cpp stayed busy for "
                     f"{self._first_byte_timeout:g}s (--upstream-max-connections)"
@@ -221,7 +225,7 @@ class UpstreamCall:
         task = asyncio.current_task()
         self._waiting = task
         try:
-            return await pool.acquire(spare)
+            return await pool.acquire(spare, self._mark_connecting)
         except asyncio.CancelledError:
             # Our own abort cancelled the wait: report why, as the task's only cancellation.
             if self.abort_reason is not None and task is not None and task.uncancel() == 0:
@@ -229,6 +233,9 @@ class UpstreamCall:
             raise
         finally:
             self._waiting = None
+
+    def _mark_connecting(self) -> None:
+        self._connecting = True
 
     def forget_failure(self) -> None:
         """The request is over and its failure handled (logged, charged, answered): drop
