@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
+from .frontdoor.constraint_check import ConstraintChecker
 from .guard.auth import KeyStore
 from .guard.auth_throttle import AuthFailureThrottle
 from .guard.budgets import Budgets
@@ -39,6 +40,8 @@ class AppContext:
     """Daily/monthly token budgets of the key file, else None."""
     metrics: Metrics | None = None
     """Request and token counters for /metrics and /status (None: --no-metrics)."""
+    constraint_checks: ConstraintChecker = field(default_factory=ConstraintChecker)
+    """Where output constraints are checked: inline, or off the loop when large."""
     draining: bool = False
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     in_flight: int = 0

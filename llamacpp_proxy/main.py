@@ -627,6 +627,7 @@ async def shutdown(ctx: AppContext, server: HTTPServer, hurry: asyncio.Event | N
             # process is exiting anyway; what is left is closed with the loop.
             log.warning("connections still closing after %gs; exiting anyway", close_timeout)
     finally:
+        ctx.constraint_checks.close()
         await ctx.routes.close()
         if ctx.access_log is not None:
             ctx.access_log.flush()

@@ -240,7 +240,7 @@ class CompletionsHandler(BaseHandler):
         self.keepalive_while_queued = request.stream
         self._tools = _active_tools(request)
         self._parallel_tools = request.parallel_tool_calls
-        self._forced_tools = merge_constraints(request, self._tools)
+        await self._check_constraint(request)
         assert self.principal is not None  # completions require a key
         # Before admission: a model the key cannot use costs it nothing.
         self.usage_model = request.model
@@ -256,6 +256,13 @@ class CompletionsHandler(BaseHandler):
             return  # left while /props was fetched: start nothing on llama.cpp
         self._generations = self._plan(request, prompts)
         await self.respond(request, model)
+
+    async def _check_constraint(self, request: CompletionRequest) -> None:
+        """Merge the request's output constraints into one and check it (a 400 for one
+        llama.cpp cannot build; large ones are checked off the event loop)."""
+        constraint = merge_constraints(request, self._tools)
+        self._forced_tools = constraint.forced
+        await self.ctx.constraint_checks.check(constraint)
 
     def parse_request(self, body: dict[str, Any]) -> CompletionRequest:
         """The validated request (another front door parses its own protocol here)."""

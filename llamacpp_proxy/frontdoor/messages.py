@@ -17,7 +17,6 @@ from typing import Any
 
 from ..errors import ChatTemplateRejected, ProxyError, UpstreamError
 from ..guard.ratelimit import Cost
-from ..render.constraints import merge_constraints
 from ..request import CompletionRequest
 from ..route.pools import check_kind
 from ..upstream.llamacpp import MixedPrompt
@@ -143,7 +142,7 @@ class CountTokensHandler(MessagesHandler):
         request = anthropic.parse_messages_request(body, count_only=True)
         self._tools = _active_tools(request)
         self._parallel_tools = request.parallel_tool_calls
-        self._forced_tools = merge_constraints(request, self._tools)
+        await self._check_constraint(request)
         assert self.principal is not None
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
         check_kind(self._pool.pool, "chat", request.model)

@@ -9,6 +9,7 @@ mapping reads it, and nothing else can override it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidRequest
@@ -20,10 +21,26 @@ from .tool_calls import forced_call_schema
 _SOURCES = ("response_format", "json_schema", "grammar", "tool_choice")
 
 
-def merge_constraints(request: CompletionRequest, tools: list[dict[str, Any]] | None) -> bool:
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """The request's one output constraint, by where it came from (none: empty), still to be
+    checked against what would hang llama.cpp's grammar builder (`check`)."""
+
+    found: dict[str, Any]
+    forced: bool
+    """The constraint is a forced tool call's."""
+
+    def check(self) -> None:
+        """InvalidRequest (400) for a constraint llama.cpp cannot build (grammar_guard.py).
+        Pure CPU work, proportional to the constraint's size: see frontdoor/constraint_check.py
+        for where it runs."""
+        _refuse_what_llamacpp_cannot_build(self.found)
+
+
+def merge_constraints(request: CompletionRequest, tools: list[dict[str, Any]] | None) -> Constraint:
     """Leave the request with at most one output constraint: a JSON schema in
-    `request.json_schema` or a GBNF `grammar` in its extensions. True when that constraint
-    is a forced tool call. InvalidRequest when the request carries two."""
+    `request.json_schema` or a GBNF `grammar` in its extensions. InvalidRequest when the
+    request carries two. The constraint kept is returned unchecked (Constraint.check)."""
     extensions = request.extensions
     found: dict[str, Any] = {}
     if request.json_schema is not None:
@@ -45,8 +62,7 @@ def merge_constraints(request: CompletionRequest, tools: list[dict[str, Any]] | 
         )
     if "grammar" not in found:
         request.json_schema = next(iter(found.values()), None)
-    _refuse_what_llamacpp_cannot_build(found)
-    return forced is not None
+    return Constraint(found, forced is not None)
 
 
 def _refuse_what_llamacpp_cannot_build(found: dict[str, Any]) -> None:

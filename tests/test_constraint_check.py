@@ -1,0 +1,151 @@
+"""A large grammar or JSON schema is checked off the event loop (frontdoor/constraint_check.py):
+other clients are served while it is checked, the refusals are the same, and the checks
+waiting at once are bounded."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from llamacpp_proxy.frontdoor.constraint_check import (
+    INLINE_GRAMMAR_BYTES,
+    INLINE_SCHEMA_BYTES,
+    ConstraintChecker,
+)
+from llamacpp_proxy.render import constraints
+
+from .conftest import UNLIMITED_KEY, Stack
+
+AUTH = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
+LARGE_GRAMMAR = "root ::= " + " | ".join(f'"word{i}"' for i in range(200))
+LARGE_SCHEMA = {
+    "type": "object",
+    "properties": {f"field{i}": {"type": "string", "maxLength": 20} for i in range(300)},
+    "required": [f"field{i}" for i in range(300)],
+}
+assert len(LARGE_GRAMMAR) > INLINE_GRAMMAR_BYTES
+assert len(json.dumps(LARGE_SCHEMA)) > INLINE_SCHEMA_BYTES
+
+
+class HeldCheck:
+    """Holds every grammar and schema check in the thread that runs it until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[str] = []
+
+    def wrap(self, check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+        def held(constraint: Any) -> str | None:
+            self.threads.append(threading.current_thread().name)
+            self.entered.set()
+            self.release.wait(10)
+            return check(constraint)
+
+        return held
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldCheck]:
+    hold = HeldCheck()
+    monkeypatch.setattr(constraints, "grammar_problem", hold.wrap(constraints.grammar_problem))
+    monkeypatch.setattr(constraints, "schema_problem", hold.wrap(constraints.schema_problem))
+    yield hold
+    hold.release.set()
+
+
+def post_in_background(
+    pool: ThreadPoolExecutor, stack: Stack, body: dict[str, Any]
+) -> Future[httpx.Response]:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+
+    def post() -> httpx.Response:
+        with httpx.Client(base_url=stack.url, headers=AUTH, timeout=20) as client:
+            return client.post(path, json=body)
+
+    return pool.submit(post)
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"grammar": LARGE_GRAMMAR},
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "big", "schema": LARGE_SCHEMA},
+            }
+        },
+    ],
+    ids=["grammar", "json_schema"],
+)
+def test_other_clients_are_served_while_a_large_constraint_is_checked(
+    stack: Stack, held: HeldCheck, constraint: dict[str, Any]
+) -> None:
+    """Regression: the check ran on the event loop, so a 64 KiB grammar held every client
+    for about 27 ms; here a check held until released would have stopped the gateway (the
+    health check below timed out)."""
+    body = {"prompt": "hi", "max_tokens": 2, **constraint}
+    if "response_format" in constraint:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **constraint}
+    with ThreadPoolExecutor(1) as pool:
+        checked = post_in_background(pool, stack, body)
+        assert held.entered.wait(10)
+        # The check is running: another client on another connection is answered.
+        other = httpx.get(stack.url + "/health", timeout=3)
+        assert other.status_code == 200
+        held.release.set()
+        answer = checked.result(20)
+    assert answer.status_code == 200, answer.text
+    assert held.threads and all(name.startswith("constraint-check") for name in held.threads)
+
+
+def test_a_small_constraint_is_checked_where_it_costs_least(stack: Stack) -> None:
+    """A grammar under INLINE_GRAMMAR_BYTES is checked at once, on the loop (a thread's
+    hand-off costs more): its refusal is the same 400."""
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post("/v1/completions", json={"prompt": "hi", "grammar": 'root ::= "a"{5,2}'})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "grammar"
+        ok = client.post("/v1/completions", json={"prompt": "hi", "grammar": 'root ::= "a"{2,5}'})
+        assert ok.status_code == 200, ok.text
+    assert stack.ctx.constraint_checks._executor is None  # no thread was started
+
+
+def test_a_large_constraint_refused_off_the_loop_is_the_same_400(stack: Stack) -> None:
+    bad = LARGE_GRAMMAR + ' | "a"{5,2}'
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post("/v1/completions", json={"prompt": "hi", "grammar": bad})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == ("grammar", "invalid_grammar"), error
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200  # the same connection goes on serving
+    assert len(stack.fake.requests) == 1  # only the second request reached llama.cpp
+
+
+def test_large_checks_past_the_bound_get_503_and_the_gateway_goes_on(
+    stack: Stack, held: HeldCheck
+) -> None:
+    """At most max_waiting large checks wait at once: the next request is told to retry,
+    so a flood of large grammars queues no unbounded work."""
+    stack.ctx.constraint_checks = ConstraintChecker(max_waiting=1)
+    body = {"prompt": "hi", "max_tokens": 2, "grammar": LARGE_GRAMMAR}
+    with ThreadPoolExecutor(1) as pool:
+        first = post_in_background(pool, stack, body)
+        assert held.entered.wait(10)
+        with httpx.Client(base_url=stack.url, headers=AUTH, timeout=10) as client:
+            refused = client.post("/v1/completions", json=body)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["code"] == "server_overloaded"
+            held.release.set()
+            assert first.result(20).status_code == 200
+            again = client.post("/v1/completions", json=body)  # the bound freed
+            assert again.status_code == 200, again.text
