@@ -44,7 +44,7 @@ from .route.probe import (
     parse_processing,
     parse_total_slots,
 )
-from .route.router import Router, RoutingPolicy, Upstream
+from .route.router import Lease, Router, RoutingPolicy, Upstream
 from .upstream.llamacpp import LlamaCppClient, UpstreamCall
 
 log = logging.getLogger("llamacpp_proxy.route")
@@ -504,11 +504,11 @@ class Routes:
             # shield: a readiness caller that leaves must not cancel the shared probes.
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
 
-    def recheck(self, runtime: PoolRuntime, key: str) -> None:
-        """Probe this server soon: a request's failure could not tell whether it is the
-        server's (route/failover.py, `Verdict.recheck`)."""
-        runtime.router.recheck(key)
-        if self._wake is not None:
+    def recheck(self, lease: Lease) -> None:
+        """Probe the lease's server soon: a request's failure could not tell whether it is
+        the server's (route/failover.py, `Verdict.recheck`). Not a server a reload removed
+        since, nor one added back at its address: that is another server."""
+        if lease.recheck() and self._wake is not None:
             self._wake.set()
 
     async def probe_down_now(self, runtime: PoolRuntime) -> bool:
