@@ -338,15 +338,18 @@ class Routes:
         if client is None:
             client = runtime.probe_clients[key] = self._client_factory(key)
         timeout = self.settings.upstream_connect_timeout
+        router = runtime.router
+        # A request's failure that asks for a probe while this one is in flight is not
+        # answered by it: the health keeps that recheck's time (ServerHealth.observe).
+        began = router.now()
         try:
             response = await client._get("/health", timeout, PROBE_BODY_LIMIT)
             outcome = outcome_of_status(response.status)
         except ProxyError as exc:
             outcome = _probe_outcome(exc)
-        router = runtime.router
         upstream = router.upstream(key)
         was = upstream.health.state.value if upstream is not None else None
-        changed = router.observe_probe(key, outcome)
+        changed = router.observe_probe(key, outcome, began)
         if (
             outcome in (Outcome.REFUSED, Outcome.TIMEOUT)
             and upstream is not None

@@ -656,6 +656,29 @@ def test_probes_fall_due_by_the_health_schedule() -> None:
     run(main())
 
 
+def test_a_recheck_asked_while_a_probe_is_in_flight_is_not_dropped() -> None:
+    """Regression: the regular probe in flight when a request's failure asked for a probe
+    within 50 ms (recheck) set the next probe a full interval later when it completed."""
+
+    async def main() -> None:
+        router, clock = make_router(n=1)
+        a = "http://a:1"
+        clock.advance(1.0)
+        (due,) = router.probes_due()
+        began = router.now()  # the prober sends the probe
+        clock.advance(0.01)
+        lease = await router.acquire(None)
+        assert lease.recheck()  # the request fails meanwhile
+        lease.release()
+        clock.advance(0.02)
+        router.observe_probe(a, Outcome.OK, began)  # the probe sent before answers
+        assert router.next_probe_at() == pytest.approx(began + 0.01 + 0.05)
+        clock.advance(0.03)
+        assert router.probes_due() == [due]
+
+    run(main())
+
+
 # -- outlier ejection (route/outliers.py) ---------------------------------------------------
 
 

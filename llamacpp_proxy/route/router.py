@@ -510,16 +510,21 @@ class Router:
 
     # -- inputs from the prober and the reloader -------------------------------------------
 
-    def observe_probe(self, key: str, outcome: Outcome) -> bool:
-        """Feed a probe's (or a failed request's) outcome; True when the state changed."""
+    def now(self) -> float:
+        """The router's clock: a probe's `began` for `observe_probe`."""
+        return self._clock.now()
+
+    def observe_probe(self, key: str, outcome: Outcome, began: float | None = None) -> bool:
+        """Feed a probe's outcome (`began`: when the probe was sent, on `now()`), or a
+        failed request's (None); True when the state changed."""
         upstream = self._servers.get(key)
         if upstream is None:
             return False
-        return self._observe(upstream, outcome)
+        return self._observe(upstream, outcome, began)
 
-    def _observe(self, upstream: Upstream, outcome: Outcome) -> bool:
+    def _observe(self, upstream: Upstream, outcome: Outcome, began: float | None = None) -> bool:
         key = upstream.key
-        changed = upstream.health.observe(outcome, self._clock.now())
+        changed = upstream.health.observe(outcome, self._clock.now(), began)
         if changed:
             if upstream.health.state is State.DOWN:
                 # It may come back as a new process with an empty cache.
