@@ -6,6 +6,7 @@ A llama-server that is down or loading is a warning: the proxy starts and waits 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
@@ -111,7 +112,7 @@ async def _check_upstream(
         try:
             health = await client._get("/health", settings.upstream_connect_timeout)
         except (UpstreamUnavailable, UpstreamTimeout) as exc:
-            tls = await _tls_failure(client, url, exc, settings.upstream_connect_timeout)
+            tls = await _tls_failure(url, exc, settings.upstream_connect_timeout)
             if tls is not None:
                 report.problem(what, tls)
                 return
@@ -152,25 +153,49 @@ async def _check_upstream(
         report.problem(what, "the model has no chat template; give one with --chat-template-jinja")
 
 
-async def _tls_failure(
-    client: LlamaCppClient, url: str, exc: ProxyError, timeout: float
-) -> str | None:
+async def _tls_failure(url: str, exc: ProxyError, timeout: float) -> str | None:
     """Why an https:// upstream that could not be reached is misconfigured, not down (None:
-    it may just be down). A failed handshake, or one that got no answer from something
-    that accepts connections (a plain-HTTP llama-server waits for a request line), will
-    fail the same way after any restart of llama.cpp."""
+    it may just be down, or its name unknown). A failed handshake, or one that got no
+    answer from something that accepts connections (a plain-HTTP llama-server waits for a
+    request line), will fail the same way after any restart of llama.cpp."""
     parts = urlsplit(url)
     if parts.scheme != "https":
         return None
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLError):
         return f"the TLS handshake failed ({cause}); {TLS_ADVICE}"
-    if not isinstance(exc, UpstreamTimeout) or not await client.reachable():
-        return None  # (nothing accepts connections there: down)
+    if not isinstance(exc, UpstreamTimeout) or not await _accepts_connections(
+        parts.hostname or "", parts.port or 443, timeout
+    ):
+        return None  # (its name does not resolve, or nothing accepts connections: down)
     return (
         f"it accepts connections, but its TLS handshake got no answer in {timeout:g}s; "
         + TLS_ADVICE
     )
+
+
+async def _accepts_connections(host: str, port: int, timeout: float) -> bool:
+    """Whether something at host:port completes a TCP handshake within `timeout`, its
+    name's lookup included. False when the name does not resolve or the resolver does not
+    answer in time: the timeout may have been the lookup's, and an unknown server is not a
+    TLS problem. (Not LlamaCppClient.reachable: for a server the gateway was connected to,
+    a resolver that fails says nothing, so it answers True, and a DNS timeout would read as
+    a handshake that got no answer.)"""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            for family, kind, proto, _, address in found:
+                with socket.socket(family, kind, proto) as sock:
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, address)
+                    except OSError:
+                        continue  # refused there: the next address
+                return True
+    except (OSError, TimeoutError):
+        pass
+    return False
 
 
 def run_check(argv: Sequence[str], environ: Mapping[str, str], out: TextIO) -> int:

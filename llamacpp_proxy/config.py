@@ -38,8 +38,9 @@ class Settings:
     queue_timeout: float = 30.0
     """Seconds a generation may wait for a free slot before a 503 server_overloaded."""
     eject_after_failures: int = 5
-    """Generations in a row that fail on a server whose /health answers before it leaves
-    rotation for a while (route/outliers.py); 0: never."""
+    """Requests in a row that fail on a server whose /health answers before it leaves
+    rotation for a while (one request counts once, whatever its `n`: route/outliers.py);
+    0: never."""
     queue_keepalive: float = 10.0
     """Seconds a streamed request waits in the queue before its answer commits to 200 + SSE
     and sends an SSE comment (`: queued`), again every as many seconds; 0: never. A
@@ -235,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=d.eject_after_failures,
         metavar="N",
-        help="a server whose /health answers but where this many generations in a row "
-        "failed (5xx, cut or malformed answers) leaves rotation for 10 s, doubled each "
+        help="a server whose /health answers but where this many requests in a row "
+        "failed (5xx, cut or malformed answers; a request counts once, whatever its n) "
+        "leaves rotation for 10 s, doubled each "
         "time it fails again, up to 5 min; never the last server of a model, never more "
         "than half of them; 0: off",
     )

@@ -44,7 +44,7 @@ from .route.probe import (
     parse_processing,
     parse_total_slots,
 )
-from .route.router import Router, RoutingPolicy, Upstream
+from .route.router import Lease, Router, RoutingPolicy, Upstream
 from .upstream.llamacpp import LlamaCppClient, UpstreamCall
 
 log = logging.getLogger("llamacpp_proxy.route")
@@ -338,15 +338,18 @@ class Routes:
         if client is None:
             client = runtime.probe_clients[key] = self._client_factory(key)
         timeout = self.settings.upstream_connect_timeout
+        router = runtime.router
+        # A request's failure that asks for a probe while this one is in flight is not
+        # answered by it: the health keeps that recheck's time (ServerHealth.observe).
+        began = router.now()
         try:
             response = await client._get("/health", timeout, PROBE_BODY_LIMIT)
             outcome = outcome_of_status(response.status)
         except ProxyError as exc:
             outcome = _probe_outcome(exc)
-        router = runtime.router
         upstream = router.upstream(key)
         was = upstream.health.state.value if upstream is not None else None
-        changed = router.observe_probe(key, outcome)
+        changed = router.observe_probe(key, outcome, began)
         if (
             outcome in (Outcome.REFUSED, Outcome.TIMEOUT)
             and upstream is not None
@@ -504,11 +507,11 @@ class Routes:
             # shield: a readiness caller that leaves must not cancel the shared probes.
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
 
-    def recheck(self, runtime: PoolRuntime, key: str) -> None:
-        """Probe this server soon: a request's failure could not tell whether it is the
-        server's (route/failover.py, `Verdict.recheck`)."""
-        runtime.router.recheck(key)
-        if self._wake is not None:
+    def recheck(self, lease: Lease) -> None:
+        """Probe the lease's server soon: a request's failure could not tell whether it is
+        the server's (route/failover.py, `Verdict.recheck`). Not a server a reload removed
+        since, nor one added back at its address: that is another server."""
+        if lease.recheck() and self._wake is not None:
             self._wake.set()
 
     async def probe_down_now(self, runtime: PoolRuntime) -> bool:

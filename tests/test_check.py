@@ -3,8 +3,10 @@ a sample conversation, and lists every problem (exit 1) or says all is good (exi
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,6 +150,40 @@ def test_an_https_url_to_a_plain_server_is_a_problem_not_a_server_that_is_down(
     assert len(problems) == 1 and f"upstream {url}" in problems[0], out
     assert "TLS" in problems[0] and "https" in problems[0]
     assert "WARNING" not in out
+
+
+@pytest.mark.parametrize("resolver", ["no such name", "no answer", "no answer, then no such name"])
+def test_an_https_server_whose_name_does_not_resolve_is_down_not_a_tls_problem(
+    resolver: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name that does not resolve, or a resolver that does not answer in time, leaves the
+    server unknown: the same WARNING as a server that is down, never a TLS problem.
+    Regression: the connect timed out in the lookup, the check's reachability test counted
+    its own failed lookup as "can't tell" (True), and so reported "it accepts connections,
+    but its TLS handshake got no answer" (exit 1). `.invalid` never resolves (RFC 2606),
+    and the resolver is the test's own: no lookup leaves the machine."""
+    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+    lookups: list[str] = []
+
+    async def getaddrinfo(
+        loop: asyncio.AbstractEventLoop, host: Any, port: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        if not str(host).endswith(".invalid"):
+            return await real(loop, host, port, *args, **kwargs)  # type: ignore[arg-type]
+        lookups.append(str(host))
+        if resolver == "no such name" or (resolver.endswith("no such name") and len(lookups) > 1):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        await asyncio.get_running_loop().create_future()  # no answer: the caller's deadline
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    url = "https://llama.example.invalid:8443"
+    status, out = check(["--llamacpp-server", url, "--upstream-connect-timeout", "0.5"], capsys)
+    assert status == 0, out
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and f"upstream {url}" in warnings[0], out
+    assert "once it answers" in warnings[0] and "TLS" not in warnings[0]
+    assert "PROBLEM" not in out
+    assert lookups and set(lookups) == {"llama.example.invalid"}
 
 
 @pytest.mark.parametrize("down", ["refused", "loading"])

@@ -191,3 +191,22 @@ def test_a_recheck_brings_the_next_probe_forward_and_never_back() -> None:
     health.recheck(10.21)  # a second failure meanwhile: no later, no probe more
     assert health.next_probe_at == pytest.approx(10.25)
     assert health.state is State.READY and health.failures == 0
+
+
+def test_a_probe_in_flight_keeps_a_recheck_asked_meanwhile() -> None:
+    """Regression: a request's failure asked for a probe within recheck_after while the
+    regular probe was in flight; that probe's answer then set the next probe a whole
+    interval later, dropping the recheck (the probe was sent before the failure, so it
+    says nothing of it). The earlier time wins; a probe sent after the failure answers it."""
+    health = ServerHealth(ProbePolicy(jitter=0.0), now=0.0)
+    health.observe(Outcome.OK, 10.0, began=10.0)
+    assert health.next_probe_at == 11.0
+    health.recheck(11.01)  # the probe sent at 11.0 is in flight
+    health.observe(Outcome.OK, 11.03, began=11.0)
+    assert health.next_probe_at == pytest.approx(11.06)
+    health.observe(Outcome.TIMEOUT, 11.04)  # a request's own outcome: not a probe, kept
+    assert health.next_probe_at == pytest.approx(11.06)
+    health.observe(Outcome.OK, 11.08, began=11.06)  # sent after the failure: answered
+    assert health.next_probe_at == pytest.approx(12.08)
+    health.observe(Outcome.OK, 12.1, began=12.08)
+    assert health.next_probe_at == pytest.approx(13.1)  # and not asked again

@@ -15,7 +15,7 @@ import pytest
 from llamacpp_proxy.errors import NoServerAvailable, ServerOverloaded
 from llamacpp_proxy.route.affinity import BLOCK_BYTES
 from llamacpp_proxy.route.health import Outcome, ProbePolicy, readiness
-from llamacpp_proxy.route.outliers import EjectionPolicy
+from llamacpp_proxy.route.outliers import EjectionPolicy, RequestResults
 from llamacpp_proxy.route.pools import Pool, parse_server_url
 from llamacpp_proxy.route.router import Lease, Router, RoutingPolicy
 
@@ -547,6 +547,64 @@ def test_a_reload_adds_servers_and_drains_removed_ones_without_dropping_leases()
     run(main())
 
 
+def test_a_server_removed_added_back_and_removed_again_drains_as_two() -> None:
+    """Regression: draining servers were kept by host:port, so a server removed, added back
+    and removed again while both had leases left lost the first one's entry (and the
+    first's last lease, released, dropped the second's from /health/ready)."""
+
+    async def main() -> None:
+        router, _ = make_router(n=2, slots=1)
+        a, b = (parse_server_url(u, "t") for u in SERVERS[:2])
+        only = frozenset({"http://b:1"})
+        first = await router.acquire(None, exclude=only)
+        router.reconcile(Pool("m", (b,)))
+        router.reconcile(Pool("m", (a, b)))
+        router.observe_probe(a.key, Outcome.OK)
+        second = await router.acquire(None, exclude=only)
+        router.reconcile(Pool("m", (b,)))
+        states = [(s.display, s.state, s.slots_busy) for s in router.statuses()]
+        assert states == [("b:1", "ready", 0), ("a:1", "draining", 1), ("a:1", "draining", 1)]
+        first.release()
+        states = [(s.display, s.state, s.slots_busy) for s in router.statuses()]
+        assert states == [("b:1", "ready", 0), ("a:1", "draining", 1)]
+        second.release()
+        assert [s.display for s in router.statuses()] == ["b:1"]
+
+    run(main())
+
+
+def test_a_draining_lease_reports_to_its_own_server_not_one_added_back() -> None:
+    """Its result, its failure's word on health and its recheck go to the server it was
+    taken from; a host:port added back is a new server with a state of its own."""
+
+    async def main() -> None:
+        router, clock = make_router(n=3, ejection=EjectionPolicy(failures=1))
+        a_url = "http://a:1"
+        a, b, c = (parse_server_url(u, "t") for u in SERVERS)
+        lease = await router.acquire(None, exclude=frozenset({"http://b:1", "http://c:1"}))
+        router.reconcile(Pool("m", (b, c)))
+        router.reconcile(Pool("m", (a, b, c)))
+        router.observe_probe(a_url, Outcome.OK)
+        added = router.upstream(a_url)
+        assert added is not None
+        due = added.health.next_probe_at
+        lease.report(False, "HTTP 500")
+        lease.observe(Outcome.REFUSED)
+        assert not lease.recheck()
+        lease.release()
+        assert router.ejected() == [] and added.usable
+        assert added.inflight == 0 and added.health.next_probe_at == due
+        # A lease on the server added back reports to it.
+        fresh = await router.acquire(None, exclude=frozenset({"http://b:1", "http://c:1"}))
+        assert fresh.recheck()
+        assert added.health.next_probe_at == pytest.approx(clock.now() + 0.05)
+        fresh.report(False, "HTTP 500")
+        fresh.release()
+        assert router.ejected() == [a_url]
+
+    run(main())
+
+
 def test_waiting_for_a_drain_has_a_deadline() -> None:
     async def main() -> None:
         router, clock = make_router(n=2, slots=1)
@@ -594,6 +652,29 @@ def test_probes_fall_due_by_the_health_schedule() -> None:
         clock.advance(1.0)
         assert {u.server.display for u in router.probes_due()} == {"a:1", "b:1"}
         assert router.next_probe_at() == pytest.approx(clock.now())
+
+    run(main())
+
+
+def test_a_recheck_asked_while_a_probe_is_in_flight_is_not_dropped() -> None:
+    """Regression: the regular probe in flight when a request's failure asked for a probe
+    within 50 ms (recheck) set the next probe a full interval later when it completed."""
+
+    async def main() -> None:
+        router, clock = make_router(n=1)
+        a = "http://a:1"
+        clock.advance(1.0)
+        (due,) = router.probes_due()
+        began = router.now()  # the prober sends the probe
+        clock.advance(0.01)
+        lease = await router.acquire(None)
+        assert lease.recheck()  # the request fails meanwhile
+        lease.release()
+        clock.advance(0.02)
+        router.observe_probe(a, Outcome.OK, began)  # the probe sent before answers
+        assert router.next_probe_at() == pytest.approx(began + 0.01 + 0.05)
+        clock.advance(0.03)
+        assert router.probes_due() == [due]
 
     run(main())
 
@@ -649,6 +730,35 @@ def test_a_server_whose_generations_keep_failing_leaves_rotation_then_returns() 
     router.observe_result(a, True)  # a success forgives: the next run needs 3 again
     fail(router, a, 2)
     assert router.ejected() == []
+
+
+def test_a_request_counts_once_per_server_toward_ejection() -> None:
+    """--eject-after-failures counts requests: the generations of one (`n`, several
+    prompts) that fail on a server are one failure, and a success of any of them there is
+    a success, whichever ends first (route/outliers.py, RequestResults)."""
+
+    async def main() -> None:
+        router, _ = make_router(3, slots=8, ejection=EjectionPolicy(failures=2))
+        a = "http://a:1"
+        on_a = frozenset({"http://b:1", "http://c:1"})
+
+        async def request(*oks: bool) -> None:
+            results = RequestResults()
+            leases = [await router.acquire(None, exclude=on_a) for _ in oks]
+            for lease, ok in zip(leases, oks, strict=True):
+                lease.report(ok, "" if ok else "HTTP 500", results)
+                lease.release()
+
+        await request(False, False, False, False, False)
+        assert router.ejected() == []  # one request with n=5: one failure
+        await request(True, False)  # a success: the run restarts, and its failure is none
+        await request(False, True, False)  # a failure (1 of 2), then a success: 0 again
+        await request(False)
+        assert router.ejected() == []  # 1 of 2
+        await request(False, False)
+        assert router.ejected() == [a]  # two requests in a row failed there
+
+    run(main())
 
 
 def test_ejection_never_takes_the_last_server_nor_more_than_half() -> None:

@@ -277,6 +277,48 @@ def test_a_server_whose_generations_fail_while_its_health_answers_leaves_rotatio
     assert f'llamacpp_proxy_upstream_up{{model="default",server="{sick}"}} 0.0' in metrics
 
 
+def test_one_request_with_several_choices_counts_once_toward_ejection(
+    make_gateway: Callable[..., Stack], fakes: Any
+) -> None:
+    """--eject-after-failures counts requests, not generations (route/outliers.py).
+    Regression: one request with `n: 8` whose four generations on a failing server failed
+    together counted four failures, and ejected the server by itself."""
+    pool = fakes[:2]
+    stack = make_gateway(
+        llamacpp_server=tuple(f.url for f in pool),
+        eject_after_failures=2,
+        max_parallel_generations=8,
+    )
+    wait_ready(stack, pool)
+    sick, healthy = pool
+    sick.script.fail_status = 500
+    gate = stack.runner.call(asyncio.Event)
+    sick.script.gate = gate  # its failures arrive together, as from a broken server
+    sick_at = f"127.0.0.1:{sick.port}"
+    with ThreadPoolExecutor(1) as threads:
+        asking = threads.submit(
+            lambda: stack.http.post(
+                "/v1/completions",
+                json={"prompt": "many", "n": 8, "max_tokens": 4},
+                headers=auth(UNLIMITED_KEY),
+            )
+        )
+        assert stack.wait_for(lambda: len(sick.requests) == 4)  # 4 slots each
+        stack.runner.call(gate.set)
+        answer = asking.result(10)
+    assert answer.status_code == 502
+    assert ready_servers(stack)[sick_at] == "ready"  # one failed request is not 2
+    client = stack.client()
+    for i in range(10):  # the next failed request there makes two: out
+        with contextlib.suppress(openai.APIStatusError):
+            client.completions.create(model="m", prompt=f"q{i}")
+        if len(sick.requests) > 4:
+            break
+    assert len(sick.requests) == 5
+    assert ready_servers(stack)[sick_at] == "ejected"
+    assert len(healthy.requests) >= 1
+
+
 def test_a_refused_generation_does_not_wait_for_an_ejected_server(
     make_gateway: Callable[..., Stack], fakes: Any
 ) -> None:
@@ -630,6 +672,44 @@ def test_a_reload_adds_and_drains_servers_without_dropping_a_stream(
     )
     assert text == FULL_TEXT
     assert stack.wait_for(lambda: f"127.0.0.1:{draining.port}" not in ready_servers_on_loop(stack))
+
+
+def test_a_draining_generation_reports_to_its_own_server_not_one_added_back(
+    make_gateway: Callable[..., Stack], fakes: Any, tmp_path: Path
+) -> None:
+    """A reload removes a server while a generation runs there; a later reload adds its
+    host:port back (a new server, with a state of its own). Regression: when that
+    generation failed, its failure counted toward ejecting the server added back, which
+    --eject-after-failures 1 then took out of rotation for a failure it never had."""
+    upstreams = tmp_path / "upstreams.toml"
+    pool = fakes[:2]
+    write_upstreams(upstreams, {"chat": {"servers": [f.url for f in pool]}})
+    stack = make_gateway(upstreams_file=upstreams, eject_after_failures=1)
+    wait_ready(stack, pool)
+    gate = stack.runner.call(asyncio.Event)
+    for fake in pool:
+        fake.script.gate, fake.script.fail_status = gate, 500
+    with ThreadPoolExecutor(1) as threads:
+        asking = threads.submit(lambda: chat(stack, [{"role": "user", "content": "long"}]))
+        assert stack.wait_for(lambda: pool[0].active + pool[1].active == 1)
+        on = 0 if pool[0].active else 1
+        removed, staying = pool[on], pool[1 - on]
+        staying.script.gate, staying.script.fail_status = None, None
+        write_upstreams(upstreams, {"chat": {"servers": [staying.url]}})
+        stack.runner.call(lambda: reload(stack.ctx))
+        removed_at = f"127.0.0.1:{removed.port}"
+        assert ready_servers(stack)[removed_at] == "draining"
+        write_upstreams(upstreams, {"chat": {"servers": [staying.url, removed.url]}})
+        stack.runner.call(lambda: reload(stack.ctx))
+        router = stack.ctx.routes.pools["chat"].router
+        added = router.upstream(removed.url)
+        assert added is not None  # (the removed one drains apart)
+        assert stack.wait_for(lambda: added.usable)
+        stack.runner.call(gate.set)
+        assert asking.result(10).status_code == 502
+    # The draining one is gone; the one added back kept its own (clean) record.
+    assert stack.wait_for(lambda: len(ready_servers_on_loop(stack)) == 2)
+    assert ready_servers(stack) == {removed_at: "ready", f"127.0.0.1:{staying.port}": "ready"}
 
 
 def test_a_broken_upstreams_file_keeps_the_old_pools(two_models: Any, fakes: Any) -> None:

@@ -43,6 +43,7 @@ from ..render.tools_describe import (
 )
 from ..render.tools_policy import DROPPED_HEADER, plain_tool_history
 from ..request import CompletionRequest
+from ..route.outliers import RequestResults
 from ..route.pools import check_kind
 from ..route.router import Lease, Router
 from ..upstream.llamacpp import ClientGone, ClientStalled, LlamaCppClient, UpstreamCall
@@ -179,6 +180,7 @@ class CompletionsHandler(BaseHandler):
     _early_error: ProxyError | None = None
     _pool: PoolRuntime | None = None
     _session: str | None = None
+    _request_results: RequestResults | None = None
     keepalive_while_queued = False
     """Streamed: a wait in the queue commits to 200 + SSE after --queue-keepalive
     seconds and sends comments (set by the front door once the body says stream)."""
@@ -544,12 +546,12 @@ class CompletionsHandler(BaseHandler):
                     if exc is self._shutdown:
                         raise  # our own abort: says nothing about the server
                     if counts_against_server(exc):
-                        router.observe_result(key, False, exc.message)
+                        lease.report(False, exc.message, self._results())
                     verdict = failure_verdict(exc, call, generation.opened)
                     if verdict.health is not None:
-                        router.observe_probe(key, verdict.health)
+                        lease.observe(verdict.health)
                     if verdict.recheck:
-                        self.ctx.routes.recheck(pool, key)
+                        self.ctx.routes.recheck(lease)
                     tried |= {key}
                     if (
                         not verdict.retry_elsewhere
@@ -568,12 +570,19 @@ class CompletionsHandler(BaseHandler):
                     generation.call = None  # nothing to charge: it never started
                     generation.charged = False
                 else:
-                    router.observe_result(key, True)
+                    lease.report(True, results=self._results())
                     return result
             finally:
                 lease.release()
                 if generation.call is not None:
                     generation.call.done()  # whatever ended it: out of the client's live calls
+
+    def _results(self) -> RequestResults | None:
+        """What this request's generations reported to the servers: with several, the
+        request counts once per server toward ejection (route/outliers.py)."""
+        if self._request_results is None and len(self._generations) > 1:
+            self._request_results = RequestResults()
+        return self._request_results
 
     async def _lease(
         self, router: Router, generation: Generation, tried: frozenset[str], deadline: float

@@ -80,9 +80,13 @@ class ServerHealth:
         self.failures = 0
         """Consecutive failed probes (timeouts, errors, refusals)."""
         self.next_probe_at = now  # the first probe is due at once
+        self._recheck_asked: float | None = None
+        """When a request's failure last asked for a probe (`recheck`) that no probe begun
+        since has answered."""
 
-    def observe(self, outcome: Outcome, now: float) -> bool:
-        """Apply a probe outcome; True when the state changed."""
+    def observe(self, outcome: Outcome, now: float, began: float | None = None) -> bool:
+        """Apply a probe outcome (`began`: when that probe was sent; None: a request's
+        failure, not a probe); True when the state changed."""
         p = self.policy
         before = self.state
         if outcome is Outcome.OK:
@@ -110,12 +114,22 @@ class ServerHealth:
                 self._set(State.DOWN, now)
                 wait = min(p.backoff_max, p.backoff_base * 2.0 ** (self.failures - 1))
                 self.next_probe_at = now + self._jittered(wait)
+        asked = self._recheck_asked
+        if asked is not None:
+            if began is not None and began >= asked:
+                self._recheck_asked = None  # this probe was sent after the failure: answered
+            else:
+                # A probe sent before the failure (in flight when it came), or a request's
+                # own outcome, says nothing of it: the recheck's earlier time still holds.
+                self.next_probe_at = min(self.next_probe_at, asked + p.recheck_after)
         return self.state is not before
 
     def recheck(self, now: float) -> None:
         """A request failed on this server in a way that says nothing certain about it:
-        bring its next probe forward to within `recheck_after`, and let that decide."""
+        bring its next probe forward to within `recheck_after`, and let that decide (a
+        probe already in flight, sent before, does not: its answer keeps this time)."""
         self.next_probe_at = min(self.next_probe_at, now + self.policy.recheck_after)
+        self._recheck_asked = now
 
     def _set(self, state: State, now: float) -> None:
         if state is not self.state:

@@ -35,7 +35,7 @@ from .affinity import prefix_hashes as _prefix_hashes
 from .affinity import prompt_bytes as _prompt_bytes
 from .clock import Clock, LoopClock, Timer
 from .health import Outcome, ProbePolicy, ServerHealth, ServerStatus, State
-from .outliers import EjectionPolicy, Outlier
+from .outliers import EjectionPolicy, Outlier, RequestResults
 from .pools import Pool, Server
 from .waitqueue import FairQueue
 
@@ -142,6 +142,31 @@ class Lease:
         """The server to send the generation to (`.url` to connect, `.display` to log)."""
         return self._upstream.server
 
+    def report(self, ok: bool, why: str = "", results: RequestResults | None = None) -> None:
+        """The generation ended well (`ok`), or failed by the server's fault (`why`;
+        route/outliers.py says which failures count, and `results`, shared by a request's
+        generations, makes the request count once). Reported to the server this lease was
+        taken from: once a reload removed it (draining), to nobody, even when a later reload
+        added its host:port again, as another server with a state of its own."""
+        upstream = self._upstream
+        if upstream.draining or (results is not None and not results.news(upstream, ok)):
+            return
+        self._router._result(upstream, ok, why)
+
+    def observe(self, outcome: Outcome) -> None:
+        """What the generation's failure says of the server's health (as a probe would),
+        for the server it was taken from, not for one added later at the same address."""
+        if not self._upstream.draining:
+            self._router._observe(self._upstream, outcome)
+
+    def recheck(self) -> bool:
+        """Ask for a probe of the server soon (`ServerHealth.recheck`); False when it was
+        removed since (not probed: nothing to ask)."""
+        if self._upstream.draining:
+            return False
+        self._upstream.health.recheck(self._router._clock.now())
+        return True
+
     def release(self) -> None:
         """Give the slot back (idempotent; works after the server was removed)."""
         if not self.released:
@@ -187,7 +212,9 @@ class Router:
         self._clock: Clock = clock or LoopClock()
         self._rand = rand
         self._servers: dict[str, Upstream] = {}
-        self._draining: dict[str, Upstream] = {}
+        self._draining: dict[Upstream, None] = {}
+        """Removed servers with leases left, by identity (in order of removal): a host:port
+        removed, added back and removed again drains twice, as two servers."""
         self._prefixes = PrefixMap(self.policy.max_prefixes)
         self._sessions = SessionMap(self.policy.max_sessions)
         self._queue: FairQueue[_Waiter] = FairQueue(self.policy.max_queue)
@@ -339,7 +366,7 @@ class Router:
         upstream.inflight -= 1
         if upstream.draining:
             if upstream.inflight <= 0:
-                self._draining.pop(upstream.key, None)
+                self._draining.pop(upstream, None)
                 for fut in upstream._idle:
                     if not fut.done():
                         fut.set_result(None)
@@ -483,12 +510,21 @@ class Router:
 
     # -- inputs from the prober and the reloader -------------------------------------------
 
-    def observe_probe(self, key: str, outcome: Outcome) -> bool:
-        """Feed a probe's (or a failed request's) outcome; True when the state changed."""
+    def now(self) -> float:
+        """The router's clock: a probe's `began` for `observe_probe`."""
+        return self._clock.now()
+
+    def observe_probe(self, key: str, outcome: Outcome, began: float | None = None) -> bool:
+        """Feed a probe's outcome (`began`: when the probe was sent, on `now()`), or a
+        failed request's (None); True when the state changed."""
         upstream = self._servers.get(key)
         if upstream is None:
             return False
-        changed = upstream.health.observe(outcome, self._clock.now())
+        return self._observe(upstream, outcome, began)
+
+    def _observe(self, upstream: Upstream, outcome: Outcome, began: float | None = None) -> bool:
+        key = upstream.key
+        changed = upstream.health.observe(outcome, self._clock.now(), began)
         if changed:
             if upstream.health.state is State.DOWN:
                 # It may come back as a new process with an empty cache.
@@ -503,8 +539,10 @@ class Router:
         """A generation on this server ended well (`ok`), or failed by the server's fault
         (`why`; route/outliers.py says which failures count), which may eject it."""
         upstream = self._servers.get(key)
-        if upstream is None:
-            return
+        if upstream is not None:
+            self._result(upstream, ok, why)
+
+    def _result(self, upstream: Upstream, ok: bool, why: str) -> None:
         outlier = upstream.outlier
         if ok:
             if outlier.failures or outlier.ejections:
@@ -518,7 +556,7 @@ class Router:
         )
         self._fail_unservable()  # failovers that were waiting for this server alone
         log.warning(
-            "model %s: server %s is out of rotation for %gs: %d generation(s) in a row failed "
+            "model %s: server %s is out of rotation for %gs: %d request(s) in a row failed "
             "there while its /health answers (last: %s)",
             self.pool.name,
             upstream.server.display,
@@ -620,7 +658,7 @@ class Router:
             self._prefixes.forget_server(key)
             self._sessions.forget_server(key)
             if upstream.inflight > 0:
-                self._draining[key] = upstream
+                self._draining[upstream] = None
             removed.append(upstream)
         for key, server in keep.items():
             if key in self._servers:
@@ -696,6 +734,6 @@ class Router:
         ]
         out += [
             ServerStatus(u.server.display, "draining", u.inflight, u.total_slots)
-            for u in self._draining.values()
+            for u in self._draining
         ]
         return out
