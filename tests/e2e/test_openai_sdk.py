@@ -387,6 +387,15 @@ def _listed_types(levels: int) -> dict[str, Any]:
         {"json_schema": _listed_types(20)},
         {"json_schema": {"type": "string", "pattern": "^(a{0,2}){0,300}$"}},
         {"json_schema": {"enum": list(range(50000))}},
+        # 5000 patterns without `^...$`: 2.2 s of a core before the first token, on after
+        # the client left (llama.cpp copies its rules for each, then takes any string)
+        {
+            "json_schema": {
+                "type": "object",
+                "properties": {f"p{i}": {"type": "string", "pattern": "a+"} for i in range(5000)},
+                "required": [f"p{i}" for i in range(5000)],
+            }
+        },
     ],
     ids=[
         "nested-grammar",
@@ -398,6 +407,7 @@ def _listed_types(levels: int) -> dict[str, Any]:
         "schema-listed-types",
         "schema-pattern",
         "schema-enum",
+        "schema-unanchored-patterns",
     ],
 )
 def test_input_that_crashes_or_exhausts_llama_server_never_reaches_it(
