@@ -14,7 +14,8 @@ docs/compatibility.md), a client could:
   properties in one object (llama.cpp writes out a rule for every suffix of them: 1000 took
   2.8 s for 64 tokens), and a pattern whose optional pieces can be skipped in many ways:
   `^(a{0,2}){0,300}$` or 300 `a?` in a row (more than 20 s for one token; 100 took 3 to 6 s,
-  50 took 0.5 s).
+  50 took 0.5 s), or whose repeated piece can end where the next copy could begin:
+  `^((a{1,10}){0,1000})$` took 49 s of a core for 100 tokens of "aaaa", 2 s without it.
 
 Each bound below keeps a wide margin under what was measured and stays no stricter than
 OpenAI's own structured-output limits (5000 properties, 1000 enum values in all), so agents'
@@ -25,6 +26,7 @@ linear in the schema's size whatever the schema says.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 MAX_SCHEMA_DEPTH = 512
@@ -60,9 +62,11 @@ cost grows with the square of the schema (5000 anchored took 2.5 s before the fi
 5000 unanchored 2.2 s, the core busy on after the client left; 1000 took 0.12 s)."""
 
 MAX_PATTERN_AMBIGUITY = 32
-"""Optional pieces of a `pattern` that can be skipped in a row, repetitions multiplying
-(`a?b?` is 2, `(a?){0,10}` is 10, `(a{0,3}){0,100}` is 100): llama.cpp keeps one parse per
-way of skipping them (100 took 3 to 6 s for one token)."""
+"""Pieces of a `pattern` that can be skipped, or can end where the next could begin, in a
+row, repetitions multiplying (`a?b?` is 2, `(a?){0,10}` is 10, `(a{0,3}){0,100}` and
+`(a|aa){0,100}` are 100): llama.cpp keeps one parse per way of reading the text (100
+skippable took 3 to 6 s for one token; `(a{1,10}){0,1000}` 49 s for 100 tokens, 2 s
+without; `(a|aa){0,32}` ran at the unambiguous pace, `{0,100}` at half of it)."""
 
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "required", "type"})
 _BUILT_ONLY_BY_REF = frozenset({"$defs", "definitions"})
@@ -227,9 +231,10 @@ def _node_problem_text(node: dict[str, Any], times: int, totals: _Totals) -> str
         ambiguity = pattern_ambiguity(pattern)
         if ambiguity > MAX_PATTERN_AMBIGUITY:
             return (
-                f"'pattern' has more than {MAX_PATTERN_AMBIGUITY} optional pieces "
-                f"that can be skipped in a row, repetitions multiplying (about {ambiguity}): "
-                "llama.cpp follows every way of skipping them on each token"
+                f"'pattern' can be read in more than {MAX_PATTERN_AMBIGUITY} ways at once "
+                f"(about {ambiguity}: pieces that can be skipped, or can end where the next "
+                "begins, in a row, repetitions multiplying): llama.cpp follows every way "
+                "on each token"
             )
     return None
 
@@ -313,14 +318,31 @@ def _resolve(root: Any, ref: str) -> Any:
 
 
 def pattern_ambiguity(pattern: str) -> int:
-    """How many optional pieces of an anchored `pattern` can be skipped in a row,
+    """How many parses llama.cpp may keep at once for an anchored `pattern`: its pieces
+    that can be skipped, or that may end where what follows could begin, in a row,
     repetitions multiplying. llama.cpp ignores a pattern without `^...$` or with anything
     it cannot translate (`\\d`, `\\w`, `\\s`, `\\/`, a lookahead, an inner `^`: it
     accepts any string instead), and reports a malformed one: all are 0 here."""
+    if len(pattern) <= _CACHED_PATTERN_CHARS:
+        return _cached_ambiguity(pattern)
+    return _ambiguity(pattern)
+
+
+_CACHED_PATTERN_CHARS = 256
+"""Patterns up to this long have their reading kept (1024 of them, at most 256 KB): the
+same tool schemas come back with every request, and reading one costs 10 to 30 us."""
+
+
+@lru_cache(maxsize=1024)
+def _cached_ambiguity(pattern: str) -> int:
+    return _ambiguity(pattern)
+
+
+def _ambiguity(pattern: str) -> int:
     if len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$":
         return 0
     try:
-        _, weight, _ = _Regex(pattern[1:-1]).sequence()
+        (_, weight, _, _, _), _ = _Regex(pattern[1:-1]).sequence()
     except _Malformed:
         return 0
     return weight
@@ -346,40 +368,104 @@ _UNBOUNDED = 1 << 20
 """No maximum (`*`, `+`, `{m,}`), and the most a weight is counted up to."""
 
 
+_Chars = frozenset[str] | None
+"""Characters a part can begin with, or go on with: None for any (`.`, `[^...]`, a wide
+range), which meets every non-empty set."""
+
+_NONE: frozenset[str] = frozenset()
+_WIDE_RANGE = 256
+"""A class range wider than this counts as any character: sets stay small."""
+
+
+def _union(a: _Chars, b: _Chars) -> _Chars:
+    return None if a is None or b is None else a | b
+
+
+def _meets(a: _Chars, b: _Chars) -> bool:
+    if a is None:
+        return b is None or bool(b)
+    return bool(a) and (b is None or not a.isdisjoint(b))
+
+
+_Part = tuple[bool, int, _Chars, _Chars, _Chars]
+"""What a part of a pattern is to llama.cpp's matcher: whether it can match nothing; its
+weight (how many parses it may keep at once); the characters its matches begin with; those
+that may go on with a match where one could also end (a prefix of it is a match too); and
+every character it holds."""
+
+
 class _Regex:
-    """A recursive-descent reading of llama.cpp's pattern subset: each part gives whether it
-    can match nothing and its weight (optional pieces skippable in a row)."""
+    """A recursive-descent reading of llama.cpp's pattern subset: each part gives what it
+    is to the matcher (_Part). A parse is kept per way of reading the text so far, so
+    a part weighs where it can end in more than one place: it can match nothing, or one of
+    its matches goes on with a character that could also begin what follows."""
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.i = 0
         self.depth = 0
 
-    def sequence(self) -> tuple[bool, int, bool]:
-        """(can be empty, weight, ended at ')')."""
-        best, nullable_all = 0, True
-        run, alternatives_empty = 0, False
+    def sequence(self) -> tuple[_Part, bool]:
+        """The alternatives up to the end or a ')', and whether a ')' ended them."""
+        branches: list[_Part] = []
+        closed = False
+        best, run, nullable = 0, 0, True
+        first: _Chars = _NONE
+        more: _Chars = _NONE
+        every: _Chars = _NONE
         while self.i < len(self.text):
             c = self.text[self.i]
             if c == ")":
                 self.i += 1
-                return (nullable_all or alternatives_empty), best, True
+                closed = True
+                break
             if c == "|":
                 self.i += 1
-                alternatives_empty = alternatives_empty or nullable_all
-                best, run, nullable_all = max(best, run), 0, True
+                branches.append((nullable, max(best, run), first, more, every))
+                best, run, nullable = 0, 0, True
+                first, more, every = _NONE, _NONE, _NONE
                 continue
-            nullable, weight = self.quantified()
-            if nullable:
+            p_nullable, weight, p_first, p_more, p_every = self.quantified()
+            if p_nullable or _meets(more, p_first):
+                # It may be skipped, or what came before may end before or inside it: one
+                # more parse for each way, as many as it weighs itself.
                 run += max(1, weight)
                 best = max(best, run)
             else:
                 best, run = max(best, weight, run), 0
-                nullable_all = False
-        return (nullable_all or alternatives_empty), max(best, run), False
+            if nullable:
+                first = _union(first, p_first)
+            joined = p_more
+            if p_nullable:
+                joined = _union(joined, _union(more, p_first))
+            if _meets(more, p_first):
+                # Where this part begins is open, so where it ends is: the text may go on
+                # with what went on before, or with anything in this part.
+                joined = _union(joined, _union(more, p_every))
+            more = joined
+            every = _union(every, p_every)
+            nullable = nullable and p_nullable
+        branches.append((nullable, max(best, run), first, more, every))
+        if len(branches) == 1:
+            return branches[0], closed
+        nullable = any(b[0] for b in branches)
+        weight = max(b[1] for b in branches)
+        first, more, every = _NONE, _NONE, _NONE
+        overlap = False
+        for b in branches:
+            overlap = overlap or _meets(first, b[2])
+            first = _union(first, b[2])
+            more = _union(more, b[3])
+            every = _union(every, b[4])
+        if nullable:
+            more = _union(more, first)  # an empty match, then another alternative's
+        if overlap:
+            # Two alternatives begin alike: one's match may be a prefix of the other's.
+            more = _union(more, every)
+        return (nullable, weight, first, more, every), closed
 
-    def quantified(self) -> tuple[bool, int]:
-        nullable, weight = self.atom()
+    def quantified(self) -> _Part:
+        nullable, weight, first, more, every = self.atom()
         text, n = self.text, len(self.text)
         while self.i < n and text[self.i] in "?*+{":
             c = text[self.i]
@@ -402,18 +488,22 @@ class _Regex:
                 high = 1 if c == "?" else _UNBOUNDED
             if self.i < n and text[self.i] in "?+":  # lazy/possessive: same language
                 self.i += 1
-            if nullable:
-                # A bounded repetition is written out as that many nested rules, one parse
-                # kept per way of skipping them (`(a?){0,100}`: 6 s for one token); an
-                # unbounded one is one recursive rule whose parses coincide once each copy
-                # is skipped, so it weighs its minimum and one more (`(a?)*`, `((a?)*)*`
-                # ten deep, the URL pattern `([/a-z .-]*)*`: each under 0.3 s for 16 tokens).
+            if nullable or _meets(more, first):
+                # A copy can match nothing (`(a?){0,100}`: 6 s for one token), or end where
+                # the next could begin (`(a|aa){0,1000}`, `(a{1,10}){0,1000}`: the next
+                # copy may start at many places). A bounded repetition is written out as
+                # that many nested rules, one parse kept per copy that could be reading the
+                # text; an unbounded one is one recursive rule whose parses coincide, so it
+                # weighs its minimum and one more (`(a?)*`, `((a?)*)*` ten deep, the URL
+                # pattern `([/a-z .-]*)*`: each under 0.3 s for 16 tokens).
                 copies = low + 1 if high == _UNBOUNDED else high
                 weight = min(_UNBOUNDED, copies * max(1, weight))
+            if high > 1:
+                more = _union(more, first)  # a copy ends, the next begins
             nullable = nullable or low == 0
-        return nullable, weight
+        return nullable, weight, first, more, every
 
-    def atom(self) -> tuple[bool, int]:
+    def atom(self) -> _Part:
         text, n = self.text, len(self.text)
         c = text[self.i]
         if c == "(":
@@ -425,37 +515,74 @@ class _Regex:
                 self.i += 2
             elif text.startswith("?", self.i):
                 raise _Malformed  # a lookaround or named group: llama.cpp takes any string
-            nullable, weight, closed = self.sequence()
+            part, closed = self.sequence()
             if not closed:
                 raise _Malformed
             self.depth -= 1
-            return nullable, weight
+            return part
         if c == "[":
             self.i += 1
+            chars: set[str] | None = set()
+            if self.i < n and text[self.i] == "^":
+                self.i += 1
+                chars = None
             if self.i < n and text[self.i] == "]":
                 self.i += 1
+                if chars is not None:
+                    chars.add("]")
             while self.i < n and text[self.i] != "]":
-                self.i += self.escape(in_class=True) if text[self.i] == "\\" else 1
+                low_char = self.char(in_class=True)
+                if text.startswith("-", self.i) and self.i + 1 < n and text[self.i + 1] != "]":
+                    self.i += 1
+                    high_char = self.char(in_class=True)
+                    span = ord(high_char) - ord(low_char)
+                    if chars is not None and span >= _WIDE_RANGE:
+                        chars = None
+                    elif chars is not None:
+                        chars.update(_span(ord(low_char), ord(high_char)))
+                elif chars is not None:
+                    chars.add(low_char)
             self.i += 1
-            return False, 0
+            found = None if chars is None else frozenset(chars)
+            return False, 0, found, _NONE, found
         if c in "?*+{":
             raise _Malformed  # nothing to repeat
         if c in "^$":
             raise _Malformed  # an anchor inside: llama.cpp takes any string
-        self.i += self.escape(in_class=False) if c == "\\" else 1
-        return False, 0
+        if c == ".":
+            self.i += 1
+            return False, 0, None, _NONE, None
+        one = frozenset(self.char(in_class=False))
+        return False, 0, one, _NONE, one
 
-    def escape(self, in_class: bool) -> int:
-        """The length of the escape at `i`, as llama.cpp translates it; _Malformed for one
-        it does not (it then builds no rule from the pattern)."""
-        kind = self.text[self.i + 1 : self.i + 2]
+    def char(self, in_class: bool) -> str:
+        """The character at `i` (an escape's, as llama.cpp translates it), moving past it;
+        _Malformed for an escape it does not translate (it then builds no rule from the
+        pattern)."""
+        text = self.text
+        if text[self.i] != "\\":
+            self.i += 1
+            return text[self.i - 1]
+        kind = text[self.i + 1 : self.i + 2]
         if (not in_class and kind in _LITERAL_ESCAPES) or kind in _GBNF_ESCAPES:
-            return 2
+            self.i += 2
+            return _ESCAPED.get(kind, kind)
         size = _HEX_ESCAPES.get(kind) if kind else None
-        digits = self.text[self.i + 2 : self.i + 2 + size] if size else ""
+        digits = text[self.i + 2 : self.i + 2 + size] if size else ""
         if size is None or len(digits) != size or not _HEX_DIGITS.issuperset(digits):
             raise _Malformed
-        return 2 + size
+        self.i += 2 + size
+        return chr(min(int(digits, 16), 0x10FFFF))
+
+
+_ESCAPED = {"t": "\t", "r": "\r", "n": "\n"}
+
+
+@lru_cache(maxsize=256)
+def _span(low: int, high: int) -> frozenset[str]:
+    """A class range's characters: the same few ranges (`a-z`, `0-9`) recur in every
+    pattern, and building their sets was most of the reading's time."""
+    return frozenset(map(chr, range(low, high + 1)))
 
 
 _Where = str | tuple[Any, str]
