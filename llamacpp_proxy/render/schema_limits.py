@@ -29,6 +29,18 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from .gbnf import (
+    ANY,
+    NOTHING,
+    WIDE_RANGE,
+    Chars,
+    Summary,
+    char_span,
+    join_alternatives,
+    join_sequence,
+    repeat_summary,
+)
+
 MAX_SCHEMA_DEPTH = 512
 """Schema levels llama.cpp recurses through, `$ref`s followed: about 6000 overflowed the
 HTTP thread's 8 MB stack; a thread with a smaller stack overflows sooner. Deeper than the
@@ -364,55 +376,23 @@ _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
-_UNBOUNDED = 1 << 20
-"""No maximum (`*`, `+`, `{m,}`), and the most a weight is counted up to."""
-
-
-_Chars = frozenset[str] | None
-"""Characters a part can begin with, or go on with: None for any (`.`, `[^...]`, a wide
-range), which meets every non-empty set."""
-
-_NONE: frozenset[str] = frozenset()
-_WIDE_RANGE = 256
-"""A class range wider than this counts as any character: sets stay small."""
-
-
-def _union(a: _Chars, b: _Chars) -> _Chars:
-    return None if a is None or b is None else a | b
-
-
-def _meets(a: _Chars, b: _Chars) -> bool:
-    if a is None:
-        return b is None or bool(b)
-    return bool(a) and (b is None or not a.isdisjoint(b))
-
-
-_Part = tuple[bool, int, _Chars, _Chars, _Chars]
-"""What a part of a pattern is to llama.cpp's matcher: whether it can match nothing; its
-weight (how many parses it may keep at once); the characters its matches begin with; those
-that may go on with a match where one could also end (a prefix of it is a match too); and
-every character it holds."""
-
-
 class _Regex:
     """A recursive-descent reading of llama.cpp's pattern subset: each part gives what it
-    is to the matcher (_Part). A parse is kept per way of reading the text so far, so
-    a part weighs where it can end in more than one place: it can match nothing, or one of
-    its matches goes on with a character that could also begin what follows."""
+    is to the matcher (gbnf.Summary), combined as for a raw grammar. A parse is kept per
+    way of reading the text so far, so a part weighs where it can end in more than one
+    place: it can match nothing, or one of its matches goes on with a character that could
+    also begin what follows."""
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.i = 0
         self.depth = 0
 
-    def sequence(self) -> tuple[_Part, bool]:
+    def sequence(self) -> tuple[Summary, bool]:
         """The alternatives up to the end or a ')', and whether a ')' ended them."""
-        branches: list[_Part] = []
+        branches: list[Summary] = []
+        parts: list[Summary] = []
         closed = False
-        best, run, nullable = 0, 0, True
-        first: _Chars = _NONE
-        more: _Chars = _NONE
-        every: _Chars = _NONE
         while self.i < len(self.text):
             c = self.text[self.i]
             if c == ")":
@@ -421,54 +401,19 @@ class _Regex:
                 break
             if c == "|":
                 self.i += 1
-                branches.append((nullable, max(best, run), first, more, every))
-                best, run, nullable = 0, 0, True
-                first, more, every = _NONE, _NONE, _NONE
+                branches.append(join_sequence(parts))
+                parts = []
                 continue
-            p_nullable, weight, p_first, p_more, p_every = self.quantified()
-            if p_nullable or _meets(more, p_first):
-                # It may be skipped, or what came before may end before or inside it: one
-                # more parse for each way, as many as it weighs itself.
-                run += max(1, weight)
-                best = max(best, run)
-            else:
-                best, run = max(best, weight, run), 0
-            if nullable:
-                first = _union(first, p_first)
-            joined = p_more
-            if p_nullable:
-                joined = _union(joined, _union(more, p_first))
-            if _meets(more, p_first):
-                # Where this part begins is open, so where it ends is: the text may go on
-                # with what went on before, or with anything in this part.
-                joined = _union(joined, _union(more, p_every))
-            more = joined
-            every = _union(every, p_every)
-            nullable = nullable and p_nullable
-        branches.append((nullable, max(best, run), first, more, every))
-        if len(branches) == 1:
-            return branches[0], closed
-        nullable = any(b[0] for b in branches)
-        weight = max(b[1] for b in branches)
-        first, more, every = _NONE, _NONE, _NONE
-        overlap = False
-        for b in branches:
-            overlap = overlap or _meets(first, b[2])
-            first = _union(first, b[2])
-            more = _union(more, b[3])
-            every = _union(every, b[4])
-        if nullable:
-            more = _union(more, first)  # an empty match, then another alternative's
-        if overlap:
-            # Two alternatives begin alike: one's match may be a prefix of the other's.
-            more = _union(more, every)
-        return (nullable, weight, first, more, every), closed
+            parts.append(self.quantified())
+        branches.append(join_sequence(parts))
+        return join_alternatives(branches), closed
 
-    def quantified(self) -> _Part:
-        nullable, weight, first, more, every = self.atom()
+    def quantified(self) -> Summary:
+        part = self.atom()
         text, n = self.text, len(self.text)
         while self.i < n and text[self.i] in "?*+{":
             c = text[self.i]
+            high: int | None
             if c == "{":
                 end = text.find("}", self.i)
                 if end < 0:
@@ -477,7 +422,7 @@ class _Regex:
                 self.i = end + 1
                 try:
                     low = int(parts[0]) if parts[0].strip() else 0
-                    high = int(parts[-1]) if len(parts) == 1 or parts[1].strip() else _UNBOUNDED
+                    high = int(parts[-1]) if len(parts) == 1 or parts[1].strip() else None
                 except ValueError:
                     raise _Malformed from None
                 if len(parts) > 2:
@@ -485,25 +430,16 @@ class _Regex:
             else:
                 self.i += 1
                 low = 1 if c == "+" else 0
-                high = 1 if c == "?" else _UNBOUNDED
+                high = 1 if c == "?" else None
             if self.i < n and text[self.i] in "?+":  # lazy/possessive: same language
                 self.i += 1
-            if nullable or _meets(more, first):
-                # A copy can match nothing (`(a?){0,100}`: 6 s for one token), or end where
-                # the next could begin (`(a|aa){0,1000}`, `(a{1,10}){0,1000}`: the next
-                # copy may start at many places). A bounded repetition is written out as
-                # that many nested rules, one parse kept per copy that could be reading the
-                # text; an unbounded one is one recursive rule whose parses coincide, so it
-                # weighs its minimum and one more (`(a?)*`, `((a?)*)*` ten deep, the URL
-                # pattern `([/a-z .-]*)*`: each under 0.3 s for 16 tokens).
-                copies = low + 1 if high == _UNBOUNDED else high
-                weight = min(_UNBOUNDED, copies * max(1, weight))
-            if high > 1:
-                more = _union(more, first)  # a copy ends, the next begins
-            nullable = nullable or low == 0
-        return nullable, weight, first, more, every
+            # `(a?){0,100}`: 6 s for one token; `(a{1,10}){0,1000}`: 49 s for 100 tokens;
+            # unbounded (`(a?)*`, `((a?)*)*` ten deep, the URL pattern `([/a-z .-]*)*`):
+            # each under 0.3 s for 16 tokens.
+            part = repeat_summary(part, low, high)
+        return part
 
-    def atom(self) -> _Part:
+    def atom(self) -> Summary:
         text, n = self.text, len(self.text)
         c = text[self.i]
         if c == "(":
@@ -522,38 +458,36 @@ class _Regex:
             return part
         if c == "[":
             self.i += 1
-            chars: set[str] | None = set()
-            if self.i < n and text[self.i] == "^":
+            negated = self.i < n and text[self.i] == "^"
+            if negated:
                 self.i += 1
-                chars = None
+            chars: set[str] | None = set()
             if self.i < n and text[self.i] == "]":
                 self.i += 1
-                if chars is not None:
-                    chars.add("]")
+                chars = {"]"}
             while self.i < n and text[self.i] != "]":
-                low_char = self.char(in_class=True)
+                bottom = self.char(in_class=True)
                 if text.startswith("-", self.i) and self.i + 1 < n and text[self.i + 1] != "]":
                     self.i += 1
-                    high_char = self.char(in_class=True)
-                    span = ord(high_char) - ord(low_char)
-                    if chars is not None and span >= _WIDE_RANGE:
+                    top = self.char(in_class=True)
+                    if chars is not None and ord(top) - ord(bottom) >= WIDE_RANGE:
                         chars = None
                     elif chars is not None:
-                        chars.update(_span(ord(low_char), ord(high_char)))
+                        chars.update(char_span(ord(bottom), ord(top)))
                 elif chars is not None:
-                    chars.add(low_char)
+                    chars.add(bottom)
             self.i += 1
-            found = None if chars is None else frozenset(chars)
-            return False, 0, found, _NONE, found
+            found: Chars = ANY if chars is None else (negated, frozenset(chars))
+            return False, 0, found, NOTHING, found
         if c in "?*+{":
             raise _Malformed  # nothing to repeat
         if c in "^$":
             raise _Malformed  # an anchor inside: llama.cpp takes any string
         if c == ".":
             self.i += 1
-            return False, 0, None, _NONE, None
-        one = frozenset(self.char(in_class=False))
-        return False, 0, one, _NONE, one
+            return False, 0, ANY, NOTHING, ANY
+        one: Chars = (False, frozenset(self.char(in_class=False)))
+        return False, 0, one, NOTHING, one
 
     def char(self, in_class: bool) -> str:
         """The character at `i` (an escape's, as llama.cpp translates it), moving past it;
@@ -576,13 +510,6 @@ class _Regex:
 
 
 _ESCAPED = {"t": "\t", "r": "\r", "n": "\n"}
-
-
-@lru_cache(maxsize=256)
-def _span(low: int, high: int) -> frozenset[str]:
-    """A class range's characters: the same few ranges (`a-z`, `0-9`) recur in every
-    pattern, and building their sets was most of the reading's time."""
-    return frozenset(map(chr, range(low, high + 1)))
 
 
 _Where = str | tuple[Any, str]

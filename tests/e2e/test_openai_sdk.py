@@ -383,6 +383,9 @@ def _listed_types(levels: int) -> dict[str, Any]:
         {"grammar": 'root ::= x root "a" | "a"\nx ::= "b"?'},
         # a long literal repeated: llama-server at 855 MB at once, 640 MB kept after
         {"grammar": 'root ::= "' + "a" * 30000 + '"{2000}'},
+        # read in many ways at once: no token in 15 s, the core busy after the client left
+        {"grammar": 'root ::= ("a"?){0,300}'},
+        {"grammar": 'root ::= ("a" | "aa"){0,2000}'},
         {"json_schema": _ref_chain(20000)},
         {"json_schema": _listed_types(20)},
         {"json_schema": {"type": "string", "pattern": "^(a{0,2}){0,300}$"}},
@@ -405,6 +408,8 @@ def _listed_types(levels: int) -> dict[str, Any]:
         "dry-breakers",
         "left-recursive-grammar",
         "repeated-literal-grammar",
+        "skippable-grammar",
+        "ambiguous-grammar",
         "schema-ref-chain",
         "schema-listed-types",
         "schema-pattern",
