@@ -1,4 +1,5 @@
-"""Left recursion in a raw GBNF grammar that llama.cpp's own check misses (pure: no I/O).
+"""Left recursion in a raw GBNF grammar that llama.cpp's own check misses, and how many
+ways at once it can be read (pure: no I/O).
 
 llama-server (b11434) refuses `root ::= root "a" | "a"`, but its check only counts a rule as
 able to match nothing when one of its alternatives is literally empty. Through a rule that
@@ -12,6 +13,12 @@ more elements: each turn leaves them on the stack, which grows without end. A cy
 references that each end their alternative (`root ::= x root | "a"`, `("a"?)*`, which
 compiles to `s ::= g s |` with `g` able to match nothing) leaves the stack as it was and
 is answered normally, so it passes.
+
+llama.cpp keeps one parse per way of reading the text so far, and checks every candidate
+token against each: a grammar read many ways at once (`("a"?){0,300}`, `("a" | "aa"){0,2000}`)
+keeps a core busy, after the client left too. `analyse` counts the ways as
+render/schema_limits.py counts a pattern's (join_sequence, join_alternatives,
+repeat_summary, shared with it).
 
 The parser follows llama.cpp's `parse_rule`/`parse_sequence`/`parse_alternates` (newlines
 end a rule except inside groups and after `|`; `"..."` and `[...]` with its escapes; `.`;
