@@ -279,6 +279,7 @@ PASSING = [
     string("^(ab?){0,2000}$"),  # not ambiguous: every repetition starts with an 'a'
     string("^(a?){32}$"),
     string("^(a|aa){32}$"),
+    string("^.{0,64}" + "abcdefghijklmnopqrstuvwxyz" * 4 + "$"),
     string("^([a-z0-9]+-){0,2000}[a-z0-9]+$"),
     string("^[a-z]{1,10}( [a-z]{1,10}){0,2000}$"),
     # Regression: refused as ambiguous, yet each an unbounded repetition llama.cpp answers
@@ -351,6 +352,11 @@ def test_schemas_real_clients_generate_pass(name: str) -> None:
         ("^[a-c]{1,5}[d-f]{1,5}$", 0),
         ("^([^,]{1,5}){0,100}$", 100),
         ("^(a+)+$", 2),  # unbounded: one recursive rule
+        # A literal after a piece that may still be reading: one parse per way the text's
+        # end could be a prefix of it, so distinct letters are one way, a run of one is not.
+        ("^.*@example\\.com$", 2),
+        ("^[a-z]+" + "abcdefghijklmnopqrstuvwxyz" * 2 + "$", 1),
+        ("^.*" + "a" * 40 + "$", 41),
         ("^(x|y?)z?$", 2),
         ("^[?*+]{0,5}\\?*$", 2),  # quantifiers in a class, and an escaped '?', are text
         ("^a{,5}$", 1),

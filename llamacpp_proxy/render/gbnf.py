@@ -115,9 +115,11 @@ def join_sequence(parts: Iterable[Summary]) -> Summary:
         if p_nullable:
             joined = _union(joined, _union(more, p_first))
         if open_start:
-            # Where this part begins is open, so where it ends is: the text may go on with
-            # what went on before, or with anything in this part.
-            joined = _union(joined, _union(more, p_every))
+            # Where this part begins is open, so where it ends is: a later start may still
+            # be reading it (`a{1,3}a` matches "aa" and "aaa"). What came before is not
+            # carried on: `.*` then "example.com" is one way (a parse per way that the
+            # text's end could be a prefix of the literal: "aaaa" after `.*` is four).
+            joined = _union(joined, p_every)
         more = joined
         every = _union(every, p_every)
         nullable = nullable and p_nullable
