@@ -78,7 +78,7 @@ MAX_PATTERN_AMBIGUITY = 32
 row, repetitions multiplying (`a?b?` is 2, `(a?){0,10}` is 10, `(a{0,3}){0,100}` and
 `(a|aa){0,100}` are 100): llama.cpp keeps one parse per way of reading the text (100
 skippable took 3 to 6 s for one token; `(a{1,10}){0,1000}` 49 s for 100 tokens, 2 s
-without; `(a|aa){0,32}` ran at the unambiguous pace, `{0,100}` at half of it)."""
+without; `(a|aa){0,32}` took 27 ms a token against 21 unambiguous, `{0,100}` 40 ms)."""
 
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "required", "type"})
 _BUILT_ONLY_BY_REF = frozenset({"$defs", "definitions"})
