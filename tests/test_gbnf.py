@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamacpp_proxy.render.gbnf import runaway_left_recursion
+from llamacpp_proxy.render.gbnf import analyse, runaway_left_recursion
 from llamacpp_proxy.render.grammar_guard import grammar_problem
 
 from .conftest import UNLIMITED_KEY, Stack
@@ -148,3 +148,49 @@ def test_a_runaway_grammar_is_a_400_and_never_sent(stack: Stack, path: str) -> N
 def test_grammar_problem_names_the_rule() -> None:
     problem = grammar_problem(RUNAWAY[0][0])
     assert problem is not None and problem.startswith("rule 'root' is left-recursive")
+
+
+AMBIGUOUS = [
+    # (grammar, parses llama.cpp may keep at once). Regression: none was counted, yet each
+    # keeps a core busy as the same schema pattern does (`("a"?){0,300}`: no token in 15 s,
+    # the core busy after the client left; `("a" | "aa"){0,2000}`: 9 s of a core for 100
+    # tokens of "aaaa", 2 s for the same text unambiguous).
+    ('root ::= ("a"?){0,300}', 300),
+    ('root ::= ("a" | "aa"){0,2000}', 2000),
+    ('root ::= ("a" | "aa"){33}', 33),
+    ('root ::= x{0,100}\nx ::= "a" | "aa"', 100),
+    ('root ::= x{0,50}\nx ::= ("a" | "aa"){0,40}', 2000),
+    ("root ::= ([a-z]{1,10}){0,100}", 100),
+    ("root ::= " + '"a"? ' * 33, 33),
+    ('root ::= x{0,100}\nx ::= "a" | !<|im_end|>', 100),  # any other token may be "a"
+]
+
+
+@pytest.mark.parametrize(("grammar", "weight"), AMBIGUOUS)
+def test_a_grammar_read_many_ways_at_once_is_found(grammar: str, weight: int) -> None:
+    assert analyse(grammar) == (None, weight)
+    problem = grammar_problem(grammar)
+    assert problem is not None and "ways at once" in problem, problem
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        'root ::= ("a"?){32}',
+        'root ::= ("a" | "b"){0,2000}',  # each copy begins differently: one parse
+        'root ::= ("a" | "aa")*',  # one recursive rule: its parses coincide
+        'root ::= ("a"?)*',
+        'root ::= [a-z]{1,10} (" " [a-z]{1,10}){0,2000}',
+        'root ::= ("a" "b"?){0,2000}',
+        "root ::= x{0,2000}\nx ::= <|im_start|> | <|im_end|>",
+        # An array of up to 1000 recursive objects, as json-schema-to-grammar writes it.
+        r"""root ::= "[" space (node ("," space node){0,999})? "]" space
+node ::= "{" space "\"name\"" space ":" space string "," space "\"kids\"" space ":" space root "}" space
+string ::= "\"" [^"\\]* "\"" space
+space ::= | " " | "\n"{1,2} [ \t]{0,20}
+""",
+    ],
+)
+def test_grammars_read_one_way_pass(grammar: str) -> None:
+    assert analyse(grammar)[1] <= 32
+    assert grammar_problem(grammar) is None

@@ -52,6 +52,10 @@ HAZARDS = [
     # a long literal copied once per count: 855 MB at once, 640 MB kept after the answer
     ({"grammar": 'root ::= "' + "a" * 30000 + '"{2000}'}, "grammar", "grammar elements"),
     ({"grammar": "root ::= " + '"a" ' * 200_000}, "grammar", "characters long"),
+    # read in many ways at once: no token in 15 s, the core busy after the client left
+    ({"grammar": 'root ::= ("a"?){0,300}'}, "grammar", "ways at once"),
+    # 9 s of a core for 100 tokens (2 s unambiguous)
+    ({"grammar": 'root ::= ("a" | "aa"){0,2000}'}, "grammar", "ways at once"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Left recursion in a raw GBNF grammar that llama.cpp's own check misses (pure: no I/O).
+"""Left recursion in a raw GBNF grammar that llama.cpp's own check misses, and how many
+ways at once it can be read (pure: no I/O).
 
 llama-server (b11434) refuses `root ::= root "a" | "a"`, but its check only counts a rule as
 able to match nothing when one of its alternatives is literally empty. Through a rule that
@@ -13,6 +14,12 @@ references that each end their alternative (`root ::= x root | "a"`, `("a"?)*`, 
 compiles to `s ::= g s |` with `g` able to match nothing) leaves the stack as it was and
 is answered normally, so it passes.
 
+llama.cpp keeps one parse per way of reading the text so far, and checks every candidate
+token against each: a grammar read many ways at once (`("a"?){0,300}`, `("a" | "aa"){0,2000}`)
+keeps a core busy, after the client left too. `analyse` counts the ways as
+render/schema_limits.py counts a pattern's (join_sequence, join_alternatives,
+repeat_summary, shared with it).
+
 The parser follows llama.cpp's `parse_rule`/`parse_sequence`/`parse_alternates` (newlines
 end a rule except inside groups and after `|`; `"..."` and `[...]` with its escapes; `.`;
 `<token>` and `!<token>`; `? * + {m} {m,} {m,n}`; `#` comments). A grammar it cannot parse
@@ -23,7 +30,9 @@ copies collapse to at most two, which reach the same rules with the same stack g
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from typing import Any
 
 TERMINAL = -1
 """An element that matches a character or token: it can never match nothing."""
@@ -44,6 +53,124 @@ literal repeated 2000 times took llama-server (b11434) to 855 MB at once, and it
 
 _ESCAPES = frozenset('tnr\\"[]-')
 _HEX = {"x": 2, "u": 4, "U": 8}
+_ESCAPED = {"t": "\t", "n": "\n", "r": "\r"}
+
+
+Chars = tuple[bool, frozenset[str]]
+"""A set of characters (or of whole tokens, `<t>`): (False, these) or (True, all but these),
+as a class `[^...]` reads."""
+
+NOTHING: Chars = (False, frozenset())
+ANY: Chars = (True, frozenset())
+
+WIDE_RANGE = 256
+"""A class range wider than this counts as any character: sets stay small."""
+
+_MAX_WEIGHT = 1 << 20
+
+_Piece = tuple[Any, ...]
+"""A part of a sequence as written, for the ambiguity count: (0, first, every) a terminal,
+(1, node) a reference or group, (2, piece, low, high) a repetition (high None: no maximum)."""
+
+Summary = tuple[bool, int, Chars, Chars, Chars]
+"""What a part is to llama.cpp's matcher: whether it can match nothing; its weight (how
+many parses it may keep at once); the characters its matches begin with; those that may go
+on with a match where one could also end; every character it holds."""
+
+
+def _union(a: Chars, b: Chars) -> Chars:
+    if a is b or b == NOTHING:  # most unions: the matcher's sets are few and small
+        return a
+    if a == NOTHING:
+        return b
+    if a[0]:
+        return (True, a[1] & b[1]) if b[0] else (True, a[1] - b[1])
+    return (True, b[1] - a[1]) if b[0] else (False, a[1] | b[1])
+
+
+def _meets(a: Chars, b: Chars) -> bool:
+    if a[0]:
+        return True if b[0] else not b[1] <= a[1]
+    return not a[1] <= b[1] if b[0] else not a[1].isdisjoint(b[1])
+
+
+def join_sequence(parts: Iterable[Summary]) -> Summary:
+    """A sequence's summary. A part that can match nothing, or that may begin where what
+    came before could still go on, keeps as many more parses as it weighs (`a?b?`: 2):
+    such parts in a row add up, any other part ends the run."""
+    best, run, nullable = 0, 0, True
+    first: Chars = NOTHING
+    more: Chars = NOTHING
+    every: Chars = NOTHING
+    for p_nullable, weight, p_first, p_more, p_every in parts:
+        open_start = _meets(more, p_first)
+        if p_nullable or open_start:
+            run += max(1, weight)
+            best = max(best, run)
+        else:
+            best, run = max(best, weight, run), 0
+        if nullable:
+            first = _union(first, p_first)
+        joined = p_more
+        if p_nullable:
+            joined = _union(joined, _union(more, p_first))
+        if open_start:
+            # Where this part begins is open, so where it ends is: a later start may still
+            # be reading it (`a{1,3}a` matches "aa" and "aaa"). What came before is not
+            # carried on: `.*` then "example.com" is one way (a parse per way that the
+            # text's end could be a prefix of the literal: "aaaa" after `.*` is four).
+            joined = _union(joined, p_every)
+        more = joined
+        every = _union(every, p_every)
+        nullable = nullable and p_nullable
+    return nullable, max(best, run), first, more, every
+
+
+def join_alternatives(branches: list[Summary]) -> Summary:
+    """Alternatives' summary: the heaviest; two that begin alike may be prefixes of each
+    other (`"a" | "aa"`), so a match of one may go on with anything either holds."""
+    if len(branches) == 1:
+        return branches[0]
+    nullable, weight = False, 0
+    first: Chars = NOTHING
+    more: Chars = NOTHING
+    every: Chars = NOTHING
+    overlap = False
+    for b_nullable, b_weight, b_first, b_more, b_every in branches:
+        nullable = nullable or b_nullable
+        weight = max(weight, b_weight)
+        overlap = overlap or _meets(first, b_first)
+        first = _union(first, b_first)
+        more = _union(more, b_more)
+        every = _union(every, b_every)
+    if nullable:
+        more = _union(more, first)  # an empty match, then another alternative's
+    if overlap:
+        more = _union(more, every)
+    return nullable, weight, first, more, every
+
+
+def repeat_summary(part: Summary, low: int, high: int | None) -> Summary:
+    """`part{low,high}` (high None: no maximum). A copy that can match nothing, or end where
+    the next could begin, leaves the next copy to start at many places: llama.cpp writes a
+    bounded repetition as that many nested rules and keeps a parse per copy that could be
+    reading the text; an unbounded one is one recursive rule whose parses coincide, so it
+    weighs its minimum and one more."""
+    nullable, weight, first, more, every = part
+    if high == 0:
+        return True, 0, NOTHING, NOTHING, NOTHING
+    if nullable or _meets(more, first):
+        copies = low + 1 if high is None else high
+        weight = min(_MAX_WEIGHT, copies * max(1, weight))
+    if high is None or high > 1:
+        more = _union(more, first)  # a copy ends, the next begins
+    return nullable or low == 0, weight, first, more, every
+
+
+@lru_cache(maxsize=256)
+def char_span(low: int, high: int) -> frozenset[str]:
+    """A class range's characters (the same few recur: `a-z`, `0-9`)."""
+    return frozenset(map(chr, range(low, high + 1)))
 
 
 class _Unparsable(Exception):
@@ -62,10 +189,21 @@ def runaway_left_recursion(grammar: str) -> str | None:
     """The rule whose left recursion would make llama.cpp's stack grow without end, or None
     (also None for a grammar llama.cpp cannot parse). GrammarTooLarge when its repetitions
     would have llama.cpp write out more than MAX_EXPANDED_ELEMENTS elements."""
+    return analyse(grammar)[0]
+
+
+@lru_cache(maxsize=64)
+def analyse(grammar: str) -> tuple[str | None, int]:
+    """The rule with runaway left recursion (or None), and how many parses llama.cpp may
+    keep at once for the grammar's most ambiguous rule: (None, 0) for a grammar llama.cpp
+    cannot parse. GrammarTooLarge as runaway_left_recursion. The answers for the last 64
+    grammars are kept (at most 4 MB with grammar_guard's 64 KiB bound): a client sends
+    the same grammar again and again, and reading one costs about 1 ms a KiB."""
     try:
-        return _Parser(grammar).parse().runaway()
+        parsed = _Parser(grammar).parse()
+        return parsed.runaway(), parsed.ambiguity()
     except _Unparsable:
-        return None
+        return None, 0
 
 
 class _Grammar:
@@ -73,11 +211,76 @@ class _Grammar:
         self.names: dict[str, int] = {}
         self.owner: list[str] = []  # the named rule each node was written in
         self.alternatives: list[list[_Alternative] | None] = []  # None: referenced, undefined
+        # As written (repetitions not expanded), for rules and groups: the ambiguity count.
+        self.shapes: list[list[list[_Piece]] | None] = []
 
     def node(self, owner: str) -> int:
         self.owner.append(owner)
         self.alternatives.append(None)
+        self.shapes.append(None)
         return len(self.owner) - 1
+
+    def ambiguity(self) -> int:
+        """The most parses llama.cpp may keep at once in any rule (render/schema_limits.py
+        counts a pattern's the same way). Character sets are a least fixed point over the
+        references, nodes taken children first; a reference back into a rule still being
+        summed weighs 1, as a recursive rule's parses coincide."""
+        shapes = self.shapes
+        order = self._children_first()
+        nullable = _nullable([alts or [] for alts in self.alternatives])
+        first: list[Chars] = [NOTHING] * len(shapes)
+        more: list[Chars] = [NOTHING] * len(shapes)
+        every: list[Chars] = [NOTHING] * len(shapes)
+        weight = [0] * len(shapes)
+
+        def summary(piece: _Piece) -> Summary:
+            kind = piece[0]
+            if kind == 0:
+                return False, 0, piece[1], NOTHING, piece[2]
+            if kind == 1:
+                n = piece[1]
+                return nullable[n], weight[n], first[n], more[n], every[n]
+            return repeat_summary(summary(piece[1]), piece[2], piece[3])
+
+        for passes in range(_SET_PASSES + 1):
+            if passes == _SET_PASSES:  # not settled: any character for what still grows
+                first = [ANY] * len(shapes)
+                more = [ANY] * len(shapes)
+                every = [ANY] * len(shapes)
+            changed = False
+            for n in order:
+                alts = shapes[n]
+                assert alts is not None
+                _, weight[n], f, m, e = join_alternatives(
+                    [join_sequence(map(summary, seq)) for seq in alts] or [_EMPTY]
+                )
+                if f != first[n] or m != more[n] or e != every[n]:
+                    first[n], more[n], every[n], changed = f, m, e, True
+            if not changed:
+                break  # the weights of a pass that changed nothing are final
+        return max(weight, default=0)
+
+    def _children_first(self) -> list[int]:
+        """Rules and groups, each after those it refers to (but along a cycle)."""
+        shapes = self.shapes
+        done = [False] * len(shapes)
+        order: list[int] = []
+        for start, alts in enumerate(shapes):
+            if alts is None or done[start]:
+                continue
+            done[start] = True
+            work: list[tuple[int, Iterator[int]]] = [(start, _references(alts))]
+            while work:
+                node, children = work[-1]
+                for child in children:
+                    if not done[child] and shapes[child] is not None:
+                        done[child] = True
+                        work.append((child, _references(shapes[child] or [])))
+                        break
+                else:
+                    work.pop()
+                    order.append(node)
+        return order
 
     def named(self, name: str) -> int:
         found = self.names.get(name)
@@ -107,6 +310,22 @@ class _Grammar:
                 if grows and component[a] == component[b]:
                     return self.owner[a]
         return None
+
+
+_SET_PASSES = 8
+"""Passes over the grammar for its character sets: one, children first, settles all but
+cycles, and these settle in a few more."""
+
+_EMPTY: Summary = (True, 0, NOTHING, NOTHING, NOTHING)
+
+
+def _references(alts: list[list[_Piece]]) -> Iterator[int]:
+    for seq in alts:
+        for piece in seq:
+            while piece[0] == 2:
+                piece = piece[1]
+            if piece[0] == 1:
+                yield piece[1]
 
 
 def _nullable(rules: list[list[_Alternative]]) -> list[bool]:
@@ -229,7 +448,7 @@ class _Parser:
         self.pos += 3
         self.space(newlines=True)
         node = self.grammar.named(name)
-        self.grammar.alternatives[node] = self.alternates(name)
+        self.grammar.alternatives[node], self.grammar.shapes[node] = self.alternates(name)
         c = self.peek()
         if c == "\r":
             self.pos += 2 if self.peek(1) == "\n" else 1
@@ -239,76 +458,112 @@ class _Parser:
             raise _Unparsable
         self.space(newlines=True)
 
-    def alternates(self, name: str) -> list[_Alternative]:
-        """A rule's alternatives; its groups open and close on an explicit stack."""
-        levels: list[tuple[list[_Alternative], _Alternative, list[_Alternative]]] = []
+    def alternates(self, name: str) -> tuple[list[_Alternative], list[list[_Piece]]]:
+        """A rule's alternatives, compiled and as written; its groups open and close on an
+        explicit stack."""
+        levels: list[
+            tuple[list[_Alternative], _Alternative, list[_Alternative], list[list[_Piece]]]
+        ] = []
         alts: list[_Alternative] = []
         seq: _Alternative = []
         last: list[_Alternative] = []  # the last symbol's elements, for a quantifier
+        shapes: list[list[_Piece]] = [[]]  # the alternatives as written, the last open
         while True:
-            if self.sequence(name, seq, last, nested=bool(levels)):
-                levels.append((alts, seq, last))  # a group opened
-                alts, seq, last = [], [], []
+            if self.sequence(name, seq, last, shapes[-1], nested=bool(levels)):
+                levels.append((alts, seq, last, shapes))  # a group opened
+                alts, seq, last, shapes = [], [], [], [[]]
                 continue
             alts.append(seq)
             if self.peek() == "|":
                 self.pos += 1
                 self.space(newlines=True)
                 seq, last = [], []
+                shapes.append([])
                 continue
             if not levels:
-                return alts
+                return alts, shapes
             if self.peek() != ")":
                 raise _Unparsable
             self.pos += 1
             group = self.grammar.node(name)
             self.grammar.alternatives[group] = alts
-            alts, seq, last = levels.pop()
+            self.grammar.shapes[group] = shapes
+            alts, seq, last, shapes = levels.pop()
             seq.append(group)
             last[:] = [[group]]
+            shapes[-1].append((1, group))
             self.width = 1  # a rule reference
             self.space(newlines=bool(levels))
 
     def sequence(
-        self, name: str, seq: _Alternative, last: list[_Alternative], nested: bool
+        self,
+        name: str,
+        seq: _Alternative,
+        last: list[_Alternative],
+        shape: list[_Piece],
+        nested: bool,
     ) -> bool:
-        """Reads elements into `seq` until the sequence ends; True when a group opens."""
+        """Reads elements into `seq` (and as written into `shape`) until the sequence ends;
+        True when a group opens."""
         text = self.text
         while self.pos < len(text):
             c = text[self.pos]
+            piece: _Piece | None
             if c == '"':
                 self.pos += 1
+                literal: set[str] = set()
+                lead = ""
                 width = 0
                 while self.peek() != '"':
                     if not self.peek():
                         raise _Unparsable
-                    self.char()
+                    one = self.char()
+                    lead = lead or one
+                    literal.add(one)
                     width += 1  # a character element each
                 self.pos += 1
                 symbol: _Alternative = [TERMINAL] if width else []
+                piece = (
+                    (0, (False, frozenset(lead)), (False, frozenset(literal))) if width else None
+                )
             elif c == "[":
                 self.pos += 1
-                if self.peek() == "^":
+                chars: set[str] | None = set()
+                negated = self.peek() == "^"
+                if negated:
                     self.pos += 1
                 width = 0
                 while self.peek() != "]":
                     if not self.peek():
                         raise _Unparsable
-                    self.char()
+                    bottom = self.char()
                     width += 1
                     if self.peek() == "-" and self.peek(1) != "]":
                         if not self.peek(1):
                             raise _Unparsable
                         self.pos += 1
-                        self.char()
+                        top = self.char()
                         width += 1  # a range's upper bound is an element of its own
+                        if chars is not None and ord(top) - ord(bottom) >= WIDE_RANGE:
+                            chars = None
+                        elif chars is not None:
+                            chars.update(char_span(ord(bottom), ord(top)))
+                    elif chars is not None:
+                        chars.add(bottom)
                 self.pos += 1
                 symbol = [TERMINAL] if width else []
+                found = ANY if chars is None else (negated, frozenset(chars))
+                piece = (0, found, found) if width else None
             elif c == "<" or c == "!":
+                start = self.pos
                 self.token()
                 symbol, width = [TERMINAL], 1
+                # A token is matched whole: it meets only itself, `!<t>` any other.
+                token: Chars = (c == "!", frozenset((self.text[start + (c == "!") : self.pos],)))
+                piece = (0, token, token)
             elif _is_word(c):
                 symbol, width = [self.grammar.named(self.name())], 1
+                piece = (1, symbol[0])
             elif c == "(":
                 self.pos += 1
                 self.space(newlines=True)
@@ -316,6 +571,7 @@ class _Parser:
             elif c == ".":
                 self.pos += 1
                 symbol, width = [TERMINAL], 1
+                piece = (0, ANY, ANY)
             elif c in "*+?{":
                 self.pos += 1
                 self.space(nested)
@@ -325,10 +581,13 @@ class _Parser:
                     if high is not None and low > high:
                         raise _Unparsable  # grammar_guard's inverted repetition
                 self.repeat(name, seq, last, low, high)
+                shape[-1] = (2, shape[-1], low, high)
                 continue
             else:
                 return False
             self.space(nested)
+            if piece is not None:
+                shape.append(piece)
             seq.extend(symbol)
             last[:] = [symbol]
             self.width = width
@@ -404,10 +663,11 @@ class _Parser:
             raise _Unparsable  # std::stoull: out of range
         return int(digits) if digits else 0
 
-    def char(self) -> None:
+    def char(self) -> str:
+        """The character at `pos` (an escape's value), moving past it."""
         if self.peek() != "\\":
             self.pos += 1
-            return
+            return self.text[self.pos - 1]
         kind = self.peek(1)
         if kind in _HEX:
             size = _HEX[kind]
@@ -415,10 +675,11 @@ class _Parser:
             if len(digits) != size or any(d not in "0123456789abcdefABCDEF" for d in digits):
                 raise _Unparsable
             self.pos += 2 + size
-        elif kind and kind in _ESCAPES:
+            return chr(min(int(digits, 16), 0x10FFFF))
+        if kind and kind in _ESCAPES:
             self.pos += 2
-        else:
-            raise _Unparsable
+            return _ESCAPED.get(kind, kind)
+        raise _Unparsable
 
     def token(self) -> None:
         if self.peek() == "!":

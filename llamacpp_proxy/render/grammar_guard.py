@@ -19,6 +19,9 @@ it with it. So do 100000 rules each naming the next (`r0 ::= r1`, ...): llama.cp
 references by recursion too. A grammar is refused past MAX_GRAMMAR_NESTING levels of groups
 or MAX_GRAMMAR_RULES rules, far beyond what a grammar needs.
 
+A raw grammar that can be read in many ways at once (`("a"?){0,300}`, `("a" | "aa"){0,2000}`)
+keeps a core busy as a schema's ambiguous pattern does, and is refused under the same bound.
+
 Each inverted repetition is unsatisfiable anyway (no output matches it), so refusing it
 with a 400 takes nothing from a client. Arrays' and objects' bounds (`minItems` >
 `maxItems`, ...), huge bounds and other odd schemas were tried against the same
@@ -30,8 +33,8 @@ from __future__ import annotations
 import re
 from typing import Any, TypeGuard
 
-from .gbnf import MAX_EXPANDED_ELEMENTS, GrammarTooLarge, runaway_left_recursion
-from .schema_limits import schema_limits_problem
+from .gbnf import MAX_EXPANDED_ELEMENTS, GrammarTooLarge, analyse
+from .schema_limits import MAX_PATTERN_AMBIGUITY, schema_limits_problem
 
 _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
 """`{m,n}` with both bounds: the only form whose bounds can be inverted."""
@@ -49,6 +52,11 @@ MAX_GRAMMAR_CHARS = 65536
 MAX_GRAMMAR_RULES = 4096
 """Rules a raw grammar may define: a chain of 20000 rule references was answered, 100000
 crashed llama-server (each group is a rule too, so the two bounds hold the depth together)."""
+
+MAX_GRAMMAR_AMBIGUITY = MAX_PATTERN_AMBIGUITY
+"""Parses llama.cpp may keep at once, counted as for a schema's pattern: the same grammar
+written by hand costs it the same (`("a"?){0,300}`: no token in 15 s, the core busy after
+the client left; `("a" | "aa"){0,2000}` 9 s of a core for 100 tokens, 2 s unambiguous)."""
 
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples"})
 """Keys whose values are data, not schemas: not walked (an example object may have any
@@ -99,7 +107,7 @@ def grammar_problem(grammar: str) -> str | None:
             i += 1
     # Only once the bounds above hold: the analysis is linear, but on a bounded grammar.
     try:
-        rule = runaway_left_recursion(grammar)
+        rule, ambiguity = analyse(grammar)
     except GrammarTooLarge as large:
         return (
             f"repeats its items into more than {MAX_EXPANDED_ELEMENTS} grammar elements "
@@ -111,6 +119,12 @@ def grammar_problem(grammar: str) -> str | None:
             f"rule '{rule}' is left-recursive through elements that can match nothing: "
             "llama.cpp's check misses it and its grammar expansion then takes memory until "
             "none is left"
+        )
+    if ambiguity > MAX_GRAMMAR_AMBIGUITY:
+        return (
+            f"can be read in more than {MAX_GRAMMAR_AMBIGUITY} ways at once (about "
+            f"{ambiguity}: pieces that can match nothing, or can end where the next begins, "
+            "in a row, repetitions multiplying): llama.cpp follows every way on each token"
         )
     return None
 

@@ -14,7 +14,8 @@ docs/compatibility.md), a client could:
   properties in one object (llama.cpp writes out a rule for every suffix of them: 1000 took
   2.8 s for 64 tokens), and a pattern whose optional pieces can be skipped in many ways:
   `^(a{0,2}){0,300}$` or 300 `a?` in a row (more than 20 s for one token; 100 took 3 to 6 s,
-  50 took 0.5 s).
+  50 took 0.5 s), or whose repeated piece can end where the next copy could begin:
+  `^((a{1,10}){0,1000})$` took 49 s of a core for 100 tokens of "aaaa", 2 s without it.
 
 Each bound below keeps a wide margin under what was measured and stays no stricter than
 OpenAI's own structured-output limits (5000 properties, 1000 enum values in all), so agents'
@@ -25,7 +26,20 @@ linear in the schema's size whatever the schema says.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
+
+from .gbnf import (
+    ANY,
+    NOTHING,
+    WIDE_RANGE,
+    Chars,
+    Summary,
+    char_span,
+    join_alternatives,
+    join_sequence,
+    repeat_summary,
+)
 
 MAX_SCHEMA_DEPTH = 512
 """Schema levels llama.cpp recurses through, `$ref`s followed: about 6000 overflowed the
@@ -54,14 +68,17 @@ MAX_OPTIONAL_PROPERTIES_COST = 256 * 256
 for them is quadratic): 256 optional properties in one object, or 100 objects of 25."""
 
 MAX_PATTERNS = 256
-"""Anchored `pattern`s in all: llama.cpp copies every rule built so far before reading each
-one, so their cost grows with the square of the schema (5000 took 2.5 s before the first
-token, 20000 more than 20 s; 1000 took 0.12 s)."""
+"""`pattern`s in all, anchored or not: llama.cpp copies every rule built so far before
+reading each one, even one it then drops for any string (no `^...$`, `\\d`), so their
+cost grows with the square of the schema (5000 anchored took 2.5 s before the first token,
+5000 unanchored 2.2 s, the core busy on after the client left; 1000 took 0.12 s)."""
 
 MAX_PATTERN_AMBIGUITY = 32
-"""Optional pieces of a `pattern` that can be skipped in a row, repetitions multiplying
-(`a?b?` is 2, `(a?){0,10}` is 10, `(a{0,3}){0,100}` is 100): llama.cpp keeps one parse per
-way of skipping them (100 took 3 to 6 s for one token)."""
+"""Pieces of a `pattern` that can be skipped, or can end where the next could begin, in a
+row, repetitions multiplying (`a?b?` is 2, `(a?){0,10}` is 10, `(a{0,3}){0,100}` and
+`(a|aa){0,100}` are 100): llama.cpp keeps one parse per way of reading the text (100
+skippable took 3 to 6 s for one token; `(a{1,10}){0,1000}` 49 s for 100 tokens, 2 s
+without; `(a|aa){0,32}` took 27 ms a token against 21 unambiguous, `{0,100}` 40 ms)."""
 
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "required", "type"})
 _BUILT_ONLY_BY_REF = frozenset({"$defs", "definitions"})
@@ -215,19 +232,21 @@ def _node_problem_text(node: dict[str, Any], times: int, totals: _Totals) -> str
                 "or fewer in several (the sum of their squares at most 65536)"
             )
     pattern = node.get("pattern")
-    if isinstance(pattern, str) and pattern.startswith("^") and pattern.endswith("$"):
+    # llama.cpp skips only an empty pattern; an unanchored one costs it the same copy.
+    if isinstance(pattern, str) and pattern:
         totals.patterns += times
         if totals.patterns > MAX_PATTERNS:
             return (
-                f"'pattern' brings the schema's anchored patterns to more than "
-                f"{MAX_PATTERNS}: llama.cpp's work on each grows with the whole schema"
+                f"'pattern' brings the schema's patterns to more than {MAX_PATTERNS}: "
+                "llama.cpp's work on each grows with the whole schema"
             )
         ambiguity = pattern_ambiguity(pattern)
         if ambiguity > MAX_PATTERN_AMBIGUITY:
             return (
-                f"'pattern' has more than {MAX_PATTERN_AMBIGUITY} optional pieces "
-                f"that can be skipped in a row, repetitions multiplying (about {ambiguity}): "
-                "llama.cpp follows every way of skipping them on each token"
+                f"'pattern' can be read in more than {MAX_PATTERN_AMBIGUITY} ways at once "
+                f"(about {ambiguity}: pieces that can be skipped, or can end where the next "
+                "begins, in a row, repetitions multiplying): llama.cpp follows every way "
+                "on each token"
             )
     return None
 
@@ -311,14 +330,31 @@ def _resolve(root: Any, ref: str) -> Any:
 
 
 def pattern_ambiguity(pattern: str) -> int:
-    """How many optional pieces of an anchored `pattern` can be skipped in a row,
+    """How many parses llama.cpp may keep at once for an anchored `pattern`: its pieces
+    that can be skipped, or that may end where what follows could begin, in a row,
     repetitions multiplying. llama.cpp ignores a pattern without `^...$` or with anything
     it cannot translate (`\\d`, `\\w`, `\\s`, `\\/`, a lookahead, an inner `^`: it
     accepts any string instead), and reports a malformed one: all are 0 here."""
+    if len(pattern) <= _CACHED_PATTERN_CHARS:
+        return _cached_ambiguity(pattern)
+    return _ambiguity(pattern)
+
+
+_CACHED_PATTERN_CHARS = 256
+"""Patterns up to this long have their reading kept (1024 of them, at most 256 KB): the
+same tool schemas come back with every request, and reading one costs 10 to 30 us."""
+
+
+@lru_cache(maxsize=1024)
+def _cached_ambiguity(pattern: str) -> int:
+    return _ambiguity(pattern)
+
+
+def _ambiguity(pattern: str) -> int:
     if len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$":
         return 0
     try:
-        _, weight, _ = _Regex(pattern[1:-1]).sequence()
+        (_, weight, _, _, _), _ = _Regex(pattern[1:-1]).sequence()
     except _Malformed:
         return 0
     return weight
@@ -340,47 +376,44 @@ _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
-_UNBOUNDED = 1 << 20
-"""No maximum (`*`, `+`, `{m,}`), and the most a weight is counted up to."""
-
-
 class _Regex:
-    """A recursive-descent reading of llama.cpp's pattern subset: each part gives whether it
-    can match nothing and its weight (optional pieces skippable in a row)."""
+    """A recursive-descent reading of llama.cpp's pattern subset: each part gives what it
+    is to the matcher (gbnf.Summary), combined as for a raw grammar. A parse is kept per
+    way of reading the text so far, so a part weighs where it can end in more than one
+    place: it can match nothing, or one of its matches goes on with a character that could
+    also begin what follows."""
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.i = 0
         self.depth = 0
 
-    def sequence(self) -> tuple[bool, int, bool]:
-        """(can be empty, weight, ended at ')')."""
-        best, nullable_all = 0, True
-        run, alternatives_empty = 0, False
+    def sequence(self) -> tuple[Summary, bool]:
+        """The alternatives up to the end or a ')', and whether a ')' ended them."""
+        branches: list[Summary] = []
+        parts: list[Summary] = []
+        closed = False
         while self.i < len(self.text):
             c = self.text[self.i]
             if c == ")":
                 self.i += 1
-                return (nullable_all or alternatives_empty), best, True
+                closed = True
+                break
             if c == "|":
                 self.i += 1
-                alternatives_empty = alternatives_empty or nullable_all
-                best, run, nullable_all = max(best, run), 0, True
+                branches.append(join_sequence(parts))
+                parts = []
                 continue
-            nullable, weight = self.quantified()
-            if nullable:
-                run += max(1, weight)
-                best = max(best, run)
-            else:
-                best, run = max(best, weight, run), 0
-                nullable_all = False
-        return (nullable_all or alternatives_empty), max(best, run), False
+            parts.append(self.quantified())
+        branches.append(join_sequence(parts))
+        return join_alternatives(branches), closed
 
-    def quantified(self) -> tuple[bool, int]:
-        nullable, weight = self.atom()
+    def quantified(self) -> Summary:
+        part = self.atom()
         text, n = self.text, len(self.text)
         while self.i < n and text[self.i] in "?*+{":
             c = text[self.i]
+            high: int | None
             if c == "{":
                 end = text.find("}", self.i)
                 if end < 0:
@@ -389,7 +422,7 @@ class _Regex:
                 self.i = end + 1
                 try:
                     low = int(parts[0]) if parts[0].strip() else 0
-                    high = int(parts[-1]) if len(parts) == 1 or parts[1].strip() else _UNBOUNDED
+                    high = int(parts[-1]) if len(parts) == 1 or parts[1].strip() else None
                 except ValueError:
                     raise _Malformed from None
                 if len(parts) > 2:
@@ -397,21 +430,16 @@ class _Regex:
             else:
                 self.i += 1
                 low = 1 if c == "+" else 0
-                high = 1 if c == "?" else _UNBOUNDED
+                high = 1 if c == "?" else None
             if self.i < n and text[self.i] in "?+":  # lazy/possessive: same language
                 self.i += 1
-            if nullable:
-                # A bounded repetition is written out as that many nested rules, one parse
-                # kept per way of skipping them (`(a?){0,100}`: 6 s for one token); an
-                # unbounded one is one recursive rule whose parses coincide once each copy
-                # is skipped, so it weighs its minimum and one more (`(a?)*`, `((a?)*)*`
-                # ten deep, the URL pattern `([/a-z .-]*)*`: each under 0.3 s for 16 tokens).
-                copies = low + 1 if high == _UNBOUNDED else high
-                weight = min(_UNBOUNDED, copies * max(1, weight))
-            nullable = nullable or low == 0
-        return nullable, weight
+            # `(a?){0,100}`: 6 s for one token; `(a{1,10}){0,1000}`: 49 s for 100 tokens;
+            # unbounded (`(a?)*`, `((a?)*)*` ten deep, the URL pattern `([/a-z .-]*)*`):
+            # each under 0.3 s for 16 tokens.
+            part = repeat_summary(part, low, high)
+        return part
 
-    def atom(self) -> tuple[bool, int]:
+    def atom(self) -> Summary:
         text, n = self.text, len(self.text)
         c = text[self.i]
         if c == "(":
@@ -423,37 +451,65 @@ class _Regex:
                 self.i += 2
             elif text.startswith("?", self.i):
                 raise _Malformed  # a lookaround or named group: llama.cpp takes any string
-            nullable, weight, closed = self.sequence()
+            part, closed = self.sequence()
             if not closed:
                 raise _Malformed
             self.depth -= 1
-            return nullable, weight
+            return part
         if c == "[":
             self.i += 1
+            negated = self.i < n and text[self.i] == "^"
+            if negated:
+                self.i += 1
+            chars: set[str] | None = set()
             if self.i < n and text[self.i] == "]":
                 self.i += 1
+                chars = {"]"}
             while self.i < n and text[self.i] != "]":
-                self.i += self.escape(in_class=True) if text[self.i] == "\\" else 1
+                bottom = self.char(in_class=True)
+                if text.startswith("-", self.i) and self.i + 1 < n and text[self.i + 1] != "]":
+                    self.i += 1
+                    top = self.char(in_class=True)
+                    if chars is not None and ord(top) - ord(bottom) >= WIDE_RANGE:
+                        chars = None
+                    elif chars is not None:
+                        chars.update(char_span(ord(bottom), ord(top)))
+                elif chars is not None:
+                    chars.add(bottom)
             self.i += 1
-            return False, 0
+            found: Chars = ANY if chars is None else (negated, frozenset(chars))
+            return False, 0, found, NOTHING, found
         if c in "?*+{":
             raise _Malformed  # nothing to repeat
         if c in "^$":
             raise _Malformed  # an anchor inside: llama.cpp takes any string
-        self.i += self.escape(in_class=False) if c == "\\" else 1
-        return False, 0
+        if c == ".":
+            self.i += 1
+            return False, 0, ANY, NOTHING, ANY
+        one: Chars = (False, frozenset(self.char(in_class=False)))
+        return False, 0, one, NOTHING, one
 
-    def escape(self, in_class: bool) -> int:
-        """The length of the escape at `i`, as llama.cpp translates it; _Malformed for one
-        it does not (it then builds no rule from the pattern)."""
-        kind = self.text[self.i + 1 : self.i + 2]
+    def char(self, in_class: bool) -> str:
+        """The character at `i` (an escape's, as llama.cpp translates it), moving past it;
+        _Malformed for an escape it does not translate (it then builds no rule from the
+        pattern)."""
+        text = self.text
+        if text[self.i] != "\\":
+            self.i += 1
+            return text[self.i - 1]
+        kind = text[self.i + 1 : self.i + 2]
         if (not in_class and kind in _LITERAL_ESCAPES) or kind in _GBNF_ESCAPES:
-            return 2
+            self.i += 2
+            return _ESCAPED.get(kind, kind)
         size = _HEX_ESCAPES.get(kind) if kind else None
-        digits = self.text[self.i + 2 : self.i + 2 + size] if size else ""
+        digits = text[self.i + 2 : self.i + 2 + size] if size else ""
         if size is None or len(digits) != size or not _HEX_DIGITS.issuperset(digits):
             raise _Malformed
-        return 2 + size
+        self.i += 2 + size
+        return chr(min(int(digits, 16), 0x10FFFF))
+
+
+_ESCAPED = {"t": "\t", "r": "\r", "n": "\n"}
 
 
 _Where = str | tuple[Any, str]

@@ -383,10 +383,24 @@ def _listed_types(levels: int) -> dict[str, Any]:
         {"grammar": 'root ::= x root "a" | "a"\nx ::= "b"?'},
         # a long literal repeated: llama-server at 855 MB at once, 640 MB kept after
         {"grammar": 'root ::= "' + "a" * 30000 + '"{2000}'},
+        # read in many ways at once: no token in 15 s, the core busy after the client left
+        {"grammar": 'root ::= ("a"?){0,300}'},
+        {"grammar": 'root ::= ("a" | "aa"){0,2000}'},
         {"json_schema": _ref_chain(20000)},
         {"json_schema": _listed_types(20)},
         {"json_schema": {"type": "string", "pattern": "^(a{0,2}){0,300}$"}},
+        # each copy may end where the next begins: 49 s of a core for 100 tokens
+        {"json_schema": {"type": "string", "pattern": "^((a{1,10}){0,1000})$"}},
         {"json_schema": {"enum": list(range(50000))}},
+        # 5000 patterns without `^...$`: 2.2 s of a core before the first token, on after
+        # the client left (llama.cpp copies its rules for each, then takes any string)
+        {
+            "json_schema": {
+                "type": "object",
+                "properties": {f"p{i}": {"type": "string", "pattern": "a+"} for i in range(5000)},
+                "required": [f"p{i}" for i in range(5000)],
+            }
+        },
     ],
     ids=[
         "nested-grammar",
@@ -394,10 +408,14 @@ def _listed_types(levels: int) -> dict[str, Any]:
         "dry-breakers",
         "left-recursive-grammar",
         "repeated-literal-grammar",
+        "skippable-grammar",
+        "ambiguous-grammar",
         "schema-ref-chain",
         "schema-listed-types",
         "schema-pattern",
+        "schema-ambiguous-pattern",
         "schema-enum",
+        "schema-unanchored-patterns",
     ],
 )
 def test_input_that_crashes_or_exhausts_llama_server_never_reaches_it(
