@@ -2,13 +2,15 @@
 thread when large.
 
 The checks (render/grammar_guard.py: what would crash or hang llama.cpp's grammar builder)
-are pure Python and cost about 0.5 µs per byte of a GBNF grammar and 0.1 µs per byte of a
-JSON schema on this project's benchmark machine: a 64 KiB grammar (the largest accepted) took
-about 27 ms, and on the loop that was 27 ms in which no other client got a byte. A check
-that large now runs in one worker thread, so the loop gets its turn back at least every
-switch interval of the GIL (5 ms), whatever the check costs. Small constraints, the common
-case (a tool's parameters, a response format), are checked inline: under INLINE_* bytes a
-check costs less than a thread's hand-off (~1 ms at most).
+are pure Python: about 1-1.5 ms per KiB of a GBNF grammar checked for the first time (a
+grammar seen again comes from a cache: tens of µs) and 0.1-0.25 ms per KiB of a JSON schema
+on this project's benchmark machine. A 64 KiB grammar (the largest accepted) took about
+100 ms, and on the loop that was 100 ms in which no other client got a byte. A check that
+large now runs in one worker thread, so the loop gets its turn back at least every switch
+interval of the GIL (main.GIL_SWITCH_INTERVAL, 1 ms), whatever the check costs. Small
+constraints, the common case (a tool's parameters, a response format), are checked inline:
+under INLINE_* bytes a check costs at most about 1 ms, and a thread's hand-off more than
+most of them.
 
 At most `max_waiting` large checks run or wait at once; beyond that a request gets
 503 server_overloaded with Retry-After, so a flood of large grammars cannot queue work
@@ -25,12 +27,14 @@ from .. import fastjson
 from ..errors import ServerOverloaded
 from ..render.constraints import Constraint
 
-INLINE_GRAMMAR_BYTES = 1024
-"""A raw grammar up to this size is checked on the loop (at most about 1 ms)."""
-INLINE_SCHEMA_BYTES = 8192
-"""A JSON schema up to this size, as compact JSON, is checked on the loop (about 1 ms)."""
+INLINE_GRAMMAR_BYTES = 512
+"""A raw grammar up to this size is checked on the loop (at most about 1 ms; llama.cpp's
+JSON grammar, 601 bytes, took 0.8 ms the first time)."""
+INLINE_SCHEMA_BYTES = 4096
+"""A JSON schema up to this size, as compact JSON, is checked on the loop (a 4 KiB schema of
+long alternations in its patterns, the worst found: about 1 ms)."""
 MAX_WAITING = 32
-"""Large checks running or waiting for the worker at once (about 1 s of work at most)."""
+"""Large checks running or waiting for the worker at once (about 3 s of work at most)."""
 
 
 class ConstraintChecker:

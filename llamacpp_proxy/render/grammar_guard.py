@@ -45,9 +45,10 @@ and crashed on 20000 (its main thread's 8 MB stack); a thread with a smaller sta
 another build, overflows sooner, so the bound keeps a wide margin."""
 
 MAX_GRAMMAR_CHARS = 65536
-"""A raw grammar's length. Its analysis (render/gbnf.py) runs on the event loop at about
-0.6 ms a KiB (an 800 KB grammar held every client for 0.87 s); llama.cpp's own grammars
-(JSON, C, chess) are 1-2 KiB, and a large structure is better sent as a JSON schema."""
+"""A raw grammar's length. Its analysis (render/gbnf.py) costs about 1-1.5 ms a KiB (an
+800 KB grammar held every client for 0.87 s when it ran on the event loop; a large one now
+runs in a worker thread, frontdoor/constraint_check.py); llama.cpp's own grammars (JSON, C,
+chess) are 1-2 KiB, and a large structure is better sent as a JSON schema."""
 
 MAX_GRAMMAR_RULES = 4096
 """Rules a raw grammar may define: a chain of 20000 rule references was answered, 100000
