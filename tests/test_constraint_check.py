@@ -149,3 +149,36 @@ def test_large_checks_past_the_bound_get_503_and_the_gateway_goes_on(
             assert first.result(20).status_code == 200
             again = client.post("/v1/completions", json=body)  # the bound freed
             assert again.status_code == 200, again.text
+
+
+def aliased_refs_schema() -> dict[str, Any]:
+    """A schema whose JSON is small but whose check walks one large subtree once per
+    `$ref`: schema_limits.py walks each reference's target on its own, keyed by the
+    reference's text, and "#/$defs/l/0", "#/$defs/l/00", ... all name the same item."""
+    refs = [{"$ref": "#/$defs/l/" + "0" * k} for k in range(1, 61)]
+    return {"$defs": {"l": [{"type": "object", "examples": [0] * 1500}]}, "allOf": refs}
+
+
+def test_a_small_schema_with_many_references_is_checked_off_the_loop(
+    stack: Stack, held: HeldCheck
+) -> None:
+    """Regression: the size estimate read only the schema's bytes, so this 6 KB schema
+    (under INLINE_SCHEMA_BYTES) was checked on the event loop, though its check walks about
+    60 times as much (about 10 ms here; 47 ms for the worst one built under 8 KiB): the
+    held check stopped the gateway and the health check below timed out."""
+    schema = aliased_refs_schema()
+    assert len(json.dumps(schema, separators=(",", ":"))) < INLINE_SCHEMA_BYTES
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    with ThreadPoolExecutor(1) as pool:
+        checked = post_in_background(pool, stack, body)
+        assert held.entered.wait(10)
+        other = httpx.get(stack.url + "/health", timeout=3)
+        assert other.status_code == 200
+        held.release.set()
+        answer = checked.result(20)
+    assert answer.status_code == 200, answer.text
+    assert held.threads and all(name.startswith("constraint-check") for name in held.threads)

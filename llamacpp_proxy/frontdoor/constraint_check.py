@@ -8,7 +8,8 @@ about 27 ms, and on the loop that was 27 ms in which no other client got a byte.
 that large now runs in one worker thread, so the loop gets its turn back at least every
 switch interval of the GIL (5 ms), whatever the check costs. Small constraints, the common
 case (a tool's parameters, a response format), are checked inline: under INLINE_* bytes a
-check costs less than a thread's hand-off (~1 ms at most).
+check costs less than a thread's hand-off (~1 ms at most). A schema's size counts once
+per `$ref` in it as well: each reference's target is walked again.
 
 At most `max_waiting` large checks run or wait at once; beyond that a request gets
 503 server_overloaded with Retry-After, so a flood of large grammars cannot queue work
@@ -75,7 +76,11 @@ def _large(found: dict[str, Any]) -> bool:
         if source == "grammar":
             return isinstance(constraint, str) and len(constraint) > INLINE_GRAMMAR_BYTES
         try:  # orjson: ~1 µs per KB, a small fraction of the check
-            return len(fastjson.dumps(constraint)) > INLINE_SCHEMA_BYTES
+            encoded = fastjson.dumps(constraint)
         except (TypeError, ValueError, RecursionError):
             return True  # cannot size it cheaply: not on the loop
+        # The check walks each `$ref` target on its own (schema_limits.py), and targets may
+        # overlap or name one subtree many ways ("#/a/0", "#/a/00"): its work grows with
+        # the size times the references (a 7 KB schema of 80 took 47 ms), not the size.
+        return len(encoded) * (1 + encoded.count(b'"$ref"')) > INLINE_SCHEMA_BYTES
     return False
