@@ -182,3 +182,36 @@ def test_a_small_schema_with_many_references_is_checked_off_the_loop(
         answer = checked.result(20)
     assert answer.status_code == 200, answer.text
     assert held.threads and all(name.startswith("constraint-check") for name in held.threads)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"grammar": 'root ::= "a"{' + "1" * 5000 + ",1}"}, "grammar", "invalid_grammar"),
+        (
+            {"json_schema": {"type": "string", "pattern": "^a{" + "1" * 5000 + ",1}$"}},
+            "json_schema",
+            "invalid_json_schema",
+        ),
+        (
+            {"json_schema": {"a": [{"type": "string"}], "$ref": "#/a/" + "0" * 5000}},
+            "json_schema",
+            "invalid_json_schema",
+        ),
+    ],
+    ids=["grammar_quantifier", "pattern_quantifier", "ref_index"],
+)
+def test_a_number_too_long_to_read_is_the_clients_400(
+    stack: Stack, body: dict[str, Any], param: str, code: str
+) -> None:
+    """Regression: a bound or index of more than 4300 digits made the check's int() raise
+    ValueError, and the client got a 500 server_error for its own malformed constraint."""
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == (param, code), error
+        assert "too long to read" in error["message"]
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200  # the same connection goes on serving
+    assert len(stack.fake.requests) == 1  # only the second request reached llama.cpp
