@@ -5,6 +5,8 @@ waiting at once are bounded."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,7 +117,7 @@ def test_a_small_constraint_is_checked_where_it_costs_least(stack: Stack) -> Non
         assert r.json()["error"]["param"] == "grammar"
         ok = client.post("/v1/completions", json={"prompt": "hi", "grammar": 'root ::= "a"{2,5}'})
         assert ok.status_code == 200, ok.text
-    assert stack.ctx.constraint_checks._executor is None  # no thread was started
+    assert stack.ctx.constraint_checks._worker is None  # no thread was started
 
 
 def test_a_large_constraint_refused_off_the_loop_is_the_same_400(stack: Stack) -> None:
@@ -240,3 +242,46 @@ def test_a_schema_whose_check_costs_more_than_a_millisecond_is_checked_off_the_l
         answer = checked.result(20)
     assert answer.status_code == 200, answer.text
     assert held.threads and all(name.startswith("constraint-check") for name in held.threads)
+
+
+STUCK_CHECK = """
+import asyncio, threading
+from llamacpp_proxy.frontdoor.constraint_check import INLINE_GRAMMAR_BYTES, ConstraintChecker
+from llamacpp_proxy.render import constraints
+from llamacpp_proxy.render.constraints import Constraint
+
+started, never = threading.Event(), threading.Event()
+
+def stuck(grammar):
+    started.set()
+    never.wait()  # a check that does not end
+
+constraints.grammar_problem = stuck
+
+async def main():
+    checker = ConstraintChecker()
+    grammar = "x" * (INLINE_GRAMMAR_BYTES + 1)
+    task = asyncio.ensure_future(checker.check(Constraint({"grammar": grammar}, False)))
+    assert await asyncio.to_thread(started.wait, 10)
+    checker.close()  # what shutdown does
+    task.cancel()
+    print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_check_still_running_does_not_hold_the_process_at_exit() -> None:
+    """A check cannot be stopped once it runs, and some run for a very long time
+    (schema_limits.py walks a `$ref` target once per spelling of its path: an 89 KiB
+    schema took 6 s, a 4 MiB one would take hours). Regression: the worker was a
+    ThreadPoolExecutor's, which the interpreter joins at exit, so a gateway told to stop
+    did not exit until the check ended; here it never does."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", STUCK_CHECK], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the process did not exit: {exc.stdout!r}") from None
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "closed"

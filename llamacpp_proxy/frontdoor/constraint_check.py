@@ -20,7 +20,10 @@ without bound. A check whose request is cancelled before the check started is dr
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from .. import fastjson
@@ -46,7 +49,7 @@ class ConstraintChecker:
         self.max_waiting = max_waiting
         self.waiting = 0
         """Large checks running or queued now."""
-        self._executor: ThreadPoolExecutor | None = None  # started on the first large check
+        self._worker: _Worker | None = None  # started on the first large check
 
     async def check(self, constraint: Constraint) -> None:
         """Raise what Constraint.check raises (InvalidRequest), or ServerOverloaded when too
@@ -60,19 +63,65 @@ class ConstraintChecker:
                 "retry shortly.",
                 retry_after=1,
             )
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="constraint-check")
+        if self._worker is None:
+            self._worker = _Worker("constraint-check")
         self.waiting += 1
         try:
-            # Cancelled (the request ended) before it started: the executor drops it.
-            await asyncio.get_running_loop().run_in_executor(self._executor, constraint.check)
+            # Cancelled (the request ended) before it started: the worker drops it.
+            await asyncio.wrap_future(self._worker.submit(constraint.check))
         finally:
             self.waiting -= 1
 
     def close(self) -> None:
-        """Drop the checks not started (at shutdown); a running one ends on its own."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """Drop the checks not started (at shutdown); a running one is left to end, or to
+        end with the process: nothing waits for it."""
+        if self._worker is not None:
+            self._worker.close()
+
+
+class _Worker:
+    """One daemon thread that runs the checks in turn. Not a ThreadPoolExecutor: the
+    interpreter joins those threads at exit, and a check cannot be stopped once it runs
+    (some take far longer than any shutdown should: schema_limits.py walks a `$ref`
+    target once per spelling of its path), so a gateway told to stop would not exit."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, job: Callable[[], None]) -> Future[None]:
+        future: Future[None] = Future()
+        if self._closed:
+            future.set_exception(RuntimeError("the constraint checker is closed"))
+        else:
+            self._jobs.put((future, job))
+        return future
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        self._jobs.put(None)  # the thread ends once its check (if any) does
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            future, job = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited: the request ended
+            try:
+                job()
+            except BaseException as exc:  # the request's to raise (InvalidRequest, ...)
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
 
 
 def _large(found: dict[str, Any]) -> bool:
