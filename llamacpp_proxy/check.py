@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 from .config import ConfigError, Settings, build_parser, load_settings
@@ -30,6 +32,8 @@ TLS_ADVICE = (
     "is it a plain-HTTP llama-server (then its URL is http://, not https://), and does "
     "the gateway trust its certificate?"
 )
+
+_T = TypeVar("_T")
 
 UPSTREAM_CHECK_EXTRA = 10.0
 """Seconds an upstream may take to answer /health and /props, beyond the connect timeout."""
@@ -258,10 +262,33 @@ def run_check(argv: Sequence[str], environ: Mapping[str, str], out: TextIO) -> i
     async def upstreams() -> None:
         await asyncio.gather(*(one(url, spec) for url, spec in servers))
 
-    asyncio.run(upstreams())
+    with asyncio.Runner() as runner:
+        runner.get_loop().set_default_executor(_DaemonThreads())
+        runner.run(upstreams())
     warned = f", {report.warnings} warning(s)" if report.warnings else ""
     if report.problems:
         print(f"{report.problems} problem(s){warned}", file=out)
         return 1
     print(f"no problems{warned}" if warned else "all good", file=out)
     return 0
+
+
+class _DaemonThreads(ThreadPoolExecutor):
+    """The check's default executor: one daemon thread per call, which nothing waits for.
+    asyncio asks the system resolver in the default executor, and a deadline cannot stop
+    that thread: with a resolver that does not answer (a nameserver gone: glibc tries for
+    up to 30 s), asyncio.run would wait for it once the check was done, and the
+    interpreter again at exit, holding --check (and `systemctl reload`) past its deadline."""
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # handed to the caller, as the executor does
+                    future.set_exception(exc)
+
+        threading.Thread(target=run, name="check-resolver", daemon=True).start()
+        return future

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,50 @@ def test_an_https_server_whose_name_does_not_resolve_is_down_not_a_tls_problem(
     assert "once it answers" in warnings[0] and "TLS" not in warnings[0]
     assert "PROBLEM" not in out
     assert lookups and set(lookups) == {"llama.example.invalid"}
+
+
+def test_a_resolver_that_never_answers_does_not_hold_the_check_past_its_deadline(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """asyncio asks the system resolver in a worker thread, which a deadline cannot stop (a
+    nameserver gone: glibc tries for up to 30 s). Regression: asyncio.run, once the check
+    was done, waited for that thread, and so did the interpreter at exit: --check (and so
+    `systemctl reload`) hung for as long as the resolver did. Here the resolver answers
+    only when the test lets it; the check must be over before that. `.invalid` never
+    resolves (RFC 2606), and no lookup leaves the machine."""
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if not str(host).endswith(".invalid"):
+            return real(host, *args, **kwargs)
+        release.wait(60)  # a resolver that does not answer
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    url = "https://llama.example.invalid:8443"
+    outcome: list[tuple[int, str]] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(
+                check(["--llamacpp-server", url, "--upstream-connect-timeout", "0.5"], capsys)
+            )
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        assert done.wait(20), "--check still running while the resolver hangs"
+    finally:
+        release.set()
+    status, out = outcome[0]
+    assert status == 0, out
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and f"upstream {url}" in warnings[0], out
+    assert "TLS" not in warnings[0] and "PROBLEM" not in out
 
 
 @pytest.mark.parametrize("down", ["refused", "loading"])

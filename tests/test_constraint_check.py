@@ -5,6 +5,8 @@ waiting at once are bounded."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,7 +117,7 @@ def test_a_small_constraint_is_checked_where_it_costs_least(stack: Stack) -> Non
         assert r.json()["error"]["param"] == "grammar"
         ok = client.post("/v1/completions", json={"prompt": "hi", "grammar": 'root ::= "a"{2,5}'})
         assert ok.status_code == 200, ok.text
-    assert stack.ctx.constraint_checks._executor is None  # no thread was started
+    assert stack.ctx.constraint_checks._worker is None  # no thread was started
 
 
 def test_a_large_constraint_refused_off_the_loop_is_the_same_400(stack: Stack) -> None:
@@ -149,3 +151,137 @@ def test_large_checks_past_the_bound_get_503_and_the_gateway_goes_on(
             assert first.result(20).status_code == 200
             again = client.post("/v1/completions", json=body)  # the bound freed
             assert again.status_code == 200, again.text
+
+
+def aliased_refs_schema() -> dict[str, Any]:
+    """A schema whose JSON is small but whose check walks one large subtree once per
+    `$ref`: schema_limits.py walks each reference's target on its own, keyed by the
+    reference's text, and "#/$defs/l/0", "#/$defs/l/00", ... all name the same item."""
+    refs = [{"$ref": "#/$defs/l/" + "0" * k} for k in range(1, 21)]
+    return {"$defs": {"l": [{"type": "object", "examples": [0] * 60}]}, "allOf": refs}
+
+
+def test_a_small_schema_with_many_references_is_checked_off_the_loop(
+    stack: Stack, held: HeldCheck
+) -> None:
+    """Regression: the size estimate read only the schema's bytes, so a schema like this one
+    (under INLINE_SCHEMA_BYTES) was checked on the event loop, though its check walks about
+    as many times as much as it has references (47 ms for the worst one built under 8 KiB, the earlier threshold):
+    the held check stopped the gateway and the health check below timed out."""
+    schema = aliased_refs_schema()
+    assert len(json.dumps(schema, separators=(",", ":"))) < INLINE_SCHEMA_BYTES
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    with ThreadPoolExecutor(1) as pool:
+        checked = post_in_background(pool, stack, body)
+        assert held.entered.wait(10)
+        other = httpx.get(stack.url + "/health", timeout=3)
+        assert other.status_code == 200
+        held.release.set()
+        answer = checked.result(20)
+    assert answer.status_code == 200, answer.text
+    assert held.threads and all(name.startswith("constraint-check") for name in held.threads)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"grammar": 'root ::= "a"{' + "1" * 5000 + ",1}"}, "grammar", "invalid_grammar"),
+        (
+            {"json_schema": {"type": "string", "pattern": "^a{" + "1" * 5000 + ",1}$"}},
+            "json_schema",
+            "invalid_json_schema",
+        ),
+        (
+            {"json_schema": {"a": [{"type": "string"}], "$ref": "#/a/" + "0" * 5000}},
+            "json_schema",
+            "invalid_json_schema",
+        ),
+    ],
+    ids=["grammar_quantifier", "pattern_quantifier", "ref_index"],
+)
+def test_a_number_too_long_to_read_is_the_clients_400(
+    stack: Stack, body: dict[str, Any], param: str, code: str
+) -> None:
+    """Regression: a bound or index of more than 4300 digits made the check's int() raise
+    ValueError, and the client got a 500 server_error for its own malformed constraint."""
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == (param, code), error
+        assert "too long to read" in error["message"]
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200  # the same connection goes on serving
+    assert len(stack.fake.requests) == 1  # only the second request reached llama.cpp
+
+
+def test_a_schema_whose_check_costs_more_than_a_millisecond_is_checked_off_the_loop(
+    stack: Stack, held: HeldCheck
+) -> None:
+    """Regression: schemas up to 8 KiB were checked on the loop, on the word that such a
+    check costs about 1 ms; a pattern of 2600 groups (7.8 KB) took 3.6 ms, and lists of
+    empty objects or arrays about 2 ms, every other client waiting. Here the held check
+    stopped the gateway and the health check below timed out."""
+    schema = {"type": "string", "pattern": "^" + "(a)" * 2600 + "$"}
+    assert len(json.dumps(schema, separators=(",", ":"))) < 8192
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    with ThreadPoolExecutor(1) as pool:
+        checked = post_in_background(pool, stack, body)
+        assert held.entered.wait(10)
+        other = httpx.get(stack.url + "/health", timeout=3)
+        assert other.status_code == 200
+        held.release.set()
+        answer = checked.result(20)
+    assert answer.status_code == 200, answer.text
+    assert held.threads and all(name.startswith("constraint-check") for name in held.threads)
+
+
+STUCK_CHECK = """
+import asyncio, threading
+from llamacpp_proxy.frontdoor.constraint_check import INLINE_GRAMMAR_BYTES, ConstraintChecker
+from llamacpp_proxy.render import constraints
+from llamacpp_proxy.render.constraints import Constraint
+
+started, never = threading.Event(), threading.Event()
+
+def stuck(grammar):
+    started.set()
+    never.wait()  # a check that does not end
+
+constraints.grammar_problem = stuck
+
+async def main():
+    checker = ConstraintChecker()
+    grammar = "x" * (INLINE_GRAMMAR_BYTES + 1)
+    task = asyncio.ensure_future(checker.check(Constraint({"grammar": grammar}, False)))
+    assert await asyncio.to_thread(started.wait, 10)
+    checker.close()  # what shutdown does
+    task.cancel()
+    print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_check_still_running_does_not_hold_the_process_at_exit() -> None:
+    """A check cannot be stopped once it runs, and some run for a very long time
+    (schema_limits.py walks a `$ref` target once per spelling of its path: an 89 KiB
+    schema took 6 s, a 4 MiB one would take hours). Regression: the worker was a
+    ThreadPoolExecutor's, which the interpreter joins at exit, so a gateway told to stop
+    did not exit until the check ended; here it never does."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", STUCK_CHECK], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the process did not exit: {exc.stdout!r}") from None
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "closed"

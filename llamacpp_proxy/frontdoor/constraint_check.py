@@ -3,14 +3,16 @@ thread when large.
 
 The checks (render/grammar_guard.py: what would crash or hang llama.cpp's grammar builder)
 are pure Python: about 1-1.5 ms per KiB of a GBNF grammar checked for the first time (a
-grammar seen again comes from a cache: tens of µs) and 0.1-0.25 ms per KiB of a JSON schema
-on this project's benchmark machine. A 64 KiB grammar (the largest accepted) took about
-100 ms, and on the loop that was 100 ms in which no other client got a byte. A check that
-large now runs in one worker thread, so the loop gets its turn back at least every switch
-interval of the GIL (main.GIL_SWITCH_INTERVAL, 1 ms), whatever the check costs. Small
-constraints, the common case (a tool's parameters, a response format), are checked inline:
-under INLINE_* bytes a check costs at most about 1 ms, and a thread's hand-off more than
-most of them.
+grammar seen again comes from a cache: tens of µs) and 0.1-0.5 ms per KiB of a JSON schema
+(its `pattern`s cost the most) on this project's benchmark machine. A 64 KiB grammar (the
+largest accepted) took about 100 ms, and on the loop that was 100 ms in which no other
+client got a byte. A check that large now runs in one worker thread, so the loop gets its
+turn back at least every switch interval of the GIL (main.GIL_SWITCH_INTERVAL, 1 ms),
+whatever the check costs. Small constraints, the common case (a tool's parameters, a
+response format), are checked inline: under INLINE_* bytes the worst check built costs
+about that switch interval, which the loop would wait for the worker anyway (the hand-off
+itself is ~40 µs). A schema's size counts once more per `$ref` in it: each reference's
+target is walked again.
 
 At most `max_waiting` large checks run or wait at once; beyond that a request gets
 503 server_overloaded with Retry-After, so a flood of large grammars cannot queue work
@@ -20,7 +22,10 @@ without bound. A check whose request is cancelled before the check started is dr
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from .. import fastjson
@@ -28,11 +33,12 @@ from ..errors import ServerOverloaded
 from ..render.constraints import Constraint
 
 INLINE_GRAMMAR_BYTES = 512
-"""A raw grammar up to this size is checked on the loop (at most about 1 ms; llama.cpp's
-JSON grammar, 601 bytes, took 0.8 ms the first time)."""
-INLINE_SCHEMA_BYTES = 4096
-"""A JSON schema up to this size, as compact JSON, is checked on the loop (a 4 KiB schema of
-long alternations in its patterns, the worst found: about 1 ms)."""
+"""A raw grammar up to this size is checked on the loop (at most about 1 ms the first time;
+llama.cpp's JSON grammar, 601 bytes, took 0.8 ms)."""
+INLINE_SCHEMA_BYTES = 1024
+"""A JSON schema up to this size, as compact JSON, is checked on the loop (the worst built:
+a `pattern` of groups `(a)`, about 0.8 ms; at 2 KiB it took 1.6 ms, at 8 KiB 3.6 ms before
+the ambiguity count). Patterns cost about 4 times as much a byte as the rest."""
 MAX_WAITING = 32
 """Large checks running or waiting for the worker at once (about 3 s of work at most)."""
 
@@ -45,7 +51,7 @@ class ConstraintChecker:
         self.max_waiting = max_waiting
         self.waiting = 0
         """Large checks running or queued now."""
-        self._executor: ThreadPoolExecutor | None = None  # started on the first large check
+        self._worker: _Worker | None = None  # started on the first large check
 
     async def check(self, constraint: Constraint) -> None:
         """Raise what Constraint.check raises (InvalidRequest), or ServerOverloaded when too
@@ -59,19 +65,65 @@ class ConstraintChecker:
                 "retry shortly.",
                 retry_after=1,
             )
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="constraint-check")
+        if self._worker is None:
+            self._worker = _Worker("constraint-check")
         self.waiting += 1
         try:
-            # Cancelled (the request ended) before it started: the executor drops it.
-            await asyncio.get_running_loop().run_in_executor(self._executor, constraint.check)
+            # Cancelled (the request ended) before it started: the worker drops it.
+            await asyncio.wrap_future(self._worker.submit(constraint.check))
         finally:
             self.waiting -= 1
 
     def close(self) -> None:
-        """Drop the checks not started (at shutdown); a running one ends on its own."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """Drop the checks not started (at shutdown); a running one is left to end, or to
+        end with the process: nothing waits for it."""
+        if self._worker is not None:
+            self._worker.close()
+
+
+class _Worker:
+    """One daemon thread that runs the checks in turn. Not a ThreadPoolExecutor: the
+    interpreter joins those threads at exit, and a check cannot be stopped once it runs
+    (some take far longer than any shutdown should: schema_limits.py walks a `$ref`
+    target once per spelling of its path), so a gateway told to stop would not exit."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, job: Callable[[], None]) -> Future[None]:
+        future: Future[None] = Future()
+        if self._closed:
+            future.set_exception(RuntimeError("the constraint checker is closed"))
+        else:
+            self._jobs.put((future, job))
+        return future
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        self._jobs.put(None)  # the thread ends once its check (if any) does
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            future, job = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited: the request ended
+            try:
+                job()
+            except BaseException as exc:  # the request's to raise (InvalidRequest, ...)
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
 
 
 def _large(found: dict[str, Any]) -> bool:
@@ -79,7 +131,11 @@ def _large(found: dict[str, Any]) -> bool:
         if source == "grammar":
             return isinstance(constraint, str) and len(constraint) > INLINE_GRAMMAR_BYTES
         try:  # orjson: ~1 µs per KB, a small fraction of the check
-            return len(fastjson.dumps(constraint)) > INLINE_SCHEMA_BYTES
+            encoded = fastjson.dumps(constraint)
         except (TypeError, ValueError, RecursionError):
             return True  # cannot size it cheaply: not on the loop
+        # The check walks each `$ref` target on its own (schema_limits.py), and targets may
+        # overlap or name one subtree many ways ("#/a/0", "#/a/00"): its work grows with
+        # the size times the references (a 7 KB schema of 80 took 47 ms), not the size.
+        return len(encoded) * (1 + encoded.count(b'"$ref"')) > INLINE_SCHEMA_BYTES
     return False

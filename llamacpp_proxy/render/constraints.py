@@ -69,12 +69,17 @@ def _refuse_what_llamacpp_cannot_build(found: dict[str, Any]) -> None:
     """A 400 for a constraint that would hang llama.cpp's grammar builder (grammar_guard.py):
     it matches nothing anyway."""
     for source, constraint in found.items():
-        if source == "grammar":
-            problem = grammar_problem(constraint) if isinstance(constraint, str) else None
-            code = "invalid_grammar"
-        else:
-            problem = schema_problem(constraint)
-            code = "invalid_json_schema"
+        code = "invalid_grammar" if source == "grammar" else "invalid_json_schema"
+        try:
+            if source == "grammar":
+                problem = grammar_problem(constraint) if isinstance(constraint, str) else None
+            else:
+                problem = schema_problem(constraint)
+        except ValueError:
+            # int() refuses more than sys.get_int_max_str_digits() (4300) digits: a
+            # quantifier's bound or a `$ref`'s index that long, which the guards read
+            # with int(). Else a 500 for what is the client's malformed constraint.
+            problem = "holds a number too long to read (more than 4300 digits)"
         if problem is not None:
             # A forced call's schema is the tool's parameters: the client wrote it there.
             param = "tools" if source == "tool_choice" else source
