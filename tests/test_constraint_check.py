@@ -195,19 +195,15 @@ def test_a_small_schema_with_many_references_is_checked_off_the_loop(
             "json_schema",
             "invalid_json_schema",
         ),
-        (
-            {"json_schema": {"a": [{"type": "string"}], "$ref": "#/a/" + "0" * 5000}},
-            "json_schema",
-            "invalid_json_schema",
-        ),
     ],
-    ids=["grammar_quantifier", "pattern_quantifier", "ref_index"],
+    ids=["grammar_quantifier", "pattern_quantifier"],
 )
 def test_a_number_too_long_to_read_is_the_clients_400(
     stack: Stack, body: dict[str, Any], param: str, code: str
 ) -> None:
-    """Regression: a bound or index of more than 4300 digits made the check's int() raise
-    ValueError, and the client got a 500 server_error for its own malformed constraint."""
+    """Regression: a bound of more than 4300 digits made the check's int() raise ValueError,
+    and the client got a 500 server_error for its own malformed constraint. (A `$ref`'s
+    list index is read as llama.cpp reads it: tests/test_schema_limits.py.)"""
     with httpx.Client(base_url=stack.url, headers=AUTH) as client:
         r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body})
         assert r.status_code == 400, r.text

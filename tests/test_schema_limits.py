@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from llamacpp_proxy.render.grammar_guard import schema_problem
-from llamacpp_proxy.render.schema_limits import pattern_ambiguity
+from llamacpp_proxy.render.schema_limits import MAX_WALK_STEPS, pattern_ambiguity
 
 from .conftest import UNLIMITED_KEY, Stack, forced_tool_call
 
@@ -392,6 +392,34 @@ def test_references_spelled_differently_are_each_built() -> None:
     schema["properties"] = [big]
     problem = schema_problem(schema)
     assert problem is not None and "'properties'" in problem, problem
+
+
+def test_a_list_named_many_ways_is_read_within_a_bound() -> None:
+    """Regression: each spelling of a reference to a 40,000-item list was read again, and a
+    list's items did not count toward any bound: 400 spellings (89 KiB) took 5.8 s of the
+    check and were accepted. Now the values read in all are bounded (MAX_WALK_STEPS)."""
+    aliases = ["0" * k for k in range(1, 401)]
+    schema = {
+        "$defs": {"l": [{"f": [0] * 40_000}]},
+        "allOf": [{"$ref": "#/$defs/l/" + alias} for alias in aliases],
+    }
+    problem = schema_problem(schema)
+    assert problem is not None and f"more than {MAX_WALK_STEPS} values" in problem, problem
+
+
+def test_a_reference_index_is_read_as_llamacpp_reads_it() -> None:
+    """llama.cpp reads a list index with std::stoull: white space, a sign and trailing text
+    are allowed, another script's digits and an overflow are not (it refuses the reference).
+    Regression: int() read the Arabic-Indic zero as 0, and 5000 digits raised ValueError
+    (a 500); the other spellings below were not read at all, so the pattern behind them
+    went unchecked."""
+    target = [{"type": "string", "pattern": "^(a?){0,99}$"}]
+    for index in ["0", "+0", " 0", "-0", "0x", "0" * 5000]:
+        schema = {"$defs": {"l": target}, "$ref": "#/$defs/l/" + index}
+        assert "ways at once" in (schema_problem(schema) or ""), index
+    for index in ["\u0660", "1" * 5000, "x", "", "1"]:
+        schema = {"$defs": {"l": target}, "$ref": "#/$defs/l/" + index}
+        assert schema_problem(schema) is None, index  # names nothing: llama.cpp refuses it
 
 
 @pytest.mark.parametrize(

@@ -77,8 +77,8 @@ def _refuse_what_llamacpp_cannot_build(found: dict[str, Any]) -> None:
                 problem = schema_problem(constraint)
         except ValueError:
             # int() refuses more than sys.get_int_max_str_digits() (4300) digits: a
-            # quantifier's bound or a `$ref`'s index that long, which the guards read
-            # with int(). Else a 500 for what is the client's malformed constraint.
+            # quantifier's bound that long, which the guards read with int(). Else a 500
+            # for what is the client's malformed constraint.
             problem = "holds a number too long to read (more than 4300 digits)"
         if problem is not None:
             # A forced call's schema is the tool's parameters: the client wrote it there.
