@@ -22,7 +22,7 @@ from llamacpp_proxy.frontdoor.constraint_check import (
 )
 from llamacpp_proxy.render import constraints
 
-from .conftest import UNLIMITED_KEY, Stack
+from .conftest import LIMITED_KEY, UNLIMITED_KEY, Stack
 
 AUTH = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
 LARGE_GRAMMAR = "root ::= " + " | ".join(f'"word{i}"' for i in range(200))
@@ -281,3 +281,25 @@ def test_a_check_still_running_does_not_hold_the_process_at_exit() -> None:
         raise AssertionError(f"the process did not exit: {exc.stdout!r}") from None
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "closed"
+
+
+def test_a_key_past_its_limits_causes_no_check(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check runs after admission, so a key's limits bound the checking it can cause
+    (and its share of the worker). Regression: it ran before, so a limited key's requests
+    past its limit were each checked (filling the worker's queue) before their 429."""
+    checked: list[str] = []
+    real = constraints.grammar_problem
+
+    def counting(grammar: str) -> str | None:
+        checked.append(grammar)
+        return real(grammar)
+
+    monkeypatch.setattr(constraints, "grammar_problem", counting)
+    body = {"prompt": "hi", "max_tokens": 2, "grammar": LARGE_GRAMMAR}
+    limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    with httpx.Client(base_url=stack.url, headers=limited, timeout=10) as client:
+        answers = [client.post("/v1/completions", json=body).status_code for _ in range(5)]
+    assert answers == [200, 200, 200, 429, 429]  # the limited key: 3 requests a minute
+    assert len(checked) == 3

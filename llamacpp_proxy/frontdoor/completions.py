@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..guard.ratelimit import Cost
 from ..model_names import model_display_name
-from ..render.constraints import merge_constraints
+from ..render.constraints import Constraint, merge_constraints
 from ..render.control_tokens import mark_messages
 from ..render.tool_calls import ToolCallFilter, parse_tool_calls
 from ..render.tools_describe import (
@@ -242,7 +242,7 @@ class CompletionsHandler(BaseHandler):
         self.keepalive_while_queued = request.stream
         self._tools = _active_tools(request)
         self._parallel_tools = request.parallel_tool_calls
-        await self._check_constraint(request)
+        constraint = self._merge_constraints(request)
         assert self.principal is not None  # completions require a key
         # Before admission: a model the key cannot use costs it nothing.
         self.usage_model = request.model
@@ -251,6 +251,8 @@ class CompletionsHandler(BaseHandler):
         self.model = self._pool.pool.name
         self._session = self._session_key(request, body)
         await self._admit(request)
+        # After admission: the key's limits bound how much checking it can cause.
+        await self.ctx.constraint_checks.check(constraint)
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
         self.usage_model = model
@@ -259,12 +261,12 @@ class CompletionsHandler(BaseHandler):
         self._generations = self._plan(request, prompts)
         await self.respond(request, model)
 
-    async def _check_constraint(self, request: CompletionRequest) -> None:
-        """Merge the request's output constraints into one and check it (a 400 for one
-        llama.cpp cannot build; large ones are checked off the event loop)."""
+    def _merge_constraints(self, request: CompletionRequest) -> Constraint:
+        """The request's output constraints merged into one (a 400 for two), still to be
+        checked (ctx.constraint_checks: off the event loop when large)."""
         constraint = merge_constraints(request, self._tools)
         self._forced_tools = constraint.forced
-        await self.ctx.constraint_checks.check(constraint)
+        return constraint
 
     def parse_request(self, body: dict[str, Any]) -> CompletionRequest:
         """The validated request (another front door parses its own protocol here)."""

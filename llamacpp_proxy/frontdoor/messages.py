@@ -142,11 +142,12 @@ class CountTokensHandler(MessagesHandler):
         request = anthropic.parse_messages_request(body, count_only=True)
         self._tools = _active_tools(request)
         self._parallel_tools = request.parallel_tool_calls
-        await self._check_constraint(request)
+        constraint = self._merge_constraints(request)
         assert self.principal is not None
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
         check_kind(self._pool.pool, "chat", request.model)
         self.admission = await self.ctx.limiter.admit(self.principal, Cost(1, 0))
+        await self.ctx.constraint_checks.check(constraint)
         self.set_default_headers()
         [prompt] = await self._prompts(request)
         self.write_json({"input_tokens": await self._count(prompt)})
