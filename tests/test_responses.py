@@ -448,6 +448,24 @@ def test_text_format_json_schema_reaches_llamacpp(stack: Stack, client: openai.O
     assert "json_schema" not in stack.fake.requests[-1]
 
 
+def test_a_text_format_llamacpp_cannot_build_is_named_as_this_protocol_names_it(
+    stack: Stack, client: openai.OpenAI
+) -> None:
+    """Regression: the 400 named 'response_format', a field the Responses API does not have."""
+    schema = {"type": "string", "minLength": 5, "maxLength": 2}  # hangs llama.cpp's builder
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(  # type: ignore[call-overload]
+            model="m",
+            input="json please",
+            text={"format": {"type": "json_schema", "name": "thing", "schema": schema}},
+        )
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert (error["param"], error["code"]) == ("text.format", "invalid_json_schema"), error
+    assert error["message"].startswith("'text.format' "), error
+    assert not stack.fake.requests
+
+
 # -- (4) errors, limits, charges ------------------------------------------------------------------
 
 

@@ -17,8 +17,8 @@ import contextlib
 import math
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar
 
 import tornado.web
 from tornado.iostream import IOStream, StreamClosedError
@@ -181,6 +181,9 @@ class CompletionsHandler(BaseHandler):
     _pool: PoolRuntime | None = None
     _session: str | None = None
     _request_results: RequestResults | None = None
+    constraint_names: ClassVar[Mapping[str, str]] = {}
+    """This protocol's names for where an output constraint came from, where they are not
+    OpenAI chat's (render/constraints.py)."""
     keepalive_while_queued = False
     """Streamed: a wait in the queue commits to 200 + SSE after --queue-keepalive
     seconds and sends comments (set by the front door once the body says stream)."""
@@ -264,7 +267,7 @@ class CompletionsHandler(BaseHandler):
     def _merge_constraints(self, request: CompletionRequest) -> Constraint:
         """The request's output constraints merged into one (a 400 for two), still to be
         checked (ctx.constraint_checks: off the event loop when large)."""
-        constraint = merge_constraints(request, self._tools)
+        constraint = merge_constraints(request, self._tools, self.constraint_names)
         self._forced_tools = constraint.forced
         return constraint
 

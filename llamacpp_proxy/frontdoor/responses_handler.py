@@ -11,7 +11,8 @@ Errors are OpenAI's, as for chat.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from ..errors import InvalidRequest
 from ..request import CompletionRequest
@@ -26,6 +27,7 @@ class ResponsesHandler(ProtocolHandler):
     chat = True
     endpoint = "/v1/responses"
     records_usage = True
+    constraint_names: ClassVar[Mapping[str, str]] = {"response_format": "text.format"}
     _parsed: responses.ResponsesRequest  # set by parse_request, read by respond
 
     def parse_request(self, body: dict[str, Any]) -> CompletionRequest:

@@ -9,7 +9,8 @@ mapping reads it, and nothing else can override it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidRequest
@@ -29,18 +30,27 @@ class Constraint:
     found: dict[str, Any]
     forced: bool
     """The constraint is a forced tool call's."""
+    names: Mapping[str, str] = field(default_factory=dict)
+    """The front door's name for a source, where it is not the source's (Responses:
+    `text.format` for `response_format`), for the 400's `param` and message."""
 
     def check(self) -> None:
         """InvalidRequest (400) for a constraint llama.cpp cannot build (grammar_guard.py).
         Pure CPU work, proportional to the constraint's size: see frontdoor/constraint_check.py
         for where it runs."""
-        _refuse_what_llamacpp_cannot_build(self.found)
+        _refuse_what_llamacpp_cannot_build(self.found, self.names)
 
 
-def merge_constraints(request: CompletionRequest, tools: list[dict[str, Any]] | None) -> Constraint:
+def merge_constraints(
+    request: CompletionRequest,
+    tools: list[dict[str, Any]] | None,
+    names: Mapping[str, str] | None = None,
+) -> Constraint:
     """Leave the request with at most one output constraint: a JSON schema in
     `request.json_schema` or a GBNF `grammar` in its extensions. InvalidRequest when the
-    request carries two. The constraint kept is returned unchecked (Constraint.check)."""
+    request carries two (named as the front door names them: `names`). The constraint kept
+    is returned unchecked (Constraint.check)."""
+    names = names or {}
     extensions = request.extensions
     found: dict[str, Any] = {}
     if request.json_schema is not None:
@@ -53,7 +63,7 @@ def merge_constraints(request: CompletionRequest, tools: list[dict[str, Any]] | 
     if forced is not None:
         found["tool_choice"] = forced
     if len(found) > 1:
-        first, second = [name for name in _SOURCES if name in found][:2]
+        first, second = [names.get(name, name) for name in _SOURCES if name in found][:2]
         raise InvalidRequest(
             f"'{second}' and '{first}' both constrain the output, and llama.cpp applies one "
             f"constraint per generation; send only one of them.",
@@ -62,10 +72,10 @@ def merge_constraints(request: CompletionRequest, tools: list[dict[str, Any]] | 
         )
     if "grammar" not in found:
         request.json_schema = next(iter(found.values()), None)
-    return Constraint(found, forced is not None)
+    return Constraint(found, forced is not None, names)
 
 
-def _refuse_what_llamacpp_cannot_build(found: dict[str, Any]) -> None:
+def _refuse_what_llamacpp_cannot_build(found: dict[str, Any], names: Mapping[str, str]) -> None:
     """A 400 for a constraint that would hang llama.cpp's grammar builder (grammar_guard.py):
     it matches nothing anyway."""
     for source, constraint in found.items():
@@ -82,5 +92,5 @@ def _refuse_what_llamacpp_cannot_build(found: dict[str, Any]) -> None:
             problem = "holds a number too long to read (more than 4300 digits)"
         if problem is not None:
             # A forced call's schema is the tool's parameters: the client wrote it there.
-            param = "tools" if source == "tool_choice" else source
+            param = "tools" if source == "tool_choice" else names.get(source, source)
             raise InvalidRequest(f"'{param}' {problem}.", param=param, code=code)
