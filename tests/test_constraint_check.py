@@ -303,3 +303,25 @@ def test_a_key_past_its_limits_causes_no_check(
         answers = [client.post("/v1/completions", json=body).status_code for _ in range(5)]
     assert answers == [200, 200, 200, 429, 429]  # the limited key: 3 requests a minute
     assert len(checked) == 3
+
+
+def test_checks_dropped_at_shutdown_get_a_503_of_their_own(stack: Stack, held: HeldCheck) -> None:
+    """Regression: a check still waiting for the worker when the shutdown closed it ended
+    its request with a cancellation (no answer before the connection was closed), and a
+    large constraint that came after got a 500."""
+    body = {"prompt": "hi", "max_tokens": 2, "grammar": LARGE_GRAMMAR}
+    with ThreadPoolExecutor(2) as pool:
+        running = post_in_background(pool, stack, body)
+        assert held.entered.wait(10)
+        waiting = post_in_background(pool, stack, body)
+        assert stack.wait_for(lambda: stack.ctx.constraint_checks.waiting == 2)
+        stack.runner.call(stack.ctx.constraint_checks.close)
+        dropped = waiting.result(20)
+        assert dropped.status_code == 503, dropped.text
+        assert dropped.json()["error"]["code"] == "shutting_down"
+        held.release.set()
+        assert running.result(20).status_code == 200  # the running check ended on its own
+    with httpx.Client(base_url=stack.url, headers=AUTH, timeout=10) as client:
+        after = client.post("/v1/completions", json=body)
+        assert after.status_code == 503, after.text
+        assert after.json()["error"]["code"] == "shutting_down"

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .. import fastjson
-from ..errors import ServerOverloaded
+from ..errors import ServerOverloaded, ServiceShuttingDown
 from ..render.constraints import Constraint
 
 INLINE_GRAMMAR_BYTES = 512
@@ -52,6 +52,7 @@ class ConstraintChecker:
         self.waiting = 0
         """Large checks running or queued now."""
         self._worker: _Worker | None = None  # started on the first large check
+        self._closed = False
 
     async def check(self, constraint: Constraint) -> None:
         """Raise what Constraint.check raises (InvalidRequest), or ServerOverloaded when too
@@ -59,6 +60,8 @@ class ConstraintChecker:
         if not _large(constraint.found):
             constraint.check()
             return
+        if self._closed:
+            raise _shutting_down()
         if self.waiting >= self.max_waiting:
             raise ServerOverloaded(
                 f"The gateway is checking {self.waiting} other large grammars or JSON schemas; "
@@ -71,14 +74,27 @@ class ConstraintChecker:
         try:
             # Cancelled (the request ended) before it started: the worker drops it.
             await asyncio.wrap_future(self._worker.submit(constraint.check))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise _shutting_down() from None  # dropped by close(), not this request's end
+            raise
         finally:
             self.waiting -= 1
 
     def close(self) -> None:
-        """Drop the checks not started (at shutdown); a running one is left to end, or to
-        end with the process: nothing waits for it."""
+        """Drop the checks not started (at shutdown: their requests get 503 shutting_down);
+        a running one is left to end, or to end with the process: nothing waits for it."""
+        self._closed = True
         if self._worker is not None:
             self._worker.close()
+
+
+def _shutting_down() -> ServiceShuttingDown:
+    return ServiceShuttingDown(
+        "The server is shutting down; retry on another instance.",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
 
 
 class _Worker:
