@@ -99,9 +99,9 @@ def _shutting_down() -> ServiceShuttingDown:
 
 class _Worker:
     """One daemon thread that runs the checks in turn. Not a ThreadPoolExecutor: the
-    interpreter joins those threads at exit, and a check cannot be stopped once it runs
-    (some take far longer than any shutdown should: schema_limits.py walks a `$ref`
-    target once per spelling of its path), so a gateway told to stop would not exit."""
+    interpreter joins those threads at exit, and a check cannot be stopped once it runs,
+    so a check slower than its bounds assume (one took 5.8 s before schema_limits.py
+    bounded the values it reads) would keep a gateway told to stop from exiting."""
 
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[tuple[Future[None], Callable[[], None]] | None] = (
