@@ -254,8 +254,8 @@ class CompletionsHandler(BaseHandler):
         self.model = self._pool.pool.name
         self._session = self._session_key(request, body)
         await self._admit(request)
-        # After admission: the key's limits bound how much checking it can cause.
-        await self.ctx.constraint_checks.check(constraint)
+        if constraint.found:  # after admission: the key's limits bound its checking
+            await self.ctx.constraint_checks.check(constraint)
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
         self.usage_model = model

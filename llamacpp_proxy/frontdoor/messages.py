@@ -147,7 +147,8 @@ class CountTokensHandler(MessagesHandler):
         self._pool = self.ctx.routes.lookup(request.model, self.principal.models)
         check_kind(self._pool.pool, "chat", request.model)
         self.admission = await self.ctx.limiter.admit(self.principal, Cost(1, 0))
-        await self.ctx.constraint_checks.check(constraint)
+        if constraint.found:
+            await self.ctx.constraint_checks.check(constraint)
         self.set_default_headers()
         [prompt] = await self._prompts(request)
         self.write_json({"input_tokens": await self._count(prompt)})
