@@ -173,6 +173,15 @@ def char_span(low: int, high: int) -> frozenset[str]:
     return frozenset(map(chr, range(low, high + 1)))
 
 
+def add_span(chars: set[str] | None, bottom: str, top: str) -> set[str] | None:
+    """A class's characters with the range `bottom`-`top` added; None (any character) once
+    a range is too wide to list (WIDE_RANGE), or already."""
+    if chars is None or ord(top) - ord(bottom) >= WIDE_RANGE:
+        return None
+    chars.update(char_span(ord(bottom), ord(top)))
+    return chars
+
+
 class _Unparsable(Exception):
     """llama.cpp would refuse this grammar itself (a 400): not ours to judge."""
 
@@ -544,10 +553,7 @@ class _Parser:
                         self.pos += 1
                         top = self.char()
                         width += 1  # a range's upper bound is an element of its own
-                        if chars is not None and ord(top) - ord(bottom) >= WIDE_RANGE:
-                            chars = None
-                        elif chars is not None:
-                            chars.update(char_span(ord(bottom), ord(top)))
+                        chars = add_span(chars, bottom, top)
                     elif chars is not None:
                         chars.add(bottom)
                 self.pos += 1

@@ -33,10 +33,9 @@ from typing import Any
 from .gbnf import (
     ANY,
     NOTHING,
-    WIDE_RANGE,
     Chars,
     Summary,
-    char_span,
+    add_span,
     join_alternatives,
     join_sequence,
     repeat_summary,
@@ -521,10 +520,7 @@ class _Regex:
                 if text.startswith("-", self.i) and self.i + 1 < n and text[self.i + 1] != "]":
                     self.i += 1
                     top = self.char(in_class=True)
-                    if chars is not None and ord(top) - ord(bottom) >= WIDE_RANGE:
-                        chars = None
-                    elif chars is not None:
-                        chars.update(char_span(ord(bottom), ord(top)))
+                    chars = add_span(chars, bottom, top)
                 elif chars is not None:
                     chars.add(bottom)
             self.i += 1
