@@ -106,8 +106,8 @@ def test_other_clients_are_served_while_a_large_constraint_is_checked(
     stack: Stack, held: HeldCheck, constraint: dict[str, Any]
 ) -> None:
     """Regression: the check ran on the event loop, so a 64 KiB grammar held every client
-    for about 27 ms; here a check held until released would have stopped the gateway (the
-    health check below timed out)."""
+    for 27 ms (about 100 ms since the ambiguity count); here a check held until released
+    would have stopped the gateway (the helper's health check timed out)."""
     body = {"prompt": "hi", "max_tokens": 2, **constraint}
     if "response_format" in constraint:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **constraint}
