@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from llamacpp_proxy.render.grammar_guard import schema_problem
 from llamacpp_proxy.render.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
 
 TOOLS = [
@@ -139,3 +140,77 @@ def test_forced_call_schemas() -> None:
     required = forced_call_schema(TOOLS, "required")
     assert required is not None and len(required["anyOf"]) == 2
     assert forced_call_schema(TOOLS, "auto") is None
+
+
+def _resolves(schema: Any, ref: str) -> bool:
+    node = schema
+    for token in ref[2:].split("/") if ref != "#" else []:
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return False
+    return isinstance(node, dict)
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [r for k, v in node.items() if k not in ("const", "enum") for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+PYDANTIC_NESTED: Any = {
+    "$defs": {
+        "Place": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "near": {"$ref": "#/$defs/Place"}},
+            "required": ["city"],
+        }
+    },
+    "type": "object",
+    "properties": {
+        "place": {"$ref": "#/$defs/Place"},
+        "tree": {"$ref": "#"},
+        "fixed": {"const": {"$ref": "#/$defs/Place"}},  # data, not a reference
+    },
+    "required": ["place"],
+}
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_forced_calls_schema_keeps_the_tools_references_resolvable(count: int) -> None:
+    """Regression: the parameters went under the call's `arguments` as they were, so
+    Pydantic's `#/$defs/Place` named nothing at the schema's root and llama.cpp refused the
+    request ("cannot resolve $ref", tests/e2e/test_tool_round_trips.py)."""
+    before = json.dumps(PYDANTIC_NESTED)
+    tools = [
+        {"type": "function", "function": {"name": f"t{i}", "parameters": PYDANTIC_NESTED}}
+        for i in range(count)
+    ]
+    schema = forced_call_schema(tools, "required")
+    refs = _refs(schema)
+    assert len(refs) == 3 * count
+    assert all(_resolves(schema, ref) for ref in refs), refs
+    arguments = (schema if count == 1 else schema["anyOf"][1])["properties"]["arguments"]
+    assert list(arguments) == list(PYDANTIC_NESTED)  # keys keep their order
+    assert list(arguments["properties"]) == ["place", "tree", "fixed"]
+    assert arguments["properties"]["fixed"] == {"const": {"$ref": "#/$defs/Place"}}
+    assert json.dumps(PYDANTIC_NESTED) == before  # the client's tools are not changed
+
+
+def test_the_guard_reads_what_a_forced_calls_references_name() -> None:
+    """With the references resolvable, the limits on what llama.cpp builds follow them into
+    the tool's `$defs` (which are built only where referenced): before, the reference named
+    nothing and this pattern went unread."""
+    parameters = {
+        "$defs": {"Bad": {"type": "string", "pattern": "^(a?){0,99}$"}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/Bad"}},
+    }
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    problem = schema_problem(forced_call_schema(tools, "required"))
+    assert problem is not None and "ways at once" in problem, problem

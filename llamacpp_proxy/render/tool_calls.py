@@ -12,6 +12,7 @@ import json
 import re
 from typing import Any
 
+from .. import fastjson
 from ..ids import unique_id
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
@@ -29,18 +30,56 @@ def forced_call_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[st
         chosen = [t for t in tools if t["function"]["name"] == name]
     else:
         return None
+    where = "#/properties/arguments" if len(chosen) == 1 else "#/anyOf/{}/properties/arguments"
     options = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                "arguments": t["function"].get("parameters") or {"type": "object"},
+                "arguments": _rebased(
+                    t["function"].get("parameters") or {"type": "object"}, where.format(i)
+                ),
             },
             "required": ["name", "arguments"],
         }
-        for t in chosen
+        for i, t in enumerate(chosen)
     ]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+_DATA = frozenset({"const", "enum", "default", "examples"})
+"""Keywords whose values are data, not schemas: a `$ref` key in them is not a reference."""
+
+
+def _rebased(parameters: Any, base: str) -> Any:
+    """A tool's parameters with their local references (`#`, `#/$defs/...`, as Pydantic
+    writes nested models) pointing where the forced call's schema puts them (`base`):
+    nested under `arguments`, `#/$defs/X` would name nothing at the new root, and llama.cpp
+    refuses a reference it cannot resolve. A copy, made only when there is a reference: the
+    client's tools also go to the chat template as they are."""
+    if not isinstance(parameters, dict) or b'"$ref"' not in fastjson.dumps(parameters):
+        return parameters
+    root: dict[str, Any] = {}
+    stack: list[tuple[Any, dict[str, Any] | list[Any], str | int]] = [(parameters, root, "")]
+    while stack:  # iterative: a schema may nest deeper than Python's recursion limit
+        node, parent, key = stack.pop()
+        if isinstance(node, dict):
+            copy: dict[str, Any] = {}
+            for name, value in node.items():
+                if name == "$ref" and isinstance(value, str) and value[:2] in ("#", "#/"):
+                    copy[name] = base + value[1:]
+                else:
+                    copy[name] = value  # in its place: a schema's keys keep their order
+                    if name not in _DATA and isinstance(value, dict | list):
+                        stack.append((value, copy, name))  # replaced by its copy
+            parent[key] = copy  # type: ignore[index]
+        else:
+            items: list[Any] = list(node)
+            for i, value in enumerate(items):
+                if isinstance(value, dict | list):
+                    stack.append((value, items, i))
+            parent[key] = items  # type: ignore[index]
+    return root[""]
 
 
 def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import jsonschema
 import openai
 import pytest
 
@@ -218,3 +219,38 @@ def test_responses_function_call_then_output(gpt: openai.OpenAI, llama_server: S
     assert short.usage is not None and long.usage is not None
     grown = long.usage.input_tokens - short.usage.input_tokens
     assert grown == padding_tokens(llama_server)
+
+
+def test_a_forced_tool_whose_parameters_refer_to_their_defs_is_called(
+    gpt: openai.OpenAI,
+) -> None:
+    """Pydantic writes a nested model as `$defs` and `{"$ref": "#/$defs/Name"}`. Forced, the
+    tool's parameters sit under the call's `arguments` in llama.cpp's schema, where those
+    references named nothing. Regression: llama.cpp refused the request (a 400: cannot
+    resolve $ref); now the references point where the parameters are, and the call comes
+    back with the nested object."""
+    parameters = {
+        "$defs": {
+            "Place": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": False,
+            }
+        },
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}},
+        "required": ["place"],
+        "additionalProperties": False,
+    }
+    reply = gpt.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[{"type": "function", "function": {"name": "weather", "parameters": parameters}}],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=60,
+    )
+    calls = reply.choices[0].message.tool_calls or []
+    assert [call.function.name for call in calls] == ["weather"], reply
+    jsonschema.validate(json.loads(calls[0].function.arguments), parameters)
