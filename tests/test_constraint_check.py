@@ -159,6 +159,34 @@ def test_large_checks_past_the_bound_get_503_and_the_gateway_goes_on(
             assert again.status_code == 200, again.text
 
 
+def test_one_key_takes_at_most_its_share_of_the_waiting_places(
+    stack: Stack, held: HeldCheck
+) -> None:
+    """A key's limits bound how many checks it asks for in a window, not at once: past its
+    share of the places (max_waiting_per_key) its next large check is told to retry, and
+    another key's still waits its turn. Regression: one key's burst took every place."""
+    stack.ctx.constraint_checks = ConstraintChecker(max_waiting=4, max_waiting_per_key=1)
+    body = {"prompt": "hi", "max_tokens": 2, "grammar": LARGE_GRAMMAR}
+    with ThreadPoolExecutor(2) as pool:
+        first = post_in_background(pool, stack, body)
+        assert held.entered.wait(10)
+        with httpx.Client(base_url=stack.url, headers=AUTH, timeout=10) as client:
+            refused = client.post("/v1/completions", json=body)
+        assert refused.status_code == 503, refused.text
+        assert "of this key's" in refused.json()["error"]["message"]
+
+        def other_key() -> httpx.Response:
+            limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+            with httpx.Client(base_url=stack.url, headers=limited, timeout=20) as client:
+                return client.post("/v1/completions", json=body)
+
+        second = pool.submit(other_key)
+        assert stack.wait_for(lambda: stack.ctx.constraint_checks.waiting == 2)
+        held.release.set()
+        assert first.result(20).status_code == 200
+        assert second.result(20).status_code == 200
+
+
 def aliased_refs_schema() -> dict[str, Any]:
     """A schema whose JSON is small but whose check walks one large subtree once per
     `$ref`: schema_limits.py walks each reference's target on its own, keyed by the
@@ -247,7 +275,7 @@ constraints.grammar_problem = stuck
 async def main():
     checker = ConstraintChecker()
     grammar = "x" * (INLINE_GRAMMAR_BYTES + 1)
-    task = asyncio.ensure_future(checker.check(Constraint({"grammar": grammar}, False)))
+    task = asyncio.ensure_future(checker.check(Constraint({"grammar": grammar}, False), "k"))
     assert await asyncio.to_thread(started.wait, 10)
     checker.close()  # what shutdown does
     task.cancel()
@@ -258,11 +286,10 @@ asyncio.run(main())
 
 
 def test_a_check_still_running_does_not_hold_the_process_at_exit() -> None:
-    """A check cannot be stopped once it runs, and some run for a very long time
-    (schema_limits.py walks a `$ref` target once per spelling of its path: an 89 KiB
-    schema took 6 s, a 4 MiB one would take hours). Regression: the worker was a
-    ThreadPoolExecutor's, which the interpreter joins at exit, so a gateway told to stop
-    did not exit until the check ended; here it never does."""
+    """A check cannot be stopped once it runs, and one may run longer than its bounds
+    assume (before schema_limits.py bounded the values it reads, an 89 KiB schema took
+    6 s). Regression: the worker was a ThreadPoolExecutor's, which the interpreter joins at
+    exit, so a gateway told to stop did not exit until the check ended; here it never does."""
     try:
         done = subprocess.run(
             [sys.executable, "-c", STUCK_CHECK], capture_output=True, text=True, timeout=30

@@ -255,7 +255,7 @@ class CompletionsHandler(BaseHandler):
         self._session = self._session_key(request, body)
         await self._admit(request)
         if constraint.found:  # after admission: the key's limits bound its checking
-            await self.ctx.constraint_checks.check(constraint)
+            await self.ctx.constraint_checks.check(constraint, self.principal.name)
         prompts = await self._prompts(request)
         model = request.model or await self._served_model()
         self.usage_model = model

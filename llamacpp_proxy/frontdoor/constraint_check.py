@@ -41,36 +41,43 @@ a `pattern` of groups `(a)`, about 0.8 ms; at 2 KiB it took 1.6 ms, at 8 KiB 3.6
 the ambiguity count). Patterns cost about 4 times as much a byte as the rest."""
 MAX_WAITING = 32
 """Large checks running or waiting for the worker at once (about 3 s of work at most)."""
+MAX_WAITING_PER_KEY = 8
+"""Of those, one key's: a key's limits bound how many checks it can ask for in a window,
+not how many at once, and one key's burst would otherwise take every place."""
 
 
 class ConstraintChecker:
     """Runs Constraint.check inline or in its one worker thread (one: the checks hold the
     GIL, so a second thread would add no throughput, only contention with the loop)."""
 
-    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
+    def __init__(
+        self, max_waiting: int = MAX_WAITING, max_waiting_per_key: int = MAX_WAITING_PER_KEY
+    ) -> None:
         self.max_waiting = max_waiting
+        self.max_waiting_per_key = max_waiting_per_key
         self.waiting = 0
         """Large checks running or queued now."""
+        self._by_key: dict[str, int] = {}
         self._worker: _Worker | None = None  # started on the first large check
         self._closed = False
 
-    async def check(self, constraint: Constraint) -> None:
+    async def check(self, constraint: Constraint, key: str) -> None:
         """Raise what Constraint.check raises (InvalidRequest), or ServerOverloaded when too
-        many large checks are already waiting."""
+        many large checks are already waiting, in all or for this `key` (its name)."""
         if not _large(constraint.found):
             constraint.check()
             return
         if self._closed:
             raise _shutting_down()
+        mine = self._by_key.get(key, 0)
         if self.waiting >= self.max_waiting:
-            raise ServerOverloaded(
-                f"The gateway is checking {self.waiting} other large grammars or JSON schemas; "
-                "retry shortly.",
-                retry_after=1,
-            )
+            raise _busy(f"{self.waiting} other large grammars or JSON schemas")
+        if mine >= self.max_waiting_per_key:
+            raise _busy(f"{mine} other large grammars or JSON schemas of this key's")
         if self._worker is None:
             self._worker = _Worker("constraint-check")
         self.waiting += 1
+        self._by_key[key] = mine + 1
         try:
             # Cancelled (the request ended) before it started: the worker drops it.
             await asyncio.wrap_future(self._worker.submit(constraint.check))
@@ -81,6 +88,9 @@ class ConstraintChecker:
             raise
         finally:
             self.waiting -= 1
+            left = self._by_key.pop(key) - 1
+            if left:
+                self._by_key[key] = left
 
     def close(self) -> None:
         """Drop the checks not started (at shutdown: their requests get 503 shutting_down);
@@ -88,6 +98,10 @@ class ConstraintChecker:
         self._closed = True
         if self._worker is not None:
             self._worker.close()
+
+
+def _busy(what: str) -> ServerOverloaded:
+    return ServerOverloaded(f"The gateway is checking {what}; retry shortly.", retry_after=1)
 
 
 def _shutting_down() -> ServiceShuttingDown:

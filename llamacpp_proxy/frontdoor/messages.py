@@ -148,7 +148,7 @@ class CountTokensHandler(MessagesHandler):
         check_kind(self._pool.pool, "chat", request.model)
         self.admission = await self.ctx.limiter.admit(self.principal, Cost(1, 0))
         if constraint.found:
-            await self.ctx.constraint_checks.check(constraint)
+            await self.ctx.constraint_checks.check(constraint, self.principal.name)
         self.set_default_headers()
         [prompt] = await self._prompts(request)
         self.write_json({"input_tokens": await self._count(prompt)})
