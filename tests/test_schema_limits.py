@@ -70,6 +70,11 @@ def objects(count: int, properties: int, required: bool = True) -> dict[str, Any
     }
 
 
+def named(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An object whose one property, `name`, has this schema."""
+    return {"type": "object", "properties": {name: schema}, "required": [name]}
+
+
 def string(pattern: str) -> dict[str, Any]:
     return {"type": "string", "pattern": pattern}
 
@@ -486,6 +491,23 @@ def test_a_reference_index_is_read_as_llamacpp_reads_it() -> None:
             },
             None,
         ),
+        # A property's name is not a keyword: properties named like one ("type",
+        # "default", ...) are built by llama.cpp all the same.
+        (
+            "/v1/completions",
+            {"prompt": "hi", "json_schema": named("type", string("^(a|aa){0,1000}$"))},
+            "json_schema",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "json_schema": named("enum", string("^(a|aa){0,1000}$"))},
+            "json_schema",
+        ),
+        (
+            "/v1/chat/completions",
+            forced_tool_call(named("default", {"type": "string", "minLength": 5, "maxLength": 1})),
+            "tools",
+        ),
     ],
     ids=[
         "ref-chain",
@@ -495,6 +517,9 @@ def test_a_reference_index_is_read_as_llamacpp_reads_it() -> None:
         "ambiguous-pattern",
         "unanchored-patterns",
         "responses-optional",
+        "property-named-type",
+        "property-named-enum",
+        "property-named-default",
     ],
 )
 def test_a_schema_llamacpp_cannot_survive_is_a_400_and_never_sent(

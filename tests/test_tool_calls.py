@@ -154,10 +154,18 @@ def _resolves(schema: Any, ref: str) -> bool:
     return isinstance(node, dict)
 
 
-def _refs(node: Any) -> list[str]:
+def _refs(node: Any, names: bool = False) -> list[str]:
+    """The references in a schema (`names`: in a map of names to schemas, `properties`)."""
+    if isinstance(node, dict) and names:
+        return [r for v in node.values() for r in _refs(v)]
     if isinstance(node, dict):
         own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
-        return own + [r for k, v in node.items() if k not in ("const", "enum") for r in _refs(v)]
+        return own + [
+            r
+            for k, v in node.items()
+            if k not in ("const", "enum")
+            for r in _refs(v, k in ("properties", "$defs"))
+        ]
     if isinstance(node, list):
         return [r for v in node for r in _refs(v)]
     return []
@@ -214,3 +222,24 @@ def test_the_guard_reads_what_a_forced_calls_references_name() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
     problem = schema_problem(forced_call_schema(tools, "required"))
     assert problem is not None and "ways at once" in problem, problem
+
+
+@pytest.mark.parametrize("name", ["default", "enum", "const", "examples"])
+def test_a_property_named_like_a_data_keyword_is_rebased(name: str) -> None:
+    """Regression: a property (or a `$defs` entry) named "default", "enum", "const" or
+    "examples" was taken for that keyword's data and its references left pointing at the
+    root, where llama.cpp cannot resolve them: the forced call failed for a tool with a
+    Pydantic field `default: Config`."""
+    parameters = {
+        "$defs": {
+            "Config": {"type": "object", "properties": {"a": {"type": "string"}}},
+            name: {"type": "object", "properties": {"c": {"$ref": "#/$defs/Config"}}},
+        },
+        "type": "object",
+        "properties": {name: {"$ref": "#/$defs/Config"}, "other": {"$ref": f"#/$defs/{name}"}},
+    }
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    schema = forced_call_schema(tools, "required")
+    refs = _refs(schema)
+    assert len(refs) == 3, refs
+    assert all(_resolves(schema, ref) for ref in refs), refs

@@ -34,7 +34,7 @@ import re
 from typing import Any, TypeGuard
 
 from .gbnf import MAX_EXPANDED_ELEMENTS, GrammarTooLarge, analyse
-from .schema_limits import MAX_PATTERN_AMBIGUITY, schema_limits_problem
+from .schema_limits import MAX_PATTERN_AMBIGUITY, NAMED_SCHEMAS, schema_limits_problem
 
 _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
 """`{m,n}` with both bounds: the only form whose bounds can be inverted."""
@@ -155,7 +155,11 @@ def schema_problem(schema: Any) -> str | None:
             if problem is not None:
                 return f"{where}: {problem}"
         for key, value in node.items():
-            if key not in _NOT_SCHEMAS and isinstance(value, dict | list):
+            if key in NAMED_SCHEMAS and isinstance(value, dict):
+                # Names, not keywords: a property named "default" is a schema all the same.
+                at = f"{where}/{_pointer_token(str(key))}"
+                stack.extend((v, f"{at}/{_pointer_token(str(k))}") for k, v in value.items())
+            elif key not in _NOT_SCHEMAS and isinstance(value, dict | list):
                 stack.append((value, f"{where}/{_pointer_token(str(key))}"))
     # What it would cost llama.cpp to build and follow (schema_limits.py).
     return schema_limits_problem(schema)

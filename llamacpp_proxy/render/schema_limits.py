@@ -90,6 +90,11 @@ skippable took 3 to 6 s for one token; `(a{1,10}){0,1000}` 49 s for 100 tokens, 
 without; `(a|aa){0,32}` took 27 ms a token against 21 unambiguous, `{0,100}` 40 ms)."""
 
 _NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples", "required", "type"})
+NAMED_SCHEMAS = frozenset(
+    {"properties", "patternProperties", "dependentSchemas", "$defs", "definitions"}
+)
+"""Keywords whose value maps names to schemas: its keys are names, not keywords (a property
+named "type", "enum" or "default" is a schema llama.cpp builds like any other)."""
 _BUILT_ONLY_BY_REF = frozenset({"$defs", "definitions"})
 _NULL = {"type": "null"}
 _COUNTED = frozenset({"enum", "const", "anyOf", "oneOf", "properties", "pattern"})
@@ -196,7 +201,13 @@ def _walk_unit(
         for key, value in node.items():
             if key in _NOT_SCHEMAS or key in _BUILT_ONLY_BY_REF:
                 continue
-            if isinstance(value, dict | list):
+            if key in NAMED_SCHEMAS and isinstance(value, dict):
+                # Each value a schema whatever its name, a level below the map, as before.
+                at = (where, str(key))
+                stack.extend(
+                    (schema, (at, name), depth + 2, inner) for name, schema in value.items()
+                )
+            elif isinstance(value, dict | list):
                 stack.append((value, (where, str(key)), depth + 1, inner))
     return None, height
 

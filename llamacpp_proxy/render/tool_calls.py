@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import fastjson
 from ..ids import unique_id
+from .schema_limits import NAMED_SCHEMAS
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _CALL_OPEN = "<tool_call>"
@@ -60,24 +61,34 @@ def _rebased(parameters: Any, base: str) -> Any:
     if not isinstance(parameters, dict) or b'"$ref"' not in fastjson.dumps(parameters):
         return parameters
     root: dict[str, Any] = {}
-    stack: list[tuple[Any, dict[str, Any] | list[Any], str | int]] = [(parameters, root, "")]
+    # `names`: the node maps names to schemas (`properties`, `$defs`): its keys are not
+    # keywords, so a property named "default" or "$ref" is a schema like any other.
+    stack: list[tuple[Any, dict[str, Any] | list[Any], str | int, bool]] = [
+        (parameters, root, "", False)
+    ]
     while stack:  # iterative: a schema may nest deeper than Python's recursion limit
-        node, parent, key = stack.pop()
+        node, parent, key, names = stack.pop()
         if isinstance(node, dict):
             copy: dict[str, Any] = {}
             for name, value in node.items():
-                if name == "$ref" and isinstance(value, str) and value[:2] in ("#", "#/"):
+                if (
+                    not names
+                    and name == "$ref"
+                    and isinstance(value, str)
+                    and value[:2] in ("#", "#/")
+                ):
                     copy[name] = base + value[1:]
                 else:
                     copy[name] = value  # in its place: a schema's keys keep their order
-                    if name not in _DATA and isinstance(value, dict | list):
-                        stack.append((value, copy, name))  # replaced by its copy
+                    if (names or name not in _DATA) and isinstance(value, dict | list):
+                        # replaced by its copy
+                        stack.append((value, copy, name, not names and name in NAMED_SCHEMAS))
             parent[key] = copy  # type: ignore[index]
         else:
             items: list[Any] = list(node)
             for i, value in enumerate(items):
                 if isinstance(value, dict | list):
-                    stack.append((value, items, i))
+                    stack.append((value, items, i, False))
             parent[key] = items  # type: ignore[index]
     return root[""]
 
