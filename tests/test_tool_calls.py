@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from llamacpp_proxy.render.grammar_guard import schema_problem
-from llamacpp_proxy.render.tool_calls import ToolCallFilter, forced_call_schema, parse_tool_calls
+from llamacpp_proxy.render.tool_calls import (
+    ToolCallFilter,
+    forced_call_schema,
+    parse_tool_calls,
+    rebase_tool_references,
+)
+
+from .conftest import UNLIMITED_KEY, Stack, forced_tool_call
+
+AUTH = {"Authorization": f"Bearer {UNLIMITED_KEY}"}
 
 TOOLS = [
     {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
@@ -142,6 +153,15 @@ def test_forced_call_schemas() -> None:
     assert forced_call_schema(TOOLS, "auto") is None
 
 
+def forced_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any]:
+    """The forced call's schema as llama.cpp gets it: Constraint.check rebases the tools'
+    references (off the event loop for a large one) before it checks."""
+    schema = forced_call_schema(tools, tool_choice)
+    assert schema is not None
+    rebase_tool_references(schema)
+    return schema
+
+
 def _resolves(schema: Any, ref: str) -> bool:
     node = schema
     for token in ref[2:].split("/") if ref != "#" else []:
@@ -199,7 +219,7 @@ def test_a_forced_calls_schema_keeps_the_tools_references_resolvable(count: int)
         {"type": "function", "function": {"name": f"t{i}", "parameters": PYDANTIC_NESTED}}
         for i in range(count)
     ]
-    schema = forced_call_schema(tools, "required")
+    schema = forced_schema(tools, "required")
     refs = _refs(schema)
     assert len(refs) == 3 * count
     assert all(_resolves(schema, ref) for ref in refs), refs
@@ -220,7 +240,7 @@ def test_the_guard_reads_what_a_forced_calls_references_name() -> None:
         "properties": {"a": {"$ref": "#/$defs/Bad"}},
     }
     tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
-    problem = schema_problem(forced_call_schema(tools, "required"))
+    problem = schema_problem(forced_schema(tools, "required"))
     assert problem is not None and "ways at once" in problem, problem
 
 
@@ -239,7 +259,30 @@ def test_a_property_named_like_a_data_keyword_is_rebased(name: str) -> None:
         "properties": {name: {"$ref": "#/$defs/Config"}, "other": {"$ref": f"#/$defs/{name}"}},
     }
     tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
-    schema = forced_call_schema(tools, "required")
+    schema = forced_schema(tools, "required")
     refs = _refs(schema)
     assert len(refs) == 3, refs
     assert all(_resolves(schema, ref) for ref in refs), refs
+
+
+@pytest.mark.parametrize("extra_fields", [0, 100], ids=["checked-inline", "checked-in-thread"])
+def test_the_forced_schema_llamacpp_gets_has_the_references_rebased(
+    make_stack: Callable[..., Stack], extra_fields: int
+) -> None:
+    """Through the gateway, small (checked on the loop) and large (checked in the worker
+    thread, where the rebase now runs too): the body llama.cpp gets names the tool's
+    `$defs` where they sit."""
+    stack = make_stack(chat_template="qwen2.5")  # a template that writes tools
+    parameters = json.loads(json.dumps(PYDANTIC_NESTED))
+    for i in range(extra_fields):
+        parameters["properties"][f"extra{i}"] = {"type": "string"}
+    stack.fake.script.tokens = ['{"name": "f", "arguments": {"place": {"city": "Oslo"}}}']
+    with httpx.Client(base_url=stack.url, headers=AUTH, timeout=10) as client:
+        r = client.post(
+            "/v1/chat/completions", json={**forced_tool_call(parameters), "max_tokens": 30}
+        )
+    assert r.status_code == 200, r.text
+    sent = stack.fake.requests[-1]["json_schema"]
+    refs = _refs(sent)
+    assert refs and all(ref.startswith("#/properties/arguments") for ref in refs), refs
+    assert all(_resolves(sent, ref) for ref in refs), refs

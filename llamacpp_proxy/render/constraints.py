@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InvalidRequest
 from ..request import CompletionRequest
 from .grammar_guard import grammar_problem, schema_problem
-from .tool_calls import forced_call_schema
+from .tool_calls import forced_call_schema, rebase_tool_references
 
 # In this order, the first is the one kept in the error message, the second is the `param`.
 _SOURCES = ("response_format", "json_schema", "grammar", "tool_choice")
@@ -35,9 +35,12 @@ class Constraint:
     `text.format` for `response_format`), for the 400's `param` and message."""
 
     def check(self) -> None:
-        """InvalidRequest (400) for a constraint llama.cpp cannot build (grammar_guard.py).
-        Pure CPU work, proportional to the constraint's size: see frontdoor/constraint_check.py
-        for where it runs."""
+        """Finish the constraint as llama.cpp gets it (a forced call's tool references
+        pointed where they sit), then raise InvalidRequest (400) for one llama.cpp cannot
+        build (grammar_guard.py). CPU work proportional to the constraint's size: see
+        frontdoor/constraint_check.py for where it runs."""
+        if self.forced:
+            rebase_tool_references(self.found["tool_choice"])
         _refuse_what_llamacpp_cannot_build(self.found, self.names)
 
 

@@ -23,7 +23,10 @@ _JSON_STARTS = ("{", "[")
 
 
 def forced_call_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[str, Any] | None:
-    """The JSON schema that makes the model call a tool, when tool_choice demands one."""
+    """The JSON schema that makes the model call a tool, when tool_choice demands one. The
+    tools' parameters go in as they are: rebase_tool_references then points their
+    references where they now sit (it costs as much as the parameters are large, so it runs
+    with the constraint's check, off the event loop for a large one)."""
     if tool_choice == "required":
         chosen = tools
     elif isinstance(tool_choice, dict):
@@ -31,21 +34,37 @@ def forced_call_schema(tools: list[dict[str, Any]], tool_choice: Any) -> dict[st
         chosen = [t for t in tools if t["function"]["name"] == name]
     else:
         return None
-    where = "#/properties/arguments" if len(chosen) == 1 else "#/anyOf/{}/properties/arguments"
     options = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                "arguments": _rebased(
-                    t["function"].get("parameters") or {"type": "object"}, where.format(i)
-                ),
+                "arguments": t["function"].get("parameters") or {"type": "object"},
             },
             "required": ["name", "arguments"],
         }
-        for i, t in enumerate(chosen)
+        for t in chosen
     ]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def rebase_tool_references(forced: dict[str, Any]) -> None:
+    """In a schema from forced_call_schema (changed in place: it is the gateway's own, not
+    the client's), each tool's parameters with their local references (`#`,
+    `#/$defs/...`, as Pydantic writes nested models) pointing where they now sit: nested
+    under `arguments`, `#/$defs/X` would name nothing at the new root, and llama.cpp
+    refuses a reference it cannot resolve."""
+    options = forced.get("anyOf")
+    if isinstance(options, list):
+        for i, option in enumerate(options):
+            _rebase_option(option, f"#/anyOf/{i}/properties/arguments")
+    else:
+        _rebase_option(forced, "#/properties/arguments")
+
+
+def _rebase_option(option: dict[str, Any], base: str) -> None:
+    properties = option["properties"]
+    properties["arguments"] = _rebased(properties["arguments"], base)
 
 
 _DATA = frozenset({"const", "enum", "default", "examples"})
