@@ -89,6 +89,22 @@ def assert_checked_off_the_loop(stack: Stack, held: HeldCheck, body: dict[str, A
     assert held.threads and all(name.startswith("constraint-check") for name in held.threads)
 
 
+def assert_refused_then_served(
+    stack: Stack, extra: dict[str, Any], param: str, code: str
+) -> dict[str, Any]:
+    """A text completion with `extra` gets a 400 naming `param` with `code`, never reaching
+    llama.cpp, and the same kept-alive connection is served next; returns the error."""
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra})
+        assert r.status_code == 400, r.text
+        error: dict[str, Any] = r.json()["error"]
+        assert (error["param"], error["code"]) == (param, code), error
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200  # the same connection goes on serving
+    assert len(stack.fake.requests) == 1  # only the second request reached llama.cpp
+    return error
+
+
 @pytest.mark.parametrize(
     "constraint",
     [
@@ -128,14 +144,7 @@ def test_a_small_constraint_is_checked_where_it_costs_least(stack: Stack) -> Non
 
 def test_a_large_constraint_refused_off_the_loop_is_the_same_400(stack: Stack) -> None:
     bad = LARGE_GRAMMAR + ' | "a"{5,2}'
-    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
-        r = client.post("/v1/completions", json={"prompt": "hi", "grammar": bad})
-        assert r.status_code == 400, r.text
-        error = r.json()["error"]
-        assert (error["param"], error["code"]) == ("grammar", "invalid_grammar"), error
-        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert ok.status_code == 200  # the same connection goes on serving
-    assert len(stack.fake.requests) == 1  # only the second request reached llama.cpp
+    assert_refused_then_served(stack, {"grammar": bad}, "grammar", "invalid_grammar")
 
 
 def test_large_checks_past_the_bound_get_503_and_the_gateway_goes_on(
@@ -230,15 +239,8 @@ def test_a_number_too_long_to_read_is_the_clients_400(
     """Regression: a bound of more than 4300 digits made the check's int() raise ValueError,
     and the client got a 500 server_error for its own malformed constraint. (A `$ref`'s
     list index is read as llama.cpp reads it: tests/test_schema_limits.py.)"""
-    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
-        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body})
-        assert r.status_code == 400, r.text
-        error = r.json()["error"]
-        assert (error["param"], error["code"]) == (param, code), error
-        assert "too long to read" in error["message"]
-        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert ok.status_code == 200  # the same connection goes on serving
-    assert len(stack.fake.requests) == 1  # only the second request reached llama.cpp
+    error = assert_refused_then_served(stack, body, param, code)
+    assert "too long to read" in error["message"]
 
 
 def test_a_schema_whose_check_costs_more_than_a_millisecond_is_checked_off_the_loop(
