@@ -782,8 +782,9 @@ GIL_SWITCH_INTERVAL = 0.001
 """Seconds a worker thread (a large prompt's render, a large grammar's check) holds the GIL
 while the event loop waits for it. At Python's default, 5 ms, every loop turn during a
 64 KiB grammar's check waited about that long (a 1 ms ticker's gaps: p50 6.2 ms, longest
-12 ms); at 1 ms, p50 2.2 ms and longest 7-10 ms (docs/resilience.md). While no such thread
-runs, nothing waits for the GIL and the interval costs nothing."""
+12 ms); at 1 ms, p50 2.2 ms and longest 7-15 ms (docs/resilience.md). While no such thread
+runs, nothing waits for the GIL and the interval costs nothing (the same CPU per request
+at 1 and 5 ms: docs/benchmarks.md)."""
 
 
 def tune_interpreter() -> None:
