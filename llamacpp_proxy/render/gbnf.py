@@ -232,8 +232,11 @@ class _Grammar:
     def ambiguity(self) -> int:
         """The most parses llama.cpp may keep at once in any rule (render/schema_limits.py
         counts a pattern's the same way). Character sets are a least fixed point over the
-        references, nodes taken children first; a reference back into a rule still being
-        summed weighs 1, as a recursive rule's parses coincide."""
+        references, nodes taken children first. A reference back into a rule not yet
+        weighed in the pass (along a cycle) weighs 1, as a recursive rule's parses
+        coincide, except inside a bounded repetition: llama.cpp writes that out as copies,
+        each of which may be reading the rule, so it carries the rule's weight (from a
+        pass where such references weighed 1, so that nothing compounds pass by pass)."""
         shapes = self.shapes
         order = self._children_first()
         nullable = _nullable([alts or [] for alts in self.alternatives])
@@ -241,32 +244,53 @@ class _Grammar:
         more: list[Chars] = [NOTHING] * len(shapes)
         every: list[Chars] = [NOTHING] * len(shapes)
         weight = [0] * len(shapes)
+        weighed = [False] * len(shapes)  # in this pass
+        carried: list[int] | None = None  # what a back reference in a bounded repetition weighs
+        copied_back = False  # such a reference was met
 
-        def summary(piece: _Piece) -> Summary:
+        def summary(piece: _Piece, bounded: bool) -> Summary:
+            nonlocal copied_back
             kind = piece[0]
             if kind == 0:
                 return False, 0, piece[1], NOTHING, piece[2]
             if kind == 1:
                 n = piece[1]
-                return nullable[n], weight[n], first[n], more[n], every[n]
-            return repeat_summary(summary(piece[1]), piece[2], piece[3])
+                if weighed[n]:
+                    w = weight[n]
+                elif bounded:
+                    copied_back = True
+                    w = 0 if carried is None else carried[n]
+                else:
+                    w = 0
+                return nullable[n], w, first[n], more[n], every[n]
+            inner = summary(piece[1], bounded or piece[3] is not None)
+            return repeat_summary(inner, piece[2], piece[3])
+
+        def weigh() -> bool:
+            """One pass, children first; whether any character set changed."""
+            changed = False
+            weighed[:] = [False] * len(shapes)
+            for n in order:
+                alts = shapes[n]
+                assert alts is not None
+                _, weight[n], f, m, e = join_alternatives(
+                    [join_sequence([summary(p, False) for p in seq]) for seq in alts] or [_EMPTY]
+                )
+                weighed[n] = True
+                if f != first[n] or m != more[n] or e != every[n]:
+                    first[n], more[n], every[n], changed = f, m, e, True
+            return changed
 
         for passes in range(_SET_PASSES + 1):
             if passes == _SET_PASSES:  # not settled: any character for what still grows
                 first = [ANY] * len(shapes)
                 more = [ANY] * len(shapes)
                 every = [ANY] * len(shapes)
-            changed = False
-            for n in order:
-                alts = shapes[n]
-                assert alts is not None
-                _, weight[n], f, m, e = join_alternatives(
-                    [join_sequence(map(summary, seq)) for seq in alts] or [_EMPTY]
-                )
-                if f != first[n] or m != more[n] or e != every[n]:
-                    first[n], more[n], every[n], changed = f, m, e, True
-            if not changed:
+            if not weigh():
                 break  # the weights of a pass that changed nothing are final
+        if copied_back:
+            carried = list(weight)
+            weigh()
         return max(weight, default=0)
 
     def _children_first(self) -> list[int]:
