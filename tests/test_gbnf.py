@@ -189,6 +189,7 @@ def test_a_grammar_read_many_ways_at_once_is_found(grammar: str, weight: int) ->
         'root ::= ("a"?)*',
         'root ::= [a-z]{1,10} (" " [a-z]{1,10}){0,2000}',
         'root ::= ("a" "b"?){0,2000}',
+        "root ::= ([0-9a-f]{2}){1,2000}",  # each copy ends in one place: hex bytes
         "root ::= x{0,2000}\nx ::= <|im_start|> | <|im_end|>",
         # An array of up to 1000 recursive objects, as json-schema-to-grammar writes it.
         r"""root ::= "[" space (node ("," space node){0,999})? "]" space
