@@ -579,3 +579,35 @@ def test_a_large_realistic_schema_reaches_llamacpp(stack: Stack) -> None:
         r = client.post("/v1/chat/completions", content=json.dumps(body))
     assert r.status_code == 200, r.text
     assert stack.fake.requests[0]["json_schema"] == schema
+
+
+def test_real_patterns_reach_llamacpp_and_a_missed_ambiguity_is_refused(stack: Stack) -> None:
+    """Every pattern of tests/data/patterns.json in one tool-like schema reaches llama.cpp;
+    sixteen `[a-z]{1,2000}` in a row (327 ms a token in llama-server, once counted 15) is
+    a 400 on the same kept-alive connection, which then serves the first schema again."""
+    real = {
+        "type": "object",
+        "properties": {
+            f"p{i}": {"type": "string", "pattern": p}
+            for i, p in enumerate(REAL_PATTERNS["patterns"])
+        },
+    }
+    slow = {"type": "string", "pattern": "^" + "[a-z]{1,2000}" * 16 + "$"}
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+
+        def send(schema: Any) -> httpx.Response:
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": "s", "schema": schema},
+            }
+            body = {"messages": CHAT, "response_format": response_format, "max_tokens": 4}
+            return client.post("/v1/chat/completions", content=json.dumps(body))
+
+        assert send(real).status_code == 200
+        refused = send(slow)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_json_schema", error
+        assert "ways at once" in error["message"], error
+        assert send(real).status_code == 200
+    assert [r["json_schema"] for r in stack.fake.requests] == [real, real]
