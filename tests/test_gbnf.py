@@ -74,7 +74,10 @@ def test_the_grammar_ends_at_a_nul_as_llamacpp_reads_it() -> None:
 
 
 def test_llamacpps_own_grammars_pass() -> None:
-    """json.gbnf, arithmetic.gbnf, ... as shipped with llama.cpp b11434 (MIT)."""
+    """json.gbnf, arithmetic.gbnf, ... as shipped with llama.cpp b11434 (MIT), and c.gbnf
+    with an else-if chain (tests/data/gbnf/PROVENANCE). Regression: that one was refused
+    as read 94 ways at once, the weight of its recursive `statement` counted anew on each
+    pass over the character sets; llama-server ran it as fast as c.gbnf."""
     files = sorted(LLAMA_GRAMMARS.glob("*.gbnf"))
     assert len(files) >= 5
     for path in files:
@@ -163,6 +166,13 @@ AMBIGUOUS = [
     ("root ::= ([a-z]{1,10}){0,100}", 100),
     ("root ::= " + '"a"? ' * 33, 33),
     ('root ::= x{0,100}\nx ::= "a" | !<|im_end|>', 100),  # any other token may be "a"
+    # A rule reached again through a cycle, inside a bounded repetition: each copy may be
+    # reading it, as `(("x"?){0,100}){0,10}` (whichever rule the cycle is entered at).
+    ('root ::= a\na ::= ("x"?){0,100} | "(" b ")"\nb ::= a{0,10}', 1000),
+    ('root ::= b\nb ::= a{0,10}\na ::= ("x"?){0,100} | "(" b ")"', 1000),
+    # Regression (counted 1): the second may begin at each place the first could end,
+    # a parse per place (39 ms a token in llama-server where [a-z]{2,2000} took 22).
+    ("root ::= [a-z]{1,1000} [a-z]{1,1000}", 500),
 ]
 
 
@@ -182,6 +192,7 @@ def test_a_grammar_read_many_ways_at_once_is_found(grammar: str, weight: int) ->
         'root ::= ("a"?)*',
         'root ::= [a-z]{1,10} (" " [a-z]{1,10}){0,2000}',
         'root ::= ("a" "b"?){0,2000}',
+        "root ::= ([0-9a-f]{2}){1,2000}",  # each copy ends in one place: hex bytes
         "root ::= x{0,2000}\nx ::= <|im_start|> | <|im_end|>",
         # An array of up to 1000 recursive objects, as json-schema-to-grammar writes it.
         r"""root ::= "[" space (node ("," space node){0,999})? "]" space

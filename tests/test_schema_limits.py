@@ -333,6 +333,19 @@ def test_schemas_real_clients_generate_pass(name: str) -> None:
     assert schema_problem(json.loads((SCHEMAS / name).read_text())) is None
 
 
+REAL_PATTERNS = json.loads((Path(__file__).parent / "data" / "patterns.json").read_text())
+
+
+@pytest.mark.parametrize("pattern", REAL_PATTERNS["patterns"])
+def test_patterns_real_clients_send_pass(pattern: str) -> None:
+    """Validation regexes as real schemas carry them (tests/data/patterns.json has their
+    provenance). Regression: `^(?:[0-9a-fA-F]{2}){1,4096}$`, from a public Pydantic model,
+    was refused as read 4096 ways at once (each copy ends in one place, after its second
+    character), though llama-server ran it as fast as `^[0-9a-fA-F]{2,2000}$`."""
+    schema = {"type": "object", "properties": {"v": {"type": "string", "pattern": pattern}}}
+    assert schema_problem(schema) is None
+
+
 @pytest.mark.parametrize(
     ("pattern", "weight"),
     [
@@ -352,6 +365,24 @@ def test_schemas_real_clients_generate_pass(name: str) -> None:
         ("^(a|ab){0,100}$", 100),  # 'a' is a prefix of 'ab'
         ("^([a-z]+,){0,100}$", 1),
         ("^[0-9]{1,3}(\\.[0-9]{1,3}){3}$", 0),
+        # A fixed count of copies that each end in one place ends in one place: 22 ms a
+        # token in llama-server, as `[0-9a-fA-F]{2,2000}`. Copies that may end in two
+        # (`{1,2}`) are ambiguous: `^([0-9a-fA-F]{1,2}){1,1000}$` took 78 ms a token.
+        ("^(?:[0-9a-fA-F]{2}){1,4096}$", 0),
+        ("^([0-9a-fA-F]{1,2}){1,1000}$", 1000),
+        ("^((a|aa){2}){100}$", 200),
+        ("^((a?){2}){100}$", 200),
+        # Regression (missed, counted 1): a piece that may begin at each place the last
+        # could end keeps a parse per place, counted as `(a|aa){0,n}`'s copies are (a
+        # parse per two). 100 tokens of letters: `^[a-z]{1,1000}[a-z]{1,1000}$` 39 ms a
+        # token, sixteen such pieces 327 ms (count 15), `^[a-z]{2,2000}$` 22 ms, and
+        # `^[a-z]{1,50}[a-z]{0,50}$` 27 ms, as `(a|aa){0,32}`.
+        ("^[a-z]{1,1000}[a-z]{1,1000}$", 500),
+        ("^" + "[a-z]{1,2000}" * 16 + "$", 15000),
+        ("^[a-z]{1,50}[a-z]{0,50}$", 25),
+        ("^[a-z]{1,1000}[0-9]{1,1000}$", 0),  # the second cannot begin on a letter
+        ("^([a-z0-9]{1,63}\\.){1,126}[a-z]{2,63}$", 1),  # nor go on past a '.'
+        ("^[a-z]{1,1000}[a-z]$", 1),  # nor go on past one letter
         ("^(a{1,3}a){0,10}$", 10),  # where the inner repetition ends is open too
         ("^[a-c]{1,5}[c-e]{1,5}$", 1),
         ("^[a-c]{1,5}[d-f]{1,5}$", 0),
@@ -548,3 +579,35 @@ def test_a_large_realistic_schema_reaches_llamacpp(stack: Stack) -> None:
         r = client.post("/v1/chat/completions", content=json.dumps(body))
     assert r.status_code == 200, r.text
     assert stack.fake.requests[0]["json_schema"] == schema
+
+
+def test_real_patterns_reach_llamacpp_and_a_missed_ambiguity_is_refused(stack: Stack) -> None:
+    """Every pattern of tests/data/patterns.json in one tool-like schema reaches llama.cpp;
+    sixteen `[a-z]{1,2000}` in a row (327 ms a token in llama-server, once counted 15) is
+    a 400 on the same kept-alive connection, which then serves the first schema again."""
+    real = {
+        "type": "object",
+        "properties": {
+            f"p{i}": {"type": "string", "pattern": p}
+            for i, p in enumerate(REAL_PATTERNS["patterns"])
+        },
+    }
+    slow = {"type": "string", "pattern": "^" + "[a-z]{1,2000}" * 16 + "$"}
+    with httpx.Client(base_url=stack.url, headers=AUTH) as client:
+
+        def send(schema: Any) -> httpx.Response:
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": "s", "schema": schema},
+            }
+            body = {"messages": CHAT, "response_format": response_format, "max_tokens": 4}
+            return client.post("/v1/chat/completions", content=json.dumps(body))
+
+        assert send(real).status_code == 200
+        refused = send(slow)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_json_schema", error
+        assert "ways at once" in error["message"], error
+        assert send(real).status_code == 200
+    assert [r["json_schema"] for r in stack.fake.requests] == [real, real]

@@ -415,10 +415,10 @@ def _ambiguity(pattern: str) -> int:
     if len(pattern) < 2 or pattern[0] != "^" or pattern[-1] != "$":
         return 0
     try:
-        (_, weight, _, _, _), _ = _Regex(pattern[1:-1]).sequence()
+        summary, _ = _Regex(pattern[1:-1]).sequence()
     except _Malformed:
         return 0
-    return weight
+    return summary[1]
 
 
 class _Malformed(Exception):
@@ -536,16 +536,16 @@ class _Regex:
                     chars.add(bottom)
             self.i += 1
             found: Chars = ANY if chars is None else (negated, frozenset(chars))
-            return False, 0, found, NOTHING, found
+            return False, 0, found, NOTHING, found, 1, 1
         if c in "?*+{":
             raise _Malformed  # nothing to repeat
         if c in "^$":
             raise _Malformed  # an anchor inside: llama.cpp takes any string
         if c == ".":
             self.i += 1
-            return False, 0, ANY, NOTHING, ANY
+            return False, 0, ANY, NOTHING, ANY, 1, 1
         one: Chars = (False, frozenset(self.char(in_class=False)))
-        return False, 0, one, NOTHING, one
+        return False, 0, one, NOTHING, one, 1, 1
 
     def char(self, in_class: bool) -> str:
         """The character at `i` (an escape's, as llama.cpp translates it), moving past it;
