@@ -759,7 +759,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log_stream.close()
         configure_logging(settings.log_level, settings.log_json)
         return workers.run(settings.workers, sockets, lambda _: serve_worker(settings, sockets))
-    tune_interpreter()
+    freeze_startup_heap()
     try:
         asyncio.run(serve(ctx, sockets, max_connections=connection_cap(settings)))
     finally:
@@ -778,22 +778,6 @@ def warn_exposed_secrets(argv: Sequence[str]) -> None:
             log.warning("%s", warning)
 
 
-GIL_SWITCH_INTERVAL = 0.001
-"""Seconds a worker thread (a large prompt's render, a large grammar's check) holds the GIL
-while the event loop waits for it. At Python's default, 5 ms, every loop turn during a
-64 KiB grammar's check waited about that long (a 1 ms ticker's gaps: p50 6.2 ms, longest
-12 ms); at 1 ms, p50 2.2 ms and longest 7-15 ms (docs/resilience.md). While no such thread
-runs, nothing waits for the GIL and the interval costs nothing (the same CPU per request
-at 1 and 5 ms: docs/benchmarks.md)."""
-
-
-def tune_interpreter() -> None:
-    """Start-up's last step in a serving process: the GIL's switch interval, then the heap
-    frozen (freeze_startup_heap)."""
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    freeze_startup_heap()
-
-
 def freeze_startup_heap() -> None:
     """Put what start-up built (modules, classes, templates, settings: about 35,000
     objects) out of the cyclic collector's reach. A full collection then walks only what
@@ -810,7 +794,7 @@ def serve_worker(settings: Settings, sockets: list[socket.socket]) -> int:
     configure_logging(settings.log_level, settings.log_json, log_stream)
     try:
         ctx = build_context(settings, log_stream)
-        tune_interpreter()
+        freeze_startup_heap()
         asyncio.run(serve(ctx, sockets, max_connections=connection_cap(settings)))
     finally:
         log_stream.close()

@@ -7,12 +7,11 @@ grammar seen again comes from a cache: tens of µs) and 0.1-0.5 ms per KiB of a 
 (its `pattern`s cost the most) on this project's benchmark machine. A 64 KiB grammar (the
 largest accepted) took about 100 ms, and on the loop that was 100 ms in which no other
 client got a byte. A check that large now runs in one worker thread, so the loop gets its
-turn back at least every switch interval of the GIL (main.GIL_SWITCH_INTERVAL, 1 ms),
-whatever the check costs. Small constraints, the common case (a tool's parameters, a
-response format), are checked inline: under INLINE_* bytes the worst check built costs
-about that switch interval, which the loop would wait for the worker anyway (the hand-off
-itself is ~40 µs). A schema's size counts once more per `$ref` in it: each reference's
-target is walked again.
+turn back at least every switch interval of the GIL (5 ms), whatever the check costs. Small
+constraints, the common case (a tool's parameters, a response format), are checked inline:
+under INLINE_* bytes the worst check built costs about 1 ms, less than the loop could wait
+for the worker (the hand-off itself is ~40 µs). A schema's size counts once more per `$ref`
+in it: each reference's target is walked again.
 
 At most `max_waiting` large checks run or wait at once; beyond that a request gets
 503 server_overloaded with Retry-After, so a flood of large grammars cannot queue work
