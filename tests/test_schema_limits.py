@@ -70,6 +70,15 @@ def objects(count: int, properties: int, required: bool = True) -> dict[str, Any
     }
 
 
+def patterned(count: int, pattern: str) -> dict[str, Any]:
+    """An object of `count` required string properties, each with this `pattern`."""
+    return {
+        "type": "object",
+        "properties": {f"p{i}": string(pattern) for i in range(count)},
+        "required": [f"p{i}" for i in range(count)],
+    }
+
+
 def named(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     """An object whose one property, `name`, has this schema."""
     return {"type": "object", "properties": {name: schema}, "required": [name]}
@@ -119,11 +128,7 @@ REFUSED = [
     (flat(257, required=False), "optional properties", "#"),
     (objects(2, 200, required=False), "optional properties", "#/properties/o"),
     (
-        {
-            "type": "object",
-            "properties": {f"p{i}": string("^[a-z]+$") for i in range(257)},
-            "required": [f"p{i}" for i in range(257)],
-        },
+        patterned(257, "^[a-z]+$"),
         "patterns to more than 256",
         "#/properties/p",
     ),
@@ -131,11 +136,7 @@ REFUSED = [
     # each pattern it then drops for any string (5000 of them: 2.2 s before the first
     # token, the core busy on after the client left).
     (
-        {
-            "type": "object",
-            "properties": {f"p{i}": string("[a-z]+") for i in range(257)},
-            "required": [f"p{i}" for i in range(257)],
-        },
+        patterned(257, "[a-z]+"),
         "patterns to more than 256",
         "#/properties/p",
     ),
@@ -500,11 +501,7 @@ def test_a_reference_index_is_read_as_llamacpp_reads_it() -> None:
             "/v1/completions",
             {
                 "prompt": "hi",
-                "json_schema": {
-                    "type": "object",
-                    "properties": {f"p{i}": string("[a-z]+") for i in range(5000)},
-                    "required": [f"p{i}" for i in range(5000)],
-                },
+                "json_schema": patterned(5000, "[a-z]+"),
             },
             "json_schema",
         ),
